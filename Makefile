@@ -1,0 +1,23 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+# Each creates .venv if missing (torch pinned first so pip takes the local CPU build).
+PY := .venv/bin/python
+TORCH := torch==2.13.0
+
+.PHONY: train test venv clean
+
+$(PY):
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+
+venv: $(PY)
+
+train: $(PY)
+	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2
+
+test: $(PY)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf .venv runs

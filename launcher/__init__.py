@@ -1,0 +1,1 @@
+"""The user's entry: CLI, config, the Trainer loop, checkpoints and metrics."""

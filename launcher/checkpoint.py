@@ -1,0 +1,177 @@
+"""DCP checkpoints published atomically under <run.dir>/checkpoints/.
+
+    checkpoints/step-<N>/      a complete DCP checkpoint (.metadata, shard files) + meta.json
+    checkpoints/latest         text "step-<N>", replaced atomically once step-<N> is complete
+
+Every rank writes into checkpoints/.staging-step-<N>/; only after all ranks are done does rank 0
+rename it to step-<N> and then repoint `latest`. A crash at any moment leaves `latest` at the
+previous complete checkpoint; staging leftovers are never read and are cleared on the next save.
+"""
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from launcher.errors import UserError
+
+META_FILE = "meta.json"
+
+
+class ModelState(Stateful):
+    """The model's parameters keyed by canonical names (no FSDP/AC/compile wrappers), resharded on load."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def state_dict(self):
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict):
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict):
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class RNGState(Stateful):
+    """This rank's generators, stored under its own rank so every rank gets its own stream back."""
+
+    def __init__(self, rank: int):
+        self.key = f"rank{rank}"
+
+    def state_dict(self):
+        states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        return {self.key: pickle.dumps(states)}
+
+    def load_state_dict(self, state_dict):
+        states = pickle.loads(state_dict[self.key])
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.set_rng_state(states["torch"])
+        if states["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step_of(name: str) -> int | None:
+    prefix, _, number = name.partition("-")
+    return int(number) if prefix == "step" and number.isdigit() else None
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep_last: int, rank: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def latest_dir(self) -> Path | None:
+        """The checkpoint `latest` points at, checked for completeness; None for a fresh run."""
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        name = pointer.read_text().strip()
+        path = self.root / name
+        if _step_of(name) is None or not path.is_dir():
+            raise UserError(f"{pointer} points at '{name}', which is not a checkpoint directory; "
+                            f"point it at an existing checkpoints/step-<N> or delete it to start fresh")
+        check_complete(path)
+        return path
+
+    def save(self, step: int, state: dict, meta: dict) -> Path:
+        staging = self.root / f".staging-step-{step}"
+        final = self.root / f"step-{step}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for leftover in self.root.glob(".staging-step-*"):
+                shutil.rmtree(leftover)
+            staging.mkdir()
+        dist.barrier()
+        dcp.save(state, checkpoint_id=staging)
+        dist.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            _write_atomically(staging / META_FILE, json.dumps({"step": step, **meta}, indent=1))
+            if final.exists():  # left by a crash after publish but before `latest` moved: never current
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            _fsync_dir(self.root)
+            _write_atomically(self.root / "latest", final.name)
+            self._prune(keep=final.name)
+        dist.barrier()
+        return final
+
+    def load(self, path: Path, state: dict) -> None:
+        try:
+            dcp.load(state, checkpoint_id=path)
+        except Exception as e:  # DCP wraps read errors of any kind
+            raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            f"it is damaged: point checkpoints/latest at an earlier step-<N> or delete it") from e
+
+    def _prune(self, keep: str) -> None:
+        steps = sorted((s, p) for p in self.root.iterdir() if (s := _step_of(p.name)) is not None)
+        for _, path in steps[:-self.keep_last] if self.keep_last > 0 else []:
+            if path.name != keep:
+                shutil.rmtree(path)
+
+
+def check_complete(path: Path) -> dict:
+    """Read meta.json and the DCP metadata, and check every shard file holds the bytes it should.
+
+    Catches a truncated or missing shard before any process group starts. Returns the DCP
+    metadata's per-key tensor sizes plus the meta.json contents under "meta".
+    """
+    def damaged(why: str) -> UserError:
+        return UserError(f"checkpoint {path} is damaged ({why}); point checkpoints/latest at an earlier "
+                         f"step-<N> or delete it to start fresh")
+
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise damaged(f"{type(e).__name__}: {e}") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        file = path / name
+        if not file.exists() or file.stat().st_size < size:
+            have = file.stat().st_size if file.exists() else "missing"
+            raise damaged(f"shard {name} should hold {size} bytes, has {have}")
+    sizes = {key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
+    return {"sizes": sizes, "meta": meta, "keys": set(metadata.state_dict_metadata)}

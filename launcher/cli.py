@@ -1,0 +1,52 @@
+"""`shardwright` command line. Bad input ends with one line `error: ...` and exit code 2."""
+import argparse
+import sys
+
+from data.errors import DataError
+from launcher.config import load_config
+from launcher.distributed import detect_world, launch_local_world
+from launcher.errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardwright", description="Distributed pretraining from one YAML config.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train (or resume) the run a config describes")
+    train.add_argument("config", help="YAML config, e.g. configs/llm/tiny.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable), e.g. --set train.steps=20")
+    train.add_argument("--nproc-per-node", type=int, default=1,
+                       help="outside a torchrun/srun world: start a local torchrun world of this many processes")
+    return parser
+
+
+def _train(args) -> int:
+    from launcher.trainer import preflight, train  # torch-heavy: only once the arguments are known good
+
+    cfg = load_config(args.config, args.overrides)
+    world = detect_world()
+    if world.launcher == "single" and args.nproc_per_node > 1:
+        preflight(cfg, args.nproc_per_node)  # fail here, once, rather than in every worker
+        worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
+        return launch_local_world(args.nproc_per_node, worker_args)
+    if world.launcher != "single" and args.nproc_per_node > 1:
+        raise UserError(f"--nproc-per-node is for starting a local world, but this process is already rank "
+                        f"{world.rank} of a {world.launcher} world of {world.world_size}; drop the flag")
+    train(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _train(args)
+    except (UserError, DataError) as e:
+        if detect_world().rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

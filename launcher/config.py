@@ -1,0 +1,235 @@
+"""Run configuration: YAML -> typed dataclasses, `--set section.key=value` overrides, validation.
+
+Everything here runs before any process group exists, so a typo or an impossible layout ends
+with one clear line instead of a hung or crashed world.
+"""
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import UserError
+from models import FAMILIES, get_model_spec
+from parallel.activation_checkpoint import MODES as AC_MODES
+from parallel.mesh import LayoutError, ParallelDims
+
+
+@dataclass
+class ModelSection:
+    family: str = "llm"
+    # The family's own fields (validated against its config class), e.g. dim, n_layers.
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the other dims leave of the world
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    seed: int = 0
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank; the rest is accumulation
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    lr_schedule: str = "cosine"  # cosine | wsd | constant (all after linear warmup)
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpoint: str = "none"  # none | full | selective
+    compile: bool = False
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    sample_prompt: str = ""  # if set, greedy-decode from it at the end
+    sample_tokens: int = 48
+
+
+@dataclass
+class DataSection:
+    source: str = "pydoc"  # pydoc | stdlib: the corpus that ships with CPython
+    vocab_size: int = 4096
+    valid_fraction: float = 0.05
+    cache_dir: str = "~/.cache/shardwright"
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # save every N steps (0: only at the end)
+    keep_last: int = 2
+    enabled: bool = True
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    log_every: int = 1
+    tensorboard: bool = True
+    timeout_s: int = 300  # collective timeout: a deadlock fails instead of hanging
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def model_config(self):
+        """The family's typed model config, with the vocabulary taken from the tokenizer settings."""
+        spec = get_model_spec(self.model.family)
+        args = dict(self.model.args)
+        if args.get("vocab_size", 0) == 0:
+            args["vocab_size"] = self.data.vocab_size
+        return spec.config_cls(**args)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        model = out.pop("model")
+        out = {"model": {"family": model["family"], **model["args"]}, **out}
+        return out
+
+    def dump(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    """Return value coerced to the hinted type, or raise a UserError naming the expected type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(h for h in options if h is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = typing.get_origin(hint) or hint
+    if expected is bool and not isinstance(value, bool) or expected is not bool and isinstance(value, bool) \
+            or not isinstance(value, expected):
+        raise UserError(f"{where} = {value!r} should be of type {getattr(expected, '__name__', expected)}")
+    return value
+
+
+def _fill_dataclass(cls, section: str, values: dict) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"section '{section}' should be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown key '{section}.{key}'{_suggest(key, hints)}")
+        kwargs[key] = _check_type(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _model_section(values: dict) -> ModelSection:
+    if not isinstance(values, dict):
+        raise UserError(f"section 'model' should be a mapping, got {values!r}")
+    values = dict(values)
+    family = values.pop("family", "llm")
+    if family not in FAMILIES:
+        raise UserError(f"model.family '{family}' is not known{_suggest(family, FAMILIES)}; "
+                        f"known families: {', '.join(FAMILIES)}")
+    spec = get_model_spec(family)
+    typed = _fill_dataclass(spec.config_cls, "model", values)  # checks keys and types
+    return ModelSection(family=family, args={k: getattr(typed, k) for k in values})
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    key, sep, text = assignment.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or not name:
+        raise UserError(f"--set '{assignment}' should look like section.key=value, e.g. train.steps=20")
+    if section not in _SECTIONS:
+        raise UserError(f"--set '{assignment}': unknown section '{section}'{_suggest(section, _SECTIONS)}")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise UserError(f"section '{section}' should be a mapping")
+    raw[section][name] = yaml.safe_load(text) if text else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (or start from defaults when path is None), apply overrides, type-check everything."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' does not exist; pass a YAML file such as configs/llm/tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file '{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file '{path}' should hold a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    for section in raw:
+        if section not in _SECTIONS:
+            raise UserError(f"unknown config section '{section}'{_suggest(section, _SECTIONS)}; "
+                            f"sections are: {', '.join(_SECTIONS)}")
+    sections = {name: _fill_dataclass(_SECTIONS[name], name, raw[name])
+                for name in _SECTIONS if name != "model" and name in raw}
+    return Config(model=_model_section(raw.get("model", {})), **sections)
+
+
+def validate(cfg: Config, world_size: int) -> ParallelDims:
+    """Check the config against itself and the world; return the resolved layout."""
+    try:
+        dims = ParallelDims.resolve(**dataclasses.asdict(cfg.parallel), world_size=world_size)
+    except LayoutError as e:
+        raise UserError(str(e)) from None
+    t = cfg.train
+    for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+        if getattr(t, name) < 1:
+            raise UserError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.global_batch_size % (t.micro_batch_size * dims.dp):
+        raise UserError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size x dp "
+            f"= {t.micro_batch_size} x {dims.dp}; adjust one of them")
+    choices = {"lr_schedule": ("cosine", "wsd", "constant"), "mixed_precision": ("auto", "bf16", "fp32"),
+               "activation_checkpoint": AC_MODES}
+    for name, options in choices.items():
+        if getattr(t, name) not in options:
+            raise UserError(f"train.{name}='{getattr(t, name)}' is not one of {', '.join(options)}"
+                            f"{_suggest(getattr(t, name), options)}")
+    try:
+        model_cfg = cfg.model_config()
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model section: {e}") from None
+    if model_cfg.vocab_size != cfg.data.vocab_size:
+        raise UserError(f"model.vocab_size={model_cfg.vocab_size} differs from data.vocab_size="
+                        f"{cfg.data.vocab_size} (the tokenizer's); drop model.vocab_size or make them equal")
+    problems = get_model_spec(cfg.model.family).check_layout(model_cfg, dims)
+    if problems:
+        raise UserError("; ".join(problems))
+    return dims

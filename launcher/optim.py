@@ -1,0 +1,39 @@
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from launcher.config import TrainSection
+
+
+def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norm gains are not decayed
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
+
+
+def lr_factor(step: int, t: TrainSection) -> float:
+    """Multiplier on train.lr after `step` optimizer steps: linear warmup, then the schedule."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    floor = t.min_lr_ratio
+    if t.lr_schedule == "cosine":
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    # wsd: warmup, stable at the peak, then a linear decay over the last decay_fraction of steps
+    decay_steps = max(1, round(t.decay_fraction * t.steps))
+    decay_start = t.steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - floor) * min(1.0, (step - decay_start) / decay_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t=t))

@@ -1,0 +1,230 @@
+"""One training run, top to bottom.
+
+    layout -> process group -> mesh -> data -> model on meta -> parallelize -> init weights ->
+    optimizer, schedule -> resume from `latest` -> loop { micro-batches -> forward + loss ->
+    backward -> clip -> step -> metrics -> eval? -> checkpoint? } -> final checkpoint -> sample
+
+The loss of a step is the sum of token losses over the whole global batch divided by the global
+number of target tokens, so it does not depend on how the batch is split over data-parallel
+ranks or micro-batches: the same config under any layout gives the same loss curve.
+"""
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from data.embedded import prepare_embedded
+from data.indexed import open_indexed
+from data.loader import GlobalBatchLoader, PackedTokens
+from launcher.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, check_complete
+from launcher.config import Config, validate
+from launcher.distributed import detect_world, init_distributed
+from launcher.errors import UserError
+from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
+from launcher.optim import build_optimizer, build_scheduler
+from models import get_model_spec
+from models.common.loss import IGNORE_INDEX, cross_entropy_sum
+from models.spec import ParallelizeOptions
+from parallel.init import init_parameters
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the training described by `cfg` in the current world; return a summary."""
+    world = detect_world()
+    dims, resume_from, saved = preflight(cfg, world.world_size)
+    device = init_distributed(world, cfg.run.timeout_s)
+    rank = dist.get_rank()
+    meshes = dims.build_mesh(device.type)
+    dp_group = meshes.dp.get_group()
+    t = cfg.train
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, rank)
+    start_step = saved["meta"]["step"] if saved else 0
+    metrics = MetricsWriter(run_dir, rank, t.steps, start_step, tensorboard=cfg.run.tensorboard)
+
+    # Data: the embedded corpus is built once and cached; every rank sees the same global batches.
+    data = prepare_embedded(cfg.data.source, cfg.data.vocab_size, Path(cfg.data.cache_dir).expanduser(),
+                            cfg.data.valid_fraction, log=metrics.info)
+    dp_rank = meshes.dp.get_local_rank()
+
+    def loader(prefix):
+        return GlobalBatchLoader(PackedTokens(open_indexed(prefix), t.seq_len), t.global_batch_size,
+                                 t.micro_batch_size, dp_rank, dims.dp, t.seed)
+    train_loader, valid_loader = loader(data.train_prefix), loader(data.valid_prefix)
+
+    # Model: built without memory on the meta device, sharded, then materialized and initialized.
+    spec = get_model_spec(cfg.model.family)
+    model_cfg = cfg.model_config()
+    bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device.type == "cuda")
+    options = ParallelizeOptions(activation_checkpoint=t.activation_checkpoint, compile=t.compile,
+                                 param_dtype=torch.bfloat16 if bf16 else torch.float32)
+    with torch.device("meta"):
+        model = spec.model_cls(model_cfg)
+    model = spec.parallelize(model, dims, meshes, options)
+    model.to_empty(device=device)
+    init_parameters(model, t.seed)
+    # FSDP casts parameters itself; without it, bf16 runs under autocast.
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and dims.dp_shard == 1 else nullcontext()
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t)
+
+    state = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "scheduler": scheduler,
+             "data": train_loader}
+    checkpoint_meta = {"family": cfg.model.family, "model": asdict(model_cfg), "tokenizer": data.tokenizer.fingerprint,
+                       "data": asdict(cfg.data), "layout": asdict(dims)}
+    state["rng"] = RNGState(rank)
+    if saved is not None:
+        check_same_tokenizer(saved["meta"], checkpoint_meta, resume_from)
+        # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks.
+        has_rng = f"rng.{state['rng'].key}" in saved["keys"]
+        checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"})
+        metrics.info(f"resumed from {resume_from} at step {start_step}"
+                     + ("" if has_rng else f" (rank {rank} has no saved RNG state: the checkpoint came from "
+                                            f"a world of {saved['meta']['layout']['world_size']}; it keeps its seed)"))
+    if rank == 0:
+        cfg.dump(run_dir / "config.yaml")
+
+    flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
+    peak_flops, peak_how = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout dp_replicate={dims.dp_replicate} "
+                 f"dp_shard={dims.dp_shard} on {dims.world_size} {device.type} process(es), "
+                 f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
+    metrics.info(f"MFU baseline: {peak_flops / 1e9:.1f} GFLOP/s per process ({peak_how})")
+
+    def step_loss(loader_, step: int, backward: bool) -> torch.Tensor:
+        """Global-token-normalized loss of the global batch at `step`, optionally back-propagated."""
+        micro_batches = loader_.micro_batches(step)
+        n_targets = torch.tensor(sum(int((tg != IGNORE_INDEX).sum()) for _, tg in micro_batches), device=device)
+        dist.all_reduce(n_targets, group=dp_group)
+        loss_sum = torch.zeros((), device=device)
+        for inputs, targets in micro_batches:
+            with autocast:
+                logits = model(inputs.to(device))
+            micro_sum, _ = cross_entropy_sum(logits, targets.to(device))
+            if backward:
+                # Gradient reductions average over the dp ranks; the loss is already global, so undo that.
+                (micro_sum * (dims.dp / n_targets)).backward()
+            loss_sum += micro_sum.detach()
+        dist.all_reduce(loss_sum, group=dp_group)
+        return loss_sum / n_targets
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return sum(step_loss(valid_loader, i, backward=False).item() for i in range(t.eval_batches)) / t.eval_batches
+
+    def save(step: int) -> None:
+        path = checkpointer.save(step, state, checkpoint_meta)
+        metrics.info(f"saved checkpoint {path}")
+
+    tokens_per_step = t.global_batch_size * t.seq_len
+    losses, throughput = [], []
+    eval_loss = None
+    for step in range(start_step + 1, t.steps + 1):
+        started = time.perf_counter()
+        loss = step_loss(train_loader, train_loader.step, backward=True)
+        train_loader.step += 1
+        grad_norm = clip_grad_norm(model, t.grad_clip)
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # waits for the step to finish
+        elapsed = time.perf_counter() - started
+        tokens_per_s = tokens_per_step / elapsed
+        losses.append(loss_value)
+        throughput.append(tokens_per_s)
+        tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
+        record = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
+                  "tflops": tflops, "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
+        metrics.log(record, show=step % cfg.run.log_every == 0 or step == t.steps)
+        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            eval_loss = evaluate()
+            metrics.log({"step": step, "eval_loss": eval_loss}, show=True)
+        if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.steps:
+            save(step)
+    if start_step < t.steps:
+        eval_loss = evaluate()
+        metrics.log({"step": t.steps, "eval_loss": eval_loss}, show=True)
+        if cfg.checkpoint.enabled:
+            save(t.steps)
+    sample = greedy_sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast) \
+        if t.sample_prompt else None
+    summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)
+    for line in summary["lines"]:
+        metrics.info(line)
+    metrics.close()
+    dist.barrier()
+    return summary
+
+
+def preflight(cfg: Config, world_size: int):
+    """Everything that can be checked before a process group exists: the config, the layout, and
+    the checkpoint a run would resume from (complete, and made for this model)."""
+    dims = validate(cfg, world_size)
+    resume_from = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).latest_dir()
+    saved = None
+    if resume_from is not None:
+        saved = check_complete(resume_from)
+        check_same_model(saved["meta"], cfg.model.family, asdict(cfg.model_config()), resume_from)
+    return dims, resume_from, saved
+
+
+def check_same_model(saved: dict, family: str, model: dict, path: Path) -> None:
+    if saved.get("family") != family or saved.get("model") != model:
+        diff = {k: (saved.get("model", {}).get(k), v) for k, v in model.items() if saved.get("model", {}).get(k) != v}
+        raise UserError(f"{path} holds a {saved.get('family')} model with a different shape "
+                        f"({', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())}); "
+                        f"use a new run.dir or the checkpoint's model config")
+
+
+def check_same_tokenizer(saved: dict, current: dict, path: Path) -> None:
+    if saved.get("tokenizer") != current["tokenizer"]:
+        raise UserError(f"{path} was trained with tokenizer {saved.get('tokenizer')} but the current data settings "
+                        f"give tokenizer {current['tokenizer']}; restore the data section it was trained with "
+                        f"(checkpoint: {saved.get('data')}) or use a new run.dir")
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global L2 norm of all gradients (over every shard), clipped to max_norm when max_norm > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+@torch.no_grad()
+def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, device, autocast) -> str:
+    """Greedy continuation of `prompt` (every rank runs it: sharded weights need all ranks)."""
+    ids = tokenizer.encode(prompt)
+    for _ in range(n_tokens):
+        with autocast:
+            logits = model(torch.tensor([ids], device=device))
+        next_id = int(logits[0, -1].argmax())
+        if next_id == tokenizer.eos_id:
+            break
+        ids.append(next_id)
+    return tokenizer.decode(ids)
+
+
+def summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, world_size, sample) -> dict:
+    steady = throughput[1:] or throughput  # the first step pays for warm-up
+    tokens_per_s = sum(steady) / len(steady) if steady else 0.0
+    mfu = flops_per_token * tokens_per_s / world_size / peak_flops
+    lines = []
+    if losses:
+        lines.append(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps, "
+                     f"eval loss {eval_loss:.4f}, {tokens_per_s:.0f} tokens/s, MFU {100 * mfu:.2f}%")
+    if sample is not None:
+        lines.append(f"sample: {sample!r}")
+    return {"losses": losses, "eval_loss": eval_loss, "tokens_per_s": tokens_per_s, "mfu": mfu, "sample": sample,
+            "lines": lines}

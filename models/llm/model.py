@@ -1,0 +1,119 @@
+"""Llama-style decoder: plain single-device PyTorch. It knows nothing of meshes or shards."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.common.attention import CoreAttention
+from models.common.mlp import SwiGLU, swiglu_hidden_dim
+from models.common.norms import RMSNorm
+from models.common.rope import apply_rope, rope_angles
+
+
+@dataclass
+class LLMConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (plain multi-head attention)
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    multiple_of: int = 64
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    scaled_residual_init: bool = True  # output projections get std / sqrt(2 * n_layers) (GPT-2)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.core_attention = CoreAttention()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # -1 instead of a head count: under tensor parallelism each rank holds a slice of heads.
+        q = self.wq(x).unflatten(-1, (-1, self.head_dim))
+        k = self.wk(x).unflatten(-1, (-1, self.head_dim))
+        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.wo(self.core_attention(q, k, v).flatten(-2))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1)."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill the full (unsharded) tensor of parameter `name`; see parallel/init.py for why."""
+        cfg = self.cfg
+        if name.endswith("norm.weight"):
+            full.fill_(1.0)
+            return
+        std = cfg.init_std
+        if cfg.scaled_residual_init and name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std = std / (2 * cfg.n_layers) ** 0.5
+        full.normal_(0.0, std, generator=generator)
+
+
+def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) per token, counted exactly.
+
+    Matmuls: 2 FLOPs per weight per token (embedding lookup is free, the output head is not).
+    Attention scores and the value mix: 2 * 2 * n_heads * head_dim per (query, key) pair, and a
+    causal query at position t sees t + 1 keys, so the mean context is (seq_len + 1) / 2.
+    """
+    d, hd, ffn = cfg.dim, cfg.head_dim, cfg.ffn_hidden_dim
+    attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    layer_weights = attn_weights + 3 * d * ffn
+    matmul_weights = cfg.n_layers * layer_weights + d * cfg.vocab_size
+    attention_pairs = cfg.n_layers * 4 * cfg.n_heads * hd * (seq_len + 1) / 2
+    return 3 * (2 * matmul_weights + attention_pairs)

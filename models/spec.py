@@ -1,0 +1,32 @@
+"""ModelSpec: everything the Trainer needs to know about a model family, and nothing more."""
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from parallel.mesh import Meshes, ParallelDims
+
+
+@dataclass(frozen=True)
+class ParallelizeOptions:
+    """Training choices a parallelize function applies besides the mesh layout."""
+    activation_checkpoint: str = "none"  # none | full | selective
+    compile: bool = False
+    param_dtype: torch.dtype = torch.float32  # compute dtype of parameters under FSDP
+    reduce_dtype: torch.dtype = torch.float32  # gradient reduction dtype
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_cls: type
+    model_cls: type[nn.Module]
+    # parallelize(model, dims, meshes, options) shards the meta-device model in place and returns it.
+    parallelize: Callable[[nn.Module, ParallelDims, Meshes, ParallelizeOptions], nn.Module]
+    # flops_per_token(config, seq_len): exact training FLOPs per token, for MFU.
+    flops_per_token: Callable[[Any, int], float]
+    # check_layout(config, dims): problems (one line each) that make the layout impossible for this model.
+    check_layout: Callable[[Any, ParallelDims], list[str]]
+    state_dict_adapters: dict[str, Any] = field(default_factory=dict)
+    data_kind: str = "text"

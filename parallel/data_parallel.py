@@ -1,0 +1,24 @@
+"""Data parallelism: FSDP2 over dp_shard, HSDP over dp_replicate x dp_shard, DDP over dp_replicate."""
+from typing import Iterable
+
+from torch import nn
+from torch.distributed._composable.replicate import replicate
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from models.spec import ParallelizeOptions
+from parallel.mesh import Meshes, ParallelDims
+
+
+def apply_data_parallel(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims, meshes: Meshes,
+                        options: ParallelizeOptions) -> nn.Module:
+    """Shard each block as its own FSDP unit (so one block's weights are gathered at a time), then the rest."""
+    if dims.dp_shard > 1:
+        dp_mesh = meshes.world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else meshes.world["dp_shard"]
+        mp_policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype)
+        for block in blocks:
+            fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)
+        # The root keeps embedding, final norm and head; they are used last, so no reshard after forward.
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    elif dims.dp_replicate > 1:
+        replicate(model, device_mesh=meshes.world["dp_replicate"], bucket_cap_mb=100)
+    return model

@@ -1,0 +1,40 @@
+"""Layout-independent parameter initialization.
+
+Each parameter's full tensor is drawn from a generator seeded by (seed, parameter name), then
+this rank keeps its shard. So a model initializes to the same numbers under any layout — one
+process, FSDP, and later TP/PP — which is what run-level parity tests rely on. (DTensor's own
+random ops only agree across layouts on CUDA.) Cost: one full parameter at a time per rank.
+"""
+import hashlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+# Wrappers that insert themselves into parameter names; the init must not depend on them.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+
+
+def canonical_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int) -> None:
+    """Fill every parameter via `model.init_parameter(name, full_tensor, generator)`."""
+    for raw_name, param in model.named_parameters():
+        name = canonical_name(raw_name)
+        generator = torch.Generator(device=param.device).manual_seed(_seed_for(seed, name))
+        full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        model.init_parameter(name, full, generator)
+        if isinstance(param, DTensor):
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)

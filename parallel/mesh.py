@@ -1,0 +1,71 @@
+"""ParallelDims: the layout of a run, validated once, turned into one named DeviceMesh."""
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
+# Dimensions whose parallelism has not landed yet, with the issue that brings each.
+NOT_YET = {"tp": "#3 (tensor parallelism)", "pp": "#4 (pipeline parallelism)",
+           "cp": "#5 (context parallelism)", "ep": "#6 (expert parallelism)"}
+
+
+class LayoutError(ValueError):
+    """An impossible or unsupported parallel layout (printed to the user as one line)."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    ep: int
+    world_size: int
+
+    @classmethod
+    def resolve(cls, *, dp_replicate=1, dp_shard=-1, cp=1, tp=1, pp=1, ep=1, world_size: int) -> "ParallelDims":
+        """Validate a layout against the world size; dp_shard=-1 takes whatever is left."""
+        named = dict(dp_replicate=dp_replicate, cp=cp, tp=tp, pp=pp, ep=ep)
+        for name, size in named.items():
+            if size < 1:
+                raise LayoutError(f"parallel.{name}={size} must be >= 1")
+        if dp_shard == 0 or dp_shard < -1:
+            raise LayoutError(f"parallel.dp_shard={dp_shard} must be >= 1, or -1 for 'whatever is left'")
+        others = dp_replicate * cp * tp * pp
+        if dp_shard == -1:
+            if world_size % others:
+                raise LayoutError(
+                    f"world size {world_size} is not divisible by dp_replicate*cp*tp*pp = {others}; "
+                    f"change the layout or the number of processes")
+            dp_shard = world_size // others
+        if dp_shard * others != world_size:
+            raise LayoutError(
+                f"parallel dims multiply to {dp_shard * others} (dp_replicate={dp_replicate} x dp_shard={dp_shard}"
+                f" x cp={cp} x tp={tp} x pp={pp}) but the world has {world_size} processes; make them equal "
+                f"(dp_shard=-1 fills in the rest)")
+        if (dp_shard * cp) % ep:
+            raise LayoutError(f"parallel.ep={ep} must divide dp_shard*cp = {dp_shard * cp} (experts borrow those ranks)")
+        dims = cls(dp_replicate, dp_shard, cp, tp, pp, ep, world_size)
+        for name, issue in NOT_YET.items():
+            if getattr(dims, name) > 1:
+                raise LayoutError(f"parallel.{name}={getattr(dims, name)} is not supported yet (it lands with issue "
+                                  f"{issue}); set parallel.{name}=1")
+        return dims
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many different slices of the global batch are processed."""
+        return self.dp_replicate * self.dp_shard
+
+    def build_mesh(self, device_type: str) -> "Meshes":
+        world = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"))
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The run's one mesh (all five named dims, size-1 dims included) and the flattened views of
+    it that collectives need; every process group in the code comes from here."""
+    world: DeviceMesh
+    dp: DeviceMesh  # dp_replicate x dp_shard: ranks that see different slices of the global batch

@@ -1,0 +1,32 @@
+"""One rank of a harness world: join the process group, run the checks, record each outcome."""
+import datetime
+import importlib
+import json
+import os
+import pickle
+import sys
+import traceback
+
+import torch.distributed as dist
+
+from tests.distributed.harness import name_of
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(open(spec_path).read())
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["collective_timeout_s"]))
+    results = {}
+    for target, kwargs in spec["checks"]:
+        module, _, function = target.rpartition(":")
+        try:
+            results[name_of(target)] = (True, getattr(importlib.import_module(module), function)(**kwargs))
+        except BaseException:
+            results[name_of(target)] = (False, traceback.format_exc())
+        with open(out_path + ".tmp", "wb") as f:  # after each check, so a later hang keeps earlier results
+            pickle.dump(results, f)
+        os.replace(out_path + ".tmp", out_path)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
