@@ -42,10 +42,11 @@ def _free_port() -> int:
 
 
 def run_world(nproc: int, checks: list[tuple[str, dict]], workdir: Path, timeout_s: float = 600,
-              collective_timeout_s: int = 120) -> dict[str, CheckResult]:
+              collective_timeout_s: int = 120) -> list[CheckResult]:
     """Run checks ("module:function", kwargs) in a fresh world of `nproc` ranks.
 
-    Each check is called as function(**kwargs) on every rank, in the order given.
+    Each check is called as function(**kwargs) on every rank, in the order given; the results
+    come back in the same order.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     spec = workdir / "checks.json"
@@ -72,13 +73,13 @@ def run_world(nproc: int, checks: list[tuple[str, dict]], workdir: Path, timeout
                 p.wait()
         for log in logs:
             log.close()
-    results = {name_of(target): CheckResult(name_of(target)) for target, _ in checks}
+    results = [CheckResult(name_of(target)) for target, _ in checks]
     for rank, p in enumerate(procs):
         out = workdir / f"rank{rank}.pkl"
-        done = pickle.loads(out.read_bytes()) if out.exists() else {}
-        for name, result in results.items():
-            if name in done:
-                ok, payload = done[name]
+        done = pickle.loads(out.read_bytes()) if out.exists() else []
+        for index, result in enumerate(results):
+            if index < len(done):
+                ok, payload = done[index]
                 (result.values if ok else result.errors)[rank] = payload
             else:
                 tail = (workdir / f"rank{rank}.log").read_text()[-3000:]

@@ -9,19 +9,17 @@ import traceback
 
 import torch.distributed as dist
 
-from tests.distributed.harness import name_of
-
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["collective_timeout_s"]))
-    results = {}
+    results = []
     for target, kwargs in spec["checks"]:
         module, _, function = target.rpartition(":")
         try:
-            results[name_of(target)] = (True, getattr(importlib.import_module(module), function)(**kwargs))
+            results.append((True, getattr(importlib.import_module(module), function)(**kwargs)))
         except BaseException:
-            results[name_of(target)] = (False, traceback.format_exc())
+            results.append((False, traceback.format_exc()))
         with open(out_path + ".tmp", "wb") as f:  # after each check, so a later hang keeps earlier results
             pickle.dump(results, f)
         os.replace(out_path + ".tmp", out_path)

@@ -1,0 +1,122 @@
+"""Fixed-length samples over a token stream, and the deterministic global batch of each step."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.errors import DataError
+from data.indexed import open_indexed
+
+
+class PackedTokens:
+    """The concatenated tokens of all documents (each already ends in EOS), cut into samples
+    of seq_len + 1 tokens. Sample i is stream[i*seq_len : i*seq_len + seq_len + 1]: consecutive
+    samples share one token, so every stream token but the first is a target exactly once."""
+
+    def __init__(self, dataset, seq_len: int):
+        if isinstance(dataset, (str, Path)):
+            dataset = open_indexed(Path(dataset))
+        self.dataset = dataset
+        self.seq_len = seq_len
+        # Stream offset where each megatron sequence starts, plus the end of the stream.
+        self._starts = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
+        self.num_tokens = int(self._starts[-1])
+        self.num_samples = (self.num_tokens - 1) // seq_len
+        if self.num_samples < 1:
+            raise DataError(
+                f"{dataset.path_prefix}.bin has {self.num_tokens} tokens, but seq_len {seq_len} "
+                f"needs at least {seq_len + 1} for one sample: lower train.seq_len or use more data"
+            )
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range [0, {self.num_samples})")
+        pos = i * self.seq_len
+        end = pos + self.seq_len + 1
+        seq = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        pieces = []
+        while pos < end:
+            length = min(end, int(self._starts[seq + 1])) - pos
+            pieces.append(self.dataset.get(seq, offset=pos - int(self._starts[seq]), length=length))
+            pos += length
+            seq += 1
+        return torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+
+
+class GlobalBatchLoader:
+    """Serves this dp rank's share of each step's global batch.
+
+    Global sample position g = step * global_batch_size + j is sample perm_e[g % S] of epoch
+    e = g // S, with perm_e drawn from (seed, e). The global batch thus depends only on seed
+    and step, never on the dp size or micro-batch size, and a resumed run sees the same samples.
+    """
+
+    def __init__(
+        self,
+        samples: PackedTokens,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+    ):
+        if not 0 <= dp_rank < dp_size:
+            raise DataError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
+        rows_per_micro_step = micro_batch_size * dp_size
+        if min(global_batch_size, micro_batch_size) < 1 or global_batch_size % rows_per_micro_step:
+            raise DataError(
+                f"global_batch_size {global_batch_size} is not a positive multiple of "
+                f"micro_batch_size {micro_batch_size} x dp size {dp_size}: change "
+                "train.global_batch_size or train.micro_batch_size"
+            )
+        self.samples = samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.step = 0  # the next step next() serves
+        self._epoch = -1
+        self._permutation = None
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's rows of step's global batch, as (inputs, targets) micro-batches of shape
+        [micro_batch_size, seq_len]; targets are inputs shifted by one token."""
+        rows_per_rank = self.global_batch_size // self.dp_size
+        first = step * self.global_batch_size + self.dp_rank * rows_per_rank
+        positions = range(first, first + rows_per_rank)
+        rows = torch.stack([self.samples[self._sample_at(g)] for g in positions])
+        return [
+            (mb[:, :-1].contiguous(), mb[:, 1:].contiguous())
+            for mb in rows.split(self.micro_batch_size)
+        ]
+
+    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = self.micro_batches(self.step)
+        self.step += 1
+        return batches
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch_size"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"the checkpoint's data loader used {key}={state[key]} but this run has "
+                    f"{key}={getattr(self, key)}, so the resumed run would not see the same "
+                    f"samples: set train.{key}={state[key]} or start a new run dir"
+                )
+        self.step = state["step"]
+
+    def _sample_at(self, position: int) -> int:
+        epoch, index = divmod(position, self.samples.num_samples)
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutation = rng.permutation(self.samples.num_samples)
+            self._epoch = epoch
+        return int(self._permutation[index])

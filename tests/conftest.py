@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "llm" / "tiny.yaml"
+TEST_VOCAB = 1024  # smaller than the tiny config's 4096: the tokenizer trains faster
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """The embedded corpus prepared once per test session, before any world starts."""
+    from data.embedded import prepare_embedded
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    prepare_embedded("pydoc", TEST_VOCAB, cache, 0.05, log=lambda _: None)
+    return cache
+
+
+def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    """A few-second version of configs/llm/tiny.yaml for tests."""
+    return [f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.vocab_size={TEST_VOCAB}",
+            "train.steps=10", "train.global_batch_size=8", "train.micro_batch_size=8", "train.seq_len=64",
+            "train.warmup_steps=2", "train.eval_every=0", "train.eval_batches=1", "train.sample_prompt=",
+            "run.tensorboard=false", "run.log_every=100", "checkpoint.every=0", *extra]

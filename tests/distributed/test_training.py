@@ -1,0 +1,101 @@
+"""Run-level parity: the same tiny config under every data-parallel layout, with and without
+gradient accumulation, and across a stop/resume (also onto a different dp size), gives the same
+per-step losses as one process (fp32, relative difference <= 1e-5)."""
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, tiny_overrides
+from tests.distributed.harness import run_world
+
+RTOL = 1e-5
+THIS = "tests.distributed.test_training"
+
+
+def train_losses(run_dir: str, cache: str, overrides: list[str]) -> list[float]:
+    """Check body, run on every rank of a world: one training run, its per-step losses."""
+    from launcher.config import load_config
+    from launcher.trainer import train
+
+    return train(load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), *overrides)))["losses"]
+
+
+def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, list[float]]:
+    """Train each run (name -> (run directory name, overrides)) in one world of nproc ranks, in order."""
+    checks = [(f"{THIS}:train_losses", {"run_dir": str(tmp / run_dir), "cache": str(cache), "overrides": overrides})
+              for run_dir, overrides in runs.values()]
+    results = run_world(nproc, checks, tmp / f"world{nproc}")
+    return dict(zip(runs, (r.value() for r in results)))
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+STOP = "run.stop_at_step=5"  # the schedule still spans 10 steps
+
+
+@pytest.fixture(scope="module")
+def one_process(runs_dir, data_cache):
+    return _world(1, runs_dir, data_cache, {
+        "single": ("single", []),
+        "single_accum": ("single_accum", ["train.micro_batch_size=2"]),
+    })
+
+
+@pytest.fixture(scope="module")
+def two_processes(runs_dir, data_cache, one_process):
+    return _world(2, runs_dir, data_cache, {
+        "fsdp2": ("fsdp2", ["train.micro_batch_size=4"]),  # dp_shard=-1 fills the world
+        "fsdp2_accum": ("fsdp2_accum", ["train.micro_batch_size=2"]),
+        "stop_at_5": ("resume_same", ["train.micro_batch_size=4", STOP]),
+        "resume_to_10": ("resume_same", ["train.micro_batch_size=4"]),
+        "dp2_stop_at_5": ("resume_other", ["train.micro_batch_size=4", STOP]),
+    })
+
+
+@pytest.fixture(scope="module")
+def four_processes(runs_dir, data_cache, two_processes):
+    return _world(4, runs_dir, data_cache, {
+        "fsdp4": ("fsdp4", ["train.micro_batch_size=2"]),
+        "hsdp_2x2": ("hsdp_2x2", ["parallel.dp_replicate=2", "train.micro_batch_size=2"]),
+        "hsdp_2x2_accum": ("hsdp_2x2_accum", ["parallel.dp_replicate=2", "train.micro_batch_size=1"]),
+        "ddp4": ("ddp4", ["parallel.dp_replicate=4", "parallel.dp_shard=1", "train.micro_batch_size=2"]),
+        "resume_dp2_on_dp4": ("resume_other", ["train.micro_batch_size=2"]),
+    })
+
+
+def assert_same_losses(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) and len(want) > 0
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert abs(g - w) <= RTOL * abs(w), f"step {step}: {g} vs {w} (relative {abs(g - w) / abs(w):.2e})"
+
+
+def test_loss_falls(one_process):
+    losses = one_process["single"]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.5
+
+
+def test_gradient_accumulation_matches(one_process):
+    assert_same_losses(one_process["single_accum"], one_process["single"])
+
+
+@pytest.mark.parametrize("run", ["fsdp2", "fsdp2_accum"])
+def test_two_process_layouts_match_one_process(two_processes, one_process, run):
+    assert_same_losses(two_processes[run], one_process["single"])
+
+
+@pytest.mark.parametrize("run", ["fsdp4", "hsdp_2x2", "hsdp_2x2_accum", "ddp4"])
+def test_four_process_layouts_match_one_process(four_processes, one_process, run):
+    assert_same_losses(four_processes[run], one_process["single"])
+
+
+def test_stop_and_resume_matches_uninterrupted(two_processes, one_process):
+    assert_same_losses(two_processes["stop_at_5"], one_process["single"][:5])
+    assert_same_losses(two_processes["resume_to_10"], one_process["single"][5:])
+
+
+def test_resume_on_a_different_dp_size(four_processes, two_processes, one_process):
+    assert_same_losses(two_processes["dp2_stop_at_5"], one_process["single"][:5])
+    assert_same_losses(four_processes["resume_dp2_on_dp4"], one_process["single"][5:])
