@@ -13,8 +13,9 @@ $(PY):
 
 venv: $(PY)
 
+# A fresh run directory each time, so the demo always trains (resuming an old run is the default).
 train: $(PY)
-	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2
+	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2 --set run.dir=runs/llm-tiny/$$(date +%Y%m%d-%H%M%S)
 
 test: $(PY)
 	$(PY) -m pytest -q tests

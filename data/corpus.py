@@ -11,15 +11,14 @@ MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly one-liners: little te
 
 
 def embedded_documents(source: str) -> list[str]:
-    """The documents of an embedded corpus, in a deterministic order.
+    """The documents of a small corpus, in a deterministic order.
 
     "pydoc": the interactive-help topics (~0.5 MB). "stdlib": those plus the long
-    docstrings of the standard library.
+    docstrings of the standard library. Otherwise a path: a UTF-8 .txt file, or a
+    directory of them, one document per file (real corpora go through `prepare`).
     """
     if source not in SOURCES:
-        raise DataError(
-            f"unknown embedded corpus {source!r}: choose one of {', '.join(SOURCES)}"
-        )
+        return [doc for doc in map(_read_text, text_files(source)) if doc.strip()]
     documents = _pydoc_topics()
     if source == "stdlib":
         documents += _stdlib_docstrings()
@@ -55,3 +54,25 @@ def _long_docstrings(tree: ast.Module) -> list[str]:
     ]
     docstrings = (ast.get_docstring(node) for node in nodes)
     return [doc for doc in docstrings if doc and len(doc) >= MIN_DOCSTRING_CHARS]
+
+
+def text_files(source: str) -> list[Path]:
+    """The .txt files a path source names, or a DataError saying what to set instead."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".txt":
+        return [path]
+    if path.is_dir() and (files := sorted(path.rglob("*.txt"))):
+        return files
+    if path.is_dir():
+        raise DataError(f"corpus directory {path} holds no .txt files; add some or set data.source to one of "
+                        f"{', '.join(SOURCES)}")
+    what = "is not a .txt file" if path.exists() else "does not exist"
+    raise DataError(f"corpus file {path} {what}; set data.source to one of {', '.join(SOURCES)}, "
+                    f"a .txt file or a directory of them")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus file {path} is not valid UTF-8 (byte {e.start}); convert it to UTF-8") from None

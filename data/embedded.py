@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.corpus import embedded_documents
+from data.corpus import SOURCES, embedded_documents, text_files
 from data.errors import DataError
 from data.indexed import open_indexed, token_dtype, write_indexed
 from data.tokenizer import Tokenizer, train_tokenizer
@@ -43,10 +43,17 @@ def prepare_embedded(
         )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{source}-v{vocab_size}"
+    if source in SOURCES:
+        target, stamp = cache_dir / f"{source}-v{vocab_size}", None
+    else:  # a path: keyed by where it is, rebuilt when any file changes
+        files = text_files(source)
+        resolved = str(Path(source).expanduser().resolve())
+        target = cache_dir / f"{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}-v{vocab_size}"
+        stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     settings = {
         "format_version": FORMAT_VERSION,
         "source": source,
+        "source_files": stamp,
         "vocab_size": vocab_size,
         "valid_fraction": valid_fraction,
         # The embedded text changes between CPython releases.

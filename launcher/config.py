@@ -80,6 +80,7 @@ class CheckpointSection:
 class RunSection:
     dir: str = "runs/default"
     log_every: int = 1
+    stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0: run to train.steps
     tensorboard: bool = True
     timeout_s: int = 300  # collective timeout: a deadlock fails instead of hanging
 

@@ -46,11 +46,11 @@ def train(cfg: Config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, rank)
     start_step = saved["meta"]["step"] if saved else 0
-    metrics = MetricsWriter(run_dir, rank, t.steps, start_step, tensorboard=cfg.run.tensorboard)
+    say = print if rank == 0 else (lambda _: None)  # until the run directory may be written to
 
     # Data: the embedded corpus is built once and cached; every rank sees the same global batches.
     data = prepare_embedded(cfg.data.source, cfg.data.vocab_size, Path(cfg.data.cache_dir).expanduser(),
-                            cfg.data.valid_fraction, log=metrics.info)
+                            cfg.data.valid_fraction, log=lambda message: say(f"[shardwright] {message}"))
     dp_rank = meshes.dp.get_local_rank()
 
     def loader(prefix):
@@ -84,9 +84,12 @@ def train(cfg: Config) -> dict:
         # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks.
         has_rng = f"rng.{state['rng'].key}" in saved["keys"]
         checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"})
+    # Everything is checked: from here on the run directory is written to.
+    metrics = MetricsWriter(run_dir, rank, t.steps, start_step, tensorboard=cfg.run.tensorboard)
+    if saved is not None:
         metrics.info(f"resumed from {resume_from} at step {start_step}"
-                     + ("" if has_rng else f" (rank {rank} has no saved RNG state: the checkpoint came from "
-                                            f"a world of {saved['meta']['layout']['world_size']}; it keeps its seed)"))
+                     + ("" if has_rng else f" (the checkpoint came from a world of "
+                                            f"{saved['meta']['layout']['world_size']}: new ranks keep their seed RNG)"))
     if rank == 0:
         cfg.dump(run_dir / "config.yaml")
 
@@ -126,7 +129,12 @@ def train(cfg: Config) -> dict:
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, throughput = [], []
     eval_loss = None
-    for step in range(start_step + 1, t.steps + 1):
+    # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
+    last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
+    if start_step >= last_step:
+        metrics.info(f"nothing to train: {run_dir} is already at step {start_step}; raise train.steps "
+                     f"(or run.stop_at_step) to continue, or use a new run.dir")
+    for step in range(start_step + 1, last_step + 1):
         started = time.perf_counter()
         loss = step_loss(train_loader, train_loader.step, backward=True)
         train_loader.step += 1
@@ -143,17 +151,17 @@ def train(cfg: Config) -> dict:
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
                   "tflops": tflops, "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
-        metrics.log(record, show=step % cfg.run.log_every == 0 or step == t.steps)
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+        metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
+        if t.eval_every and step % t.eval_every == 0 and step != last_step:
             eval_loss = evaluate()
             metrics.log({"step": step, "eval_loss": eval_loss}, show=True)
-        if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != t.steps:
+        if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != last_step:
             save(step)
-    if start_step < t.steps:
+    if start_step < last_step:
         eval_loss = evaluate()
-        metrics.log({"step": t.steps, "eval_loss": eval_loss}, show=True)
+        metrics.log({"step": last_step, "eval_loss": eval_loss}, show=True)
         if cfg.checkpoint.enabled:
-            save(t.steps)
+            save(last_step)
     sample = greedy_sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast) \
         if t.sample_prompt else None
     summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)
