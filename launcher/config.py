@@ -5,6 +5,7 @@ with one clear line instead of a hung or crashed world.
 """
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,21 @@ class Config:
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-4 as a string; accept exponent floats without a dot (YAML 1.2 style)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -174,7 +190,7 @@ def _apply_override(raw: dict, assignment: str) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise UserError(f"section '{section}' should be a mapping")
-    raw[section][name] = yaml.safe_load(text) if text else ""
+    raw[section][name] = _parse_yaml(text) if text else ""
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -185,7 +201,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise UserError(f"config file '{path}' does not exist; pass a YAML file such as configs/llm/tiny.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -18,21 +18,26 @@ def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, t: TrainSection) -> float:
-    """Multiplier on train.lr after `step` optimizer steps: linear warmup, then the schedule."""
+    """Multiplier on train.lr for optimizer update `step` (0-based).
+
+    Linear warmup reaches the peak on the last warmup update; the first update after warmup
+    is at the peak and the final update (step = train.steps - 1) at lr * min_lr_ratio.
+    """
     if step < t.warmup_steps:
         return (step + 1) / t.warmup_steps
     if t.lr_schedule == "constant":
         return 1.0
     floor = t.min_lr_ratio
+    last = t.steps - 1
     if t.lr_schedule == "cosine":
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    # wsd: warmup, stable at the peak, then a linear decay over the last decay_fraction of steps
+        progress = min(1.0, (step - t.warmup_steps) / max(1, last - t.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # wsd: warmup, stable at the peak, then a linear decay over the last decay_fraction of updates
     decay_steps = max(1, round(t.decay_fraction * t.steps))
     decay_start = t.steps - decay_steps
     if step < decay_start:
         return 1.0
-    return 1.0 - (1 - floor) * min(1.0, (step - decay_start) / decay_steps)
+    return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:

@@ -86,8 +86,8 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.tok_embeddings(tokens)
+        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         return self.output(self.norm(h))

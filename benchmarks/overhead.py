@@ -1,0 +1,177 @@
+"""Overhead of the shardwright trainer: its tokens/s against a bare PyTorch loop, as JSON.
+
+Both sides train the same model (same init, optimizer, schedule, micro-batches and data) in
+this one process, fp32 on CPU:
+
+- shardwright: `launcher.trainer.train` itself, one process (a 1-rank gloo group). Its per-step
+  time covers data loading, the loss all-reduce, grad norm, scheduler and metrics writing —
+  the overhead measured here; the final eval and sample fall outside it. Tokens/s come from
+  the step records in `<run.dir>/metrics.jsonl`.
+- bare: forward, cross entropy, backward, clip, step, zero_grad and `.item()` on the loss, over
+  batches fetched before timing, so it does no data work at all: an upper bound.
+
+The sides run alternately (`--repeats` times each) and the medians are compared. A run's
+tokens/s is its steady state: tokens over time of the steps after the first `--warmup`. Both
+sides must produce the same losses (1e-5 relative), or the comparison is not apples to apples
+and the script exits non-zero. The goal is a ratio >= 0.95.
+
+    .venv/bin/python benchmarks/overhead.py [--config configs/llm/tiny.yaml] [--steps 30]
+        [--warmup 5] [--repeats 2] [--threads N] [--set section.key=value ...] [--out FILE]
+
+Numbers from a shared or small (e.g. 2-core) machine are noisy; compare runs on a quiet one.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data.embedded import prepare_embedded
+from data.loader import GlobalBatchLoader, PackedTokens
+from launcher.config import Config, load_config
+from launcher.optim import build_optimizer, build_scheduler
+from launcher.trainer import train
+from models import get_model_spec
+from parallel.init import init_parameters
+
+GOAL = 0.95
+LOSS_RTOL = 1e-5
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/llm/tiny.yaml")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", default="benchmarks/results/overhead.json")
+    args = p.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        p.error("--warmup must be at least 0 and less than --steps")
+    return args
+
+
+def run_config(args, run_dir: str) -> Config:
+    """The config both sides train: the user's, without checkpoints, TensorBoard or mid-run evals."""
+    return load_config(args.config, [*args.overrides, f"train.steps={args.steps}", f"run.dir={run_dir}",
+                                     "checkpoint.enabled=false", "run.tensorboard=false", "train.eval_every=0",
+                                     "train.eval_batches=1", "train.sample_prompt="])
+
+
+def check_comparable(cfg: Config) -> None:
+    """The bare loop is plain fp32 on CPU; refuse settings that would make the trainer do more."""
+    t = cfg.train
+    if torch.cuda.is_available() or t.mixed_precision == "bf16" or t.compile or t.activation_checkpoint != "none":
+        sys.exit("overhead.py compares fp32 CPU loops without compile or activation checkpointing; hide GPUs "
+                 "(CUDA_VISIBLE_DEVICES=) and drop train.mixed_precision=bf16 / compile / activation_checkpoint")
+
+
+def run_shardwright(args) -> tuple[list[float], list[float]]:
+    """Losses and tokens/s of every step of one real training run."""
+    with tempfile.TemporaryDirectory(prefix="overhead-") as run_dir:
+        train(run_config(args, run_dir))
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if "tokens_per_s" in r]
+    return [r["loss"] for r in records], [r["tokens_per_s"] for r in records]
+
+
+def fetch_batches(cfg: Config) -> list:
+    """Every step's micro-batches, loaded up front from the same data the trainer reads."""
+    d, t = cfg.data, cfg.train
+    data = prepare_embedded(d.source, d.vocab_size, Path(d.cache_dir).expanduser(), d.valid_fraction)
+    loader = GlobalBatchLoader(PackedTokens(data.train_prefix, t.seq_len), t.global_batch_size,
+                               t.micro_batch_size, dp_rank=0, dp_size=1, seed=t.seed)
+    return [loader.micro_batches(step) for step in range(t.steps)]
+
+
+def run_bare(cfg: Config, batches: list) -> tuple[list[float], list[float]]:
+    """Losses and tokens/s of every step of a plain PyTorch loop over pre-fetched batches."""
+    t = cfg.train
+    model = get_model_spec(cfg.model.family).model_cls(cfg.model_config())
+    init_parameters(model, t.seed)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t)
+    n_tokens = t.global_batch_size * t.seq_len
+    losses, throughput = [], []
+    for micro_batches in batches:
+        started = time.perf_counter()
+        loss_sum = torch.zeros(())
+        for inputs, targets in micro_batches:
+            micro_sum = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten(), reduction="sum")
+            (micro_sum / n_tokens).backward()
+            loss_sum += micro_sum.detach()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((loss_sum / n_tokens).item())
+        throughput.append(n_tokens / (time.perf_counter() - started))
+    return losses, throughput
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    if len(a) != len(b):
+        return float("inf")
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+
+
+def cpu_info() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = run_config(args, "unused")
+    check_comparable(cfg)
+    batches = fetch_batches(cfg)
+    runs, reference = [], None
+    for repeat in range(args.repeats):
+        for side, run in (("bare", lambda: run_bare(cfg, batches)), ("shardwright", lambda: run_shardwright(args))):
+            losses, throughput = run()
+            reference = reference or losses  # the first bare run's losses
+            steady = throughput[args.warmup:]
+            runs.append({"side": side, "repeat": repeat, "tokens_per_s": statistics.harmonic_mean(steady),
+                         "step_tokens_per_s": steady, "loss_rel_diff": max_rel_diff(losses, reference)})
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+    def median(side):
+        return statistics.median(r["tokens_per_s"] for r in runs if r["side"] == side)
+    shardwright, bare = median("shardwright"), median("bare")
+    loss_diff = max(r["loss_rel_diff"] for r in runs)
+    result = {"benchmark": "overhead", "config": args.config, "overrides": args.overrides, "steps": args.steps,
+              "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+              "cpu": cpu_info(), "shardwright_tokens_per_s": shardwright, "bare_tokens_per_s": bare,
+              "ratio": shardwright / bare, "goal": GOAL, "meets_goal": shardwright / bare >= GOAL,
+              "max_loss_rel_diff": loss_diff, "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"overhead: shardwright {shardwright:.0f} tokens/s, bare {bare:.0f} tokens/s, ratio {result['ratio']:.3f} "
+          f"(goal {GOAL}: {'met' if result['meets_goal'] else 'NOT met'}), max loss rel diff {loss_diff:.2e} -> {out}")
+    if loss_diff > LOSS_RTOL:
+        print(f"error: the bare loop's losses differ from the trainer's by {loss_diff:.2e} relative (> {LOSS_RTOL}), "
+              "so the two do not train the same thing and the ratio means nothing", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
