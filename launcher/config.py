@@ -35,6 +35,9 @@ class ParallelSection:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded on the sequence dim
+    loss_parallel: bool = True  # with tp > 1: cross entropy without gathering the full logits
+    async_tp: bool = False  # with tp > 1 on CUDA + train.compile: overlap TP collectives with matmuls
 
 
 @dataclass
@@ -222,7 +225,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Check the config against itself and the world; return the resolved layout."""
     try:
-        dims = ParallelDims.resolve(**dataclasses.asdict(cfg.parallel), world_size=world_size)
+        p = cfg.parallel
+        dims = ParallelDims.resolve(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, cp=p.cp, tp=p.tp, pp=p.pp,
+                                    ep=p.ep, world_size=world_size)
     except LayoutError as e:
         raise UserError(str(e)) from None
     t = cfg.train
@@ -239,6 +244,11 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         if getattr(t, name) not in options:
             raise UserError(f"train.{name}='{getattr(t, name)}' is not one of {', '.join(options)}"
                             f"{_suggest(getattr(t, name), options)}")
+    if dims.tp > 1 and cfg.parallel.sequence_parallel and t.seq_len % dims.tp:
+        raise UserError(f"train.seq_len={t.seq_len} must be divisible by parallel.tp={dims.tp} for sequence "
+                        f"parallelism; change seq_len or set parallel.sequence_parallel=false")
+    if cfg.parallel.async_tp and not t.compile:
+        raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     try:
         model_cfg = cfg.model_config()
     except (TypeError, ValueError) as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from data.embedded import prepare_embedded
 from data.indexed import open_indexed
@@ -62,7 +63,11 @@ def train(cfg: Config) -> dict:
     spec = get_model_spec(cfg.model.family)
     model_cfg = cfg.model_config()
     bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device.type == "cuda")
-    options = ParallelizeOptions(activation_checkpoint=t.activation_checkpoint, compile=t.compile,
+    if cfg.parallel.async_tp and device.type != "cuda":
+        raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
+    options = ParallelizeOptions(sequence_parallel=cfg.parallel.sequence_parallel,
+                                 loss_parallel=cfg.parallel.loss_parallel, activation_checkpoint=t.activation_checkpoint,
+                                 compile=t.compile, async_tp=cfg.parallel.async_tp,
                                  param_dtype=torch.bfloat16 if bf16 else torch.float32)
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
@@ -71,6 +76,8 @@ def train(cfg: Config) -> dict:
     init_parameters(model, t.seed)
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and dims.dp_shard == 1 else nullcontext()
+    # Vocab-sharded logits need cross entropy (forward and backward) under loss_parallel().
+    loss_context = loss_parallel if dims.tp > 1 and options.loss_parallel else nullcontext
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
 
@@ -96,8 +103,8 @@ def train(cfg: Config) -> dict:
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
     peak_flops, peak_how = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout dp_replicate={dims.dp_replicate} "
-                 f"dp_shard={dims.dp_shard} on {dims.world_size} {device.type} process(es), "
+    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()} "
+                 f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
     metrics.info(f"MFU baseline: {peak_flops / 1e9:.1f} GFLOP/s per process ({peak_how})")
 
@@ -108,13 +115,14 @@ def train(cfg: Config) -> dict:
         dist.all_reduce(n_targets, group=dp_group)
         loss_sum = torch.zeros((), device=device)
         for inputs, targets in micro_batches:
-            with autocast:
-                logits = model(inputs.to(device))
-            micro_sum, _ = cross_entropy_sum(logits, targets.to(device))
-            if backward:
-                # Gradient reductions average over the dp ranks; the loss is already global, so undo that.
-                (micro_sum * (dims.dp / n_targets)).backward()
-            loss_sum += micro_sum.detach()
+            with loss_context():
+                with autocast:
+                    logits = model(inputs.to(device))
+                micro_sum, _ = cross_entropy_sum(logits, targets.to(device))
+                if backward:
+                    # Gradient reductions average over the dp ranks; the loss is already global, so undo that.
+                    (micro_sum * (dims.dp / n_targets)).backward()
+            loss_sum += full(micro_sum.detach())
         dist.all_reduce(loss_sum, group=dp_group)
         return loss_sum / n_targets
 
@@ -162,8 +170,8 @@ def train(cfg: Config) -> dict:
         metrics.log({"step": last_step, "eval_loss": eval_loss}, show=True)
         if cfg.checkpoint.enabled:
             save(last_step)
-    sample = greedy_sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast) \
-        if t.sample_prompt else None
+    sample = greedy_sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
+                           length_multiple=dims.tp) if t.sample_prompt else None
     summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)
     for line in summary["lines"]:
         metrics.info(line)
@@ -199,25 +207,41 @@ def check_same_tokenizer(saved: dict, current: dict, path: Path) -> None:
                         f"(checkpoint: {saved.get('data')}) or use a new run.dir")
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly sharded (DTensor) tensor, as a plain tensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 norm of all gradients (over every shard), clipped to max_norm when max_norm > 0."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm.item()
+    """Global L2 norm of all gradients over every shard and mesh dim, clipped to max_norm when > 0.
+
+    Gradients live on different meshes (FSDP x TP, TP only, or plain tensors), so the norm is
+    taken per mesh, made whole there, and the squares are summed.
+    """
+    by_mesh: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    norm = torch.stack([full(torch.nn.utils.get_total_norm(grads)) for grads in by_mesh.values()]).norm().item()
+    if max_norm > 0 and norm > max_norm:
+        for grads in by_mesh.values():  # a Python scalar multiplies DTensors and plain tensors alike
+            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
 
 
 @torch.no_grad()
-def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, device, autocast) -> str:
-    """Greedy continuation of `prompt` (every rank runs it: sharded weights need all ranks)."""
+def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, device, autocast, length_multiple: int) -> str:
+    """Greedy continuation of `prompt` (every rank runs it: sharded weights need all ranks).
+
+    Inputs are right-padded to a multiple of `length_multiple` (sequence-sharded layouts need
+    it); causal attention keeps the padding from affecting the real positions.
+    """
     ids = tokenizer.encode(prompt)
     for _ in range(n_tokens):
+        padded = ids + [tokenizer.eos_id] * (-len(ids) % length_multiple)
         with autocast:
-            logits = model(torch.tensor([ids], device=device))
-        next_id = int(logits[0, -1].argmax())
+            logits = full(model(torch.tensor([padded], device=device)))
+        next_id = int(logits[0, len(ids) - 1].argmax())
         if next_id == tokenizer.eos_id:
             break
         ids.append(next_id)

@@ -11,8 +11,11 @@ from parallel.mesh import Meshes, ParallelDims
 @dataclass(frozen=True)
 class ParallelizeOptions:
     """Training choices a parallelize function applies besides the mesh layout."""
+    sequence_parallel: bool = True  # with tp: shard norms and the residual stream on the sequence
+    loss_parallel: bool = True  # with tp: cross entropy on vocab-sharded logits (run it under loss_parallel())
     activation_checkpoint: str = "none"  # none | full | selective
     compile: bool = False
+    async_tp: bool = False  # CUDA + compile only: micro-pipelined TP collectives
     param_dtype: torch.dtype = torch.float32  # compute dtype of parameters under FSDP
     reduce_dtype: torch.dtype = torch.float32  # gradient reduction dtype
 

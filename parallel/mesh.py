@@ -5,8 +5,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
 # Dimensions whose parallelism has not landed yet, with the issue that brings each.
-NOT_YET = {"tp": "#3 (tensor parallelism)", "pp": "#4 (pipeline parallelism)",
-           "cp": "#5 (context parallelism)", "ep": "#6 (expert parallelism)"}
+NOT_YET = {"pp": "#4 (pipeline parallelism)", "cp": "#5 (context parallelism)", "ep": "#6 (expert parallelism)"}
 
 
 class LayoutError(ValueError):
@@ -53,6 +52,11 @@ class ParallelDims:
                                   f"{issue}); set parallel.{name}=1")
         return dims
 
+    def describe(self) -> str:
+        """e.g. 'dp_replicate=1 dp_shard=2 tp=2': the dp dims always, the others when in use."""
+        used = [n for n in ("cp", "tp", "pp", "ep") if getattr(self, n) > 1]
+        return " ".join(f"{n}={getattr(self, n)}" for n in ("dp_replicate", "dp_shard", *used))
+
     @property
     def dp(self) -> int:
         """Data-parallel degree: how many different slices of the global batch are processed."""
@@ -60,7 +64,7 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> "Meshes":
         world = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-        return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"))
+        return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"])
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,4 @@ class Meshes:
     it that collectives need; every process group in the code comes from here."""
     world: DeviceMesh
     dp: DeviceMesh  # dp_replicate x dp_shard: ranks that see different slices of the global batch
+    tp: DeviceMesh  # ranks that split each layer's heads / hidden units

@@ -1,22 +1,30 @@
 """How to shard the LLM, applied from outside the model in a fixed order:
 
-    TP -> CP -> activation checkpointing -> compile -> FSDP / HSDP / DDP
+    TP (+ sequence parallel) -> CP -> activation checkpointing -> compile -> FSDP / HSDP / DDP
 
-Checkpointing wraps a block before compile so the compiled graph includes the recompute, and
-FSDP goes last so it shards the parameters of the already wrapped (and compiled) blocks.
-TP and CP land with their issues (#3, #5); ParallelDims rejects them until then.
+TP first, because it turns parameters into DTensors over the tp mesh that FSDP then shards
+again over dp (2-D). Checkpointing wraps a block before compile so the compiled graph includes
+the recompute, and FSDP goes last so it shards the parameters of the already wrapped (and
+compiled) blocks. CP lands with its issue (#5); ParallelDims rejects it until then.
 """
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import parallelize_module
 
 from models.llm.model import LLMConfig
 from models.spec import ParallelizeOptions
 from parallel.activation_checkpoint import checkpoint_block
 from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import Meshes, ParallelDims
+from parallel.tensor_parallel import (column_row_pair, enable_async_tp, norm_plan, vocab_parallel_embedding,
+                                      vocab_parallel_head)
 
 
 def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, options: ParallelizeOptions) -> nn.Module:
+    if dims.tp > 1:
+        apply_tensor_parallel(model, meshes, options)
+        if options.async_tp:
+            enable_async_tp(meshes.tp)
     for name, block in list(model.layers.items()):
         if options.activation_checkpoint != "none":
             block = checkpoint_block(block, options.activation_checkpoint)
@@ -24,6 +32,22 @@ def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, option
             block = torch.compile(block)
         model.layers[name] = block
     return apply_data_parallel(model, model.layers.values(), dims, meshes, options)
+
+
+def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
+    """Heads and FFN units split over tp; embedding and head split over the vocabulary."""
+    sp = options.sequence_parallel
+    parallelize_module(model, meshes.tp, {
+        "tok_embeddings": vocab_parallel_embedding(sp),
+        **norm_plan(["norm"], sp),
+        "output": vocab_parallel_head(sp, options.loss_parallel),
+    })
+    for block in model.layers.values():
+        parallelize_module(block, meshes.tp, {
+            **norm_plan(["attention_norm", "ffn_norm"], sp),
+            **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=2),  # + cos, sin
+            **column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp),
+        })
 
 
 def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
@@ -36,4 +60,12 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
         problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
     if cfg.n_layers < dims.pp:
         problems.append(f"model.n_layers={cfg.n_layers} is fewer than the {dims.pp} pipeline stages")
+    if dims.tp > 1:
+        valid = [t for t in range(2, cfg.n_heads + 1) if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0
+                 and cfg.ffn_hidden_dim % t == 0 and cfg.vocab_size % t == 0]
+        for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads),
+                           ("ffn hidden size", cfg.ffn_hidden_dim), ("vocab_size", cfg.vocab_size)):
+            if size % dims.tp:
+                problems.append(f"parallel.tp={dims.tp} does not divide model {name} {size} "
+                                f"(tp values that work for this model: {valid or 'none above 1'})")
     return problems

@@ -5,25 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, tiny_overrides
 from tests.distributed.harness import run_world
-
-RTOL = 1e-5
-THIS = "tests.distributed.test_training"
-
-
-def train_losses(run_dir: str, cache: str, overrides: list[str]) -> list[float]:
-    """Check body, run on every rank of a world: one training run, its per-step losses."""
-    from launcher.config import load_config
-    from launcher.trainer import train
-
-    return train(load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), *overrides)))["losses"]
+from tests.distributed.runs import assert_same_losses, train_check
 
 
 def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, list[float]]:
     """Train each run (name -> (run directory name, overrides)) in one world of nproc ranks, in order."""
-    checks = [(f"{THIS}:train_losses", {"run_dir": str(tmp / run_dir), "cache": str(cache), "overrides": overrides})
-              for run_dir, overrides in runs.values()]
+    checks = [train_check(tmp / run_dir, cache, *overrides) for run_dir, overrides in runs.values()]
     results = run_world(nproc, checks, tmp / f"world{nproc}")
     return dict(zip(runs, (r.value() for r in results)))
 
@@ -37,11 +25,9 @@ STOP = "run.stop_at_step=5"  # the schedule still spans 10 steps
 
 
 @pytest.fixture(scope="module")
-def one_process(runs_dir, data_cache):
-    return _world(1, runs_dir, data_cache, {
-        "single": ("single", []),
-        "single_accum": ("single_accum", ["train.micro_batch_size=2"]),
-    })
+def one_process(runs_dir, data_cache, reference_losses):
+    runs = _world(1, runs_dir, data_cache, {"single_accum": ("single_accum", ["train.micro_batch_size=2"])})
+    return {"single": reference_losses, **runs}
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +50,6 @@ def four_processes(runs_dir, data_cache, two_processes):
         "ddp4": ("ddp4", ["parallel.dp_replicate=4", "parallel.dp_shard=1", "train.micro_batch_size=2"]),
         "resume_dp2_on_dp4": ("resume_other", ["train.micro_batch_size=2"]),
     })
-
-
-def assert_same_losses(got: list[float], want: list[float]) -> None:
-    assert len(got) == len(want) and len(want) > 0
-    for step, (g, w) in enumerate(zip(got, want), start=1):
-        assert abs(g - w) <= RTOL * abs(w), f"step {step}: {g} vs {w} (relative {abs(g - w) / abs(w):.2e})"
 
 
 def test_loss_falls(one_process):

@@ -1,0 +1,103 @@
+"""The delta rule (DeltaNet's token mixer) as ops, each fast path beside its naive reference.
+
+    S_t = S_{t-1} + k_t beta_t (v_t - S_{t-1}^T k_t)^T,    o_t = S_t^T (scale * q_t)
+
+per batch row and head, state S [Dk, Dv]. Layout everywhere: q, k [B, T, H, Dk], v [B, T, H, Dv],
+beta [B, T, H], states [B, H, Dk, Dv]. The caller L2-normalizes q and k and chooses beta's range
+((0, 1), or (0, 2) to allow negative eigenvalues: the ops take beta as given). scale defaults to
+Dk^-1/2.
+
+- `delta_rule(...)`             the entry point; picks a backend (below).
+- `delta_rule_recurrent(...)`   token by token, the reference (recurrent.py).
+- `delta_rule_chunked(...)`     chunkwise-parallel WY/UT form in PyTorch, autograd backward (chunked.py).
+- `delta_rule_state_map(...)`   a stretch of tokens as the affine map S -> M S + S_ext, plus
+                                `apply_state_map`, `compose_state_maps`, `fold_state_maps`: what
+                                context parallelism folds in rank order (state_map.py).
+
+Backends of `delta_rule`: "recurrent", "chunked", "fla" (flash-linear-attention's Triton
+`chunk_delta_rule`; CUDA, fp16/bf16; chunk size fixed at 64 by the kernel, `chunk_size` ignored),
+and "auto": fla for CUDA fp16/bf16 inputs when the `fla` package imports, else "chunked".
+The fla path is NOT exercised by this repo's CPU tests (fla is a `gpu` extra).
+
+Dtypes: fp64 inputs are computed in fp64, all others in fp32; o comes back in v's dtype, the final
+state in fp32 (fp64 for fp64 inputs) — as fla returns it.
+"""
+import functools
+import importlib
+import inspect
+
+import torch
+
+from models.deltanet.ops._inputs import check_inputs
+from models.deltanet.ops.chunked import delta_rule_chunked
+from models.deltanet.ops.recurrent import delta_rule_recurrent
+from models.deltanet.ops.state_map import (apply_state_map, compose_state_maps, delta_rule_state_map,
+                                           fold_state_maps)
+
+__all__ = ["BACKENDS", "apply_state_map", "compose_state_maps", "delta_rule", "delta_rule_chunked",
+           "delta_rule_recurrent", "delta_rule_state_map", "fla_available", "fold_state_maps"]
+
+BACKENDS = ("auto", "chunked", "recurrent", "fla")
+FLA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _fla_chunk_delta_rule():
+    """fla's `chunk_delta_rule`, or None when flash-linear-attention is not importable."""
+    try:
+        return importlib.import_module("fla.ops.delta_rule").chunk_delta_rule
+    except Exception:  # not installed, or installed without a working triton/CUDA
+        return None
+
+
+def fla_available() -> bool:
+    return _fla_chunk_delta_rule() is not None
+
+
+def _fla_problem(q: torch.Tensor) -> str | None:
+    """Why the fla backend cannot take these inputs, or None."""
+    if not fla_available():
+        return ("backend='fla' needs flash-linear-attention (package `fla`), which is not importable: "
+                "install the `gpu` extra (pip install 'shardwright[gpu]') or use backend='chunked'")
+    if not q.is_cuda:
+        return f"flash-linear-attention's kernels run on CUDA only, the inputs are on {q.device}; use backend='chunked'"
+    if q.dtype not in FLA_DTYPES:
+        return (f"flash-linear-attention's chunk_delta_rule takes fp16/bf16 inputs, not {q.dtype}; "
+                f"use backend='chunked' for fp32/fp64")
+    return None
+
+
+def _delta_rule_fla(q, k, v, beta, initial_state, scale):  # pragma: no cover - needs CUDA + fla
+    """UNTESTED here (no CUDA, no fla on the CI machine). fla takes the same [B, T, H, D] layout,
+    beta [B, T, H] and state [B, H, Dk, Dv]; it needs q, k, v, beta in one dtype, reads the initial
+    state in fp32 and returns the final state in fp32. Older fla versions default to head_first=True,
+    so head_first=False is passed where the signature still has it."""
+    chunk_delta_rule = _fla_chunk_delta_rule()
+    kwargs = {"scale": q.shape[-1] ** -0.5 if scale is None else scale,
+              "initial_state": None if initial_state is None else initial_state.float().contiguous(),
+              "output_final_state": True}
+    if "head_first" in inspect.signature(chunk_delta_rule).parameters:
+        kwargs["head_first"] = False
+    dt = q.dtype
+    o, final_state = chunk_delta_rule(q.contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(),
+                                      beta.to(dt).contiguous(), **kwargs)
+    return o.to(v.dtype), final_state
+
+
+def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
+               initial_state: torch.Tensor | None = None, scale: float | None = None,
+               chunk_size: int = 64, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, Dv], final_state [B, H, Dk, Dv]) of the delta rule; see the module docstring."""
+    if backend not in BACKENDS:
+        raise ValueError(f"delta rule: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_inputs(q, k, v, beta, initial_state)
+    if backend == "auto":
+        backend = "fla" if q.is_cuda and q.dtype in FLA_DTYPES and fla_available() else "chunked"
+    if backend == "fla":
+        problem = _fla_problem(q)
+        if problem is not None:
+            raise ValueError(f"delta rule: {problem}")
+        return _delta_rule_fla(q, k, v, beta, initial_state, scale)
+    if backend == "recurrent":
+        return delta_rule_recurrent(q, k, v, beta, initial_state, scale)
+    return delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size)

@@ -1,0 +1,25 @@
+"""Training runs as harness checks, and the loss comparison every run-level parity test uses."""
+from pathlib import Path
+
+from tests.conftest import TINY, tiny_overrides
+
+RTOL = 1e-5  # fp32 run-level parity: relative difference of per-step losses
+
+
+def train_losses(run_dir: str, cache: str, overrides: list[str]) -> list[float]:
+    """Check body, run on every rank of a world: one training run, its per-step losses."""
+    from launcher.config import load_config
+    from launcher.trainer import train
+
+    return train(load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), *overrides)))["losses"]
+
+
+def train_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
+    return ("tests.distributed.runs:train_losses", {"run_dir": str(run_dir), "cache": str(cache),
+                                                     "overrides": list(overrides)})
+
+
+def assert_same_losses(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) and len(want) > 0
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert abs(g - w) <= RTOL * abs(w), f"step {step}: {g} vs {w} (relative {abs(g - w) / abs(w):.2e})"

@@ -1,0 +1,273 @@
+"""Context-parallel attention against full single-device attention, in gloo worlds of 2, 3 and 4.
+
+Every rank draws the same seeded full q, k, v and upstream gradient, computes the fp64 reference
+(plain softmax + autograd) on the whole sequence, runs the distributed version on its shard and
+compares its shard of out, lse, dq, dk, dv. fp64 runs must match to 1e-10, fp32 to 1e-5.
+"""
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
+from torch.distributed.device_mesh import init_device_mesh
+
+from parallel.context import (HYBRID_MESH_DIMS, ContextParallelAttention, SequenceLayout, StatePassingMixer,
+                              context_parallel_mix, hybrid_attention, ring_attention, ulysses_attention)
+from tests.distributed.harness import CheckResult, run_world
+from tests.unit.test_context_kernels import reference_with_grads
+
+THIS = "tests.distributed.test_context_parallel"
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
+KERNEL_DTYPES = [("math", "float64"), ("cpu_flash", "float64"), ("cpu_flash", "float32")]
+
+
+def parity_cases(mode: str, layout: str, cp: int, shape: tuple[int, int] | None = None) -> list[dict]:
+    return [dict(mode=mode, layout=layout, cp=cp, shape=shape, kernel=kernel, dtype=dtype, heads=heads, causal=causal)
+            for kernel, dtype in KERNEL_DTYPES for heads in HEADS.values() for causal in (True, False)]
+
+
+# world size -> parity cases run in that world
+PARITY = {
+    2: parity_cases("ring", "zigzag", 2) + parity_cases("ulysses", "contiguous", 2),
+    3: parity_cases("ring", "contiguous", 3),
+    4: (parity_cases("ring", "zigzag", 4) + parity_cases("ulysses", "contiguous", 4)
+        + parity_cases("hybrid", "zigzag", 4, shape=(2, 2)) + parity_cases("hybrid", "contiguous", 4, shape=(2, 2))),
+}
+MODULE_MODES = {2: ["ring", "ulysses"], 3: ["ring"], 4: ["ring", "ulysses", "hybrid"]}
+
+
+def case_id(case: dict) -> str:
+    heads = {v: k for k, v in HEADS.items()}[tuple(case["heads"])]
+    return (f"{case['mode']}-{case['layout']}-cp{case['cp']}-{case['kernel']}-{case['dtype']}-{heads}-"
+            f"{'causal' if case['causal'] else 'full'}")
+
+
+# ---- check bodies: run on every rank of a world ----
+
+@functools.cache
+def _hybrid_mesh(ring: int, ulysses: int):
+    return init_device_mesh("cpu", (ring, ulysses), mesh_dim_names=HYBRID_MESH_DIMS)
+
+
+def _layout(mode: str, layout: str, cp: int, shape):
+    if mode == "hybrid":
+        return SequenceLayout(layout, ring_size=shape[0], ulysses_size=shape[1])
+    return SequenceLayout(layout, ring_size=cp) if mode == "ring" else SequenceLayout(layout, 1, ulysses_size=cp)
+
+
+def _run_distributed(mode, layout, cp, shape, kernel, causal, q, k, v, dout, via_module=False):
+    """(out, lse or None, dq, dk, dv) of this rank's shard."""
+    group = _hybrid_mesh(*shape) if mode == "hybrid" else dist.group.WORLD
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    if via_module:
+        out, lse = ContextParallelAttention(mode, group, layout=layout, kernel=kernel, causal=causal)(*leaves), None
+    else:
+        attention = {"ring": ring_attention, "ulysses": ulysses_attention, "hybrid": hybrid_attention}[mode]
+        out, lse = attention(*leaves, group, causal=causal, layout=layout, kernel=kernel)
+    out.backward(dout)
+    return (out.detach(), lse, *(t.grad for t in leaves))
+
+
+def _full_inputs(heads, dtype, seq, seed=0, batch=2, dim=8):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq, heads[0], dim, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(batch, seq, heads[1], dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(batch, seq, heads[0], dim, generator=gen, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def parity(mode: str, layout: str, cp: int, shape, kernel: str, dtype: str, heads, causal: bool,
+           via_module: bool = False, shard_layout: str | None = None) -> dict[str, float]:
+    """Max abs error of this rank's out, lse, dq, dk, dv against the fp64 full-sequence reference.
+
+    shard_layout (a negative control) shards the inputs in another layout than the attention assumes.
+    """
+    rank = dist.get_rank()
+    seq = 8 * cp
+    q, k, v, dout = _full_inputs(heads, dtype, seq)
+    want = reference_with_grads(q, k, v, dout, causal)
+    data_layout = _layout(mode, shard_layout or layout, cp, shape)
+    local = [data_layout.shard(t.to(getattr(torch, dtype)), rank) for t in (q, k, v, dout)]
+    got = _run_distributed(mode, layout, cp, shape, kernel, causal, *local, via_module=via_module)
+    layout_ = _layout(mode, layout, cp, shape)
+    errors = {}
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        if g is None:
+            continue
+        w = layout_.shard(w, rank, dim=2 if name == "lse" else 1)
+        assert g.shape == w.shape, f"{name}: {tuple(g.shape)} vs {tuple(w.shape)}"
+        errors[name] = (g.double() - w).abs().max().item()
+    return errors
+
+
+def bitwise_repeatable(mode: str, cp: int, shape=None) -> bool:
+    """Two fp32 runs of the same case give bitwise equal out, lse and gradients."""
+    layout = _layout(mode, "zigzag", cp, shape)
+    local = [layout.shard(t.float(), dist.get_rank()) for t in _full_inputs((8, 2), "float32", 8 * cp, seed=1)]
+    first, second = (_run_distributed(mode, "zigzag", cp, shape, "cpu_flash", True, *local) for _ in range(2))
+    return all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def error_message(case: str) -> str:
+    """The ValueError a misuse raises on every rank (before any communication)."""
+    seven = torch.zeros(1, 3, 7, 8)
+    try:
+        if case == "ulysses_heads":
+            ulysses_attention(seven, seven, seven, dist.group.WORLD)
+        elif case == "zigzag_odd_local_length":
+            ring_attention(seven, seven, seven, dist.group.WORLD, layout="zigzag")
+        elif case == "hybrid_wants_a_mesh":
+            ContextParallelAttention("hybrid", dist.group.WORLD)
+        elif case == "hybrid_mesh_dims":
+            ContextParallelAttention("hybrid", init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b")))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+class ToyAffineMixer(StatePassingMixer):
+    """A test-only linear recurrence S_t = A_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t (no order-free
+    shortcut: the A_t do not commute), written as the plain loop a real mixer's kernel would replace."""
+
+    @staticmethod
+    def _run(state, q, k, v, a):
+        outputs = []
+        for t in range(q.shape[1]):
+            state = a[:, t] @ state + k[:, t, :, None] * v[:, t, None, :]
+            outputs.append((state * q[:, t, :, None]).sum(1))
+        return state, outputs
+
+    def chunk_map(self, q, k, v, a):
+        transition = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(a[:, 0])
+        for t in range(a.shape[1]):
+            transition = a[:, t] @ transition
+        state, _ = self._run(torch.zeros(q.shape[0], k.shape[-1], v.shape[-1], dtype=q.dtype), q, k, v, a)
+        return transition, state
+
+    def mix(self, initial_state, q, k, v, a):
+        return torch.stack(self._run(initial_state, q, k, v, a)[1], dim=1)
+
+
+def mixer_parity(summed_states: bool = False) -> float:
+    """Max abs error of the state-passing hook's output and input gradients against the whole-sequence
+    recurrence (fp64). summed_states (a negative control) adds the earlier ranks' S_ext unordered."""
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(7)
+    seq, key_dim, value_dim = 4 * cp, 3, 2
+    q, k = (torch.randn(2, seq, key_dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, seq, value_dim, generator=gen, dtype=torch.float64)
+    a = torch.eye(key_dim, dtype=torch.float64) + 0.3 * torch.randn(2, seq, key_dim, key_dim, generator=gen,
+                                                                    dtype=torch.float64)
+    dout = torch.randn(2, seq, value_dim, generator=gen, dtype=torch.float64)
+    mixer = ToyAffineMixer()
+    full = [t.clone().requires_grad_() for t in (q, k, v, a)]
+    want_out = mixer.mix(torch.zeros(2, key_dim, value_dim, dtype=torch.float64), *full)
+    want_out.backward(dout)
+    part = slice(rank * 4, rank * 4 + 4)
+    local = [t[:, part].clone().requires_grad_() for t in (q, k, v, a)]
+    if summed_states:
+        states = all_gather_tensor_autograd(mixer.chunk_map(*local)[1].unsqueeze(0), 0, dist.group.WORLD)
+        out = mixer.mix(states[:rank].sum(0), *local)
+    else:
+        out = context_parallel_mix(mixer, dist.group.WORLD, *local)
+    out.backward(dout[:, part])
+    pairs = [(out, want_out[:, part])] + [(g.grad, w.grad[:, part]) for g, w in zip(local, full)]
+    return max((g - w).abs().max().item() for g, w in pairs)
+
+
+# ---- the tests ----
+
+ERROR_CASES = {
+    "ulysses_heads": "query heads on this rank (7) divisible by the ulysses size (4)",
+    "zigzag_odd_local_length": "sequence length (12) divisible by 2 x cp = 8",
+    "hybrid_wants_a_mesh": "takes a 2-D DeviceMesh",
+    "hybrid_mesh_dims": "needs a 2-D DeviceMesh with dims ('cp_ring', 'cp_ulysses')",
+}
+
+
+def _checks(nproc: int) -> dict[str, tuple[str, dict]]:
+    """check id -> (target, kwargs), everything the world of nproc ranks runs."""
+    checks = {case_id(case): (f"{THIS}:parity", case) for case in PARITY[nproc]}
+    for mode in MODULE_MODES[nproc]:
+        shape = (2, 2) if mode == "hybrid" else None
+        checks[f"module-{mode}"] = (f"{THIS}:parity", dict(
+            mode=mode, layout="contiguous" if nproc == 3 else "zigzag", cp=nproc, shape=shape, kernel="math",
+            dtype="float64", heads=(8, 2), causal=True, via_module=True))
+        if nproc != 3:
+            checks[f"bitwise-{mode}"] = (f"{THIS}:bitwise_repeatable", dict(mode=mode, cp=nproc, shape=shape))
+    if nproc != 3:
+        # negative control: zigzag attention over contiguously sharded data must not pass
+        checks["wrong-layout"] = (f"{THIS}:parity", dict(mode="ring", layout="zigzag", cp=nproc, shape=None,
+                                                         kernel="math", dtype="float64", heads=(8, 8), causal=True,
+                                                         shard_layout="contiguous"))
+    checks["mixer"] = (f"{THIS}:mixer_parity", {})
+    checks["mixer-summed"] = (f"{THIS}:mixer_parity", {"summed_states": True})
+    if nproc == 4:
+        checks.update({f"error-{case}": (f"{THIS}:error_message", {"case": case}) for case in ERROR_CASES})
+    return checks
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """world(nproc)[check id] -> that check's per-rank values; each world is started once, on first use."""
+    root = tmp_path_factory.mktemp("context-parallel")
+
+    @functools.cache
+    def world(nproc: int) -> dict[str, list]:
+        checks = _checks(nproc)
+        results = run_world(nproc, list(checks.values()), Path(root) / f"world{nproc}", timeout_s=300,
+                            collective_timeout_s=60)
+        return {check_id: _ResultOnAllRanks(result, nproc) for check_id, result in zip(checks, results)}
+    return world
+
+
+class _ResultOnAllRanks:
+    def __init__(self, result: CheckResult, nproc: int):
+        self.result, self.nproc = result, nproc
+
+    def values(self) -> list:
+        """Every rank's value, failing with the first failed rank's traceback."""
+        return [self.result.value(rank) for rank in range(self.nproc)]
+
+
+ALL_PARITY = [(nproc, case) for nproc, cases in PARITY.items() for case in cases]
+
+
+@pytest.mark.parametrize("nproc, case", ALL_PARITY, ids=[case_id(c) for _, c in ALL_PARITY])
+def test_matches_full_attention(worlds, nproc, case):
+    for rank, errors in enumerate(worlds(nproc)[case_id(case)].values()):
+        assert set(errors) == {"out", "lse", "dq", "dk", "dv"}
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= TOLERANCE[case["dtype"]], f"rank {rank}: {worst} off by {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("nproc, mode", [(n, m) for n, modes in MODULE_MODES.items() for m in modes])
+def test_module_matches_full_attention(worlds, nproc, mode):
+    for errors in worlds(nproc)[f"module-{mode}"].values():
+        assert set(errors) == {"out", "dq", "dk", "dv"} and max(errors.values()) <= 1e-10
+
+
+@pytest.mark.parametrize("nproc, mode", [(n, m) for n, modes in MODULE_MODES.items() if n != 3 for m in modes])
+def test_bitwise_repeatable(worlds, nproc, mode):
+    assert all(worlds(nproc)[f"bitwise-{mode}"].values())
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_wrong_layout_is_caught(worlds, nproc):
+    assert max(max(errors.values()) for errors in worlds(nproc)["wrong-layout"].values()) > 1e-2
+
+
+@pytest.mark.parametrize("nproc", [2, 3, 4])
+def test_state_passing_mixer_matches_whole_sequence(worlds, nproc):
+    assert max(worlds(nproc)["mixer"].values()) <= 1e-10
+    # The negative control: the same maps' states summed instead of folded in order are wrong.
+    assert max(worlds(nproc)["mixer-summed"].values()) > 1e-2
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_misuse_is_one_clear_error(worlds, case):
+    for message in worlds(4)[f"error-{case}"].values():
+        assert ERROR_CASES[case] in message, message

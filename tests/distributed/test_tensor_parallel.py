@@ -1,0 +1,172 @@
+"""Tensor (+ sequence) parallelism: module-level parity with one device, run-level parity, and
+checkpoints resharded between tp layouts."""
+import copy
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import run_world
+from tests.distributed.runs import assert_same_losses, train_check
+
+THIS = "tests.distributed.test_tensor_parallel"
+RTOL = 1e-5  # module-level parity, fp32
+MODULES = ("tok_embeddings", "attention", "feed_forward", "output")
+
+
+def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
+    """Check body: the whole-world-TP'd LLM vs the same model on one device (fp32).
+
+    Returns the max relative error of every captured module output (embedding, each block's
+    attention and MLP, the vocab-parallel head), of the loss-parallel cross entropy, and of every
+    parameter gradient.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from models.common.loss import cross_entropy_sum
+    from models.llm.model import LLMConfig, Transformer
+    from models.llm.parallelize import apply_tensor_parallel
+    from models.spec import ParallelizeOptions
+    from parallel.init import init_parameters
+    from parallel.mesh import ParallelDims
+
+    tp = dist.get_world_size()
+    cfg = LLMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=128, multiple_of=16)
+    reference = Transformer(cfg)
+    init_parameters(reference, seed=3)
+    sharded = copy.deepcopy(reference)
+    meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
+    apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=generator)
+    targets = torch.randint(0, cfg.vocab_size, (2, 16), generator=generator)
+
+    def capture(model):
+        outputs = {}
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in MODULES:
+                module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+        return outputs
+
+    want, got = capture(reference), capture(sharded)
+    ref_loss, n = cross_entropy_sum(reference(tokens), targets)
+    (ref_loss / n).backward()
+    with loss_parallel():
+        loss, n = cross_entropy_sum(sharded(tokens), targets)
+        (loss / n).backward()
+
+    def whole(tensor):
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def whole_activation(tensor):
+        if not isinstance(tensor, DTensor) and tensor.shape[1] != tokens.shape[1]:  # a local sequence shard
+            return DTensor.from_local(tensor, meshes.tp, [Shard(1)]).full_tensor()
+        return whole(tensor)
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    errors = {f"out:{name}": rel(whole_activation(got[name]), want[name]) for name in want}
+    errors["loss"] = rel(whole(loss), ref_loss)
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        errors[f"grad:{name}"] = rel(whole(param.grad), ref_params[name].grad)
+        assert whole(param).shape == ref_params[name].shape
+    assert len(errors) > 4 + 2 * len(MODULES)
+    return errors
+
+
+def _parity_checks(kv_heads: list[int]):
+    return [(f"{THIS}:model_parity", {"n_kv_heads": kv, "sequence_parallel": sp})
+            for kv in kv_heads for sp in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tp-runs")
+
+
+STOP = "run.stop_at_step=5"
+
+
+@pytest.fixture(scope="module")
+def tp2_world(runs_dir, data_cache):
+    def run(name, run_dir, *overrides):
+        return train_check(runs_dir / run_dir, data_cache, *overrides), name
+    runs = [
+        run("tp2", "tp2", "parallel.tp=2"),
+        run("tp2_no_sp", "tp2_no_sp", "parallel.tp=2", "parallel.sequence_parallel=false",
+            "parallel.loss_parallel=false"),
+        run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
+        run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
+    ]
+    results = run_world(2, _parity_checks([8, 4, 2]) + [c for c, _ in runs], runs_dir / "world2")
+    parity, trained = results[:6], results[6:]
+    return [r.value() for r in parity], {name: r.value() for (_, name), r in zip(runs, trained)}
+
+
+@pytest.fixture(scope="module")
+def tp4_world(runs_dir, data_cache, tp2_world):
+    def run(run_dir, *overrides):
+        return train_check(runs_dir / run_dir, data_cache, *overrides)
+    runs = {
+        "tp2_dp2": run("tp2_dp2", "parallel.tp=2", "train.micro_batch_size=4"),
+        "tp2_hsdp": run("tp2_hsdp", "parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"),
+        "tp2_dp2_resumed": run("tp2_to_tp2dp2", "parallel.tp=2", "train.micro_batch_size=4"),
+        "tp2dp2_stop": run("tp2dp2_to_tp2", "parallel.tp=2", "train.micro_batch_size=4", STOP),
+    }
+    results = run_world(4, _parity_checks([8, 4]) + list(runs.values()), runs_dir / "world4")
+    return [r.value() for r in results[:4]], dict(zip(runs, (r.value() for r in results[4:])))
+
+
+@pytest.fixture(scope="module")
+def after_four(runs_dir, data_cache, tp4_world):
+    """Resumes that run after the 4-process world: tp=2 onto one process, tp2 x dp2 onto tp=2."""
+    one = run_world(1, [train_check(runs_dir / "tp2_to_tp1", data_cache)], runs_dir / "world1")[0].value()
+    two = run_world(2, [train_check(runs_dir / "tp2dp2_to_tp2", data_cache, "parallel.tp=2")],
+                    runs_dir / "world2b")[0].value()
+    return {"tp1_resumed": one, "tp2_resumed": two}
+
+
+def _assert_parity(errors: dict[str, float]) -> None:
+    bad = {k: v for k, v in errors.items() if not v <= RTOL}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_tp2_module_parity(tp2_world, case):
+    """tp=2, kv heads 8 (MHA), 4 and 2 (GQA), with and without sequence parallelism."""
+    _assert_parity(tp2_world[0][case])
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_tp4_module_parity(tp4_world, case):
+    """tp=4, kv heads 8 (MHA) and 4 (GQA), with and without sequence parallelism."""
+    _assert_parity(tp4_world[0][case])
+
+
+@pytest.mark.parametrize("run", ["tp2", "tp2_no_sp"])
+def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
+    assert_same_losses(tp2_world[1][run], reference_losses)
+
+
+@pytest.mark.parametrize("run", ["tp2_dp2", "tp2_hsdp"])
+def test_tp2_with_data_parallel_matches_one_process(tp4_world, reference_losses, run):
+    assert_same_losses(tp4_world[1][run], reference_losses)
+
+
+def test_tp2_checkpoint_resumes_on_tp1_and_tp2_dp2(tp2_world, tp4_world, after_four, reference_losses):
+    ref = reference_losses
+    assert_same_losses(tp2_world[1]["tp2_stop"], ref[:5])
+    assert_same_losses(after_four["tp1_resumed"], ref[5:])
+    assert_same_losses(tp2_world[1]["tp2_stop_for_4"], ref[:5])
+    assert_same_losses(tp4_world[1]["tp2_dp2_resumed"], ref[5:])
+
+
+def test_tp2_dp2_checkpoint_resumes_on_tp2(tp4_world, after_four, reference_losses):
+    ref = reference_losses
+    assert_same_losses(tp4_world[1]["tp2dp2_stop"], ref[:5])
+    assert_same_losses(after_four["tp2_resumed"], ref[5:])
