@@ -232,10 +232,26 @@ def test_world_not_divisible_by_fixed_dims():
     assert "3" in message and "2" in message
 
 
-@pytest.mark.parametrize("dim", ["tp", "pp", "cp", "ep"])
+@pytest.mark.parametrize("dim", ["pp", "cp", "ep"])
 def test_unimplemented_parallelism_is_rejected(dim):
     message = _invalid(2, f"parallel.{dim}=2", "train.micro_batch_size=4")
     assert f"parallel.{dim}=2" in message and "not supported yet" in message
+
+
+def test_tp_must_divide_heads_and_lists_the_values_that_work():
+    message = _invalid(3, "parallel.tp=3", "parallel.dp_shard=1", "parallel.sequence_parallel=false")
+    assert "parallel.tp=3 does not divide model n_heads 4" in message and "[2]" in message
+
+
+def test_sequence_parallel_needs_seq_len_divisible_by_tp():
+    message = _invalid(2, "parallel.tp=2", "train.seq_len=127")
+    assert "train.seq_len=127" in message and "sequence_parallel=false" in message
+    assert validate(load_config(TINY, ["parallel.tp=2", "train.seq_len=127", "parallel.sequence_parallel=false"]),
+                    2).tp == 2
+
+
+def test_async_tp_needs_compile():
+    assert "train.compile=true" in _invalid(2, "parallel.tp=2", "parallel.async_tp=true")
 
 
 @pytest.mark.parametrize("assignment", ["parallel.dp_replicate=0", "parallel.dp_shard=0", "parallel.dp_shard=-2"])
