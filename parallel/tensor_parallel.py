@@ -8,9 +8,11 @@ all-gather moves to the entry of the next column-parallel pair. Same bytes, 1/tp
 activation memory outside the pairs.
 """
 import torch
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
 def residual_layout(sequence_parallel: bool):
@@ -19,18 +21,47 @@ def residual_layout(sequence_parallel: bool):
 
 
 def column_row_pair(entry: str, columns: list[str], rows: list[str], sequence_parallel: bool,
-                    n_extra_inputs: int = 0) -> dict:
+                    n_extra_inputs: int = 0, column_styles: dict[str, ParallelStyle] | None = None) -> dict:
     """Plan for a sub-module `entry` whose `columns` are column-parallel and `rows` row-parallel.
 
     The entry's first input is the residual stream (gathered here under sequence parallelism);
-    its other `n_extra_inputs` inputs (e.g. RoPE tables) are left as they are.
+    its other `n_extra_inputs` inputs (e.g. RoPE tables) are left as they are. `column_styles`
+    replaces the plain column-parallel style for some columns (see ReplicatedKVProjection).
     """
     stream = residual_layout(sequence_parallel)
     extra = (None,) * n_extra_inputs
     plan = {entry: PrepareModuleInput(input_layouts=(stream, *extra), desired_input_layouts=(Replicate(), *extra))}
-    plan.update({f"{entry}.{name}": ColwiseParallel() for name in columns})
+    plan.update({f"{entry}.{name}": (column_styles or {}).get(name, ColwiseParallel()) for name in columns})
     plan.update({f"{entry}.{name}": RowwiseParallel(output_layouts=stream) for name in rows})
     return plan
+
+
+class ReplicatedKVProjection(ParallelStyle):
+    """A k or v projection when tp exceeds the number of kv heads (GQA/MQA).
+
+    The weight is replicated over tp; every rank computes all kv heads and keeps the one its query
+    heads attend with (rank r holds query heads [r H/tp, (r+1) H/tp), which share kv head
+    r // (tp / n_kv_heads)). The kept slice's gradient is different on each rank, so the output is
+    declared Partial in backward: DTensor sums the weight and input gradients over tp.
+    """
+
+    def __init__(self, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp = device_mesh.size()
+        head = device_mesh.get_local_rank() // (tp // self.n_kv_heads)
+
+        def replicate_input(_module, inputs, mesh):
+            x = inputs[0]
+            return x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+
+        def keep_own_head(_module, output, _mesh):
+            local = output.to_local(grad_placements=[Partial()])
+            return local.narrow(-1, head * self.head_dim, self.head_dim)
+
+        return distribute_module(module, device_mesh, input_fn=replicate_input, output_fn=keep_own_head)
 
 
 def norm_plan(names: list[str], sequence_parallel: bool) -> dict:

@@ -16,8 +16,8 @@ from models.spec import ParallelizeOptions
 from parallel.activation_checkpoint import checkpoint_block
 from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import Meshes, ParallelDims
-from parallel.tensor_parallel import (column_row_pair, enable_async_tp, norm_plan, vocab_parallel_embedding,
-                                      vocab_parallel_head)
+from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
+                                      vocab_parallel_embedding, vocab_parallel_head)
 
 
 def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, options: ParallelizeOptions) -> nn.Module:
@@ -37,6 +37,10 @@ def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, option
 def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
     """Heads and FFN units split over tp; embedding and head split over the vocabulary."""
     sp = options.sequence_parallel
+    cfg: LLMConfig = model.cfg
+    kv_styles = {}
+    if cfg.kv_heads < meshes.tp.size():  # fewer kv heads than ranks: replicate them
+        kv_styles = {name: ReplicatedKVProjection(cfg.kv_heads, cfg.head_dim) for name in ("wk", "wv")}
     parallelize_module(model, meshes.tp, {
         "tok_embeddings": vocab_parallel_embedding(sp),
         **norm_plan(["norm"], sp),
@@ -45,7 +49,8 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: Parallelize
     for block in model.layers.values():
         parallelize_module(block, meshes.tp, {
             **norm_plan(["attention_norm", "ffn_norm"], sp),
-            **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=2),  # + cos, sin
+            **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=2,  # + cos, sin
+                              column_styles=kv_styles),
             **column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp),
         })
 
@@ -61,11 +66,17 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
     if cfg.n_layers < dims.pp:
         problems.append(f"model.n_layers={cfg.n_layers} is fewer than the {dims.pp} pipeline stages")
     if dims.tp > 1:
-        valid = [t for t in range(2, cfg.n_heads + 1) if cfg.n_heads % t == 0 and cfg.kv_heads % t == 0
+        def kv_fits(t: int) -> bool:  # kv heads are split over tp, or replicated when there are fewer
+            return cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0
+
+        valid = [t for t in range(2, cfg.n_heads + 1) if cfg.n_heads % t == 0 and kv_fits(t)
                  and cfg.ffn_hidden_dim % t == 0 and cfg.vocab_size % t == 0]
-        for name, size in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads),
-                           ("ffn hidden size", cfg.ffn_hidden_dim), ("vocab_size", cfg.vocab_size)):
+        sizes = (("n_heads", cfg.n_heads), ("ffn hidden size", cfg.ffn_hidden_dim), ("vocab_size", cfg.vocab_size))
+        for name, size in sizes:
             if size % dims.tp:
                 problems.append(f"parallel.tp={dims.tp} does not divide model {name} {size} "
                                 f"(tp values that work for this model: {valid or 'none above 1'})")
+        if not kv_fits(dims.tp):
+            problems.append(f"parallel.tp={dims.tp} and model.n_kv_heads={cfg.kv_heads}: one must divide the other "
+                            f"(tp values that work for this model: {valid or 'none above 1'})")
     return problems

@@ -9,9 +9,9 @@ recurrence is affine in the state the chunk starts from:
 So instead of rotating keys and values, each rank computes its map (M, S_ext), the maps are
 all-gathered once, and rank r folds those of ranks 0..r-1 in rank order, S <- M_j S + S_ext_j from
 S = 0, to get the state its chunk starts from. The maps do not commute (DeltaNet's
-M = prod(I - beta k k^T)), so they are folded in order, never summed. The all-gather is
-autograd-aware: the backward (dS flowing from later ranks to earlier ones through M_j^T) is
-autograd's, with a reduce-scatter summing each map's gradient over the ranks that used it.
+M = prod(I - beta k k^T)), so they are folded in order, never summed. In the backward each rank
+sends its state gradient back through M_j^T over the earlier maps, and one reduce-scatter sums
+every map's gradient over the ranks that used it.
 
 Chunks must be in sequence order over the cp ranks: the contiguous layout, not zigzag.
 """
@@ -19,7 +19,6 @@ from abc import ABC, abstractmethod
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 
@@ -35,15 +34,47 @@ class StatePassingMixer(ABC):
         """The mixer's output over this rank's chunk, its recurrence starting from initial_state."""
 
 
+def _fold(maps: Tensor, key_dim: int, start: Tensor) -> list[Tensor]:
+    """The states before and after each map (M | S_ext packed on the last dim), in order, from start."""
+    states = [start]
+    for packed in maps:
+        states.append(packed[..., :key_dim] @ states[-1] + packed[..., key_dim:])
+    return states
+
+
+class _IncomingState(torch.autograd.Function):
+    """All-gather the packed maps, fold the earlier ranks'. Hand-written backward rather than
+    autograd through the gather: rank 0's state depends on no map, so autograd would skip the
+    collective there while the other ranks wait for it."""
+
+    @staticmethod
+    def forward(ctx, packed, key_dim, group):
+        gathered = packed.new_empty((dist.get_world_size(group), *packed.shape))
+        dist.all_gather_into_tensor(gathered.flatten(0, 1), packed.contiguous(), group)  # gloo wants ranks on dim 0
+        ctx.save_for_backward(gathered)
+        ctx.key_dim, ctx.group = key_dim, group
+        rank = dist.get_rank(group)
+        return _fold(gathered[:rank], key_dim, torch.zeros_like(packed[..., key_dim:]))[-1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (gathered,) = ctx.saved_tensors
+        rank, key_dim = dist.get_rank(ctx.group), ctx.key_dim
+        states = _fold(gathered[:rank], key_dim, torch.zeros_like(grad))
+        contributions = torch.zeros_like(gathered)  # this rank's gradient for every rank's map
+        for j in reversed(range(rank)):  # the state's gradient flows back through M_j^T
+            contributions[j, ..., key_dim:] = grad
+            contributions[j, ..., :key_dim] = grad @ states[j].transpose(-1, -2)
+            grad = gathered[j, ..., :key_dim].transpose(-1, -2) @ grad
+        own = torch.empty_like(gathered[0])
+        dist.reduce_scatter_tensor(own, contributions.flatten(0, 1), group=ctx.group)  # sum over the ranks after it
+        return own, None, None
+
+
 def incoming_state(transition: Tensor, state: Tensor, group: dist.ProcessGroup) -> Tensor:
     """The state this rank's chunk starts from: the maps (transition M, state S_ext) of the ranks
     before it in `group`, folded in rank order from zero. Differentiable in both."""
-    maps = funcol.all_gather_tensor_autograd(torch.cat([transition, state], dim=-1).unsqueeze(0), 0, group)
-    key_dim = transition.shape[-1]
-    folded = torch.zeros_like(state)
-    for earlier in maps[:dist.get_rank(group)]:
-        folded = earlier[..., :key_dim] @ folded + earlier[..., key_dim:]
-    return folded
+    return _IncomingState.apply(torch.cat([transition, state], dim=-1), transition.shape[-1], group)
 
 
 def context_parallel_mix(mixer: StatePassingMixer, group: dist.ProcessGroup, *inputs: Tensor) -> Tensor:

@@ -90,6 +90,7 @@ def runs_dir(tmp_path_factory) -> Path:
 
 
 STOP = "run.stop_at_step=5"
+MQA = "model.n_kv_heads=1"  # fewer kv heads than tp ranks: replicated
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +101,11 @@ def tp2_world(runs_dir, data_cache):
         run("tp2", "tp2", "parallel.tp=2"),
         run("tp2_no_sp", "tp2_no_sp", "parallel.tp=2", "parallel.sequence_parallel=false",
             "parallel.loss_parallel=false"),
+        run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
     ]
-    results = run_world(2, _parity_checks([8, 4, 2]) + [c for c, _ in runs], runs_dir / "world2")
+    results = run_world(2, _parity_checks([8, 4, 1]) + [c for c, _ in runs], runs_dir / "world2")
     parity, trained = results[:6], results[6:]
     return [r.value() for r in parity], {name: r.value() for (_, name), r in zip(runs, trained)}
 
@@ -117,18 +119,21 @@ def tp4_world(runs_dir, data_cache, tp2_world):
         "tp2_hsdp": run("tp2_hsdp", "parallel.tp=2", "parallel.dp_replicate=2", "train.micro_batch_size=2"),
         "tp2_dp2_resumed": run("tp2_to_tp2dp2", "parallel.tp=2", "train.micro_batch_size=4"),
         "tp2dp2_stop": run("tp2dp2_to_tp2", "parallel.tp=2", "train.micro_batch_size=4", STOP),
+        "tp2_dp2_mqa": run("tp2_dp2_mqa", "parallel.tp=2", "train.micro_batch_size=4", MQA),
     }
-    results = run_world(4, _parity_checks([8, 4]) + list(runs.values()), runs_dir / "world4")
-    return [r.value() for r in results[:4]], dict(zip(runs, (r.value() for r in results[4:])))
+    results = run_world(4, _parity_checks([8, 2, 1]) + list(runs.values()), runs_dir / "world4")
+    return [r.value() for r in results[:6]], dict(zip(runs, (r.value() for r in results[6:])))
 
 
 @pytest.fixture(scope="module")
 def after_four(runs_dir, data_cache, tp4_world):
-    """Resumes that run after the 4-process world: tp=2 onto one process, tp2 x dp2 onto tp=2."""
-    one = run_world(1, [train_check(runs_dir / "tp2_to_tp1", data_cache)], runs_dir / "world1")[0].value()
+    """Resumes that run after the 4-process world: tp=2 onto one process, tp2 x dp2 onto tp=2;
+    and the one-process reference of the MQA model."""
+    resumed, mqa = run_world(1, [train_check(runs_dir / "tp2_to_tp1", data_cache),
+                                 train_check(runs_dir / "mqa", data_cache, MQA)], runs_dir / "world1")
     two = run_world(2, [train_check(runs_dir / "tp2dp2_to_tp2", data_cache, "parallel.tp=2")],
                     runs_dir / "world2b")[0].value()
-    return {"tp1_resumed": one, "tp2_resumed": two}
+    return {"tp1_resumed": resumed.value(), "tp2_resumed": two, "mqa": mqa.value()}
 
 
 def _assert_parity(errors: dict[str, float]) -> None:
@@ -138,13 +143,13 @@ def _assert_parity(errors: dict[str, float]) -> None:
 
 @pytest.mark.parametrize("case", range(6))
 def test_tp2_module_parity(tp2_world, case):
-    """tp=2, kv heads 8 (MHA), 4 and 2 (GQA), with and without sequence parallelism."""
+    """tp=2, kv heads 8 (MHA), 4 (GQA) and 1 (MQA: kv heads replicated), with and without SP."""
     _assert_parity(tp2_world[0][case])
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(6))
 def test_tp4_module_parity(tp4_world, case):
-    """tp=4, kv heads 8 (MHA) and 4 (GQA), with and without sequence parallelism."""
+    """tp=4, kv heads 8 (MHA), 2 (GQA with kv heads replicated) and 1 (MQA), with and without SP."""
     _assert_parity(tp4_world[0][case])
 
 
@@ -170,3 +175,9 @@ def test_tp2_dp2_checkpoint_resumes_on_tp2(tp4_world, after_four, reference_loss
     ref = reference_losses
     assert_same_losses(tp4_world[1]["tp2dp2_stop"], ref[:5])
     assert_same_losses(after_four["tp2_resumed"], ref[5:])
+
+
+def test_replicated_kv_heads_match_one_process(tp2_world, tp4_world, after_four):
+    """n_kv_heads=1 < tp=2: kv heads replicated, alone and with FSDP."""
+    assert_same_losses(tp2_world[1]["tp2_mqa"], after_four["mqa"])
+    assert_same_losses(tp4_world[1]["tp2_dp2_mqa"], after_four["mqa"])
