@@ -71,12 +71,11 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
 
         valid = [t for t in range(2, cfg.n_heads + 1) if cfg.n_heads % t == 0 and kv_fits(t)
                  and cfg.ffn_hidden_dim % t == 0 and cfg.vocab_size % t == 0]
-        sizes = (("n_heads", cfg.n_heads), ("ffn hidden size", cfg.ffn_hidden_dim), ("vocab_size", cfg.vocab_size))
-        for name, size in sizes:
-            if size % dims.tp:
-                problems.append(f"parallel.tp={dims.tp} does not divide model {name} {size} "
-                                f"(tp values that work for this model: {valid or 'none above 1'})")
+        misfits = [f"{name} {size}" for name, size in (("n_heads", cfg.n_heads), ("ffn hidden size", cfg.ffn_hidden_dim),
+                                                        ("vocab_size", cfg.vocab_size)) if size % dims.tp]
         if not kv_fits(dims.tp):
-            problems.append(f"parallel.tp={dims.tp} and model.n_kv_heads={cfg.kv_heads}: one must divide the other "
-                            f"(tp values that work for this model: {valid or 'none above 1'})")
+            misfits.append(f"n_kv_heads {cfg.kv_heads} (one of tp and n_kv_heads must divide the other)")
+        if misfits:
+            problems.append(f"parallel.tp={dims.tp} does not divide model {', '.join(misfits)}; "
+                            f"tp values that work for this model: {valid or 'none above 1'}")
     return problems

@@ -240,7 +240,8 @@ def test_unimplemented_parallelism_is_rejected(dim):
 
 def test_tp_must_divide_heads_and_lists_the_values_that_work():
     message = _invalid(3, "parallel.tp=3", "parallel.dp_shard=1", "parallel.sequence_parallel=false")
-    assert "parallel.tp=3 does not divide model n_heads 4" in message and "[2]" in message
+    assert "parallel.tp=3 does not divide model n_heads 4" in message and "n_kv_heads 2" in message
+    assert message.endswith("tp values that work for this model: [2, 4]")  # kv heads 2 are replicated at tp=4
 
 
 def test_sequence_parallel_needs_seq_len_divisible_by_tp():
