@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from launcher.errors import UserError
@@ -29,27 +30,36 @@ META_FILE = "meta.json"
 
 
 class ModelState(Stateful):
-    """The model's parameters keyed by canonical names (no FSDP/AC/compile wrappers), resharded on load."""
+    """The parameters of this rank's model parts (one, or one per pipeline stage), keyed by
+    canonical names (no FSDP/AC/compile wrappers, no stage prefix), resharded on load."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, parts: list[nn.Module]):
+        self.parts = parts
 
     def state_dict(self):
-        return get_model_state_dict(self.model)
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
 
     def load_state_dict(self, state_dict):
-        set_model_state_dict(self.model, state_dict)
+        for part in self.parts:
+            set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
 
 
 class OptimizerState(Stateful):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    """One optimizer per model part, saved flattened by parameter name so any stage split (or none)
+    can load it."""
+
+    _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.pairs = list(zip(parts, optimizers))
 
     def state_dict(self):
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return {k: v for part, opt in self.pairs
+                for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()}
 
     def load_state_dict(self, state_dict):
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        for part, opt in self.pairs:
+            set_optimizer_state_dict(part, opt, state_dict, options=self._OPTIONS)
 
 
 class RNGState(Stateful):

@@ -18,6 +18,7 @@ from launcher.errors import UserError
 from models import FAMILIES, get_model_spec
 from parallel.activation_checkpoint import MODES as AC_MODES
 from parallel.mesh import LayoutError, ParallelDims
+from parallel.pipeline import PipelineError, split_layers, stages_per_rank
 
 
 @dataclass
@@ -38,6 +39,9 @@ class ParallelSection:
     sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded on the sequence dim
     loss_parallel: bool = True  # with tp > 1: cross entropy without gathering the full logits
     async_tp: bool = False  # with tp > 1 on CUDA + train.compile: overlap TP collectives with matmuls
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b | zero-bubble | zbv | dualpipev
+    pp_stages_per_rank: int = 1  # virtual stages per rank (2+ for interleaved / zero-bubble; 2 for zbv, dualpipev)
+    pp_layout: str = ""  # explicit stages, e.g. "E,L3|L2,H" (E embedding, L<n> layers, H head); "": balanced
 
 
 @dataclass
@@ -253,6 +257,17 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         model_cfg = cfg.model_config()
     except (TypeError, ValueError) as e:
         raise UserError(f"model section: {e}") from None
+    if dims.pp > 1:
+        p = cfg.parallel
+        n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
+        try:
+            per_rank = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
+            split_layers(getattr(model_cfg, "n_layers", 0), dims.pp * per_rank, p.pp_layout)
+        except PipelineError as e:
+            raise UserError(str(e)) from None
+        if p.pp_schedule != "gpipe" and n_micro < dims.pp:
+            raise UserError(f"parallel.pp_schedule={p.pp_schedule} needs at least pp={dims.pp} micro-batches per step, "
+                            f"has {n_micro} (global_batch_size / (micro_batch_size x dp)); lower micro_batch_size")
     if model_cfg.vocab_size != cfg.data.vocab_size:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} differs from data.vocab_size="
                         f"{cfg.data.vocab_size} (the tokenizer's); drop model.vocab_size or make them equal")

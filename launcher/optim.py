@@ -42,3 +42,39 @@ def lr_factor(step: int, t: TrainSection) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t=t))
+
+
+class Optimizers:
+    """One AdamW and schedule per model part (each pipeline stage has its own), stepped together.
+
+    `schedule_state` is the Stateful that checkpoints the schedule: all parts share one step count.
+    """
+
+    def __init__(self, parts: list[nn.Module], t: TrainSection):
+        self.optimizers = [build_optimizer(part, t) for part in parts]
+        self.schedulers = [build_scheduler(opt, t) for opt in self.optimizers]
+        self.schedule_state = _ScheduleState(self.schedulers)
+
+    @property
+    def lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+
+class _ScheduleState:
+    def __init__(self, schedulers):
+        self.schedulers = schedulers
+
+    def state_dict(self) -> dict:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state)

@@ -26,11 +26,12 @@ from launcher.config import Config, validate
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
-from launcher.optim import build_optimizer, build_scheduler
+from launcher.optim import Optimizers
 from models import get_model_spec
 from models.common.loss import IGNORE_INDEX, cross_entropy_sum
 from models.spec import ParallelizeOptions
 from parallel.init import init_parameters
+from parallel.pipeline import build_pipeline, stages_per_rank
 
 
 def train(cfg: Config) -> dict:
@@ -71,18 +72,33 @@ def train(cfg: Config) -> dict:
                                  param_dtype=torch.bfloat16 if bf16 else torch.float32)
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
-    model = spec.parallelize(model, dims, meshes, options)
-    model.to_empty(device=device)
-    init_parameters(model, t.seed)
+    n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
+    loss_scale = torch.ones((), device=device)  # dp / global target count, set each step
+
+    def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_sum(logits, targets)[0] * loss_scale
+
+    pipeline = None
+    if dims.pp > 1:  # this rank holds one or more stages, each parallelized like a whole model
+        p = cfg.parallel
+        pipeline = build_pipeline(model, spec.split_stage, lambda part: spec.parallelize(part, dims, meshes, options),
+                                  model_cfg.n_layers, meshes.pp, p.pp_schedule,
+                                  stages_per_rank(p.pp_schedule, p.pp_stages_per_rank), p.pp_layout, n_micro,
+                                  pipeline_loss, device)
+        parts = pipeline.parts
+    else:
+        parts = [spec.parallelize(model, dims, meshes, options)]
+    for part in parts:
+        part.to_empty(device=device)
+        init_parameters(part, t.seed)
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
     autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and dims.dp_shard == 1 else nullcontext()
     # Vocab-sharded logits need cross entropy (forward and backward) under loss_parallel().
     loss_context = loss_parallel if dims.tp > 1 and options.loss_parallel else nullcontext
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t)
+    optimizers = Optimizers(parts, t)
 
-    state = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "scheduler": scheduler,
-             "data": train_loader}
+    state = {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizers.optimizers),
+             "scheduler": optimizers.schedule_state, "data": train_loader}
     checkpoint_meta = {"family": cfg.model.family, "model": asdict(model_cfg), "tokenizer": data.tokenizer.fingerprint,
                        "data": asdict(cfg.data), "layout": asdict(dims)}
     state["rng"] = RNGState(rank)
@@ -102,7 +118,9 @@ def train(cfg: Config) -> dict:
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
     peak_flops, peak_how = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = torch.tensor(float(sum(p.numel() for part in parts for p in part.parameters())))
+    dist.all_reduce(n_params, group=meshes.pp.get_group())  # each stage counts its own
+    n_params = n_params.item()
     metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()} "
                  f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
@@ -113,16 +131,19 @@ def train(cfg: Config) -> dict:
         micro_batches = loader_.micro_batches(step)
         n_targets = torch.tensor(sum(int((tg != IGNORE_INDEX).sum()) for _, tg in micro_batches), device=device)
         dist.all_reduce(n_targets, group=dp_group)
-        loss_sum = torch.zeros((), device=device)
-        for inputs, targets in micro_batches:
-            with loss_context():
-                with autocast:
-                    logits = model(inputs.to(device))
-                micro_sum, _ = cross_entropy_sum(logits, targets.to(device))
-                if backward:
-                    # Gradient reductions average over the dp ranks; the loss is already global, so undo that.
-                    (micro_sum * (dims.dp / n_targets)).backward()
-            loss_sum += full(micro_sum.detach())
+        # Gradient reductions average over the dp ranks; the loss is already global, so undo that.
+        loss_scale.copy_(dims.dp / n_targets)
+        with loss_context(), autocast:
+            if pipeline is not None:
+                inputs, targets = (torch.cat(parts_).to(device) for parts_ in zip(*micro_batches))
+                loss_sum = pipeline.run(inputs, targets, backward) / loss_scale
+            else:
+                loss_sum = torch.zeros((), device=device)
+                for inputs, targets in micro_batches:
+                    micro_loss = pipeline_loss(parts[0](inputs.to(device)), targets.to(device))
+                    if backward:
+                        micro_loss.backward()
+                    loss_sum += full(micro_loss.detach()) / loss_scale
         dist.all_reduce(loss_sum, group=dp_group)
         return loss_sum / n_targets
 
@@ -146,11 +167,9 @@ def train(cfg: Config) -> dict:
         started = time.perf_counter()
         loss = step_loss(train_loader, train_loader.step, backward=True)
         train_loader.step += 1
-        grad_norm = clip_grad_norm(model, t.grad_clip)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clip_grad_norm(parts, t.grad_clip, meshes.pp.get_group())
+        lr = optimizers.lr
+        optimizers.step()
         loss_value = loss.item()  # waits for the step to finish
         elapsed = time.perf_counter() - started
         tokens_per_s = tokens_per_step / elapsed
@@ -170,8 +189,12 @@ def train(cfg: Config) -> dict:
         metrics.log({"step": last_step, "eval_loss": eval_loss}, show=True)
         if cfg.checkpoint.enabled:
             save(last_step)
-    sample = greedy_sample(model, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
-                           length_multiple=dims.tp) if t.sample_prompt else None
+    sample = None
+    if t.sample_prompt and pipeline is not None:
+        metrics.info("no sample: greedy sampling does not run through a pipeline yet")
+    elif t.sample_prompt:
+        sample = greedy_sample(parts[0], data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
+                               length_multiple=dims.tp)
     summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)
     for line in summary["lines"]:
         metrics.info(line)
@@ -212,17 +235,21 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Global L2 norm of all gradients over every shard and mesh dim, clipped to max_norm when > 0.
+def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> float:
+    """Global L2 norm of all gradients over every shard, mesh dim and pipeline stage, clipped to
+    max_norm when > 0.
 
     Gradients live on different meshes (FSDP x TP, TP only, or plain tensors), so the norm is
-    taken per mesh, made whole there, and the squares are summed.
+    taken per mesh and made whole there; the squares are summed, then over the pipeline stages.
     """
     by_mesh: dict = {}
-    for p in model.parameters():
+    for p in (p for part in parts for p in part.parameters()):
         if p.grad is not None:
             by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
-    norm = torch.stack([full(torch.nn.utils.get_total_norm(grads)) for grads in by_mesh.values()]).norm().item()
+    squares = sum(full(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
+    squares = torch.as_tensor(squares, dtype=torch.float32)
+    dist.all_reduce(squares, group=pp_group)
+    norm = squares.sqrt().item()
     if max_norm > 0 and norm > max_norm:
         for grads in by_mesh.values():  # a Python scalar multiplies DTensors and plain tensors alike
             torch._foreach_mul_(grads, max_norm / (norm + 1e-6))

@@ -31,5 +31,7 @@ class ModelSpec:
     flops_per_token: Callable[[Any, int], float]
     # check_layout(config, dims): problems (one line each) that make the layout impossible for this model.
     check_layout: Callable[[Any, ParallelDims], list[str]]
+    # split_stage(model, layer_ids, is_first, is_last): keep one pipeline stage's part, in place.
+    split_stage: Callable[[nn.Module, list[int], bool, bool], None] | None = None
     state_dict_adapters: dict[str, Any] = field(default_factory=dict)
     data_kind: str = "text"

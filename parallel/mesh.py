@@ -5,7 +5,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
 # Dimensions whose parallelism has not landed yet, with the issue that brings each.
-NOT_YET = {"pp": "#4 (pipeline parallelism)", "cp": "#5 (context parallelism)", "ep": "#6 (expert parallelism)"}
+NOT_YET = {"cp": "#5 (context parallelism)", "ep": "#6 (expert parallelism)"}
 
 
 class LayoutError(ValueError):
@@ -64,7 +64,8 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> "Meshes":
         world = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
-        return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"])
+        return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"],
+                      pp=world["pp"])
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,4 @@ class Meshes:
     world: DeviceMesh
     dp: DeviceMesh  # dp_replicate x dp_shard: ranks that see different slices of the global batch
     tp: DeviceMesh  # ranks that split each layer's heads / hidden units
+    pp: DeviceMesh  # ranks that hold consecutive pipeline stages

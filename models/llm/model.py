@@ -83,14 +83,20 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1)."""
+        """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1).
+
+        A pipeline stage that lacks the embedding takes hidden states [B, T, dim] instead, and one
+        that lacks the head returns them (see models/llm/parallelize.py: split_stage).
+        """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
 
     def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
         """Fill the full (unsharded) tensor of parameter `name`; see parallel/init.py for why."""

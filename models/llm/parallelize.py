@@ -6,6 +6,8 @@ TP first, because it turns parameters into DTensors over the tp mesh that FSDP t
 again over dp (2-D). Checkpointing wraps a block before compile so the compiled graph includes
 the recompute, and FSDP goes last so it shards the parameters of the already wrapped (and
 compiled) blocks. CP lands with its issue (#5); ParallelDims rejects it until then.
+Pipeline parallelism cuts the model into stages first (parallel/pipeline.py, with split_stage
+below); each stage is then parallelized by parallelize_llm like a whole model.
 """
 import torch
 from torch import nn
@@ -55,6 +57,18 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: Parallelize
         })
 
 
+def split_stage(model: nn.Module, layer_ids: list[int], is_first: bool, is_last: bool) -> None:
+    """Keep one pipeline stage: its layers (names unchanged), the embedding on the first stage,
+    the final norm and head on the last."""
+    if not is_first:
+        model.tok_embeddings = None
+    if not is_last:
+        model.norm, model.output = None, None
+    for name in list(model.layers):
+        if int(name) not in layer_ids:
+            del model.layers[name]
+
+
 def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
     problems = []
     if cfg.dim % cfg.n_heads:
@@ -63,8 +77,9 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
         problems.append(f"head dim {cfg.head_dim} (dim / n_heads) must be even for rotary embeddings")
     if cfg.n_heads % cfg.kv_heads:
         problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
-    if cfg.n_layers < dims.pp:
-        problems.append(f"model.n_layers={cfg.n_layers} is fewer than the {dims.pp} pipeline stages")
+    if dims.pp > 1 and cfg.tie_embeddings:
+        problems.append("model.tie_embeddings=true shares a weight between the first and last pipeline stage; "
+                        "untie them to use parallel.pp > 1")
     if dims.tp > 1:
         def kv_fits(t: int) -> bool:  # kv heads are split over tp, or replicated when there are fewer
             return cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0

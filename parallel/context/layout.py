@@ -65,6 +65,8 @@ class SequenceLayout:
 
     def unshard(self, shards: Sequence[Tensor], dim: int = 1) -> Tensor:
         """The full sequence from every cp rank's part, listed in cp-rank order."""
+        if len(shards) != self.cp_size:
+            raise ValueError(f"unshard needs one part per cp rank ({self.cp_size}), got {len(shards)}")
         seq_len = sum(s.shape[dim] for s in shards)
         order = torch.cat([self.global_positions(seq_len, rank) for rank in range(self.cp_size)])
         return torch.cat(list(shards), dim).index_select(dim, torch.argsort(order).to(shards[0].device))

@@ -146,7 +146,7 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def check_heads(q: Tensor, k: Tensor, v: Tensor) -> None:
+def check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be [B, T, H, D] with "
                          "the same B, T and D, and k, v of one shape")
@@ -164,7 +164,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     """
     if layout not in LAYOUT_KINDS:
         raise ValueError(f"unknown context-parallel layout {layout!r}; valid layouts: {', '.join(LAYOUT_KINDS)}")
-    check_heads(q, k, v)
+    check_qkv_shapes(q, k, v)
     ring = _Ring(group)
     zigzag = layout == "zigzag"
     if zigzag and ring.size > 1 and q.shape[1] % 2:

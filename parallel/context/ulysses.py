@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from parallel.context.ring import check_heads, ring_attention
+from parallel.context.ring import check_qkv_shapes, ring_attention
 
 
 def _sequence_to_heads(x: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -52,7 +52,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup,
     (out [B, T_local, Hq, D], lse [B, Hq, T_local]); `layout` is the ring's (see layout.py) and
     does not matter without a ring.
     """
-    check_heads(q, k, v)
+    check_qkv_shapes(q, k, v)
     size = dist.get_world_size(group)
     check_ulysses_heads(q.shape[2], size)
     replicas = math.lcm(k.shape[2], size) // k.shape[2]

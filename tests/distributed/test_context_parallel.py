@@ -91,12 +91,12 @@ def parity(mode: str, layout: str, cp: int, shape, kernel: str, dtype: str, head
     data_layout = _layout(mode, shard_layout or layout, cp, shape)
     local = [data_layout.shard(t.to(getattr(torch, dtype)), rank) for t in (q, k, v, dout)]
     got = _run_distributed(mode, layout, cp, shape, kernel, causal, *local, via_module=via_module)
-    layout_ = _layout(mode, layout, cp, shape)
+    attention_layout = _layout(mode, layout, cp, shape)
     errors = {}
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         if g is None:
             continue
-        w = layout_.shard(w, rank, dim=2 if name == "lse" else 1)
+        w = attention_layout.shard(w, rank, dim=2 if name == "lse" else 1)
         assert g.shape == w.shape, f"{name}: {tuple(g.shape)} vs {tuple(w.shape)}"
         errors[name] = (g.double() - w).abs().max().item()
     return errors

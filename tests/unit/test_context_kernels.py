@@ -55,8 +55,9 @@ def max_error(got, want) -> float:
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
-@pytest.mark.parametrize("kernel, dtype", [(MathKernel(), torch.float64), (CpuFlashKernel(), torch.float64),
-                                           (CpuFlashKernel(), torch.float32)], ids=["math-fp64", "cpu-fp64", "cpu-fp32"])
+@pytest.mark.parametrize("kernel, dtype", [
+    (MathKernel(), torch.float64), (CpuFlashKernel(), torch.float64), (CpuFlashKernel(), torch.float32),
+], ids=["math-fp64", "cpu-fp64", "cpu-fp32"])
 def test_kernel_matches_plain_softmax(kernel, dtype, heads, causal):
     q, k, v, dout = random_qkv(heads, dtype)
     scale = q.shape[-1] ** -0.5

@@ -1,0 +1,134 @@
+"""Pipeline parallelism on torch.distributed.pipelining.
+
+The model (still on the meta device) is copied once per pipeline stage this rank holds; each copy
+keeps only its stage's layers (names unchanged, so checkpoints and initialization do not depend
+on the split) and is then parallelized like a whole model (TP, checkpointing, FSDP). A schedule
+from torch runs the micro-batches through the stages.
+"""
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+# name -> torch's schedule class name
+SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved-1f1b": "Interleaved1F1B",
+             "zero-bubble": "InterleavedZeroBubble", "zbv": "ZBVZeroBubble", "dualpipev": "DualPipeV"}
+V_SHAPED = {"zbv", "dualpipev"}  # two stages per rank: rank r holds stages r and 2*pp-1-r
+SINGLE_STAGE = {"gpipe", "1f1b"}  # exactly one stage per rank
+
+
+class PipelineError(ValueError):
+    """A pipeline layout or schedule that cannot work (printed to the user as one line)."""
+
+
+def stages_per_rank(schedule: str, requested: int) -> int:
+    if schedule not in SCHEDULES:
+        raise PipelineError(f"parallel.pp_schedule '{schedule}' does not exist; choose one of {', '.join(SCHEDULES)}")
+    if schedule in SINGLE_STAGE:
+        if requested != 1:
+            raise PipelineError(f"parallel.pp_schedule={schedule} runs one stage per rank; set "
+                                f"parallel.pp_stages_per_rank=1 or pick interleaved-1f1b / zero-bubble")
+        return 1
+    if schedule in V_SHAPED and requested != 2:
+        raise PipelineError(f"parallel.pp_schedule={schedule} runs two stages per rank (a V); set "
+                            f"parallel.pp_stages_per_rank=2")
+    if requested < 2:
+        raise PipelineError(f"parallel.pp_schedule={schedule} interleaves several stages per rank; set "
+                            f"parallel.pp_stages_per_rank to 2 or more")
+    return requested
+
+
+def stage_ids(pp_rank: int, pp: int, schedule: str, per_rank: int) -> list[int]:
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(per_rank)]  # looped: rank r holds r, r+pp, ...
+
+
+def split_layers(n_layers: int, n_stages: int, layout: str) -> list[list[int]]:
+    """Layer indices per stage: balanced, or from a layout like "E,L4|L4,H" (E = embedding, which
+    must open the first stage; H = head, which must close the last; L<n> = n layers)."""
+    if not layout:
+        if n_stages > n_layers:
+            raise PipelineError(f"{n_stages} pipeline stages but only {n_layers} layers; use fewer stages")
+        if n_layers % n_stages:
+            raise PipelineError(f"{n_layers} layers do not split evenly into {n_stages} pipeline stages; change "
+                                f"pp / pp_stages_per_rank or give parallel.pp_layout, e.g. 'E,L3|L2,H'")
+        per = n_layers // n_stages
+        return [list(range(s * per, (s + 1) * per)) for s in range(n_stages)]
+    stages = layout.split("|")
+    if len(stages) != n_stages:
+        raise PipelineError(f"parallel.pp_layout '{layout}' has {len(stages)} stages but the layout needs {n_stages}")
+    counts = []
+    for s, stage in enumerate(stages):
+        count = 0
+        for token in (tok.strip() for tok in stage.split(",")):
+            if token == "E" and s == 0 or token == "H" and s == n_stages - 1:
+                continue
+            if token.startswith("L") and token[1:].isdigit():
+                count += int(token[1:])
+            else:
+                raise PipelineError(f"parallel.pp_layout '{layout}': '{token}' in stage {s} is not E (first stage), "
+                                    f"H (last stage) or L<count>")
+        counts.append(count)
+    if sum(counts) != n_layers:
+        raise PipelineError(f"parallel.pp_layout '{layout}' places {sum(counts)} layers but the model has {n_layers}")
+    starts = [sum(counts[:s]) for s in range(n_stages)]
+    return [list(range(start, start + count)) for start, count in zip(starts, counts)]
+
+
+@dataclass
+class Pipeline:
+    """This rank's stages of the model and the schedule that drives them."""
+    parts: list[nn.Module]
+    schedule: object
+    has_first: bool
+    has_last: bool
+    group: dist.ProcessGroup
+
+    def run(self, inputs: torch.Tensor, targets: torch.Tensor, backward: bool) -> torch.Tensor:
+        """Run one batch (micro-batches stacked on dim 0) through the pipeline and return the summed
+        loss_fn values, broadcast from the last stage to every stage."""
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        target = targets if self.has_last else None
+        if backward:
+            self.schedule.step(*args, target=target, losses=losses)
+        else:
+            self.schedule.eval(*args, target=target, losses=losses)
+        total = torch.stack([loss.detach() for loss in losses]).sum() if losses else torch.zeros((), device=inputs.device)
+        dist.all_reduce(total, group=self.group)  # only the last stage holds losses; the rest add zero
+        return total
+
+
+def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool, bool], None],
+                   parallelize: Callable[[nn.Module], nn.Module], n_layers: int, pp_mesh, schedule: str,
+                   per_rank: int, layout: str, n_microbatches: int, loss_fn, device: torch.device) -> Pipeline:
+    """Cut `model` into this rank's stages with `split(part, layer_ids, is_first, is_last)`, apply
+    `parallelize` to each part, and build the named schedule over them."""
+    pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    n_stages = pp * per_rank
+    layers = split_layers(n_layers, n_stages, layout)
+    ids = stage_ids(pp_rank, pp, schedule, per_rank)
+    parts, stages = [], []
+    for stage_id in ids:
+        part = copy.deepcopy(model)
+        split(part, layers[stage_id], stage_id == 0, stage_id == n_stages - 1)
+        part = parallelize(part)
+        parts.append(part)
+        stages.append(PipelineStage(part, stage_id, n_stages, device, group=pp_mesh.get_group()))
+    schedule_cls = get_schedule_class(SCHEDULES[schedule])
+    try:
+        # The loss is already normalized by the global token count: no extra division by micro-batches.
+        if issubclass(schedule_cls, PipelineScheduleSingle):
+            runner = schedule_cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        else:
+            runner = schedule_cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    except ValueError as e:
+        raise PipelineError(f"pipeline schedule {schedule} with {n_microbatches} micro-batches over {n_stages} "
+                            f"stages: {e}") from None
+    return Pipeline(parts, runner, has_first=0 in ids, has_last=n_stages - 1 in ids, group=pp_mesh.get_group())
