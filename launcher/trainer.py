@@ -32,6 +32,7 @@ from models.common.loss import IGNORE_INDEX, cross_entropy_sum
 from models.spec import ParallelizeOptions
 from parallel.init import init_parameters
 from parallel.pipeline import build_pipeline, stages_per_rank
+from parallel.tensor_parallel import full_tensor, reduce_partial_grads
 
 
 def train(cfg: Config) -> dict:
@@ -143,7 +144,7 @@ def train(cfg: Config) -> dict:
                     micro_loss = pipeline_loss(parts[0](inputs.to(device)), targets.to(device))
                     if backward:
                         micro_loss.backward()
-                    loss_sum += full(micro_loss.detach()) / loss_scale
+                    loss_sum += full_tensor(micro_loss.detach()) / loss_scale
         dist.all_reduce(loss_sum, group=dp_group)
         return loss_sum / n_targets
 
@@ -167,6 +168,7 @@ def train(cfg: Config) -> dict:
         started = time.perf_counter()
         loss = step_loss(train_loader, train_loader.step, backward=True)
         train_loader.step += 1
+        reduce_partial_grads(p for part in parts for p in part.parameters())
         grad_norm = clip_grad_norm(parts, t.grad_clip, meshes.pp.get_group())
         lr = optimizers.lr
         optimizers.step()
@@ -230,11 +232,6 @@ def check_same_tokenizer(saved: dict, current: dict, path: Path) -> None:
                         f"(checkpoint: {saved.get('data')}) or use a new run.dir")
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole value of a possibly sharded (DTensor) tensor, as a plain tensor."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> float:
     """Global L2 norm of all gradients over every shard, mesh dim and pipeline stage, clipped to
     max_norm when > 0.
@@ -246,7 +243,7 @@ def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> f
     for p in (p for part in parts for p in part.parameters()):
         if p.grad is not None:
             by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
-    squares = sum(full(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
+    squares = sum(full_tensor(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
     squares = torch.as_tensor(squares, dtype=torch.float32)
     dist.all_reduce(squares, group=pp_group)
     norm = squares.sqrt().item()
@@ -267,7 +264,7 @@ def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, device, autocast
     for _ in range(n_tokens):
         padded = ids + [tokenizer.eos_id] * (-len(ids) % length_multiple)
         with autocast:
-            logits = full(model(torch.tensor([padded], device=device)))
+            logits = full_tensor(model(torch.tensor([padded], device=device)))
         next_id = int(logits[0, len(ids) - 1].argmax())
         if next_id == tokenizer.eos_id:
             break

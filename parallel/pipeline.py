@@ -15,6 +15,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
+from parallel.tensor_parallel import full_tensor
+
 # name -> torch's schedule class name
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved-1f1b": "Interleaved1F1B",
              "zero-bubble": "InterleavedZeroBubble", "zbv": "ZBVZeroBubble", "dualpipev": "DualPipeV"}
@@ -89,6 +91,9 @@ class Pipeline:
     has_first: bool
     has_last: bool
     group: dist.ProcessGroup
+    # torch's eval() fails on V-shaped schedules ("can't steal_bwd_input if this stage doesn't have
+    # backward", torch 2.13); there an eval batch runs a training step whose gradients are dropped.
+    eval_by_training_step: bool = False
 
     def run(self, inputs: torch.Tensor, targets: torch.Tensor, backward: bool) -> torch.Tensor:
         """Run one batch (micro-batches stacked on dim 0) through the pipeline and return the summed
@@ -96,11 +101,16 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         target = targets if self.has_last else None
-        if backward:
-            self.schedule.step(*args, target=target, losses=losses)
+        if backward or self.eval_by_training_step:
+            with torch.enable_grad():
+                self.schedule.step(*args, target=target, losses=losses)
+            if not backward:
+                for part in self.parts:
+                    part.zero_grad(set_to_none=True)
         else:
             self.schedule.eval(*args, target=target, losses=losses)
-        total = torch.stack([loss.detach() for loss in losses]).sum() if losses else torch.zeros((), device=inputs.device)
+        total = torch.stack([full_tensor(loss.detach()) for loss in losses]).sum() if losses \
+            else torch.zeros((), device=inputs.device)
         dist.all_reduce(total, group=self.group)  # only the last stage holds losses; the rest add zero
         return total
 
@@ -131,4 +141,5 @@ def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool
     except ValueError as e:
         raise PipelineError(f"pipeline schedule {schedule} with {n_microbatches} micro-batches over {n_stages} "
                             f"stages: {e}") from None
-    return Pipeline(parts, runner, has_first=0 in ids, has_last=n_stages - 1 in ids, group=pp_mesh.get_group())
+    return Pipeline(parts, runner, has_first=0 in ids, has_last=n_stages - 1 in ids, group=pp_mesh.get_group(),
+                    eval_by_training_step=schedule in V_SHAPED)

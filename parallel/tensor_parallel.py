@@ -15,6 +15,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInpu
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly sharded (DTensor) tensor, as a plain tensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def residual_layout(sequence_parallel: bool):
     """How the residual stream between blocks is laid out over the tp ranks."""
     return Shard(1) if sequence_parallel else Replicate()
@@ -90,3 +95,14 @@ def enable_async_tp(tp_mesh: DeviceMesh) -> None:
 
     torch._inductor.config._micro_pipeline_tp = True
     enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
+@torch.no_grad()
+def reduce_partial_grads(params) -> None:
+    """Sum, once, the gradients DTensor left Partial over tp (norm gains under sequence parallelism,
+    replicated kv projections). Left Partial, every later op on them (clipping, each AdamW foreach
+    op) would all-reduce them again (benchmarks/tp_comm.py counted 4 all-reduces per gradient)."""
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor) and any(placement.is_partial() for placement in grad.placements):
+            p.grad = grad.redistribute(grad.device_mesh, p.placements)

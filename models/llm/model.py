@@ -41,18 +41,23 @@ class LLMConfig:
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.core_attention = CoreAttention()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         # -1 instead of a head count: under tensor parallelism each rank holds a slice of heads.
         q = self.wq(x).unflatten(-1, (-1, self.head_dim))
         k = self.wk(x).unflatten(-1, (-1, self.head_dim))
         v = self.wv(x).unflatten(-1, (-1, self.head_dim))
+        # Angles from the sequence as attention sees it: under sequence parallelism the block's
+        # input is a shard, gathered only on the way into wq/wk/wv.
+        if positions is None:
+            positions = torch.arange(q.shape[1], device=q.device).unsqueeze(0)
+        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.wo(self.core_attention(q, k, v).flatten(-2))
 
@@ -65,8 +70,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -88,12 +93,9 @@ class Transformer(nn.Module):
         A pipeline stage that lacks the embedding takes hidden states [B, T, dim] instead, and one
         that lacks the head returns them (see models/llm/parallelize.py: split_stage).
         """
-        if positions is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        cos, sin = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, positions)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -51,7 +51,7 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: Parallelize
     for block in model.layers.values():
         parallelize_module(block, meshes.tp, {
             **norm_plan(["attention_norm", "ffn_norm"], sp),
-            **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=2,  # + cos, sin
+            **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=1,  # + positions
                               column_styles=kv_styles),
             **column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp),
         })

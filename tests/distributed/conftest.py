@@ -5,7 +5,13 @@ from tests.distributed.runs import train_check
 
 
 @pytest.fixture(scope="session")
-def reference_losses(tmp_path_factory, data_cache) -> list[float]:
-    """The tiny test config's per-step losses on one process: what every layout must reproduce."""
+def reference(tmp_path_factory, data_cache) -> dict:
+    """The tiny test config on one process (per-step losses, final eval loss): what every layout
+    must reproduce."""
     workdir = tmp_path_factory.mktemp("reference")
-    return run_world(1, [train_check(workdir / "run", data_cache)], workdir)[0].value()
+    return run_world(1, [train_check(workdir / "run", data_cache, summary=True)], workdir)[0].value()
+
+
+@pytest.fixture(scope="session")
+def reference_losses(reference) -> list[float]:
+    return reference["losses"]

@@ -23,6 +23,10 @@ def main(spec_path: str, out_path: str) -> None:
         with open(out_path + ".tmp", "wb") as f:  # after each check, so a later hang keeps earlier results
             pickle.dump(results, f)
         os.replace(out_path + ".tmp", out_path)
+        if not results[-1][0]:
+            # The other ranks may be waiting in a collective of the failed check: leave at once so
+            # they see the connection drop instead of waiting out their timeout.
+            os._exit(1)
     dist.destroy_process_group()
 
 

@@ -1,0 +1,88 @@
+"""Pipeline parallelism: every schedule at pp=2, composed with TP and FSDP (up to 8 processes),
+eval under PP, and checkpoints moved between pipeline layouts — all against one process."""
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import run_world
+from tests.distributed.runs import RTOL, assert_same_losses, train_check
+
+STOP = "run.stop_at_step=5"
+MICRO2 = "train.micro_batch_size=2"  # 8 / 2 = 4 micro-batches per step at dp=1
+SCHEDULES = {  # name -> stages per rank
+    "gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2, "zero-bubble": 2, "zbv": 2, "dualpipev": 2,
+}
+
+
+def pp(schedule: str) -> list[str]:
+    return ["parallel.pp=2", f"parallel.pp_schedule={schedule}", f"parallel.pp_stages_per_rank={SCHEDULES[schedule]}"]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pp-runs")
+
+
+@pytest.fixture(scope="module")
+def two(runs_dir, data_cache):
+    runs = {name: train_check(runs_dir / name, data_cache, *pp(name), MICRO2, summary=True) for name in SCHEDULES}
+    runs["layout"] = train_check(runs_dir / "layout", data_cache, *pp("1f1b"), MICRO2, "parallel.pp_layout=E,L1|L3,H",
+                                 summary=True)
+    runs["pp2_stop"] = train_check(runs_dir / "pp2_to_pp1", data_cache, *pp("1f1b"), MICRO2, STOP)
+    runs["pp2_stop_v1"] = train_check(runs_dir / "v1_to_v2", data_cache, *pp("1f1b"), MICRO2, STOP)
+    runs["resume_v2"] = train_check(runs_dir / "v1_to_v2", data_cache, *pp("interleaved-1f1b"), MICRO2)
+    results = run_world(2, list(runs.values()), runs_dir / "world2")
+    return dict(zip(runs, (r.value() for r in results)))
+
+
+@pytest.fixture(scope="module")
+def four(runs_dir, data_cache, two):
+    runs = {
+        "pp2_tp2": train_check(runs_dir / "pp2_tp2", data_cache, *pp("1f1b"), "parallel.tp=2", MICRO2),
+        "pp2_dp2": train_check(runs_dir / "pp2_dp2", data_cache, *pp("1f1b"), "parallel.dp_shard=2", MICRO2),
+        "pp2_tp2_interleaved": train_check(runs_dir / "pp2_tp2_i", data_cache, *pp("interleaved-1f1b"),
+                                           "parallel.tp=2", MICRO2),
+    }
+    results = run_world(4, list(runs.values()), runs_dir / "world4")
+    return dict(zip(runs, (r.value() for r in results)))
+
+
+@pytest.fixture(scope="module")
+def eight(runs_dir, data_cache, four):
+    check = train_check(runs_dir / "pp2_dp2_tp2", data_cache, *pp("1f1b"), "parallel.tp=2", "parallel.dp_shard=2",
+                        MICRO2)
+    return run_world(8, [check], runs_dir / "world8")[0].value()
+
+
+@pytest.fixture(scope="module")
+def one(runs_dir, data_cache, two):
+    return run_world(1, [train_check(runs_dir / "pp2_to_pp1", data_cache)], runs_dir / "world1")[0].value()
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES) + ["layout"])
+def test_every_schedule_matches_one_process(two, reference, schedule):
+    assert_same_losses(two[schedule]["losses"], reference["losses"])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zero-bubble", "zbv", "dualpipev"])
+def test_eval_under_pipeline_matches_one_process(two, reference, schedule):
+    assert abs(two[schedule]["eval_loss"] - reference["eval_loss"]) <= RTOL * reference["eval_loss"]
+
+
+@pytest.mark.parametrize("run", ["pp2_tp2", "pp2_dp2", "pp2_tp2_interleaved"])
+def test_pipeline_with_tp_and_fsdp_matches_one_process(four, reference_losses, run):
+    assert_same_losses(four[run], reference_losses)
+
+
+def test_pp_dp_tp_on_eight_processes_matches_one_process(eight, reference_losses):
+    assert_same_losses(eight, reference_losses)
+
+
+def test_pp2_checkpoint_resumes_on_one_process(two, one, reference_losses):
+    assert_same_losses(two["pp2_stop"], reference_losses[:5])
+    assert_same_losses(one, reference_losses[5:])
+
+
+def test_checkpoint_resumes_with_a_different_virtual_stage_count(two, reference_losses):
+    assert_same_losses(two["pp2_stop_v1"], reference_losses[:5])
+    assert_same_losses(two["resume_v2"], reference_losses[5:])
