@@ -17,6 +17,8 @@ import yaml
 from launcher.errors import UserError
 from models import FAMILIES, get_model_spec
 from parallel.activation_checkpoint import MODES as AC_MODES
+from parallel.context import KERNEL_NAMES, LAYOUT_KINDS, SequenceLayout
+from parallel.context import MODES as CP_MODES
 from parallel.mesh import LayoutError, ParallelDims
 from parallel.pipeline import PipelineError, split_layers, stages_per_rank
 
@@ -42,6 +44,11 @@ class ParallelSection:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b | zero-bubble | zbv | dualpipev
     pp_stages_per_rank: int = 1  # virtual stages per rank (2+ for interleaved / zero-bubble; 2 for zbv, dualpipev)
     pp_layout: str = ""  # explicit stages, e.g. "E,L3|L2,H" (E embedding, L<n> layers, H head); "": balanced
+    cp_mode: str = "ring"  # ring | ulysses | hybrid (ulysses inside, ring across)
+    cp_layout: str = "zigzag"  # zigzag (balanced causal work) | contiguous
+    cp_ulysses: int = 0  # hybrid: ranks per Ulysses group (cp / cp_ulysses ring steps); 0 otherwise
+    cp_kernel: str = "auto"  # auto (cpu_flash on CPU, flash_attn on CUDA) | math | cpu_flash | flash_attn
+
 
 
 @dataclass
@@ -226,6 +233,28 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return Config(model=_model_section(raw.get("model", {})), **sections)
 
 
+def check_context_parallel(p: ParallelSection, dims: ParallelDims, seq_len: int) -> None:
+    for name, value, options in (("cp_mode", p.cp_mode, CP_MODES), ("cp_layout", p.cp_layout, LAYOUT_KINDS),
+                                 ("cp_kernel", p.cp_kernel, KERNEL_NAMES)):
+        if value not in options:
+            raise UserError(f"parallel.{name}='{value}' is not one of {', '.join(options)}{_suggest(value, options)}")
+    if p.cp_mode == "hybrid" and (p.cp_ulysses < 2 or dims.cp % p.cp_ulysses or p.cp_ulysses == dims.cp):
+        raise UserError(f"parallel.cp_mode=hybrid needs parallel.cp_ulysses to be a divisor of cp={dims.cp} between 2 "
+                        f"and cp/2 (the ring runs over the rest)")
+    if p.cp_mode != "hybrid" and p.cp_ulysses:
+        raise UserError(f"parallel.cp_ulysses is only for cp_mode=hybrid; drop it or set cp_mode=hybrid")
+    try:
+        cp_layout(p, dims.cp).check(seq_len)
+    except ValueError as e:
+        raise UserError(f"train.seq_len: {e}") from None
+
+
+def cp_layout(p: ParallelSection, cp: int) -> SequenceLayout:
+    """How the sequence is spread over the cp ranks for these settings."""
+    ulysses = {"ring": 1, "ulysses": cp, "hybrid": p.cp_ulysses}[p.cp_mode]
+    return SequenceLayout(p.cp_layout, cp // ulysses, ulysses)
+
+
 def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Check the config against itself and the world; return the resolved layout."""
     try:
@@ -248,9 +277,13 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         if getattr(t, name) not in options:
             raise UserError(f"train.{name}='{getattr(t, name)}' is not one of {', '.join(options)}"
                             f"{_suggest(getattr(t, name), options)}")
-    if dims.tp > 1 and cfg.parallel.sequence_parallel and t.seq_len % dims.tp:
-        raise UserError(f"train.seq_len={t.seq_len} must be divisible by parallel.tp={dims.tp} for sequence "
-                        f"parallelism; change seq_len or set parallel.sequence_parallel=false")
+    if dims.cp > 1:
+        check_context_parallel(cfg.parallel, dims, t.seq_len)
+    if dims.tp > 1 and cfg.parallel.sequence_parallel and (t.seq_len // dims.cp) % dims.tp:
+        raise UserError(f"train.seq_len={t.seq_len} / cp={dims.cp} must be divisible by parallel.tp={dims.tp} for "
+                        f"sequence parallelism; change seq_len or set parallel.sequence_parallel=false")
+    if cfg.parallel.async_tp and not t.compile:
+        raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     if cfg.parallel.async_tp and not t.compile:
         raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     try:
@@ -271,6 +304,12 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if model_cfg.vocab_size != cfg.data.vocab_size:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} differs from data.vocab_size="
                         f"{cfg.data.vocab_size} (the tokenizer's); drop model.vocab_size or make them equal")
+    if dims.cp > 1 and cfg.parallel.cp_mode != "ring":
+        ulysses = cp_layout(cfg.parallel, dims.cp).ulysses_size
+        heads = getattr(model_cfg, "n_heads", 0) // dims.tp
+        if heads % ulysses:
+            raise UserError(f"parallel.cp_mode={cfg.parallel.cp_mode} splits the {heads} attention heads of a tp rank "
+                            f"over {ulysses} Ulysses ranks, which does not divide them; change cp, cp_ulysses or tp")
     problems = get_model_spec(cfg.model.family).check_layout(model_cfg, dims)
     if problems:
         raise UserError("; ".join(problems))

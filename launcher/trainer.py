@@ -22,7 +22,7 @@ from data.embedded import prepare_embedded
 from data.indexed import open_indexed
 from data.loader import GlobalBatchLoader, PackedTokens
 from launcher.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, check_complete
-from launcher.config import Config, validate
+from launcher.config import Config, cp_layout, validate
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
@@ -42,7 +42,7 @@ def train(cfg: Config) -> dict:
     device = init_distributed(world, cfg.run.timeout_s)
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
-    dp_group = meshes.dp.get_group()
+    batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
     t = cfg.train
     run_dir = Path(cfg.run.dir)
     if rank == 0:
@@ -67,10 +67,15 @@ def train(cfg: Config) -> dict:
     bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device.type == "cuda")
     if cfg.parallel.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
-    options = ParallelizeOptions(sequence_parallel=cfg.parallel.sequence_parallel,
-                                 loss_parallel=cfg.parallel.loss_parallel, activation_checkpoint=t.activation_checkpoint,
-                                 compile=t.compile, async_tp=cfg.parallel.async_tp,
+    p = cfg.parallel
+    options = ParallelizeOptions(sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
+                                 cp_mode=p.cp_mode, cp_layout=p.cp_layout, cp_ulysses=p.cp_ulysses,
+                                 cp_kernel=p.cp_kernel, activation_checkpoint=t.activation_checkpoint,
+                                 compile=t.compile, async_tp=p.async_tp,
                                  param_dtype=torch.bfloat16 if bf16 else torch.float32)
+    # Context parallelism: each cp rank takes its part of every sequence (the model's attention
+    # layers know the matching global positions; see parallel/context/apply.py).
+    sequence_layout, cp_rank = cp_layout(p, dims.cp), meshes.cp.get_local_rank()
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
     n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
@@ -129,11 +134,12 @@ def train(cfg: Config) -> dict:
 
     def step_loss(loader_, step: int, backward: bool) -> torch.Tensor:
         """Global-token-normalized loss of the global batch at `step`, optionally back-propagated."""
-        micro_batches = loader_.micro_batches(step)
+        micro_batches = [tuple(sequence_layout.shard(x, cp_rank) for x in batch) if dims.cp > 1 else batch
+                         for batch in loader_.micro_batches(step)]
         n_targets = torch.tensor(sum(int((tg != IGNORE_INDEX).sum()) for _, tg in micro_batches), device=device)
-        dist.all_reduce(n_targets, group=dp_group)
-        # Gradient reductions average over the dp ranks; the loss is already global, so undo that.
-        loss_scale.copy_(dims.dp / n_targets)
+        dist.all_reduce(n_targets, group=batch_group)
+        # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
+        loss_scale.copy_(dims.dp * dims.cp / n_targets)
         with loss_context(), autocast:
             if pipeline is not None:
                 inputs, targets = (torch.cat(parts_).to(device) for parts_ in zip(*micro_batches))
@@ -145,7 +151,7 @@ def train(cfg: Config) -> dict:
                     if backward:
                         micro_loss.backward()
                     loss_sum += full_tensor(micro_loss.detach()) / loss_scale
-        dist.all_reduce(loss_sum, group=dp_group)
+        dist.all_reduce(loss_sum, group=batch_group)
         return loss_sum / n_targets
 
     def evaluate() -> float:
@@ -192,8 +198,8 @@ def train(cfg: Config) -> dict:
         if cfg.checkpoint.enabled:
             save(last_step)
     sample = None
-    if t.sample_prompt and pipeline is not None:
-        metrics.info("no sample: greedy sampling does not run through a pipeline yet")
+    if t.sample_prompt and (pipeline is not None or dims.cp > 1):
+        metrics.info("no sample: greedy sampling does not run through a pipeline or context parallelism yet")
     elif t.sample_prompt:
         sample = greedy_sample(parts[0], data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
                                length_multiple=dims.tp)

@@ -13,6 +13,10 @@ class ParallelizeOptions:
     """Training choices a parallelize function applies besides the mesh layout."""
     sequence_parallel: bool = True  # with tp: shard norms and the residual stream on the sequence
     loss_parallel: bool = True  # with tp: cross entropy on vocab-sharded logits (run it under loss_parallel())
+    cp_mode: str = "ring"  # with cp > 1: ring | ulysses | hybrid (see parallel/context)
+    cp_layout: str = "zigzag"
+    cp_ulysses: int = 0  # hybrid: ranks per Ulysses group
+    cp_kernel: str = "auto"
     activation_checkpoint: str = "none"  # none | full | selective
     compile: bool = False
     async_tp: bool = False  # CUDA + compile only: micro-pipelined TP collectives

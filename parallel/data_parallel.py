@@ -13,11 +13,12 @@ def apply_data_parallel(model: nn.Module, blocks: Iterable[nn.Module], dims: Par
                         options: ParallelizeOptions) -> nn.Module:
     """Shard each block as its own FSDP unit (so one block's weights are gathered at a time), then the rest.
 
-    DDP only for plain replication: with TP, replication goes through FSDP2's HSDP (a shard dim
-    of size 1), which handles DTensor parameters.
+    FSDP shards over dp_shard x cp (context-parallel ranks hold the same weights). DDP only for
+    plain replication: with TP, replication goes through FSDP2's HSDP (a shard dim of size 1),
+    which handles DTensor parameters.
     """
-    if dims.dp_shard > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
-        dp_mesh = meshes.world["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else meshes.world["dp_shard"]
+    if dims.dp_shard * dims.cp > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
+        dp_mesh = meshes.fsdp
         mp_policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype)
         for block in blocks:
             fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy)

@@ -5,7 +5,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
 # Dimensions whose parallelism has not landed yet, with the issue that brings each.
-NOT_YET = {"cp": "#5 (context parallelism)", "ep": "#6 (expert parallelism)"}
+NOT_YET = {"ep": "#6 (expert parallelism)"}
 
 
 class LayoutError(ValueError):
@@ -64,8 +64,13 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str) -> "Meshes":
         world = init_device_mesh(device_type, tuple(getattr(self, d) for d in MESH_DIMS), mesh_dim_names=MESH_DIMS)
+        batch = world["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        # FSDP shards over dp_shard x cp (cp ranks hold the same weights, see different tokens);
+        # for HSDP, replicated over dp_replicate: the batch mesh cut into (replicate, shard).
+        fsdp = batch._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("fsdp_replicate", "fsdp_shard")) \
+            if self.dp_replicate > 1 else world["dp_shard", "cp"]._flatten("dp_shard_cp")
         return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"],
-                      pp=world["pp"])
+                      pp=world["pp"], cp=world["cp"], fsdp=fsdp, batch=batch)
 
 
 @dataclass(frozen=True)
@@ -76,3 +81,6 @@ class Meshes:
     dp: DeviceMesh  # dp_replicate x dp_shard: ranks that see different slices of the global batch
     tp: DeviceMesh  # ranks that split each layer's heads / hidden units
     pp: DeviceMesh  # ranks that hold consecutive pipeline stages
+    cp: DeviceMesh  # ranks that split each sequence
+    fsdp: DeviceMesh  # what FSDP shards over: dp_shard x cp (2-D with dp_replicate for HSDP)
+    batch: DeviceMesh  # dp x cp: ranks holding different tokens of a step (loss and token counts)

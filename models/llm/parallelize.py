@@ -5,7 +5,8 @@
 TP first, because it turns parameters into DTensors over the tp mesh that FSDP then shards
 again over dp (2-D). Checkpointing wraps a block before compile so the compiled graph includes
 the recompute, and FSDP goes last so it shards the parameters of the already wrapped (and
-compiled) blocks. CP lands with its issue (#5); ParallelDims rejects it until then.
+compiled) blocks. CP swaps each layer's core attention for ring / Ulysses / hybrid attention
+and fills in the global positions of the rank's tokens (parallel/context/apply.py).
 Pipeline parallelism cuts the model into stages first (parallel/pipeline.py, with split_stage
 below); each stage is then parallelized by parallelize_llm like a whole model.
 """
@@ -16,6 +17,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from models.llm.model import LLMConfig
 from models.spec import ParallelizeOptions
 from parallel.activation_checkpoint import checkpoint_block
+from parallel.context.apply import apply_context_parallel
 from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import Meshes, ParallelDims
 from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
@@ -27,6 +29,9 @@ def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, option
         apply_tensor_parallel(model, meshes, options)
         if options.async_tp:
             enable_async_tp(meshes.tp)
+    if dims.cp > 1:
+        apply_context_parallel((block.attention for block in model.layers.values()), meshes.cp, options.cp_mode,
+                               options.cp_layout, options.cp_ulysses, options.cp_kernel)
     for name, block in list(model.layers.items()):
         if options.activation_checkpoint != "none":
             block = checkpoint_block(block, options.activation_checkpoint)

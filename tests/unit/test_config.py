@@ -43,7 +43,8 @@ def test_tiny_loads_with_the_file_values_and_defaults_elsewhere():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             value = getattr(got, f.name)
-            expected = RAW.get(section, {}).get(f.name, f.default)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # lists: a factory
+            expected = RAW.get(section, {}).get(f.name, default)
             assert value == expected, f"{section}.{f.name}"
             assert type(value) is hints[f.name], f"{section}.{f.name} is {type(value).__name__}"
 
@@ -232,7 +233,7 @@ def test_world_not_divisible_by_fixed_dims():
     assert "3" in message and "2" in message
 
 
-@pytest.mark.parametrize("dim", ["cp", "ep"])
+@pytest.mark.parametrize("dim", ["ep"])
 def test_unimplemented_parallelism_is_rejected(dim):
     message = _invalid(2, f"parallel.{dim}=2", "train.micro_batch_size=4")
     assert f"parallel.{dim}=2" in message and "not supported yet" in message
@@ -249,6 +250,19 @@ def test_sequence_parallel_needs_seq_len_divisible_by_tp():
     assert "train.seq_len=127" in message and "sequence_parallel=false" in message
     assert validate(load_config(TINY, ["parallel.tp=2", "train.seq_len=127", "parallel.sequence_parallel=false"]),
                     2).tp == 2
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.seq_len=100", "parallel.cp=4"], "not divisible by 2 x cp = 8"),
+    (["parallel.cp=2", "parallel.cp_mode=ulyses"], "did you mean 'ulysses'"),
+    (["parallel.cp=2", "parallel.cp_layout=spiral"], "zigzag, contiguous"),
+    (["parallel.cp=4", "parallel.cp_mode=hybrid"], "cp_ulysses to be a divisor of cp=4"),
+    (["parallel.cp=2", "parallel.cp_ulysses=2"], "only for cp_mode=hybrid"),
+    (["parallel.cp=8", "parallel.cp_mode=ulysses"], "4 attention heads of a tp rank over 8"),
+])
+def test_context_parallel_layouts_are_checked(overrides, fragment):
+    world = 8 if "parallel.cp=8" in overrides else 4 if "parallel.cp=4" in overrides else 2
+    assert fragment in _invalid(world, *overrides, "parallel.dp_shard=1")
 
 
 def test_async_tp_needs_compile():
