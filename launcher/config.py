@@ -298,8 +298,9 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
             split_layers(getattr(model_cfg, "n_layers", 0), dims.pp * per_rank, p.pp_layout)
         except PipelineError as e:
             raise UserError(str(e)) from None
-        if p.pp_schedule != "gpipe" and n_micro < dims.pp:
-            raise UserError(f"parallel.pp_schedule={p.pp_schedule} needs at least pp={dims.pp} micro-batches per step, "
+        needed = dims.pp * per_rank if p.pp_schedule == "dualpipev" else 1 if p.pp_schedule == "gpipe" else dims.pp
+        if n_micro < needed:
+            raise UserError(f"parallel.pp_schedule={p.pp_schedule} needs at least {needed} micro-batches per step, "
                             f"has {n_micro} (global_batch_size / (micro_batch_size x dp)); lower micro_batch_size")
     if model_cfg.vocab_size != cfg.data.vocab_size:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} differs from data.vocab_size="

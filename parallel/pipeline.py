@@ -87,6 +87,7 @@ def split_layers(n_layers: int, n_stages: int, layout: str) -> list[list[int]]:
 class Pipeline:
     """This rank's stages of the model and the schedule that drives them."""
     parts: list[nn.Module]
+    stages: list[PipelineStage]  # one per part, in the same order
     schedule: object
     has_first: bool
     has_last: bool
@@ -140,6 +141,7 @@ def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool
             runner = schedule_cls(stages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
     except ValueError as e:
         raise PipelineError(f"pipeline schedule {schedule} with {n_microbatches} micro-batches over {n_stages} "
-                            f"stages: {e}") from None
-    return Pipeline(parts, runner, has_first=0 in ids, has_last=n_stages - 1 in ids, group=pp_mesh.get_group(),
+                            f"stages: {e}; raise train.global_batch_size or lower train.micro_batch_size so that "
+                            f"global_batch_size / (micro_batch_size x dp) is at least {n_stages}") from None
+    return Pipeline(parts, stages, runner, has_first=0 in ids, has_last=n_stages - 1 in ids, group=pp_mesh.get_group(),
                     eval_by_training_step=schedule in V_SHAPED)

@@ -265,6 +265,25 @@ def test_context_parallel_layouts_are_checked(overrides, fragment):
     assert fragment in _invalid(world, *overrides, "parallel.dp_shard=1")
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["parallel.pp=3", "train.global_batch_size=24", "train.micro_batch_size=2"], "4 layers do not split evenly into 3"),
+    (["parallel.pp=4", "parallel.pp_schedule=interleaved-1f1b", "parallel.pp_stages_per_rank=2"],
+     "8 pipeline stages but only 4 layers"),
+    (["parallel.pp=2", "train.micro_batch_size=16"], "needs at least 2 micro-batches per step, has 1"),
+    (["parallel.pp=2", "train.micro_batch_size=8", "parallel.pp_schedule=dualpipev", "parallel.pp_stages_per_rank=2"],
+     "needs at least 4 micro-batches per step, has 2"),
+    (["parallel.pp=2", "parallel.pp_schedule=1f1b-zero"], "does not exist; choose one of gpipe, 1f1b"),
+    (["parallel.pp=2", "parallel.pp_schedule=zbv"], "pp_stages_per_rank=2"),
+    (["parallel.pp=2", "parallel.pp_stages_per_rank=2"], "runs one stage per rank"),
+    (["parallel.pp=2", "parallel.pp_layout=E,L2|L1,H"], "places 3 layers but the model has 4"),
+    (["parallel.pp=2", "parallel.pp_layout=E,L2|E,L2,H"], "'E' in stage 1 is not E (first stage)"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], "untie them"),
+])
+def test_pipeline_layouts_are_checked(overrides, fragment):
+    world = int(overrides[0].split("=")[1])
+    assert fragment in _invalid(world, *overrides, "parallel.dp_shard=1")
+
+
 def test_async_tp_needs_compile():
     assert "train.compile=true" in _invalid(2, "parallel.tp=2", "parallel.async_tp=true")
 
