@@ -11,14 +11,6 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # (query heads, kv heads)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def reference_attention(q, k, v, causal: bool, scale: float | None = None):
     """(out, lse) by plain softmax on [B, T, H, D] tensors, differentiable by autograd: independent

@@ -13,14 +13,6 @@ B, H, DK, DV = 2, 2, 16, 12  # Dk != Dv so that a transposed state cannot pass
 TOL = {F64: 1e-10, F32: 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: intra-op threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_inputs(T: int, dtype=F64, seed: int = 0, beta_max: float = 1.0, state: bool = True):
     """q, k L2-normalized per head (as the layer does), beta in (0, beta_max), a non-zero initial state.

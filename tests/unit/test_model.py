@@ -24,14 +24,6 @@ VOCAB = 96
 SMALL = LLMConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=16, init_std=0.3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on a shared 2-core machine: intra-op threads only add contention (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def build(cfg: LLMConfig = SMALL, seed: int = 0, dtype=torch.float64) -> Transformer:
     model = Transformer(cfg).to(dtype)
