@@ -30,6 +30,7 @@ from launcher.optim import Optimizers
 from models import get_model_spec
 from models.common.loss import IGNORE_INDEX, cross_entropy_sum
 from models.spec import ParallelizeOptions
+from parallel.data_parallel import uses_fsdp
 from parallel.init import init_parameters
 from parallel.pipeline import build_pipeline, stages_per_rank
 from parallel.tensor_parallel import full_tensor, reduce_partial_grads
@@ -79,14 +80,13 @@ def train(cfg: Config) -> dict:
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
     n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-    loss_scale = torch.ones((), device=device)  # dp / global target count, set each step
+    loss_scale = torch.ones((), device=device)  # dp x cp / global target count, set each step
 
     def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return cross_entropy_sum(logits, targets)[0] * loss_scale
 
     pipeline = None
     if dims.pp > 1:  # this rank holds one or more stages, each parallelized like a whole model
-        p = cfg.parallel
         pipeline = build_pipeline(model, spec.split_stage, lambda part: spec.parallelize(part, dims, meshes, options),
                                   model_cfg.n_layers, meshes.pp, p.pp_schedule,
                                   stages_per_rank(p.pp_schedule, p.pp_stages_per_rank), p.pp_layout, n_micro,
@@ -98,7 +98,7 @@ def train(cfg: Config) -> dict:
         part.to_empty(device=device)
         init_parameters(part, t.seed)
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
-    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and dims.dp_shard == 1 else nullcontext()
+    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and not uses_fsdp(dims) else nullcontext()
     # Vocab-sharded logits need cross entropy (forward and backward) under loss_parallel().
     loss_context = loss_parallel if dims.tp > 1 and options.loss_parallel else nullcontext
     optimizers = Optimizers(parts, t)
@@ -124,7 +124,7 @@ def train(cfg: Config) -> dict:
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
     peak_flops, peak_how = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
-    n_params = torch.tensor(float(sum(p.numel() for part in parts for p in part.parameters())))
+    n_params = torch.tensor(float(sum(w.numel() for part in parts for w in part.parameters())))
     dist.all_reduce(n_params, group=meshes.pp.get_group())  # each stage counts its own
     n_params = n_params.item()
     metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()} "

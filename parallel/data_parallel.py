@@ -9,15 +9,18 @@ from models.spec import ParallelizeOptions
 from parallel.mesh import Meshes, ParallelDims
 
 
+def uses_fsdp(dims: ParallelDims) -> bool:
+    """FSDP shards over dp_shard x cp (context-parallel ranks hold the same weights). DDP only for
+    plain replication: with TP, replication goes through FSDP2's HSDP (a shard dim of size 1),
+    which handles DTensor parameters."""
+    return dims.dp_shard * dims.cp > 1 or (dims.dp_replicate > 1 and dims.tp > 1)
+
+
 def apply_data_parallel(model: nn.Module, blocks: Iterable[nn.Module], dims: ParallelDims, meshes: Meshes,
                         options: ParallelizeOptions) -> nn.Module:
-    """Shard each block as its own FSDP unit (so one block's weights are gathered at a time), then the rest.
-
-    FSDP shards over dp_shard x cp (context-parallel ranks hold the same weights). DDP only for
-    plain replication: with TP, replication goes through FSDP2's HSDP (a shard dim of size 1),
-    which handles DTensor parameters.
-    """
-    if dims.dp_shard * dims.cp > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
+    """Shard each block as its own FSDP unit (so one block's weights are gathered at a time), then
+    the rest; or replicate with DDP (see uses_fsdp)."""
+    if uses_fsdp(dims):
         dp_mesh = meshes.fsdp
         mp_policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype)
         for block in blocks:
