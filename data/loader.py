@@ -1,5 +1,6 @@
 """Fixed-length samples over a token stream, and the deterministic global batch of each step."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ class PackedTokens:
         self._starts = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
         self.num_tokens = int(self._starts[-1])
         self.num_samples = (self.num_tokens - 1) // seq_len
+        # Stream offset where each document starts (a megatron document spans >= 1 sequences).
+        self._document_starts = self._starts[np.asarray(dataset.document_indices[:-1], dtype=np.int64)]
         if self.num_samples < 1:
             raise DataError(
                 f"{dataset.path_prefix}.bin has {self.num_tokens} tokens, but seq_len {seq_len} "
@@ -45,6 +48,33 @@ class PackedTokens:
             pos += length
             seq += 1
         return torch.from_numpy(np.concatenate(pieces).astype(np.int64))
+
+    def document_starts(self, i: int) -> np.ndarray:
+        """Offsets within sample i (1..seq_len) at which a new document begins."""
+        pos = i * self.seq_len
+        lo, hi = np.searchsorted(self._document_starts, [pos + 1, pos + self.seq_len + 1])
+        return self._document_starts[lo:hi] - pos
+
+
+@dataclass
+class DocumentInfo:
+    """Where documents begin inside the input rows of a micro-batch, for intra-document
+    attention masks and per-document positions (RoPE). Both are [micro_batch_size, seq_len]."""
+
+    positions: torch.Tensor  # token's position within its document, 0 at each document start
+    document_ids: torch.Tensor  # 0, 1, 2, ... for the documents of a row, in order
+
+
+def document_info(starts: list[np.ndarray], seq_len: int) -> DocumentInfo:
+    """DocumentInfo of rows whose documents begin at the given sample offsets (the first
+    token of a row always starts its first, possibly partial, document at position 0)."""
+    marks = np.zeros((len(starts), seq_len), dtype=np.int64)
+    for row, offsets in enumerate(starts):
+        marks[row, offsets[(offsets > 0) & (offsets < seq_len)]] = 1
+    index = np.broadcast_to(np.arange(seq_len), marks.shape)
+    segment_start = np.maximum.accumulate(np.where(marks == 1, index, 0), axis=1)
+    return DocumentInfo(positions=torch.from_numpy(index - segment_start),
+                        document_ids=torch.from_numpy(np.cumsum(marks, axis=1)))
 
 
 class GlobalBatchLoader:
@@ -83,17 +113,24 @@ class GlobalBatchLoader:
         self._epoch = -1
         self._permutation = None
 
-    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def micro_batches(self, step: int, documents: bool = False) -> list[tuple]:
         """This rank's rows of step's global batch, as (inputs, targets) micro-batches of shape
-        [micro_batch_size, seq_len]; targets are inputs shifted by one token."""
+        [micro_batch_size, seq_len]; targets are inputs shifted by one token. With
+        documents=True each micro-batch is (inputs, targets, DocumentInfo)."""
         rows_per_rank = self.global_batch_size // self.dp_size
         first = step * self.global_batch_size + self.dp_rank * rows_per_rank
-        positions = range(first, first + rows_per_rank)
-        rows = torch.stack([self.samples[self._sample_at(g)] for g in positions])
-        return [
+        located = self._locate(np.arange(first, first + rows_per_rank, dtype=np.int64))
+        rows = torch.stack([samples[i] for samples, i in located])
+        batches = [
             (mb[:, :-1].contiguous(), mb[:, 1:].contiguous())
             for mb in rows.split(self.micro_batch_size)
         ]
+        if not documents:
+            return batches
+        mbs = self.micro_batch_size
+        starts = [samples.document_starts(i) for samples, i in located]
+        return [(inputs, targets, document_info(starts[k * mbs:(k + 1) * mbs], inputs.shape[1]))
+                for k, (inputs, targets) in enumerate(batches)]
 
     def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = self.micro_batches(self.step)
@@ -112,6 +149,10 @@ class GlobalBatchLoader:
                     f"samples: set train.{key}={state[key]} or start a new run dir"
                 )
         self.step = state["step"]
+
+    def _locate(self, positions: np.ndarray) -> list[tuple]:
+        """(samples, index) of the sample at each global position."""
+        return [(self.samples, self._sample_at(int(g))) for g in positions]
 
     def _sample_at(self, position: int) -> int:
         epoch, index = divmod(position, self.samples.num_samples)

@@ -50,15 +50,18 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])  # also takes a tensor or array
 
 
-def train_tokenizer(documents: list[str], model_prefix: Path, vocab_size: int) -> Path:
-    """Train a byte-fallback BPE tokenizer; returns the path of the .model file."""
-    sentences = _training_sentences(documents)
+def train_tokenizer(documents: list[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe",
+                    user_defined_symbols: list[str] = (), max_sentences: int = MAX_TRAINING_SENTENCES) -> Path:
+    """Train a byte-fallback BPE (or unigram) tokenizer; returns the path of the .model file.
+    user_defined_symbols always encode as one piece each (e.g. "<image>")."""
+    sentences = _training_sentences(documents, max_sentences)
+    extra = {"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences),
             model_prefix=str(model_prefix),
             vocab_size=vocab_size,
-            model_type="bpe",
+            model_type=model_type,
             byte_fallback=True,  # any text encodes, nothing becomes <unk>
             character_coverage=1.0,
             split_digits=True,
@@ -74,6 +77,7 @@ def train_tokenizer(documents: list[str], model_prefix: Path, vocab_size: int) -
             max_sentence_length=MAX_SENTENCE_BYTES,
             num_threads=2,
             minloglevel=2,
+            **extra,
         )
     except RuntimeError as e:
         reason = str(e).split("] ", 1)[-1]
@@ -83,7 +87,7 @@ def train_tokenizer(documents: list[str], model_prefix: Path, vocab_size: int) -
     return Path(f"{model_prefix}.model")
 
 
-def _training_sentences(documents: list[str]) -> list[str]:
+def _training_sentences(documents: list[str], max_sentences: int = MAX_TRAINING_SENTENCES) -> list[str]:
     sentences = []
     for doc in documents:
         for paragraph in doc.split("\n\n"):
@@ -93,5 +97,33 @@ def _training_sentences(documents: list[str]) -> list[str]:
                 sentences += paragraph.split("\n")
     sentences = [s for s in sentences if s.strip()]
     # An even stride, not sentencepiece's random sampling, keeps the tokenizer reproducible.
-    stride = max(1, -(-len(sentences) // MAX_TRAINING_SENTENCES))
+    stride = max(1, -(-len(sentences) // max_sentences))
     return sentences[::stride]
+
+
+def pad_vocab(model_path: Path, multiple: int, model_prefix: str | None = None) -> int:
+    """Append never-produced (UNUSED) pieces `<unused_N>` to the .model file until its vocab
+    size is a multiple of `multiple` (so embedding rows split evenly over TP ranks); returns
+    the number added. model_prefix replaces the training path recorded in the file (so the
+    file, and its fingerprint, do not depend on where it was trained)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_path).read_bytes())
+    if model_prefix is not None:
+        proto.trainer_spec.model_prefix = model_prefix
+    missing = -len(proto.pieces) % multiple
+    if missing:
+        existing = {p.piece for p in proto.pieces}
+        added, n = 0, 0
+        while added < missing:
+            name, n = f"<unused_{n}>", n + 1
+            if name in existing:
+                continue
+            piece = proto.pieces.add()
+            piece.piece, piece.score, piece.type = name, 0.0, model_pb2.ModelProto.SentencePiece.UNUSED
+            added += 1
+        proto.trainer_spec.vocab_size = len(proto.pieces)
+    if missing or model_prefix is not None:
+        Path(model_path).write_bytes(proto.SerializeToString())
+    return missing

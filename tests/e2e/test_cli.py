@@ -109,7 +109,7 @@ def test_config_typo(tmp_path, data_cache):
 @pytest.mark.parametrize("layout, message", [
     ("parallel.dp_replicate=3", "world size 2 is not divisible by dp_replicate*cp*tp*pp = 3"),
     ("parallel.dp_shard=4", "multiply to 4"),
-    ("parallel.tp=2", "not supported yet"),
+    ("parallel.pp=2", "needs at least 2 micro-batches per step, has 1"),
 ])
 def test_impossible_layout(tmp_path, data_cache, layout, message):
     result = shardwright("train", str(TINY), "--nproc-per-node", "2", *sets(tmp_path / "run", data_cache, layout))

@@ -1,0 +1,183 @@
+"""Raw corpora on local disk -> documents, read through HF `datasets` one file at a time.
+
+A corpus is a list of files, globs or directories. Each file is read in streaming mode (no
+Arrow copy of the corpus is written anywhere), in sorted order, so the documents come out in a
+fixed order and an error names the file it came from.
+
+Formats by extension (compressed .gz/.bz2/.xz/.zst variants of the text formats too):
+  .jsonl .ndjson .json   JSON lines, or one JSON array of records   -> `text_field`
+  .parquet               Parquet                                     -> `text_field`
+  .arrow                 Arrow IPC (stream or file)                  -> `text_field`
+  .txt .text             plain UTF-8 text; `text_unit` says what a document is: the whole
+                         file ("document"), each blank-line separated paragraph, or each line
+"""
+
+import contextlib
+import glob
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from data.errors import DataError
+
+FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
+           ".txt": "text", ".text": "text"}
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+TEXT_UNITS = ("document", "paragraph", "line")
+BATCH_ROWS = 1000  # rows per read batch
+
+
+def resolve_inputs(patterns: list[str], fmt: str | None = None) -> list[Path]:
+    """The files named by paths, globs and directories (their files with a known extension,
+    hidden ones left out), in sorted order. A pattern that matches nothing is an error (a typo
+    would silently drop data)."""
+    if not patterns:
+        raise DataError("no input files given: pass files, globs (quoted, e.g. 'corpus/*.jsonl') or directories")
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise DataError(f"no files match {pattern}: check the pattern (quote it so the shell leaves it alone)")
+        elif Path(expanded).is_dir():
+            base = Path(expanded)
+            matches = sorted(p for p in base.rglob("*") if p.is_file() and _known(p, fmt)
+                             and not any(part.startswith(".") for part in p.relative_to(base).parts))
+            if not matches:
+                raise DataError(f"directory {pattern} holds no {fmt or 'jsonl/json/parquet/arrow/txt'} files")
+        elif Path(expanded).is_file():
+            matches = [Path(expanded)]
+        else:
+            raise DataError(f"input {pattern} does not exist")
+        for path in matches:
+            file_format(path, fmt)  # refuses unknown extensions
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def _known(path: Path, fmt: str | None) -> bool:
+    try:
+        file_format(path, fmt)
+        return True
+    except DataError:
+        return False
+
+
+def file_format(path: Path, fmt: str | None = None) -> str:
+    """The HF `datasets` builder that reads path: `fmt` if given, else from the extension."""
+    if fmt is not None:
+        if fmt not in set(FORMATS.values()):
+            raise DataError(f"--format {fmt} is not one of {', '.join(sorted(set(FORMATS.values())))}")
+        return fmt
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+        if suffixes and FORMATS.get(suffixes[-1]) in ("parquet", "arrow"):
+            raise DataError(f"{path}: compressed {suffixes[-1]} files are not supported; decompress it")
+    if not suffixes or suffixes[-1] not in FORMATS:
+        raise DataError(f"{path} has an unknown extension: name it .jsonl, .json, .parquet, .arrow or .txt "
+                        f"(or pass --format)")
+    return FORMATS[suffixes[-1]]
+
+
+def file_stamps(files: list[Path]) -> list[list]:
+    """What identifies the inputs for a no-op re-run: path, size and modification time."""
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def iter_text_batches(files: list[Path], text_field: str = "text", text_unit: str = "document",
+                      fmt: str | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[tuple[Path, list]]:
+    """(file, texts) batches over all files in order; a text is a str or None (a row without
+    the field). Errors name the file: not what its extension says, not UTF-8, no such field."""
+    if text_unit not in TEXT_UNITS:
+        raise DataError(f"text unit {text_unit!r} is not one of {', '.join(TEXT_UNITS)}")
+    datasets = _datasets()
+    for path in files:
+        builder = file_format(path, fmt)
+        _precheck(path, builder)
+        if path.stat().st_size == 0:
+            continue  # no documents; an all-empty corpus is refused by the caller
+        kwargs = {"sample_by": text_unit, "keep_linebreaks": True} if builder == "text" else {}
+        field = "text" if builder == "text" else text_field
+        try:
+            with _quiet_datasets():
+                dataset = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True,
+                                                **kwargs)
+                for batch in dataset.iter(batch_size=batch_rows):
+                    if field not in batch:
+                        fields = ", ".join(batch) or "none"
+                        raise DataError(f"{path} has no field '{field}' (its fields: {fields}): pass "
+                                        f"--text-field with the one that holds the text")
+                    texts = batch[field]
+                    bad = next((t for t in texts if t is not None and not isinstance(t, str)), None)
+                    if bad is not None:
+                        raise DataError(f"field '{field}' of {path} holds {type(bad).__name__} values, not text: "
+                                        f"pass --text-field with the one that holds the text")
+                    yield path, texts
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything datasets/pyarrow raise about one file
+            raise _read_error(path, builder, e) from None
+
+
+def _datasets():
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never ask the Hub
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs its own copy of read errors; we raise one line naming the file instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+_MAGIC = {b"PAR1": "parquet", b"ARROW1": "Arrow", b"\xff\xff\xff\xff": "Arrow", b"\x1f\x8b": "gzip",
+          b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _precheck(path: Path, builder: str) -> None:
+    """Cheap checks that give a clearer message than the reader would."""
+    if builder in ("json", "text") and path.suffix.lower() not in COMPRESSIONS:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        kind = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+        if kind is not None:
+            what = "JSON lines or JSON" if builder == "json" else "plain text"
+            raise DataError(f"{path} is not {what}: it holds {kind} data; rename it to what it is "
+                            "(or pass --format)")
+    if builder == "parquet" and path.stat().st_size:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, path.stat().st_size - 4))
+            tail = f.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            raise DataError(f"{path} is not a parquet file (no PAR1 magic bytes): check what it holds or rename it")
+
+
+def _read_error(path: Path, builder: str, error: BaseException) -> DataError:
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    decode = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+    if decode is not None:
+        return DataError(f"{path} is not valid UTF-8 ({decode.reason}, byte 0x{decode.object[decode.start]:02x}): "
+                         "convert it to UTF-8")
+    first = next((str(e).strip().splitlines()[0] for e in chain if str(e).strip()), type(error).__name__)
+    if "utf8" in first.lower() or "utf-8" in first.lower() or "invalid encoding" in first.lower():
+        return DataError(f"{path} is not valid UTF-8 ({first}): convert it to UTF-8")
+    what = {"json": "is not valid JSON lines or JSON", "parquet": "is not a valid parquet file",
+            "arrow": "is not a valid Arrow IPC file", "text": "cannot be read as text"}[builder]
+    return DataError(f"{path} {what} ({first}): check what it holds or rename it")
