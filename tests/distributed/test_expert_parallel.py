@@ -1,0 +1,144 @@
+"""Expert parallelism: the all-to-all round trip, one MoE layer at ep=2 and ep=4 against one
+device (outputs, gradients, aux losses), and the tiny MoE config trained at ep=2 and ep=2 x tp=2
+against one process."""
+import pytest
+
+from tests.conftest import REPO
+from tests.distributed.harness import run_world
+from tests.distributed.runs import assert_same_losses, train_check
+
+THIS = "tests.distributed.test_expert_parallel"
+MOE_TINY = REPO / "configs" / "moe" / "tiny.yaml"
+RTOL = 1e-5
+
+
+def round_trip() -> bool:
+    """Check body: hash-valued rows with uneven splits go out and come back unchanged."""
+    import torch
+    import torch.distributed as dist
+
+    from parallel.expert import all_to_all
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    send = [(3 * rank + 5 * dst) % 4 for dst in range(world)]  # rows to each rank, some zero
+    recv = [(3 * src + 5 * rank) % 4 for src in range(world)]
+    rows = torch.arange(sum(send), dtype=torch.float64)
+    x = (rank * 1_000_003 + rows.unsqueeze(1) * 7919 + torch.arange(3)).requires_grad_()
+    there = all_to_all(x, recv, send, dist.group.WORLD)
+    expected = torch.cat([(src * 1_000_003 + (sum((3 * src + 5 * d) % 4 for d in range(rank)) + torch.arange(n))
+                           .double().unsqueeze(1) * 7919 + torch.arange(3)) for src, n in enumerate(recv)])
+    back = all_to_all(there, send, recv, dist.group.WORLD)
+    back.sum().backward()
+    return bool(torch.equal(there, expected) and torch.equal(back, x) and torch.equal(x.grad, torch.ones_like(x)))
+
+
+def layer_parity(ep: int) -> dict[str, float]:
+    """Check body: one MoE layer with its experts split over ep ranks vs the same layer on one device
+    fed the tokens of all ranks of the ep group (fp64, dropless). Max relative errors."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    from models.moe.model import MoE, MoEConfig
+    from parallel.expert import shard_experts
+    from parallel.mesh import ParallelDims
+
+    world = dist.get_world_size()
+    meshes = ParallelDims.resolve(dp_shard=world, ep=ep, world_size=world).build_mesh("cpu")
+    group_ranks = meshes.ep.mesh.flatten().tolist()
+    cfg = MoEConfig(dim=32, n_heads=4, vocab_size=64, n_experts=8, top_k=2, moe_hidden_dim=24, n_shared_experts=1,
+                    aux_loss_coef=0.1, z_loss_coef=0.01)
+    torch.manual_seed(0)
+    reference = MoE(cfg).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.3)
+    layer = copy.deepcopy(reference)
+    shard_experts(layer.experts, meshes.ep)
+    layer.ep_group = layer.batch_group = meshes.ep.get_group()
+
+    def data(r):
+        g = torch.Generator().manual_seed(100 + r)
+        n = 5 + 3 * r  # uneven token counts per rank
+        return torch.randn(n, cfg.dim, generator=g, dtype=torch.float64), torch.randn(n, cfg.dim, generator=g,
+                                                                                      dtype=torch.float64)
+    inputs = {r: data(r) for r in group_ranks}
+    rank = dist.get_rank()
+    x, g = inputs[rank]
+    out = layer(x)
+    ((out * g).sum() + layer.aux_share + layer.z_share).backward()
+    want = reference(torch.cat([inputs[r][0] for r in group_ranks]))
+    ((want * torch.cat([inputs[r][1] for r in group_ranks])).sum() + reference.aux_share + reference.z_share).backward()
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+    start = sum(inputs[r][0].shape[0] for r in group_ranks[:group_ranks.index(rank)])
+    errors = {"output": rel(out, want[start:start + x.shape[0]])}
+    shares = torch.stack([layer.aux_share.detach(), layer.z_share.detach()])
+    dist.all_reduce(shares, group=layer.ep_group)
+    errors["aux"], errors["z"] = rel(shares[0], reference.aux_share), rel(shares[1], reference.z_share)
+    local = meshes.ep.get_local_rank()
+    n_local = cfg.n_experts // ep
+    for name in ("w1", "w2", "w3"):
+        grad = getattr(layer.experts, name).grad.to_local()
+        want = getattr(reference.experts, name).grad[local * n_local:(local + 1) * n_local]
+        errors[f"experts.{name}"] = rel(grad, want)
+    for name, p in layer.named_parameters():
+        if "experts" not in name and p.requires_grad:  # router and shared expert: partial over ranks
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=layer.ep_group)
+            errors[name] = rel(grad, dict(reference.named_parameters())[name].grad)
+    return errors
+
+
+# DeepSeek-V3-style routing: sigmoid scores, group-limited, a shared expert, aux-loss-free bias updates.
+DEEPSEEK = ("model.router=sigmoid", "model.bias_update_rate=0.01", "model.n_groups=4", "model.topk_groups=2",
+            "model.n_shared_experts=1")
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, data_cache) -> list:
+    workdir = tmp_path_factory.mktemp("moe-reference")
+    return run_world(1, [train_check(workdir / "run", data_cache, config=MOE_TINY),
+                         train_check(workdir / "deepseek", data_cache, *DEEPSEEK, config=MOE_TINY)], workdir)
+
+
+@pytest.fixture(scope="module")
+def moe_reference(references) -> list[float]:
+    return references[0].value()
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory, data_cache):
+    workdir = tmp_path_factory.mktemp("ep-world4")
+    checks = [(f"{THIS}:round_trip", {}), (f"{THIS}:layer_parity", {"ep": 2}), (f"{THIS}:layer_parity", {"ep": 4}),
+              train_check(workdir / "ep2tp2", data_cache, "parallel.ep=2", "parallel.tp=2", "parallel.dp_shard=2",
+                          "train.micro_batch_size=4", config=MOE_TINY)]
+    return run_world(4, checks, workdir)
+
+
+def test_all_to_all_round_trip_is_identity(world4):
+    assert all(world4[0].value(rank) for rank in range(4))
+
+
+@pytest.mark.parametrize("index, ep", [(1, 2), (2, 4)])
+def test_moe_layer_ep_matches_one_device(world4, index, ep):
+    for rank in range(4):
+        errors = world4[index].value(rank)
+        assert max(errors.values()) < 1e-10, (ep, rank, errors)
+
+
+def test_tiny_moe_ep2_matches_one_process(tmp_path, data_cache, references):
+    """ep=2 over dp_shard=2 (softmax router), and ep=2 over cp=2 with the DeepSeek-style router."""
+    got = run_world(2, [train_check(tmp_path / "run", data_cache, "parallel.ep=2", "train.micro_batch_size=4",
+                                    config=MOE_TINY),
+                        train_check(tmp_path / "deepseek", data_cache, "parallel.ep=2", "parallel.cp=2",
+                                    "parallel.dp_shard=1", *DEEPSEEK, config=MOE_TINY)], tmp_path)
+    assert_same_losses(got[0].value(), references[0].value())
+    assert_same_losses(got[1].value(), references[1].value())
+
+
+def test_tiny_moe_ep2_tp2_matches_one_process(world4, moe_reference):
+    assert_same_losses(world4[3].value(), moe_reference)

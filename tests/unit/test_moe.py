@@ -1,0 +1,174 @@
+"""MoE model invariants (one process): routing, grouped experts, losses, bias balancing, checks."""
+import math
+
+import pytest
+import torch
+
+from models.common.mlp import SwiGLU
+from models.moe.model import MoE, MoEConfig, MoETransformer, flops_per_token, grouped_swiglu, looped_swiglu
+from models.moe.parallelize import check_layout
+from parallel.init import init_parameters
+from parallel.mesh import ParallelDims
+
+DIM, HIDDEN = 32, 48
+
+
+def moe_layer(**kwargs) -> MoE:
+    cfg = MoEConfig(dim=DIM, n_heads=4, vocab_size=64, moe_hidden_dim=HIDDEN, aux_loss_coef=1.0, z_loss_coef=1.0,
+                    **kwargs)
+    torch.manual_seed(0)
+    layer = MoE(cfg).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return layer
+
+
+def copy_dense_into(layer: MoE) -> SwiGLU:
+    """A dense SwiGLU whose weights every expert of `layer` gets."""
+    dense = SwiGLU(DIM, HIDDEN).double()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0, 0.2)
+        layer.experts.w1.copy_(dense.w1.weight.t().expand_as(layer.experts.w1))
+        layer.experts.w3.copy_(dense.w3.weight.t().expand_as(layer.experts.w3))
+        layer.experts.w2.copy_(dense.w2.weight.t().expand_as(layer.experts.w2))
+    return dense
+
+
+def test_one_expert_top1_equals_dense_mlp():
+    layer = moe_layer(n_experts=1, top_k=1)
+    dense = copy_dense_into(layer)
+    x = torch.randn(2, 7, DIM, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_identical_experts_with_renormalized_topk_equal_dense_mlp(router):
+    layer = moe_layer(n_experts=4, top_k=2, router=router)
+    dense = copy_dense_into(layer)
+    x = torch.randn(3, 5, DIM, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-10, atol=1e-12)
+
+
+def test_zero_router_logits_give_z_loss_ln_e_squared():
+    n_experts = 8
+    layer = moe_layer(n_experts=n_experts, top_k=2)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+    layer(torch.randn(64, DIM, dtype=torch.float64))
+    assert layer.z_share.item() == pytest.approx(math.log(n_experts) ** 2, rel=1e-12)  # z_loss_coef = 1
+
+
+def test_uniform_routing_gives_the_aux_loss_its_minimum():
+    """P_i = 1/E and f_i = 1/E give aux = coef * E * sum_i 1/E^2 = coef (coef = 1 here)."""
+    layer = moe_layer(n_experts=2, top_k=1)
+    with torch.no_grad():  # logit +-x0 per expert: probabilities ~1/2, choices alternate
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0, 0], layer.router.gate.weight[1, 0] = 1.0, -1.0
+    x = torch.zeros(4, DIM, dtype=torch.float64)
+    x[:, 0] = torch.tensor([1e-9, -1e-9, 1e-9, -1e-9])
+    layer(x)
+    assert layer.aux_share.item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_aux_loss_is_larger_when_unbalanced():
+    layer = moe_layer(n_experts=4, top_k=1)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0, 0] = 10.0
+    x = torch.zeros(16, DIM, dtype=torch.float64)
+    x[:, 0] = 1.0
+    layer(x)
+    assert layer.aux_share.item() > 3.0  # all tokens on one expert with p ~ 1: aux -> E
+
+
+def test_aux_free_bias_moves_toward_balance():
+    cfg = MoEConfig(dim=DIM, n_layers=1, n_heads=4, vocab_size=64, n_experts=4, top_k=1, moe_hidden_dim=HIDDEN,
+                    router="sigmoid", bias_update_rate=0.05, aux_loss_coef=0.0, z_loss_coef=0.0)
+    model = MoETransformer(cfg)
+    init_parameters(model, 0)
+    layer = model.layers["0"].feed_forward
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a skewed router: expert 0 scores higher for most tokens
+        layer.router.gate.weight.copy_(0.3 * torch.randn(4, DIM, generator=g))
+        layer.router.gate.weight[0] += 0.4
+    x = torch.randn(256, DIM, generator=g) + 0.5
+
+    def imbalance():
+        with torch.no_grad():
+            experts = layer.router(x)[1]
+        load = torch.bincount(experts.flatten(), minlength=4).float()
+        return (load.max() / load.mean()).item()
+
+    before = imbalance()
+    for _ in range(40):
+        with torch.enable_grad():
+            layer(x)
+        model.update_router_bias()
+    after = imbalance()
+    assert before > 2.5 and after < 1.5, (before, after)
+    assert layer.router.expert_bias[0] < 0  # the overloaded expert's selection bias went down
+    metrics = model.moe_metrics()
+    assert {"moe_aux_loss", "moe_z_loss", "moe_load_max/0", "moe_dropped/0"} <= metrics.keys()
+
+
+def test_grouped_path_equals_per_expert_loop():
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 9, 2]
+    x = torch.randn(sum(counts), DIM, generator=g, dtype=torch.float64)
+    w1, w3 = (torch.randn(4, DIM, HIDDEN, generator=g, dtype=torch.float64) for _ in range(2))
+    w2 = torch.randn(4, HIDDEN, DIM, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(grouped_swiglu(x, counts, w1, w3, w2), looped_swiglu(x, counts, w1, w3, w2))
+
+
+def test_capacity_drops_overflow_and_dropless_keeps_all():
+    layer = moe_layer(n_experts=4, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0, 0] = 10.0  # everything wants expert 0
+    x = torch.zeros(8, DIM, dtype=torch.float64)
+    x[:, 0] = 1.0
+    with torch.enable_grad():
+        out = layer(x)
+    load = layer.step_stats
+    dropped, assigned = load[4].item(), load[5].item()
+    assert (dropped, assigned) == (6.0, 8.0)  # capacity ceil(1 * 1 * 8 / 4) = 2
+    assert (out.abs().sum(-1) > 0).sum().item() == 2  # dropped tokens get no expert output
+
+
+def test_group_limited_routing_keeps_choices_in_the_best_groups():
+    layer = moe_layer(n_experts=8, top_k=2, router="sigmoid", n_groups=4, topk_groups=1)
+    x = torch.randn(50, DIM, dtype=torch.float64)
+    experts = layer.router(x)[1]
+    assert torch.equal(experts[:, 0] // 2, experts[:, 1] // 2)  # both choices inside one group of 2
+
+
+def test_flops_count_active_parameters():
+    cfg = MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, n_experts=8, top_k=2, moe_hidden_dim=32,
+                    n_shared_experts=1, n_dense_layers=1, multiple_of=16)
+    d, hd, seq = 64, 16, 10
+    attn = d * hd * (2 * 4 + 2 * 4)
+    dense = attn + 3 * d * cfg.ffn_hidden_dim
+    moe = attn + d * 8 + 3 * 3 * d * 32
+    want = 3 * (2 * (dense + moe + d * 100) + 2 * 4 * 4 * hd * (seq + 1) / 2)
+    assert flops_per_token(cfg, seq) == want
+
+
+@pytest.mark.parametrize("changes, expected", [
+    (dict(n_experts=6), "model.n_experts=6 is not divisible by parallel.ep=4"),
+    (dict(top_k=9), "model.top_k=9 must be between 1 and model.n_experts=8"),
+    (dict(n_groups=3), "model.n_experts=8 is not divisible by model.n_groups=3"),
+])
+def test_layout_problems_are_named(changes, expected):
+    cfg = MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, **changes)
+    dims = ParallelDims.resolve(dp_shard=4, ep=4, world_size=4)
+    assert any(expected in problem for problem in check_layout(cfg, dims)), check_layout(cfg, dims)
+
+
+def test_ep_must_divide_dp_shard_times_cp():
+    from parallel.mesh import LayoutError
+
+    with pytest.raises(LayoutError, match="parallel.ep=4 must divide dp_shard\\*cp = 2"):
+        ParallelDims.resolve(dp_shard=2, tp=2, ep=4, world_size=4)
