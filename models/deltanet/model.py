@@ -1,0 +1,172 @@
+"""DeltaNet (Yang et al. 2024, fla's `DeltaNet` layer): plain single-device PyTorch.
+
+The model is the Llama-style decoder of models/llm with the attention of each block replaced by a
+DeltaNet layer (except at `attention_layers`, which keep the LLM's softmax Attention: a hybrid).
+The DeltaNet layer, per token x [B, T, dim]:
+
+    q, k, v = silu(conv_q(W_q x)), silu(conv_k(W_k x)), silu(conv_v(W_v x))   short causal depthwise convs
+    q, k    = per-head L2 normalization                                      heads of head_dim
+    beta    = sigmoid(W_b x) per head (x 2 with allow_neg_eigval)
+    o       = delta_rule(q, k, v, beta)                                      models/deltanet/ops
+    o       = RMSNorm_head(o)  (x silu(W_g x) with use_gate)
+    out     = W_o o
+
+Parallel plans replace pieces from outside (models/deltanet/parallelize.py): `core_mixer` (the
+delta rule) becomes the context-parallel state-passing mixer, and each ShortConvolution's `halo`
+gets the previous cp rank's last kernel_size - 1 tokens.
+"""
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from models.common.norms import RMSNorm
+from models.deltanet.ops import delta_rule
+from models.llm.model import LLMConfig, Transformer
+from models.llm.model import flops_per_token as llm_flops_per_token
+
+
+@dataclass
+class DeltaNetConfig(LLMConfig):
+    conv_size: int = 4  # short causal depthwise convolution on q, k, v; 0 or 1: none
+    use_gate: bool = False  # output norm gated by silu(W_g x)
+    allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1)
+    norm_eps: float = 1e-5
+    chunk_size: int = 64  # delta-rule chunk length (chunked backend)
+    backend: str = "auto"  # delta-rule backend: auto | chunked | recurrent | fla (models/deltanet/ops)
+    attention_layers: list[int] = field(default_factory=list)  # hybrid: these layers keep softmax attention
+
+    def __post_init__(self):
+        self.attention_layers = list(self.attention_layers)
+
+
+class ShortConvolution(nn.Module):
+    """Causal depthwise 1-D convolution over the sequence of x [B, T, C] (no bias), then SiLU.
+
+    weight [C, K]: channel c at token t sees tokens t-K+1 .. t. The tokens before the first come
+    from `halo(x)` ([B, K-1, C], the previous context-parallel rank's last tokens) when a parallel
+    plan sets it, else zeros.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.halo: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under tensor parallelism the weight is a DTensor sharded on channels like x (see
+        # parallelize.py); its local shard is what this rank's channels use.
+        weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        K, T = self.kernel_size, x.shape[1]
+        before = self.halo(x) if self.halo is not None else x.new_zeros(x.shape[0], K - 1, x.shape[2])
+        padded = torch.cat([before.to(x.dtype), x], dim=1)  # [B, T + K - 1, C]
+        out = sum(padded[:, i:i + T] * weight[:, i] for i in range(K))
+        return F.silu(out)
+
+
+class DeltaRule(nn.Module):
+    """The token mixer as a module, so that context parallelism can swap it (like CoreAttention)."""
+
+    def __init__(self, backend: str = "auto", chunk_size: int = 64):
+        super().__init__()
+        self.backend, self.chunk_size = backend, chunk_size
+
+    def forward(self, q, k, v, beta, initial_state=None):
+        return delta_rule(q, k, v, beta, initial_state, chunk_size=self.chunk_size, backend=self.backend)[0]
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (fla's l2norm)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class DeltaNetLayer(nn.Module):
+    """The DeltaNet token mixer; forward(x, positions) like the LLM's Attention (positions unused)."""
+
+    def __init__(self, cfg: DeltaNetConfig):
+        super().__init__()
+        d, H, hd = cfg.dim, cfg.n_heads, cfg.head_dim
+        self.head_dim, self.allow_neg_eigval = hd, cfg.allow_neg_eigval
+        self.q_proj = nn.Linear(d, H * hd, bias=False)
+        self.k_proj = nn.Linear(d, H * hd, bias=False)
+        self.v_proj = nn.Linear(d, H * hd, bias=False)
+        self.b_proj = nn.Linear(d, H, bias=False)
+        self.g_proj = nn.Linear(d, H * hd, bias=False) if cfg.use_gate else None
+        conv = cfg.conv_size > 1
+        self.q_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
+        self.k_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
+        self.v_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
+        self.o_norm = RMSNorm(hd, cfg.norm_eps)  # one gain over head_dim, shared by the heads
+        self.o_proj = nn.Linear(H * hd, d, bias=False)
+        self.core_mixer = DeltaRule(cfg.backend, cfg.chunk_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        def branch(proj, conv):
+            y = proj(x)
+            return conv(y) if conv is not None else F.silu(y)
+
+        # -1 instead of a head count: under tensor parallelism each rank holds a slice of heads.
+        q = l2_normalize(branch(self.q_proj, self.q_conv).unflatten(-1, (-1, self.head_dim)))
+        k = l2_normalize(branch(self.k_proj, self.k_conv).unflatten(-1, (-1, self.head_dim)))
+        v = branch(self.v_proj, self.v_conv).unflatten(-1, (-1, self.head_dim))
+        beta = self.b_proj(x).sigmoid()
+        if self.allow_neg_eigval:
+            beta = beta * 2
+        o = self.o_norm(self.core_mixer(q, k, v, beta))
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(x).unflatten(-1, (-1, self.head_dim)))
+        return self.o_proj(o.flatten(-2))
+
+
+class DeltaNet(Transformer):
+    """The LLM's decoder with DeltaNet mixers; same forward (tokens or hidden states, positions=None),
+    same parameter names outside the mixers, same pipeline split."""
+
+    def __init__(self, cfg: DeltaNetConfig):
+        super().__init__(cfg)
+        for name, block in self.layers.items():
+            if int(name) not in cfg.attention_layers:
+                block.attention = DeltaNetLayer(cfg)
+
+    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        """N(0, init_std) like the LLM (norm gains 1, scaled output projections); the short convs
+        uniform(+-1/sqrt(K)), nn.Conv1d's default bound for a depthwise kernel."""
+        cfg = self.cfg
+        if name.endswith("_conv.weight"):
+            bound = cfg.conv_size ** -0.5
+            full.uniform_(-bound, bound, generator=generator)
+        elif cfg.scaled_residual_init and name.endswith("attention.o_proj.weight"):
+            full.normal_(0.0, cfg.init_std / (2 * cfg.n_layers) ** 0.5, generator=generator)
+        else:
+            super().init_parameter(name, full, generator)
+
+
+def delta_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token per head of the chunked delta rule as models/deltanet/ops runs
+    it (chunk C = min(chunk_size, seq_len), head dims dk = dv = D):
+
+        A = (beta K) K^T          2 C^2 D        the UT solve on [C, 2D]       C^2 2D
+        K^T [W | U]               2 C D 2D       the chunk scan S <- M S + E   2 D^3
+        P = Q K^T                 2 C^2 D        (Q - P W) S, P W, P U          2 C D^2 + 4 C^2 D
+    """
+    C, D = min(cfg.chunk_size, seq_len), cfg.head_dim
+    per_chunk = 2 * C * C * D + C * C * 2 * D + 2 * C * D * 2 * D + 2 * D ** 3 + 2 * C * C * D \
+        + 2 * C * D * D + 4 * C * C * D
+    return per_chunk / C
+
+
+def flops_per_token(cfg: DeltaNetConfig, seq_len: int) -> float:
+    """Training FLOPs (3x forward) per token: the LLM's count with each DeltaNet layer's attention
+    weights and score pairs replaced by its projections, short convs and delta rule."""
+    n_delta = cfg.n_layers - len(cfg.attention_layers)
+    d, H, hd = cfg.dim, cfg.n_heads, cfg.head_dim
+    llm_attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    llm_attn_pairs = 4 * cfg.n_heads * hd * (seq_len + 1) / 2
+    delta_weights = d * H * hd * (4 + cfg.use_gate) + d * H  # q, k, v, o (+ g), beta
+    conv = 2 * cfg.conv_size * 3 * H * hd if cfg.conv_size > 1 else 0
+    per_layer = 2 * delta_weights + conv + H * delta_rule_flops(cfg, seq_len)
+    return llm_flops_per_token(cfg, seq_len) + 3 * n_delta * (per_layer - 2 * llm_attn_weights - llm_attn_pairs)

@@ -1,0 +1,167 @@
+"""How to shard DeltaNet, from outside the model, in the LLM's order:
+
+    TP (+ sequence parallel) -> CP -> activation checkpointing -> compile -> FSDP / HSDP / DDP
+
+TP by heads: q/k/v/beta/gate projections column-parallel, the short convs' channels sharded the
+same way (a head's channels stay on its rank), the per-head output norm local (its one gain is
+replicated, its gradient summed over tp), o_proj row-parallel. Softmax-attention layers of a hybrid
+and everything outside the mixers take the LLM's plan.
+
+CP by state passing (parallel/context/mixer.py): each DeltaNet layer's delta rule becomes
+`StatePassingDeltaRule` — the rank's chunk as the affine map S -> M S + S_ext (fp32, fp64 for fp64),
+all-gathered and folded in rank order into the rank's initial state — and each short conv takes
+its (kernel - 1)-token halo from the previous cp rank (parallel/context/halo.py). That needs the
+chunks in sequence order: the contiguous layout. A hybrid's attention layers then run ring
+attention on the same contiguous layout (or Ulysses, whose ring of one is in order for any kind).
+Pipeline parallelism reuses the LLM's split_stage.
+"""
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from models.deltanet.model import DeltaNetConfig, DeltaNetLayer, DeltaRule
+from models.deltanet.ops import delta_rule, delta_rule_state_map
+from models.llm.parallelize import check_layout as llm_check_layout
+from models.llm.parallelize import split_stage  # noqa: F401  (re-exported for the ModelSpec)
+from models.spec import ParallelizeOptions
+from parallel.activation_checkpoint import checkpoint_block
+from parallel.context.apply import apply_context_parallel
+from parallel.context.halo import previous_halo
+from parallel.context.mixer import StatePassingMixer, context_parallel_mix
+from parallel.data_parallel import apply_data_parallel
+from parallel.mesh import Meshes, ParallelDims
+from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
+                                      vocab_parallel_embedding, vocab_parallel_head)
+
+DELTA_COLUMNS = ["q_proj", "k_proj", "v_proj", "b_proj", "g_proj"]
+
+
+def parallelize_deltanet(model: nn.Module, dims: ParallelDims, meshes: Meshes,
+                         options: ParallelizeOptions) -> nn.Module:
+    if dims.tp > 1:
+        apply_tensor_parallel(model, meshes, options)
+        if options.async_tp:
+            enable_async_tp(meshes.tp)
+    if dims.cp > 1:
+        apply_context_parallel_deltanet(model, meshes.cp, options)
+    for name, block in list(model.layers.items()):
+        if options.activation_checkpoint != "none":
+            block = checkpoint_block(block, options.activation_checkpoint)
+        if options.compile:
+            block = torch.compile(block)
+        model.layers[name] = block
+    return apply_data_parallel(model, model.layers.values(), dims, meshes, options)
+
+
+class ChannelShardedConv(ParallelStyle):
+    """A ShortConvolution after a column-parallel projection: its weight [C, K] sharded on the
+    channels like the projection's output, so each rank convolves exactly its heads' channels."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def shard(_name, mod, mesh):
+            for name, param in list(mod.named_parameters(recurse=False)):
+                mod.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+
+        return distribute_module(module, device_mesh, partition_fn=shard)
+
+
+def mixer_plan(layer: DeltaNetLayer, sequence_parallel: bool) -> dict:
+    """The TP plan (relative to a block) of one DeltaNet layer."""
+    columns = [name for name in DELTA_COLUMNS if getattr(layer, name) is not None]
+    plan = column_row_pair("attention", columns, ["o_proj"], sequence_parallel, n_extra_inputs=1)
+    plan.update({f"attention.{conv}": ChannelShardedConv() for conv in ("q_conv", "k_conv", "v_conv")
+                 if getattr(layer, conv) is not None})
+    # [B, T, H_local, D]: heads on dim 2, the gain replicated (its gradient summed over tp).
+    plan["attention.o_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
+    sp = options.sequence_parallel
+    cfg: DeltaNetConfig = model.cfg
+    kv_styles = {}
+    if cfg.kv_heads < meshes.tp.size():
+        kv_styles = {name: ReplicatedKVProjection(cfg.kv_heads, cfg.head_dim) for name in ("wk", "wv")}
+    parallelize_module(model, meshes.tp, {
+        "tok_embeddings": vocab_parallel_embedding(sp),
+        **norm_plan(["norm"], sp),
+        "output": vocab_parallel_head(sp, options.loss_parallel),
+    })
+    for block in model.layers.values():
+        if isinstance(block.attention, DeltaNetLayer):
+            mixer = mixer_plan(block.attention, sp)
+        else:  # a hybrid's softmax attention: the LLM's plan
+            mixer = column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=1,
+                                    column_styles=kv_styles)
+        parallelize_module(block, meshes.tp, {
+            **norm_plan(["attention_norm", "ffn_norm"], sp),
+            **mixer,
+            **column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp),
+        })
+
+
+class StatePassingDeltaRule(DeltaRule, StatePassingMixer):
+    """The delta rule over a sequence spread contiguously over a cp group: this rank's chunk as
+    (M, S_ext), the earlier ranks' maps folded into its initial state (context_parallel_mix)."""
+
+    def __init__(self, group: dist.ProcessGroup, backend: str = "auto", chunk_size: int = 64):
+        super().__init__(backend, chunk_size)
+        self.group = group
+
+    def chunk_map(self, q, k, v, beta):
+        return delta_rule_state_map(k, v, beta, chunk_size=self.chunk_size)
+
+    def mix(self, initial_state, q, k, v, beta):
+        return delta_rule(q, k, v, beta, initial_state, chunk_size=self.chunk_size, backend=self.backend)[0]
+
+    def forward(self, q, k, v, beta, initial_state=None):
+        return context_parallel_mix(self, self.group, q, k, v, beta)
+
+
+def contiguous_problem(options: ParallelizeOptions, cp: int) -> str | None:
+    """Why DeltaNet's state passing cannot run on the configured cp layout, or None."""
+    ring = cp // (cp if options.cp_mode == "ulysses" else options.cp_ulysses if options.cp_mode == "hybrid" else 1)
+    if options.cp_layout == "zigzag" and ring > 1:
+        return ("DeltaNet passes its recurrent state from cp rank to cp rank in sequence order, which needs "
+                "parallel.cp_layout=contiguous (zigzag puts two distant chunks on one rank); set "
+                "parallel.cp_layout=contiguous (attention layers of a hybrid run their ring on it too)")
+    return None
+
+
+def apply_context_parallel_deltanet(model: nn.Module, cp_mesh: DeviceMesh, options: ParallelizeOptions) -> None:
+    problem = contiguous_problem(options, cp_mesh.size())
+    if problem:
+        from launcher.errors import UserError  # the CLI prints it as one line
+
+        raise UserError(problem)
+    attentions, group = [], cp_mesh.get_group()
+    for block in model.layers.values():
+        layer = block.attention
+        if not isinstance(layer, DeltaNetLayer):
+            attentions.append(layer)
+            continue
+        layer.core_mixer = StatePassingDeltaRule(group, layer.core_mixer.backend, layer.core_mixer.chunk_size)
+        for conv in (layer.q_conv, layer.k_conv, layer.v_conv):
+            if conv is not None:
+                conv.halo = partial(previous_halo, n=conv.kernel_size - 1, group=group)
+    if attentions:
+        apply_context_parallel(attentions, cp_mesh, options.cp_mode, options.cp_layout, options.cp_ulysses,
+                               options.cp_kernel)
+
+
+def check_layout(cfg: DeltaNetConfig, dims: ParallelDims) -> list[str]:
+    problems = llm_check_layout(cfg, dims)
+    bad = [i for i in cfg.attention_layers if not 0 <= i < cfg.n_layers]
+    if bad:
+        problems.append(f"model.attention_layers {bad} are not layer indices 0..{cfg.n_layers - 1}")
+    if cfg.backend not in ("auto", "chunked", "recurrent", "fla"):
+        problems.append(f"model.backend='{cfg.backend}' is not one of auto, chunked, recurrent, fla")
+    if cfg.chunk_size < 1:
+        problems.append(f"model.chunk_size={cfg.chunk_size} must be >= 1")
+    return problems

@@ -1,0 +1,211 @@
+"""DeltaNet sharded: TP by heads and CP by state passing (with the short convs' halo) against one
+device at the layer level, and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one
+process at the run level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, and the hybrid config at cp=2."""
+import copy
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.distributed.harness import run_world
+from tests.distributed.runs import assert_same_losses, train_check
+
+THIS = "tests.distributed.test_deltanet"
+TINY = REPO / "configs" / "deltanet" / "tiny.yaml"
+HYBRID = REPO / "configs" / "deltanet" / "hybrid-tiny.yaml"
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str, float]:
+    """Check body: the DeltaNet model TP'd over the world vs one device (fp32): logits, loss and every
+    parameter gradient (max relative error)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from models.common.loss import cross_entropy_sum
+    from models.deltanet.model import DeltaNet, DeltaNetConfig
+    from models.deltanet.parallelize import apply_tensor_parallel
+    from models.spec import ParallelizeOptions
+    from parallel.init import init_parameters
+    from parallel.mesh import ParallelDims
+
+    tp = dist.get_world_size()
+    cfg = DeltaNetConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
+                         use_gate=use_gate, allow_neg_eigval=use_gate, chunk_size=8,
+                         attention_layers=[1] if hybrid else [])
+    reference = DeltaNet(cfg)
+    init_parameters(reference, seed=3)
+    sharded = copy.deepcopy(reference)
+    meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
+    apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
+    targets = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
+    ref_logits = reference(tokens)
+    ref_loss, n = cross_entropy_sum(ref_logits, targets)
+    (ref_loss / n).backward()
+    with loss_parallel():
+        logits = sharded(tokens)
+        loss, n = cross_entropy_sum(logits, targets)
+        (loss / n).backward()
+
+    def whole(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    errors = {"logits": _rel(whole(logits), ref_logits), "loss": _rel(whole(loss), ref_loss)}
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        assert whole(param).shape == ref_params[name].shape, name
+        errors[f"grad:{name}"] = _rel(whole(param.grad), ref_params[name].grad)
+    assert any("conv" in k for k in errors) and any("b_proj" in k for k in errors)
+    return errors
+
+
+def cp_parity(dtype: str, backend: str, sum_states: bool = False) -> dict[str, float]:
+    """Check body: one DeltaNet layer (convs, gate, negative eigenvalues) with the sequence split
+    contiguously over the world, state passing + conv halo, vs the whole sequence on one device:
+    output, input gradient and every parameter gradient (max abs error). `sum_states` is the negative
+    control: ranks start from the sum of the earlier ranks' S_ext (LASP-2's linear-attention shortcut)."""
+    import torch
+    import torch.distributed as dist
+
+    from models.deltanet.model import DeltaNetConfig, DeltaNetLayer
+    from models.deltanet.parallelize import StatePassingDeltaRule
+    from parallel.context.halo import previous_halo
+    from parallel.init import init_parameters
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dt = {"fp64": torch.float64, "fp32": torch.float32}[dtype]
+    cfg = DeltaNetConfig(dim=32, n_heads=2, use_gate=True, allow_neg_eigval=True, chunk_size=4, backend=backend)
+    reference = DeltaNetLayer(cfg).to(dt)
+    for index, (name, p) in enumerate(reference.named_parameters()):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(index)
+            if name.endswith("conv.weight"):
+                p.uniform_(-0.5, 0.5, generator=g)
+            else:
+                p.normal_(0, 0.3 if "norm" not in name else 0.1, generator=g).add_(1 if "norm" in name else 0)
+    layer = copy.deepcopy(reference)
+    group = dist.group.WORLD
+    layer.core_mixer = StatePassingDeltaRule(group, backend, cfg.chunk_size)
+    if sum_states:  # fold replaced by a sum of the earlier ranks' S_ext: wrong for the delta rule
+        from parallel.context.mixer import _IncomingState
+
+        def summed(transition, state, group):
+            return _IncomingState.apply(torch.cat([torch.eye(transition.shape[-1], dtype=transition.dtype)
+                                                   .expand_as(transition), state], -1), transition.shape[-1], group)
+        import parallel.context.mixer as mixer_module
+        original = mixer_module.incoming_state
+        mixer_module.incoming_state = summed
+    for conv in (layer.q_conv, layer.k_conv, layer.v_conv):
+        conv.halo = lambda x, conv=conv: previous_halo(x, conv.kernel_size - 1, group)
+    T = 6 * world  # several chunks of 4 per rank for cp 2, partial chunks for cp 4
+    x = torch.randn(2, T, cfg.dim, dtype=dt, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    dout = torch.randn(2, T, cfg.dim, dtype=dt, generator=torch.Generator().manual_seed(2))
+    want = reference(x)
+    want.backward(dout)
+    lo, hi = rank * T // world, (rank + 1) * T // world
+    x_local = x.detach()[:, lo:hi].clone().requires_grad_(True)
+    try:
+        got = layer(x_local)
+        got.backward(dout[:, lo:hi])
+    finally:
+        if sum_states:
+            mixer_module.incoming_state = original
+    pairs = {"out": (got, want[:, lo:hi]), "dx": (x_local.grad, x.grad[:, lo:hi])}
+    ref_params = dict(reference.named_parameters())
+    for name, p in layer.named_parameters():
+        grad = p.grad.clone()
+        dist.all_reduce(grad, group=group)  # each rank holds its tokens' share of the gradient
+        pairs[f"grad:{name}"] = (grad, ref_params[name].grad)
+    errors = {}
+    for k, (a, b) in pairs.items():  # max abs error, and relative to the reference's largest entry
+        errors[f"abs:{k}"] = torch.tensor((a - b).abs().max().item())
+        errors[f"rel:{k}"] = torch.tensor(_rel(a, b))
+    for v in errors.values():
+        dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return {k: v.item() for k, v in errors.items()}
+
+
+CP_CHECKS = [(f"{THIS}:cp_parity", {"dtype": d, "backend": b}) for d, b in
+             (("fp64", "recurrent"), ("fp64", "chunked"), ("fp32", "chunked"))]
+NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
+TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
+             for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
+CP_TOL = {"fp64": 1e-10, "fp32": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("deltanet")
+
+
+@pytest.fixture(scope="module")
+def two(runs_dir, data_cache):
+    runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"],
+            "pp2": ["parallel.pp=2", "train.micro_batch_size=4"]}
+    checks = TP_CHECKS + CP_CHECKS + [train_check(runs_dir / name, data_cache, *o, config=TINY)
+                                      for name, o in runs.items()]
+    runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
+    checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
+    results = [r.value() for r in run_world(2, checks, runs_dir / "world2")]
+    n_tp, n_cp = len(TP_CHECKS), len(CP_CHECKS)
+    return {"tp": results[:n_tp], "cp": results[n_tp:n_tp + n_cp], "runs": dict(zip(runs, results[n_tp + n_cp:]))}
+
+
+@pytest.fixture(scope="module")
+def four(runs_dir, two):
+    return [r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE], runs_dir / "world4")]
+
+
+@pytest.fixture(scope="module")
+def one(runs_dir, data_cache):
+    results = run_world(1, [train_check(runs_dir / "one", data_cache, config=TINY),
+                            train_check(runs_dir / "hybrid_one", data_cache, config=HYBRID)], runs_dir / "world1")
+    return {"tiny": results[0].value(), "hybrid": results[1].value()}
+
+
+@pytest.mark.parametrize("case", range(len(TP_CHECKS)))
+def test_tp2_matches_one_device(two, case):
+    """DeltaNet with TP=2 (plain; gated with negative eigenvalues, no SP; hybrid with SP): logits,
+    loss and every parameter gradient, conv weights included (fp32, relative 1e-5)."""
+    bad = {k: v for k, v in two["tp"][case].items() if not v <= 1e-5}
+    assert not bad, bad
+
+
+def _assert_cp(errors: dict, dtype: str):
+    """fp64: max abs error <= 1e-10; fp32: max error relative to the reference's largest entry <= 1e-5."""
+    kind = "abs:" if dtype == "fp64" else "rel:"
+    bad = {k: v for k, v in errors.items() if k.startswith(kind) and not v <= CP_TOL[dtype]}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("case", range(len(CP_CHECKS)))
+def test_cp2_state_passing_matches_one_device(two, case):
+    _assert_cp(two["cp"][case], CP_CHECKS[case][1]["dtype"])
+
+
+@pytest.mark.parametrize("case", range(len(CP_CHECKS)))
+def test_cp4_state_passing_matches_one_device(four, case):
+    _assert_cp(four[case], CP_CHECKS[case][1]["dtype"])
+
+
+def test_summed_states_negative_control(four):
+    """Summing the earlier ranks' S_ext instead of folding the maps is wrong from rank 2 on (at cp=2
+    the fold from zero is the sum), so the same cp=4 test fails by far."""
+    assert four[len(CP_CHECKS)]["abs:out"] > 1e-3
+
+
+@pytest.mark.parametrize("run", ["dp2", "tp2", "cp2", "pp2"])
+def test_tiny_run_matches_one_process(two, one, run):
+    assert_same_losses(two["runs"][run], one["tiny"])
+
+
+def test_hybrid_cp2_run_matches_one_process(two, one):
+    """configs/deltanet/hybrid-tiny.yaml (softmax attention at layers 1 and 3) at cp=2, contiguous."""
+    assert_same_losses(two["runs"]["hybrid_cp2"], one["hybrid"])
