@@ -4,8 +4,10 @@ import sys
 
 from data.errors import DataError
 from launcher.config import load_config
+from launcher.data_commands import add_prepare_arguments, add_tokenizer_arguments, prepare_command, tokenizer_command
 from launcher.distributed import detect_world, launch_local_world
 from launcher.errors import UserError
+from launcher.submit import add_arguments as add_submit_arguments, submit
 
 USER_ERROR_EXIT = 2
 
@@ -19,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one config value (repeatable), e.g. --set train.steps=20")
     train.add_argument("--nproc-per-node", type=int, default=1,
                        help="outside a torchrun/srun world: start a local torchrun world of this many processes")
+    submit = commands.add_parser("submit", help="train on a Slurm cluster: write an sbatch script and submit it")
+    add_submit_arguments(submit)
+    add_prepare_arguments(commands.add_parser(
+        "prepare", help="tokenize raw corpus files (jsonl/json/parquet/arrow/txt) into a megatron .bin/.idx dataset"))
+    add_tokenizer_arguments(commands.add_parser("tokenizer", help="tokenizer tools: `tokenizer train`"))
     return parser
 
 
@@ -41,7 +48,9 @@ def _train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _train(args)
+        if args.command in ("prepare", "tokenizer"):
+            return prepare_command(args) if args.command == "prepare" else tokenizer_command(args)
+        return submit(args) if args.command == "submit" else _train(args)
     except (UserError, DataError) as e:
         if detect_world().rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -50,7 +50,6 @@ class ParallelSection:
     cp_kernel: str = "auto"  # auto (cpu_flash on CPU, flash_attn on CUDA) | math | cpu_flash | flash_attn
 
 
-
 @dataclass
 class TrainSection:
     steps: int = 100
@@ -79,9 +78,14 @@ class TrainSection:
 @dataclass
 class DataSection:
     source: str = "pydoc"  # pydoc | stdlib: the corpus that ships with CPython
-    vocab_size: int = 4096
+    vocab_size: int = 4096  # with `prepared` and left out: the tokenizer's
     valid_fraction: float = 0.05
     cache_dir: str = "~/.cache/shardwright"
+    # Datasets written by `shardwright prepare` (used instead of `source`): a list of directories
+    # or {path: DIR, weight: W} mappings, blended by relative weight.
+    prepared: list = field(default_factory=list)
+    tokenizer: str = ""  # with `prepared`: the .model file (default: the first dataset's copy)
+    splits: list = field(default_factory=lambda: [98, 2, 0])  # with `prepared`: train, valid, test shares
 
 
 @dataclass
@@ -230,7 +234,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                             f"sections are: {', '.join(_SECTIONS)}")
     sections = {name: _fill_dataclass(_SECTIONS[name], name, raw[name])
                 for name in _SECTIONS if name != "model" and name in raw}
-    return Config(model=_model_section(raw.get("model", {})), **sections)
+    cfg = Config(model=_model_section(raw.get("model", {})), **sections)
+    if cfg.data.prepared and "vocab_size" not in raw["data"]:
+        from data.build import prepared_vocab_size  # reads the prepared data's tokenizer
+
+        cfg.data.vocab_size = prepared_vocab_size(cfg.data)
+    return cfg
 
 
 def check_context_parallel(p: ParallelSection, dims: ParallelDims, seq_len: int) -> None:
@@ -284,8 +293,9 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
                         f"sequence parallelism; change seq_len or set parallel.sequence_parallel=false")
     if cfg.parallel.async_tp and not t.compile:
         raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
-    if cfg.parallel.async_tp and not t.compile:
-        raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
+    from data.build import check_data_config
+
+    check_data_config(cfg.data)  # prepared datasets: entries, splits, manifests, tokenizer, vocab
     try:
         model_cfg = cfg.model_config()
     except (TypeError, ValueError) as e:

@@ -8,6 +8,9 @@ The loss of a step is the sum of token losses over the whole global batch divide
 number of target tokens, so it does not depend on how the batch is split over data-parallel
 ranks or micro-batches: the same config under any layout gives the same loss curve.
 """
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -18,9 +21,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from data.embedded import prepare_embedded
-from data.indexed import open_indexed
-from data.loader import GlobalBatchLoader, PackedTokens
+from data.build import build_loaders
 from launcher.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, check_complete
 from launcher.config import Config, cp_layout, validate
 from launcher.distributed import detect_world, init_distributed
@@ -34,6 +35,10 @@ from parallel.data_parallel import uses_fsdp
 from parallel.init import init_parameters
 from parallel.pipeline import build_pipeline, stages_per_rank
 from parallel.tensor_parallel import full_tensor, reduce_partial_grads
+
+# Exit code after SIGUSR1/SIGTERM (Slurm's time-limit warning, preemption): the last finished step
+# is checkpointed, and the job script requeues itself to resume from it (EX_TEMPFAIL).
+PREEMPTED_EXIT = 75
 
 
 def train(cfg: Config) -> dict:
@@ -52,15 +57,11 @@ def train(cfg: Config) -> dict:
     start_step = saved["meta"]["step"] if saved else 0
     say = print if rank == 0 else (lambda _: None)  # until the run directory may be written to
 
-    # Data: the embedded corpus is built once and cached; every rank sees the same global batches.
-    data = prepare_embedded(cfg.data.source, cfg.data.vocab_size, Path(cfg.data.cache_dir).expanduser(),
-                            cfg.data.valid_fraction, log=lambda message: say(f"[shardwright] {message}"))
-    dp_rank = meshes.dp.get_local_rank()
-
-    def loader(prefix):
-        return GlobalBatchLoader(PackedTokens(open_indexed(prefix), t.seq_len), t.global_batch_size,
-                                 t.micro_batch_size, dp_rank, dims.dp, t.seed)
-    train_loader, valid_loader = loader(data.train_prefix), loader(data.valid_prefix)
+    # Data: the embedded corpus (built once, cached) or a blend of prepared datasets; the global batch
+    # of a step depends only on (seed, step), so every layout sees the same samples.
+    data, train_loader, valid_loader = build_loaders(
+        cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, meshes.dp.get_local_rank(), dims.dp, t.seed,
+        log=lambda message: say(f"[shardwright] {message}"))
 
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
     spec = get_model_spec(cfg.model.family)
@@ -149,7 +150,12 @@ def train(cfg: Config) -> dict:
                 for inputs, targets in micro_batches:
                     micro_loss = pipeline_loss(parts[0](inputs.to(device)), targets.to(device))
                     if backward:
-                        micro_loss.backward()
+                        # MoE aux + z losses (models/moe): the model's value is this rank's share of the
+                        # loss of the forward's batch over dp x cp; x dp*cp undoes the gradient averaging
+                        # over those ranks, / n_micro makes the step's aux loss the mean over micro-batches.
+                        aux = getattr(parts[0], "aux_loss", lambda: None)()
+                        torch.autograd.backward([micro_loss] if aux is None else
+                                                [micro_loss, aux * (dims.dp * dims.cp / n_micro)])
                     loss_sum += full_tensor(micro_loss.detach()) / loss_scale
         dist.all_reduce(loss_sum, group=batch_group)
         return loss_sum / n_targets
@@ -170,6 +176,7 @@ def train(cfg: Config) -> dict:
     if start_step >= last_step:
         metrics.info(f"nothing to train: {run_dir} is already at step {start_step}; raise train.steps "
                      f"(or run.stop_at_step) to continue, or use a new run.dir")
+    stop_signals = catch_stop_signals()  # from here SIGUSR1/SIGTERM stop the run after a step, with a checkpoint
     for step in range(start_step + 1, last_step + 1):
         started = time.perf_counter()
         loss = step_loss(train_loader, train_loader.step, backward=True)
@@ -178,6 +185,8 @@ def train(cfg: Config) -> dict:
         grad_norm = clip_grad_norm(parts, t.grad_clip, meshes.pp.get_group())
         lr = optimizers.lr
         optimizers.step()
+        if hasattr(parts[0], "update_router_bias"):  # MoE: aux-loss-free bias update, the step's load stats
+            parts[0].update_router_bias()
         loss_value = loss.item()  # waits for the step to finish
         elapsed = time.perf_counter() - started
         tokens_per_s = tokens_per_step / elapsed
@@ -186,12 +195,22 @@ def train(cfg: Config) -> dict:
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
                   "tflops": tflops, "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
+        record.update(parts[0].moe_metrics() if hasattr(parts[0], "moe_metrics") else {})
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
         if t.eval_every and step % t.eval_every == 0 and step != last_step:
             eval_loss = evaluate()
             metrics.log({"step": step, "eval_loss": eval_loss}, show=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != last_step:
             save(step)
+        stop = stop_signal(stop_signals)  # every rank, every step: all stop after the same step
+        if stop and step != last_step:
+            if cfg.checkpoint.enabled and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                save(step)
+            metrics.info(f"{signal.Signals(stop).name} received: stopped after step {step}; exit code "
+                         f"{PREEMPTED_EXIT} (requeue to resume from the checkpoint)")
+            metrics.close()
+            dist.barrier()
+            sys.exit(PREEMPTED_EXIT)
     if start_step < last_step:
         eval_loss = evaluate()
         metrics.log({"step": last_step, "eval_loss": eval_loss}, show=True)
@@ -290,3 +309,22 @@ def summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, world_
         lines.append(f"sample: {sample!r}")
     return {"losses": losses, "eval_loss": eval_loss, "tokens_per_s": tokens_per_s, "mfu": mfu, "sample": sample,
             "lines": lines}
+
+
+def catch_stop_signals() -> list[int]:
+    """SIGUSR1 (Slurm's warning before a time limit) and SIGTERM (preemption) are only recorded here;
+    the training loop checks the record after each step (stop_signal). Until the loop starts they
+    keep their usual effect (SIGTERM ends the process), so a job cancelled while starting ends at once."""
+    received: list[int] = []
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return received
+
+
+def stop_signal(received: list[int]) -> int:
+    """The stop signal any rank has received, 0 if none: one tiny all-reduce, so that every rank
+    stops after the same step and none is left waiting in a collective."""
+    flag = torch.tensor(max(received, default=0))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)

@@ -3,7 +3,7 @@ import importlib
 
 from models.spec import ModelSpec
 
-FAMILIES = ("llm",)
+FAMILIES = ("llm", "moe", "deltanet")
 
 
 def get_model_spec(family: str) -> ModelSpec:

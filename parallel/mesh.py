@@ -5,7 +5,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
 # Dimensions whose parallelism has not landed yet, with the issue that brings each.
-NOT_YET = {"ep": "#6 (expert parallelism)"}
+NOT_YET: dict[str, str] = {}
 
 
 class LayoutError(ValueError):
@@ -69,8 +69,18 @@ class ParallelDims:
         # for HSDP, replicated over dp_replicate: the batch mesh cut into (replicate, shard).
         fsdp = batch._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("fsdp_replicate", "fsdp_shard")) \
             if self.dp_replicate > 1 else world["dp_shard", "cp"]._flatten("dp_shard_cp")
+        # Expert parallelism borrows ranks of dp_shard x cp: that dim cut into (efsdp, ep), ep inner.
+        # Expert weights are sharded over ep, and FSDP shards them over efsdp (x dp_replicate: HSDP).
+        # Built only when ep > 1 (new process groups).
+        ep = expert_fsdp = None
+        if self.ep > 1:
+            shard_cp = self.dp_shard * self.cp
+            experts = batch._unflatten(0, (self.dp_replicate, shard_cp // self.ep, self.ep),
+                                       ("efsdp_replicate", "efsdp", "ep"))
+            ep = experts["ep"]
+            expert_fsdp = experts["efsdp_replicate", "efsdp"] if self.dp_replicate > 1 else experts["efsdp"]
         return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"],
-                      pp=world["pp"], cp=world["cp"], fsdp=fsdp, batch=batch)
+                      pp=world["pp"], cp=world["cp"], fsdp=fsdp, batch=batch, ep=ep, expert_fsdp=expert_fsdp)
 
 
 @dataclass(frozen=True)
@@ -84,3 +94,5 @@ class Meshes:
     cp: DeviceMesh  # ranks that split each sequence
     fsdp: DeviceMesh  # what FSDP shards over: dp_shard x cp (2-D with dp_replicate for HSDP)
     batch: DeviceMesh  # dp x cp: ranks holding different tokens of a step (loss and token counts)
+    ep: DeviceMesh | None = None  # expert parallelism (ep > 1 only): ranks of dp_shard x cp that split the experts
+    expert_fsdp: DeviceMesh | None = None  # what FSDP shards expert weights over: dp_shard x cp / ep (x dp_replicate)

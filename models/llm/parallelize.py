@@ -82,6 +82,9 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
         problems.append(f"head dim {cfg.head_dim} (dim / n_heads) must be even for rotary embeddings")
     if cfg.n_heads % cfg.kv_heads:
         problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
+    if dims.ep > 1 and not hasattr(cfg, "n_experts"):
+        problems.append(f"parallel.ep={dims.ep} splits experts, but this model has none; set parallel.ep=1 "
+                        f"(or use model.family=moe)")
     if dims.pp > 1 and cfg.tie_embeddings:
         problems.append("model.tie_embeddings=true shares a weight between the first and last pipeline stage; "
                         "untie them to use parallel.pp > 1")

@@ -6,24 +6,26 @@ from tests.conftest import TINY, tiny_overrides
 RTOL = 1e-5  # fp32 run-level parity: relative difference of per-step losses
 
 
-def train_losses(run_dir: str, cache: str, overrides: list[str]) -> list[float]:
+def train_losses(run_dir: str, cache: str, overrides: list[str], config: str = "") -> list[float]:
     """Check body, run on every rank of a world: one training run, its per-step losses."""
-    return train_summary(run_dir, cache, overrides)["losses"]
+    return train_summary(run_dir, cache, overrides, config)["losses"]
 
 
-def train_summary(run_dir: str, cache: str, overrides: list[str]) -> dict:
-    """Check body: one training run; its per-step losses and final eval loss."""
+def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = "") -> dict:
+    """Check body: one training run of `config` (default: the tiny LLM); its per-step losses and final eval loss."""
     from launcher.config import load_config
     from launcher.trainer import train
 
-    summary = train(load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), *overrides)))
+    summary = train(load_config(Path(config) if config else TINY,
+                                tiny_overrides(Path(run_dir), Path(cache), *overrides)))
     return {"losses": summary["losses"], "eval_loss": summary["eval_loss"]}
 
 
-def train_check(run_dir: Path, cache: Path, *overrides: str, summary: bool = False) -> tuple[str, dict]:
+def train_check(run_dir: Path, cache: Path, *overrides: str, summary: bool = False,
+                config: Path | None = None) -> tuple[str, dict]:
     body = "train_summary" if summary else "train_losses"
     return (f"tests.distributed.runs:{body}", {"run_dir": str(run_dir), "cache": str(cache),
-                                                "overrides": list(overrides)})
+                                                "overrides": list(overrides), "config": str(config or "")})
 
 
 def assert_same_losses(got: list[float], want: list[float]) -> None:

@@ -233,10 +233,9 @@ def test_world_not_divisible_by_fixed_dims():
     assert "3" in message and "2" in message
 
 
-@pytest.mark.parametrize("dim", ["ep"])
-def test_unimplemented_parallelism_is_rejected(dim):
-    message = _invalid(2, f"parallel.{dim}=2", "train.micro_batch_size=4")
-    assert f"parallel.{dim}=2" in message and "not supported yet" in message
+def test_expert_parallelism_needs_experts():
+    message = _invalid(2, "parallel.ep=2", "train.micro_batch_size=4")
+    assert "parallel.ep=2 splits experts, but this model has none" in message
 
 
 def test_tp_must_divide_heads_and_lists_the_values_that_work():
