@@ -18,7 +18,7 @@ train: $(PY)
 	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2 --set run.dir=runs/llm-tiny/$$(date +%Y%m%d-%H%M%S)
 
 test: $(PY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf .venv runs
