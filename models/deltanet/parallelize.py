@@ -17,7 +17,6 @@ Pipeline parallelism reuses the LLM's split_stage.
 """
 from functools import partial
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -30,11 +29,10 @@ from models.deltanet.ops import delta_rule, delta_rule_state_map
 from models.llm.parallelize import check_layout as llm_check_layout
 from models.llm.parallelize import split_stage  # noqa: F401  (re-exported for the ModelSpec)
 from models.spec import ParallelizeOptions
-from parallel.activation_checkpoint import checkpoint_block
+from parallel.blocks import checkpoint_compile_and_shard
 from parallel.context.apply import apply_context_parallel
 from parallel.context.halo import previous_halo
 from parallel.context.mixer import StatePassingMixer, context_parallel_mix
-from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import Meshes, ParallelDims
 from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
                                       vocab_parallel_embedding, vocab_parallel_head)
@@ -50,13 +48,7 @@ def parallelize_deltanet(model: nn.Module, dims: ParallelDims, meshes: Meshes,
             enable_async_tp(meshes.tp)
     if dims.cp > 1:
         apply_context_parallel_deltanet(model, meshes.cp, options)
-    for name, block in list(model.layers.items()):
-        if options.activation_checkpoint != "none":
-            block = checkpoint_block(block, options.activation_checkpoint)
-        if options.compile:
-            block = torch.compile(block)
-        model.layers[name] = block
-    return apply_data_parallel(model, model.layers.values(), dims, meshes, options)
+    return checkpoint_compile_and_shard(model, dims, meshes, options)
 
 
 class ChannelShardedConv(ParallelStyle):

@@ -10,15 +10,13 @@ and fills in the global positions of the rank's tokens (parallel/context/apply.p
 Pipeline parallelism cuts the model into stages first (parallel/pipeline.py, with split_stage
 below); each stage is then parallelized by parallelize_llm like a whole model.
 """
-import torch
 from torch import nn
 from torch.distributed.tensor.parallel import parallelize_module
 
 from models.llm.model import LLMConfig
 from models.spec import ParallelizeOptions
-from parallel.activation_checkpoint import checkpoint_block
+from parallel.blocks import checkpoint_compile_and_shard
 from parallel.context.apply import apply_context_parallel
-from parallel.data_parallel import apply_data_parallel
 from parallel.mesh import Meshes, ParallelDims
 from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
                                       vocab_parallel_embedding, vocab_parallel_head)
@@ -32,13 +30,7 @@ def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, option
     if dims.cp > 1:
         apply_context_parallel((block.attention for block in model.layers.values()), meshes.cp, options.cp_mode,
                                options.cp_layout, options.cp_ulysses, options.cp_kernel)
-    for name, block in list(model.layers.items()):
-        if options.activation_checkpoint != "none":
-            block = checkpoint_block(block, options.activation_checkpoint)
-        if options.compile:
-            block = torch.compile(block)
-        model.layers[name] = block
-    return apply_data_parallel(model, model.layers.values(), dims, meshes, options)
+    return checkpoint_compile_and_shard(model, dims, meshes, options)
 
 
 def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:

@@ -14,7 +14,6 @@
 - FSDP: expert weights get their own FSDP unit over expert_fsdp (dp_shard x cp / ep), with the
   gradient divisor set to the whole dp x cp degree (see parallel/expert.py); the rest as the LLM.
 """
-import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate
@@ -24,9 +23,8 @@ from models.llm.parallelize import apply_tensor_parallel as llm_tensor_parallel
 from models.llm.parallelize import check_layout as llm_check_layout
 from models.moe.model import MoE, MoEConfig
 from models.spec import ParallelizeOptions
-from parallel.activation_checkpoint import checkpoint_block
+from parallel.blocks import checkpoint_compile_and_shard
 from parallel.context.apply import apply_context_parallel
-from parallel.data_parallel import apply_data_parallel
 from parallel.expert import shard_experts
 from parallel.mesh import Meshes, ParallelDims
 from parallel.tensor_parallel import residual_layout
@@ -50,13 +48,7 @@ def parallelize_moe(model: nn.Module, dims: ParallelDims, meshes: Meshes, option
     if dims.cp > 1:
         apply_context_parallel((block.attention for block in model.layers.values()), meshes.cp, options.cp_mode,
                                options.cp_layout, options.cp_ulysses, options.cp_kernel)
-    for name, block in list(model.layers.items()):
-        if options.activation_checkpoint != "none":
-            block = checkpoint_block(block, options.activation_checkpoint)
-        if options.compile:
-            block = torch.compile(block)
-        model.layers[name] = block
-    return apply_data_parallel(model, model.layers.values(), dims, meshes, options)
+    return checkpoint_compile_and_shard(model, dims, meshes, options)
 
 
 def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
@@ -103,6 +95,10 @@ def check_layout(cfg: MoEConfig, dims: ParallelDims) -> list[str]:
         problems.append(f"model.n_dense_layers={cfg.n_dense_layers} must be between 0 and n_layers={cfg.n_layers}")
     if cfg.capacity_factor < 0:
         problems.append(f"model.capacity_factor={cfg.capacity_factor} must be >= 0 (0: dropless)")
+    if dims.tp > 1 and dims.dp_shard * dims.cp == 1:
+        # Without FSDP the whole (non-TP) experts stay plain tensors beside TP DTensors, and AdamW's
+        # foreach step fails on the mix (seen at tp=2 alone); with FSDP every parameter is a DTensor.
+        problems.append("MoE with parallel.tp > 1 needs FSDP too (dp_shard x cp > 1) for now; add dp_shard ranks")
     if dims.pp > 1:
         problems.append("parallel.pp > 1 is not supported for model.family=moe yet (aux losses are not attached "
                         "per stage); set parallel.pp=1")
