@@ -4,16 +4,22 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from launcher.config import TrainSection
 
 
 def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
+    """AdamW over matrices (decayed) and vectors (norm gains: not decayed). DTensors and plain
+    tensors go into separate groups: foreach kernels run per group and refuse a mix of the two
+    (e.g. MoE experts kept whole beside tensor-parallel weights when no FSDP makes all DTensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},  # norm gains are not decayed
-    ]
+    groups = []
+    for decayed in (True, False):
+        for distributed in (True, False):
+            members = [p for p in params if (p.ndim >= 2) == decayed and isinstance(p, DTensor) == distributed]
+            if members:
+                groups.append({"params": members, "weight_decay": t.weight_decay if decayed else 0.0})
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
 
 

@@ -103,6 +103,12 @@ def train(cfg: Config) -> dict:
     # Vocab-sharded logits need cross entropy (forward and backward) under loss_parallel().
     loss_context = loss_parallel if dims.tp > 1 and options.loss_parallel else nullcontext
     optimizers = Optimizers(parts, t)
+    for part in parts:
+        if hasattr(part, "set_aux_loss_scale"):
+            # MoE aux + z losses ride on each layer's output (models/moe): a layer's value is this rank's
+            # share of the loss of the forward's batch over dp x cp; x dp*cp undoes the gradient averaging
+            # over those ranks, / n_micro makes the step's aux loss the mean over micro-batches.
+            part.set_aux_loss_scale(dims.dp * dims.cp / n_micro)
 
     state = {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizers.optimizers),
              "scheduler": optimizers.schedule_state, "data": train_loader}
@@ -150,19 +156,19 @@ def train(cfg: Config) -> dict:
                 for inputs, targets in micro_batches:
                     micro_loss = pipeline_loss(parts[0](inputs.to(device)), targets.to(device))
                     if backward:
-                        # MoE aux + z losses (models/moe): the model's value is this rank's share of the
-                        # loss of the forward's batch over dp x cp; x dp*cp undoes the gradient averaging
-                        # over those ranks, / n_micro makes the step's aux loss the mean over micro-batches.
-                        aux = getattr(parts[0], "aux_loss", lambda: None)()
-                        torch.autograd.backward([micro_loss] if aux is None else
-                                                [micro_loss, aux * (dims.dp * dims.cp / n_micro)])
+                        micro_loss.backward()
                     loss_sum += full_tensor(micro_loss.detach()) / loss_scale
         dist.all_reduce(loss_sum, group=batch_group)
         return loss_sum / n_targets
 
     def evaluate() -> float:
+        for part in parts:  # eval mode: e.g. MoE layers keep no routing statistics of eval batches
+            part.eval()
         with torch.no_grad():
-            return sum(step_loss(valid_loader, i, backward=False).item() for i in range(t.eval_batches)) / t.eval_batches
+            loss = sum(step_loss(valid_loader, i, backward=False).item() for i in range(t.eval_batches)) / t.eval_batches
+        for part in parts:
+            part.train()
+        return loss
 
     def save(step: int) -> None:
         path = checkpointer.save(step, state, checkpoint_meta)
@@ -185,8 +191,7 @@ def train(cfg: Config) -> dict:
         grad_norm = clip_grad_norm(parts, t.grad_clip, meshes.pp.get_group())
         lr = optimizers.lr
         optimizers.step()
-        if hasattr(parts[0], "update_router_bias"):  # MoE: aux-loss-free bias update, the step's load stats
-            parts[0].update_router_bias()
+        model_metrics = end_step(parts, meshes.pp.get_group())
         loss_value = loss.item()  # waits for the step to finish
         elapsed = time.perf_counter() - started
         tokens_per_s = tokens_per_step / elapsed
@@ -195,7 +200,7 @@ def train(cfg: Config) -> dict:
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
                   "tflops": tflops, "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
-        record.update(parts[0].moe_metrics() if hasattr(parts[0], "moe_metrics") else {})
+        record.update(model_metrics)
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
         if t.eval_every and step % t.eval_every == 0 and step != last_step:
             eval_loss = evaluate()
@@ -276,6 +281,23 @@ def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> f
         for grads in by_mesh.values():  # a Python scalar multiplies DTensors and plain tensors alike
             torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return norm
+
+
+def end_step(parts: list[torch.nn.Module], pp_group) -> dict[str, float]:
+    """The model's own end of a step (MoE: aux-loss-free bias updates) and its statistics of the step,
+    from every pipeline stage: entries of one layer come from its stage alone, totals add up."""
+    if not hasattr(parts[0], "end_step"):  # the same family on every rank: all return here, or none
+        return {}
+    records = [part.end_step() for part in parts]
+    if dist.get_world_size(pp_group) > 1:
+        gathered = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(gathered, records, group=pp_group)
+        records = [record for stage_records in gathered for record in stage_records]
+    merged: dict[str, float] = {}
+    for record in records:
+        for key, value in record.items():
+            merged[key] = merged.get(key, 0.0) + value
+    return merged
 
 
 @torch.no_grad()

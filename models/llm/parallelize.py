@@ -13,6 +13,7 @@ below); each stage is then parallelized by parallelize_llm like a whole model.
 from torch import nn
 from torch.distributed.tensor.parallel import parallelize_module
 
+from models.common.mlp import SwiGLU
 from models.llm.model import LLMConfig
 from models.spec import ParallelizeOptions
 from parallel.blocks import checkpoint_compile_and_shard
@@ -46,11 +47,13 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: Parallelize
         "output": vocab_parallel_head(sp, options.loss_parallel),
     })
     for block in model.layers.values():
+        # Other feed-forward kinds (MoE layers) are planned by their family's parallelize.
+        dense_ffn = isinstance(block.feed_forward, SwiGLU)
         parallelize_module(block, meshes.tp, {
             **norm_plan(["attention_norm", "ffn_norm"], sp),
             **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=1,  # + positions
                               column_styles=kv_styles),
-            **column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp),
+            **(column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp) if dense_ffn else {}),
         })
 
 

@@ -13,14 +13,17 @@ Routers
 - group-limited routing (n_groups > 1): only experts in the topk_groups best groups are eligible
   (group score: the sum of its top-2 scores for sigmoid, its max for softmax).
 
-Losses (each with its coefficient; `Transformer.aux_loss()` returns their weighted sum)
+Losses (each with its coefficient)
 - Switch load balance: L_aux = coef * E * sum_i f_i P_i, f_i = (assignments to expert i) / (k T),
   P_i = mean router probability of i (sigmoid: scores normalized over experts); f and P over all
   T tokens of one forward on all ranks of the batch group. Its minimum under uniform routing is
   1 * coef (f_i = P_i = 1/E).
 - ST-MoE router z-loss: L_z = coef * mean_t logsumexp(logits_t)^2; zero logits give (ln E)^2.
 Each rank's stored loss is its share: summed over the batch group it is the loss of the global
-batch of that forward (see `MoE.forward`).
+batch of that forward (see `MoE.forward`). The shares are not returned with the output: each MoE
+layer attaches its own to its output (`attach_loss`), so their gradient joins the backward wherever
+the output goes, also through a pipeline stage, and no loss has to travel with the activations.
+`aux_loss_scale` (set by the trainer) is the gradient weight of a forward's shares.
 
 Dropless by default; capacity_factor > 0 keeps at most ceil(cf * k * N / E) assignments per
 expert of a rank's N local tokens (top-1 choices first, then in token order); the rest are
@@ -125,16 +128,16 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tens
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
         return torch._grouped_mm(h, w2, offs=offs)
+    # No early exit for zero rows: the (empty) result must stay in the autograd graph, or an ep rank
+    # whose experts got no tokens would skip the backward all-to-alls its peers wait in.
     n_experts, longest = len(counts), max(counts, default=0)
-    if longest == 0:
-        return x.new_zeros(x.shape)
     counts_t = torch.tensor(counts, device=x.device)
     expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts_t)
     starts = counts_t.cumsum(0) - counts_t
     # Row slot in the padded [E * longest, d] layout; index_copy / index_select (backward: index_select /
     # index_add) are much cheaper on CPU than advanced indexing, whose backward accumulates by sorting.
     slot = expert * longest + torch.arange(x.shape[0], device=x.device) - starts[expert]
-    padded = x.new_zeros(n_experts * longest, x.shape[-1]).index_copy(0, slot, x).view(n_experts, longest, -1)
+    padded = x.new_zeros(n_experts * longest, x.shape[-1]).index_copy(0, slot, x).view(n_experts, longest, x.shape[-1])
     h = F.silu(torch.bmm(padded, w1)) * torch.bmm(padded, w3)
     return torch.bmm(h, w2).flatten(0, 1).index_select(0, slot)
 
@@ -149,6 +152,25 @@ def looped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tenso
     return torch.cat(out) if out else x.new_zeros(x.shape)
 
 
+class AttachLoss(torch.autograd.Function):
+    """Identity on x; its backward also back-propagates `loss` with gradient `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale, ctx.loss_meta = scale, (loss.shape, loss.dtype, loss.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shape, dtype, device = ctx.loss_meta
+        return grad, torch.full(shape, ctx.scale, dtype=dtype, device=device), None
+
+
+def attach_loss(x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """x, with `scale * loss` added to the objective of any backward that passes through it."""
+    return AttachLoss.apply(x, loss, scale)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -159,6 +181,7 @@ class MoE(nn.Module):
         self.ep_group = None  # set by parallelize: expert parallelism
         self.batch_group = None  # set by parallelize: where routing statistics are all-reduced
         self.aux_share = self.z_share = None  # this rank's weighted aux / z loss of the last forward
+        self.aux_loss_scale = 1.0  # gradient weight of the shares (trainer: undoes dp x cp averaging, / micro-batches)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -198,7 +221,7 @@ class MoE(nn.Module):
         # Shares: summed over the batch group they are the losses of the whole batch of this forward.
         self.aux_share = cfg.aux_loss_coef * n_experts * (fraction * probs.sum(0)).sum() / total
         self.z_share = cfg.z_loss_coef * lse2.sum() / total
-        if torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled():  # a training forward (not eval, not a sample)
             aux = cfg.aux_loss_coef * n_experts * (fraction * prob_sum).sum() / total
             row = torch.cat([load, torch.stack([dropped, k * total, aux, cfg.z_loss_coef * lse2_sum / total,
                                                 torch.ones((), device=x.device)])])
@@ -213,6 +236,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(x).index_add(0, token, y * route_weight.unsqueeze(-1).to(y.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
+        if torch.is_grad_enabled():
+            out = attach_loss(out, self.aux_share + self.z_share, self.aux_loss_scale)
         return out.view(shape)
 
     @torch.no_grad()
@@ -240,16 +265,18 @@ class MoETransformer(Transformer):
         return {name.split(".")[1] if name.startswith("layers.") else name: m
                 for name, m in self.named_modules() if isinstance(m, MoE)}
 
-    def aux_loss(self) -> torch.Tensor | None:
-        """This rank's share of the weighted aux + z losses of the last forward (None if no MoE layer)."""
-        shares = [s for m in self.moe_layers().values() for s in (m.aux_share, m.z_share) if s is not None]
-        return sum(shares) if shares else None
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Gradient weight of each forward's aux + z shares (see `MoE.aux_loss_scale`)."""
+        for m in self.moe_layers().values():
+            m.aux_loss_scale = scale
 
     @torch.no_grad()
-    def update_router_bias(self) -> None:
+    def end_step(self) -> dict[str, float]:
         """After the optimizer step: move the selection biases from the step's global load (loads
-        were all-reduced over the batch group in the forwards), and close the step's statistics."""
-        self._last_metrics = {}
+        were all-reduced over the batch group in the forwards), close the step's statistics and
+        return them: weighted aux and z loss (mean over the step's forwards, global batch) and per
+        layer the min / max / mean tokens per expert per forward and the dropped fraction."""
+        metrics = {}
         aux = z = 0.0
         for name, m in self.moe_layers().items():
             if m.step_stats is None:
@@ -262,17 +289,12 @@ class MoETransformer(Transformer):
             aux += float(aux_sum / forwards)
             z += float(z_sum / forwards)
             per_forward = load / forwards
-            self._last_metrics.update({f"moe_load_min/{name}": float(per_forward.min()),
-                                       f"moe_load_max/{name}": float(per_forward.max()),
-                                       f"moe_load_mean/{name}": float(per_forward.mean()),
-                                       f"moe_dropped/{name}": float(dropped / assigned)})
+            metrics.update({f"moe_load_min/{name}": float(per_forward.min()),
+                            f"moe_load_max/{name}": float(per_forward.max()),
+                            f"moe_load_mean/{name}": float(per_forward.mean()),
+                            f"moe_dropped/{name}": float(dropped / assigned)})
             m.reset_stats()
-        self._last_metrics = {"moe_aux_loss": aux, "moe_z_loss": z, **self._last_metrics}
-
-    def moe_metrics(self) -> dict[str, float]:
-        """Weighted aux and z loss (mean over the step's forwards, global batch) and per layer the
-        min / max / mean tokens per expert per forward and the dropped fraction of assignments."""
-        return dict(getattr(self, "_last_metrics", {}))
+        return {"moe_aux_loss": aux, "moe_z_loss": z, **metrics}
 
     def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
         cfg = self.cfg

@@ -11,6 +11,8 @@
 - EP: expert weights become DTensors sharded on the expert dim over the ep mesh; tokens move by
   all-to-all (parallel/expert.py). Each MoE layer learns its ep group and its batch group (dp x cp:
   where the routing statistics are all-reduced).
+- PP: nothing here; each stage is a MoE model of its own layers, and every MoE layer attaches its
+  aux losses to its output (models/moe/model.py), so no loss travels between stages.
 - FSDP: expert weights get their own FSDP unit over expert_fsdp (dp_shard x cp / ep), with the
   gradient divisor set to the whole dp x cp degree (see parallel/expert.py); the rest as the LLM.
 """
@@ -52,24 +54,20 @@ def parallelize_moe(model: nn.Module, dims: ParallelDims, meshes: Meshes, option
 
 
 def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
-    """The LLM's TP plan for embedding, head, attention and dense FFNs; MoE layers whole (see above)."""
-    moe_blocks = {name: block.feed_forward for name, block in model.layers.items()
-                  if isinstance(block.feed_forward, MoE)}
-    for name, moe in moe_blocks.items():  # hide the MoE layers from the LLM plan, which would split a SwiGLU
-        model.layers[name].feed_forward = nn.Identity()
+    """The LLM's TP plan for embedding, head, attention and dense FFNs (it leaves MoE layers alone);
+    MoE layers whole (see above): the stream gathered to Replicate in, back to its layout out."""
     llm_tensor_parallel(model, meshes, options)
     stream = residual_layout(options.sequence_parallel)
-    for name, moe in moe_blocks.items():
-        block = model.layers[name]
-        block.feed_forward = moe
-        parallelize_module(block, meshes.tp, {
-            "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
-                                               use_local_output=True),
-        })
-        parallelize_module(block, meshes.tp, {
-            "feed_forward": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(stream,),
-                                                use_local_output=True),
-        })
+    for block in model.layers.values():
+        if isinstance(block.feed_forward, MoE):
+            parallelize_module(block, meshes.tp, {
+                "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
+                                                   use_local_output=True),
+            })
+            parallelize_module(block, meshes.tp, {
+                "feed_forward": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(stream,),
+                                                    use_local_output=True),
+            })
 
 
 def check_layout(cfg: MoEConfig, dims: ParallelDims) -> list[str]:
@@ -95,11 +93,4 @@ def check_layout(cfg: MoEConfig, dims: ParallelDims) -> list[str]:
         problems.append(f"model.n_dense_layers={cfg.n_dense_layers} must be between 0 and n_layers={cfg.n_layers}")
     if cfg.capacity_factor < 0:
         problems.append(f"model.capacity_factor={cfg.capacity_factor} must be >= 0 (0: dropless)")
-    if dims.tp > 1 and dims.dp_shard * dims.cp == 1:
-        # Without FSDP the whole (non-TP) experts stay plain tensors beside TP DTensors, and AdamW's
-        # foreach step fails on the mix (seen at tp=2 alone); with FSDP every parameter is a DTensor.
-        problems.append("MoE with parallel.tp > 1 needs FSDP too (dp_shard x cp > 1) for now; add dp_shard ranks")
-    if dims.pp > 1:
-        problems.append("parallel.pp > 1 is not supported for model.family=moe yet (aux losses are not attached "
-                        "per stage); set parallel.pp=1")
     return problems

@@ -1,6 +1,10 @@
 """Expert parallelism: the all-to-all round trip, one MoE layer at ep=2 and ep=4 against one
-device (outputs, gradients, aux losses), and the tiny MoE config trained at ep=2 and ep=2 x tp=2
-against one process."""
+device (outputs, gradients, aux losses), and the tiny MoE config trained at ep=2, ep=2 x tp=2,
+tp=2 alone, and under pipeline parallelism against one process.
+
+The aux and z losses are functions of each forward's batch (all ranks of the batch group), so a
+run equals one process only when its forwards see the same sequences: the references use the
+micro-batch size that gives that."""
 import pytest
 
 from tests.conftest import REPO
@@ -67,9 +71,9 @@ def layer_parity(ep: int) -> dict[str, float]:
     rank = dist.get_rank()
     x, g = inputs[rank]
     out = layer(x)
-    ((out * g).sum() + layer.aux_share + layer.z_share).backward()
+    (out * g).sum().backward()  # + the aux and z shares, which the layer attached to its output
     want = reference(torch.cat([inputs[r][0] for r in group_ranks]))
-    ((want * torch.cat([inputs[r][1] for r in group_ranks])).sum() + reference.aux_share + reference.z_share).backward()
+    (want * torch.cat([inputs[r][1] for r in group_ranks])).sum().backward()
 
     def rel(a, b):
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -93,6 +97,8 @@ def layer_parity(ep: int) -> dict[str, float]:
     return errors
 
 
+MICRO4 = "train.micro_batch_size=4"
+
 # DeepSeek-V3-style routing: sigmoid scores, group-limited, a shared expert, aux-loss-free bias updates.
 DEEPSEEK = ("model.router=sigmoid", "model.bias_update_rate=0.01", "model.n_groups=4", "model.topk_groups=2",
             "model.n_shared_experts=1")
@@ -102,7 +108,8 @@ DEEPSEEK = ("model.router=sigmoid", "model.bias_update_rate=0.01", "model.n_grou
 def references(tmp_path_factory, data_cache) -> list:
     workdir = tmp_path_factory.mktemp("moe-reference")
     return run_world(1, [train_check(workdir / "run", data_cache, config=MOE_TINY),
-                         train_check(workdir / "deepseek", data_cache, *DEEPSEEK, config=MOE_TINY)], workdir)
+                         train_check(workdir / "deepseek", data_cache, *DEEPSEEK, config=MOE_TINY),
+                         train_check(workdir / "micro4", data_cache, MICRO4, config=MOE_TINY)], workdir)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +122,9 @@ def world4(tmp_path_factory, data_cache):
     workdir = tmp_path_factory.mktemp("ep-world4")
     checks = [(f"{THIS}:round_trip", {}), (f"{THIS}:layer_parity", {"ep": 2}), (f"{THIS}:layer_parity", {"ep": 4}),
               train_check(workdir / "ep2tp2", data_cache, "parallel.ep=2", "parallel.tp=2", "parallel.dp_shard=2",
-                          "train.micro_batch_size=4", config=MOE_TINY)]
+                          MICRO4, config=MOE_TINY),
+              train_check(workdir / "pp2ep2", data_cache, "parallel.pp=2", "parallel.ep=2", "parallel.dp_shard=2",
+                          "train.micro_batch_size=2", config=MOE_TINY)]
     return run_world(4, checks, workdir)
 
 
@@ -130,15 +139,53 @@ def test_moe_layer_ep_matches_one_device(world4, index, ep):
         assert max(errors.values()) < 1e-10, (ep, rank, errors)
 
 
-def test_tiny_moe_ep2_matches_one_process(tmp_path, data_cache, references):
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory, data_cache):
+    workdir = tmp_path_factory.mktemp("ep-world2")
+    runs = {"ep2": ["parallel.ep=2", MICRO4],
+            "ep2_cp2_deepseek": ["parallel.ep=2", "parallel.cp=2", "parallel.dp_shard=1", *DEEPSEEK],
+            "ep2_micro2": ["parallel.ep=2", "train.micro_batch_size=2"],
+            "tp2": ["parallel.tp=2"],  # experts whole beside TP weights, no FSDP
+            "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b", MICRO4],
+            "pp2_zbv": ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=2", MICRO4]}
+    results = run_world(2, [train_check(workdir / name, data_cache, *overrides, config=MOE_TINY)
+                            for name, overrides in runs.items()], workdir)
+    return {**dict(zip(runs, results)), "dir": workdir}
+
+
+def test_tiny_moe_ep2_matches_one_process(world2, references):
     """ep=2 over dp_shard=2 (softmax router), and ep=2 over cp=2 with the DeepSeek-style router."""
-    got = run_world(2, [train_check(tmp_path / "run", data_cache, "parallel.ep=2", "train.micro_batch_size=4",
-                                    config=MOE_TINY),
-                        train_check(tmp_path / "deepseek", data_cache, "parallel.ep=2", "parallel.cp=2",
-                                    "parallel.dp_shard=1", *DEEPSEEK, config=MOE_TINY)], tmp_path)
-    assert_same_losses(got[0].value(), references[0].value())
-    assert_same_losses(got[1].value(), references[1].value())
+    assert_same_losses(world2["ep2"].value(), references[0].value())
+    assert_same_losses(world2["ep2_cp2_deepseek"].value(), references[1].value())
 
 
 def test_tiny_moe_ep2_tp2_matches_one_process(world4, moe_reference):
     assert_same_losses(world4[3].value(), moe_reference)
+
+
+def test_tiny_moe_tp2_without_fsdp_matches_one_process(world2, moe_reference):
+    assert_same_losses(world2["tp2"].value(), moe_reference)
+
+
+@pytest.mark.parametrize("run", ["pp2_1f1b", "pp2_zbv"])
+def test_tiny_moe_pipeline_matches_one_process(world2, references, run):
+    """Each stage's MoE layers attach their aux losses to their outputs: 1F1B and the split
+    backward of zero-bubble V give one process's losses (same forward batches: micro-batch 4)."""
+    assert_same_losses(world2[run].value(), references[2].value())
+
+
+def test_tiny_moe_pp2_ep2_matches_ep2(world2, world4):
+    """pp=2 x ep=2 x dp_shard=2 on four processes equals ep=2 x dp_shard=2 on two (same forwards)."""
+    assert_same_losses(world4[4].value(), world2["ep2_micro2"].value())
+
+
+def test_moe_metrics_under_pp_cover_every_stage(world2):
+    """Per-layer loads come from the stage that holds the layer; the aux loss is their sum."""
+    import json
+
+    world2["pp2_1f1b"].value()
+    records = [json.loads(line) for line in (world2["dir"] / "pp2_1f1b" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if "moe_aux_loss" in r)
+    assert {f"moe_load_max/{layer}" for layer in (1, 2, 3)} <= step.keys()  # layer 0 dense; 2, 3 on stage 1
+    assert "moe_load_max/0" not in step
+    assert step["moe_aux_loss"] > 0.01 * 3 * 0.99  # >= coef per MoE layer (its minimum), all three counted

@@ -84,6 +84,23 @@ def test_aux_loss_is_larger_when_unbalanced():
     assert layer.aux_share.item() > 3.0  # all tokens on one expert with p ~ 1: aux -> E
 
 
+def test_attached_aux_loss_gradient_equals_adding_the_losses():
+    """The shares a layer attaches to its output reach the backward with weight aux_loss_scale,
+    as if scale * (aux + z) had been added to the objective by hand."""
+    x = torch.randn(24, DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    attached, by_hand = moe_layer(top_k=2), moe_layer(top_k=2)
+    attached.aux_loss_scale, by_hand.aux_loss_scale = 0.7, 0.0
+    attached(x).square().sum().backward()
+    out = by_hand(x)
+    (out.square().sum() + 0.7 * (by_hand.aux_share + by_hand.z_share)).backward()
+    grads = dict(by_hand.named_parameters())
+    for name, p in attached.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-12, atol=1e-12, msg=name)
+    router_grad_without_aux = torch.autograd.grad(by_hand(x).square().sum(), by_hand.router.gate.weight)[0]
+    assert not torch.allclose(router_grad_without_aux, attached.router.gate.weight.grad)  # the aux term counts
+
+
 def test_aux_free_bias_moves_toward_balance():
     cfg = MoEConfig(dim=DIM, n_layers=1, n_heads=4, vocab_size=64, n_experts=4, top_k=1, moe_hidden_dim=HIDDEN,
                     router="sigmoid", bias_update_rate=0.05, aux_loss_coef=0.0, z_loss_coef=0.0)
@@ -106,12 +123,23 @@ def test_aux_free_bias_moves_toward_balance():
     for _ in range(40):
         with torch.enable_grad():
             layer(x)
-        model.update_router_bias()
+        metrics = model.end_step()
     after = imbalance()
     assert before > 2.5 and after < 1.5, (before, after)
     assert layer.router.expert_bias[0] < 0  # the overloaded expert's selection bias went down
-    metrics = model.moe_metrics()
     assert {"moe_aux_loss", "moe_z_loss", "moe_load_max/0", "moe_dropped/0"} <= metrics.keys()
+
+
+def test_grouped_path_with_no_rows_stays_in_the_graph():
+    """An ep rank whose experts receive no tokens must still back-propagate through them (zero
+    gradients, not None), or it would skip the backward all-to-alls its peers wait in."""
+    w1, w3, w2 = (torch.randn(3, *shape, dtype=torch.float64, requires_grad=True)
+                  for shape in ((DIM, HIDDEN), (DIM, HIDDEN), (HIDDEN, DIM)))
+    x = torch.zeros(0, DIM, dtype=torch.float64, requires_grad=True)
+    y = grouped_swiglu(x, [0, 0, 0], w1, w3, w2)
+    assert y.shape == (0, DIM) and y.requires_grad
+    y.sum().backward()
+    assert all(w.grad is not None and not w.grad.any() for w in (w1, w3, w2)) and x.grad.shape == (0, DIM)
 
 
 def test_grouped_path_equals_per_expert_loop():
