@@ -84,7 +84,9 @@ def train_tokenizer(documents: list[str], model_prefix: Path, vocab_size: int, m
         raise DataError(
             f"cannot train a {vocab_size}-token tokenizer on {len(documents)} documents: {reason}"
         ) from None
-    return Path(f"{model_prefix}.model")
+    model = Path(f"{model_prefix}.model")
+    pad_vocab(model, 1, model_prefix=model_prefix.name)  # record no directory: same file wherever trained
+    return model
 
 
 def _training_sentences(documents: list[str], max_sentences: int = MAX_TRAINING_SENTENCES) -> list[str]:

@@ -56,6 +56,15 @@ def test_tokenizer_round_trips_text(prepared, documents):
         assert tok.decode(ids) == text
 
 
+def test_tokenizer_file_does_not_depend_on_where_it_was_trained(documents, tmp_path):
+    from data.tokenizer import train_tokenizer
+
+    a, b = tmp_path / "a", tmp_path / "b" / "elsewhere"
+    a.mkdir(), b.mkdir(parents=True)
+    here, there = (train_tokenizer(documents[:200], directory / "tok", VOCAB) for directory in (a, b))
+    assert here.read_bytes() == there.read_bytes()
+
+
 def test_second_prepare_reuses_the_cache(prepared, cache_dir):
     target = prepared.train_prefix.parent
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in target.iterdir()}
