@@ -8,11 +8,12 @@ The DeltaNet layer, per token x [B, T, dim]:
     q, k    = per-head L2 normalization                                      heads of head_dim
     beta    = sigmoid(W_b x) per head (x 2 with allow_neg_eigval)
     o       = delta_rule(q, k, v, beta)                                      models/deltanet/ops
+              (mixer_rule: linear — plain linear attention S += k v^T instead, no beta: the baseline)
     o       = RMSNorm_head(o)  (x silu(W_g x) with use_gate)
     out     = W_o o
 
 Parallel plans replace pieces from outside (models/deltanet/parallelize.py): `core_mixer` (the
-delta rule) becomes the context-parallel state-passing mixer, and each ShortConvolution's `halo`
+delta rule or linear attention) becomes the context-parallel state-passing mixer, and each ShortConvolution's `halo`
 gets the previous cp rank's last kernel_size - 1 tokens.
 """
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from models.common.norms import RMSNorm
-from models.deltanet.ops import delta_rule
+from models.deltanet.ops import apply_mixer_rule
 from models.llm.model import LLMConfig, Transformer
 from models.llm.model import flops_per_token as llm_flops_per_token
 
@@ -37,6 +38,9 @@ class DeltaNetConfig(LLMConfig):
     norm_eps: float = 1e-5
     chunk_size: int = 64  # delta-rule chunk length (chunked backend)
     backend: str = "auto"  # delta-rule backend: auto | chunked | recurrent | fla (models/deltanet/ops)
+    # delta | linear: plain linear attention S_t = S_{t-1} + k_t v_t^T (no beta, no erase) with
+    # everything else the same, the baseline the delta rule is compared with (benchmarks/deltanet.py)
+    mixer_rule: str = "delta"
     attention_layers: list[int] = field(default_factory=list)  # hybrid: these layers keep softmax attention
 
     def __post_init__(self):
@@ -68,15 +72,20 @@ class ShortConvolution(nn.Module):
         return F.silu(out)
 
 
-class DeltaRule(nn.Module):
-    """The token mixer as a module, so that context parallelism can swap it (like CoreAttention)."""
+class MixerRule(nn.Module):
+    """The state update (the delta rule, or linear attention) as a module, so that context
+    parallelism can swap it (like CoreAttention). beta is None for linear attention."""
 
-    def __init__(self, backend: str = "auto", chunk_size: int = 64):
+    def __init__(self, rule: str = "delta", backend: str = "auto", chunk_size: int = 64):
         super().__init__()
-        self.backend, self.chunk_size = backend, chunk_size
+        self.rule, self.backend, self.chunk_size = rule, backend, chunk_size
 
     def forward(self, q, k, v, beta, initial_state=None):
-        return delta_rule(q, k, v, beta, initial_state, chunk_size=self.chunk_size, backend=self.backend)[0]
+        return apply_mixer_rule(self.rule, q, k, v, beta, initial_state, chunk_size=self.chunk_size,
+                                backend=self.backend)[0]
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, backend={self.backend}, chunk_size={self.chunk_size}"
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -85,7 +94,8 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class DeltaNetLayer(nn.Module):
-    """The DeltaNet token mixer; forward(x, positions) like the LLM's Attention (positions unused)."""
+    """The DeltaNet token mixer; forward(x, positions) like the LLM's Attention (positions unused).
+    With mixer_rule "linear" the same layer without beta (b_proj is None)."""
 
     def __init__(self, cfg: DeltaNetConfig):
         super().__init__()
@@ -94,7 +104,7 @@ class DeltaNetLayer(nn.Module):
         self.q_proj = nn.Linear(d, H * hd, bias=False)
         self.k_proj = nn.Linear(d, H * hd, bias=False)
         self.v_proj = nn.Linear(d, H * hd, bias=False)
-        self.b_proj = nn.Linear(d, H, bias=False)
+        self.b_proj = nn.Linear(d, H, bias=False) if cfg.mixer_rule == "delta" else None
         self.g_proj = nn.Linear(d, H * hd, bias=False) if cfg.use_gate else None
         conv = cfg.conv_size > 1
         self.q_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
@@ -102,7 +112,7 @@ class DeltaNetLayer(nn.Module):
         self.v_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
         self.o_norm = RMSNorm(hd, cfg.norm_eps)  # one gain over head_dim, shared by the heads
         self.o_proj = nn.Linear(H * hd, d, bias=False)
-        self.core_mixer = DeltaRule(cfg.backend, cfg.chunk_size)
+        self.core_mixer = MixerRule(cfg.mixer_rule, cfg.backend, cfg.chunk_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         def branch(proj, conv):
@@ -113,7 +123,7 @@ class DeltaNetLayer(nn.Module):
         q = l2_normalize(branch(self.q_proj, self.q_conv).unflatten(-1, (-1, self.head_dim)))
         k = l2_normalize(branch(self.k_proj, self.k_conv).unflatten(-1, (-1, self.head_dim)))
         v = branch(self.v_proj, self.v_conv).unflatten(-1, (-1, self.head_dim))
-        beta = self.b_proj(x).sigmoid()
+        beta = self.b_proj(x).sigmoid() if self.b_proj is not None else None
         if self.allow_neg_eigval:
             beta = beta * 2
         o = self.o_norm(self.core_mixer(q, k, v, beta))
@@ -145,15 +155,20 @@ class DeltaNet(Transformer):
             super().init_parameter(name, full, generator)
 
 
-def delta_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per token per head of the chunked delta rule as models/deltanet/ops runs
-    it (chunk C = min(chunk_size, seq_len), head dims dk = dv = D):
+def mixer_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token per head of the chunked mixer rule as models/deltanet/ops runs
+    it (chunk C = min(chunk_size, seq_len), head dims dk = dv = D). The delta rule:
 
         A = (beta K) K^T          2 C^2 D        the UT solve on [C, 2D]       C^2 2D
         K^T [W | U]               2 C D 2D       the chunk scan S <- M S + E   2 D^3
         P = Q K^T                 2 C^2 D        (Q - P W) S, P W, P U          2 C D^2 + 4 C^2 D
+
+    Linear attention: K^T V 2 C D^2, Q S 2 C D^2, P = Q K^T 2 C^2 D, P V 2 C^2 D (the cumsum of
+    the chunk states is not a matmul).
     """
     C, D = min(cfg.chunk_size, seq_len), cfg.head_dim
+    if cfg.mixer_rule == "linear":
+        return (4 * C * D * D + 4 * C * C * D) / C
     per_chunk = 2 * C * C * D + C * C * 2 * D + 2 * C * D * 2 * D + 2 * D ** 3 + 2 * C * C * D \
         + 2 * C * D * D + 4 * C * C * D
     return per_chunk / C
@@ -161,12 +176,13 @@ def delta_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
 
 def flops_per_token(cfg: DeltaNetConfig, seq_len: int) -> float:
     """Training FLOPs (3x forward) per token: the LLM's count with each DeltaNet layer's attention
-    weights and score pairs replaced by its projections, short convs and delta rule."""
+    weights and score pairs replaced by its projections, short convs and mixer rule."""
     n_delta = cfg.n_layers - len(cfg.attention_layers)
     d, H, hd = cfg.dim, cfg.n_heads, cfg.head_dim
     llm_attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
     llm_attn_pairs = 4 * cfg.n_heads * hd * (seq_len + 1) / 2
-    delta_weights = d * H * hd * (4 + cfg.use_gate) + d * H  # q, k, v, o (+ g), beta
+    beta_weights = d * H if cfg.mixer_rule == "delta" else 0
+    delta_weights = d * H * hd * (4 + cfg.use_gate) + beta_weights  # q, k, v, o (+ g), beta
     conv = 2 * cfg.conv_size * 3 * H * hd if cfg.conv_size > 1 else 0
-    per_layer = 2 * delta_weights + conv + H * delta_rule_flops(cfg, seq_len)
+    per_layer = 2 * delta_weights + conv + H * mixer_rule_flops(cfg, seq_len)
     return llm_flops_per_token(cfg, seq_len) + 3 * n_delta * (per_layer - 2 * llm_attn_weights - llm_attn_pairs)

@@ -7,10 +7,11 @@ same way (a head's channels stay on its rank), the per-head output norm local (i
 replicated, its gradient summed over tp), o_proj row-parallel. Softmax-attention layers of a hybrid
 and everything outside the mixers take the LLM's plan.
 
-CP by state passing (parallel/context/mixer.py): each DeltaNet layer's delta rule becomes
-`StatePassingDeltaRule` — the rank's chunk as the affine map S -> M S + S_ext (fp32, fp64 for fp64),
-all-gathered and folded in rank order into the rank's initial state — and each short conv takes
-its (kernel - 1)-token halo from the previous cp rank (parallel/context/halo.py). That needs the
+CP by state passing (parallel/context/mixer.py): each DeltaNet layer's mixer rule (the delta rule,
+or linear attention) becomes `StatePassingMixerRule` — the rank's chunk as the affine map
+S -> M S + S_ext (fp32, fp64 for fp64; M = I for linear attention), all-gathered and folded in rank
+order into the rank's initial state — and each short conv takes its (kernel - 1)-token halo from
+the previous cp rank (parallel/context/halo.py). That needs the
 chunks in sequence order: the contiguous layout. A hybrid's attention layers then run ring
 attention on the same contiguous layout (or Ulysses, whose ring of one is in order for any kind).
 Pipeline parallelism reuses the LLM's split_stage.
@@ -24,8 +25,8 @@ from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from models.deltanet.model import DeltaNetConfig, DeltaNetLayer, DeltaRule
-from models.deltanet.ops import delta_rule, delta_rule_state_map
+from models.deltanet.model import DeltaNetConfig, DeltaNetLayer, MixerRule
+from models.deltanet.ops import BACKENDS, LINEAR_BACKENDS, RULES, mixer_rule_state_map
 from models.llm.parallelize import check_layout as llm_check_layout
 from models.llm.parallelize import split_stage  # noqa: F401  (re-exported for the ModelSpec)
 from models.spec import ParallelizeOptions
@@ -98,19 +99,19 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: Parallelize
         })
 
 
-class StatePassingDeltaRule(DeltaRule, StatePassingMixer):
-    """The delta rule over a sequence spread contiguously over a cp group: this rank's chunk as
+class StatePassingMixerRule(MixerRule, StatePassingMixer):
+    """The mixer rule over a sequence spread contiguously over a cp group: this rank's chunk as
     (M, S_ext), the earlier ranks' maps folded into its initial state (context_parallel_mix)."""
 
-    def __init__(self, group: dist.ProcessGroup, backend: str = "auto", chunk_size: int = 64):
-        super().__init__(backend, chunk_size)
+    def __init__(self, group: dist.ProcessGroup, rule: str = "delta", backend: str = "auto", chunk_size: int = 64):
+        super().__init__(rule, backend, chunk_size)
         self.group = group
 
     def chunk_map(self, q, k, v, beta):
-        return delta_rule_state_map(k, v, beta, chunk_size=self.chunk_size)
+        return mixer_rule_state_map(self.rule, k, v, beta, chunk_size=self.chunk_size)
 
     def mix(self, initial_state, q, k, v, beta):
-        return delta_rule(q, k, v, beta, initial_state, chunk_size=self.chunk_size, backend=self.backend)[0]
+        return super().forward(q, k, v, beta, initial_state)
 
     def forward(self, q, k, v, beta, initial_state=None):
         return context_parallel_mix(self, self.group, q, k, v, beta)
@@ -138,7 +139,8 @@ def apply_context_parallel_deltanet(model: nn.Module, cp_mesh: DeviceMesh, optio
         if not isinstance(layer, DeltaNetLayer):
             attentions.append(layer)
             continue
-        layer.core_mixer = StatePassingDeltaRule(group, layer.core_mixer.backend, layer.core_mixer.chunk_size)
+        core = layer.core_mixer
+        layer.core_mixer = StatePassingMixerRule(group, core.rule, core.backend, core.chunk_size)
         for conv in (layer.q_conv, layer.k_conv, layer.v_conv):
             if conv is not None:
                 conv.halo = partial(previous_halo, n=conv.kernel_size - 1, group=group)
@@ -152,8 +154,15 @@ def check_layout(cfg: DeltaNetConfig, dims: ParallelDims) -> list[str]:
     bad = [i for i in cfg.attention_layers if not 0 <= i < cfg.n_layers]
     if bad:
         problems.append(f"model.attention_layers {bad} are not layer indices 0..{cfg.n_layers - 1}")
-    if cfg.backend not in ("auto", "chunked", "recurrent", "fla"):
-        problems.append(f"model.backend='{cfg.backend}' is not one of auto, chunked, recurrent, fla")
+    if cfg.mixer_rule not in RULES:
+        problems.append(f"model.mixer_rule='{cfg.mixer_rule}' is not one of {', '.join(RULES)}")
+    backends = LINEAR_BACKENDS if cfg.mixer_rule == "linear" else BACKENDS
+    if cfg.backend not in backends:
+        problems.append(f"model.backend='{cfg.backend}' is not one of {', '.join(backends)}"
+                        + (" (mixer_rule=linear)" if cfg.mixer_rule == "linear" else ""))
+    if cfg.mixer_rule == "linear" and cfg.allow_neg_eigval:
+        problems.append("model.allow_neg_eigval scales beta, which mixer_rule=linear does not have; "
+                        "set it to false or use mixer_rule=delta")
     if cfg.chunk_size < 1:
         problems.append(f"model.chunk_size={cfg.chunk_size} must be >= 1")
     return problems

@@ -1,6 +1,8 @@
 """DeltaNet sharded: TP by heads and CP by state passing (with the short convs' halo) against one
-device at the layer level, and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one
-process at the run level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, and the hybrid config at cp=2."""
+device at the layer level, the hybrid stack of configs/deltanet/hybrid-tiny.yaml (DeltaNet and
+softmax-attention layers on one contiguous layout) under cp 2 and 4 against one device at the model
+level (fp64), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at the run
+level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, and the hybrid config at cp=2."""
 import copy
 from pathlib import Path
 
@@ -66,22 +68,24 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
     return errors
 
 
-def cp_parity(dtype: str, backend: str, sum_states: bool = False) -> dict[str, float]:
-    """Check body: one DeltaNet layer (convs, gate, negative eigenvalues) with the sequence split
-    contiguously over the world, state passing + conv halo, vs the whole sequence on one device:
-    output, input gradient and every parameter gradient (max abs error). `sum_states` is the negative
-    control: ranks start from the sum of the earlier ranks' S_ext (LASP-2's linear-attention shortcut)."""
+def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False) -> dict[str, float]:
+    """Check body: one DeltaNet layer (convs, gate, negative eigenvalues; with rule="linear" plain
+    linear attention instead of the delta rule) with the sequence split contiguously over the world,
+    state passing + conv halo, vs the whole sequence on one device: output, input gradient and every
+    parameter gradient (max abs error). `sum_states` is the negative control: ranks start from the sum
+    of the earlier ranks' S_ext (LASP-2's linear-attention shortcut)."""
     import torch
     import torch.distributed as dist
 
     from models.deltanet.model import DeltaNetConfig, DeltaNetLayer
-    from models.deltanet.parallelize import StatePassingDeltaRule
+    from models.deltanet.parallelize import StatePassingMixerRule
     from parallel.context.halo import previous_halo
     from parallel.init import init_parameters
 
     world, rank = dist.get_world_size(), dist.get_rank()
     dt = {"fp64": torch.float64, "fp32": torch.float32}[dtype]
-    cfg = DeltaNetConfig(dim=32, n_heads=2, use_gate=True, allow_neg_eigval=True, chunk_size=4, backend=backend)
+    cfg = DeltaNetConfig(dim=32, n_heads=2, use_gate=True, allow_neg_eigval=rule == "delta", chunk_size=4,
+                         backend=backend, mixer_rule=rule)
     reference = DeltaNetLayer(cfg).to(dt)
     for index, (name, p) in enumerate(reference.named_parameters()):
         with torch.no_grad():
@@ -92,7 +96,7 @@ def cp_parity(dtype: str, backend: str, sum_states: bool = False) -> dict[str, f
                 p.normal_(0, 0.3 if "norm" not in name else 0.1, generator=g).add_(1 if "norm" in name else 0)
     layer = copy.deepcopy(reference)
     group = dist.group.WORLD
-    layer.core_mixer = StatePassingDeltaRule(group, backend, cfg.chunk_size)
+    layer.core_mixer = StatePassingMixerRule(group, rule, backend, cfg.chunk_size)
     if sum_states:  # fold replaced by a sum of the earlier ranks' S_ext: wrong for the delta rule
         from parallel.context.mixer import _IncomingState
 
@@ -132,8 +136,76 @@ def cp_parity(dtype: str, backend: str, sum_states: bool = False) -> dict[str, f
     return {k: v.item() for k, v in errors.items()}
 
 
+def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str, float]:
+    """Check body: the model of configs/deltanet/hybrid-tiny.yaml (DeltaNet layers 0 and 2, softmax
+    attention at 1 and 3), with a small vocabulary, chunk 4 (several and partial chunks per rank),
+    init std 0.1 (so attention is not near-uniform) in fp64, made context-parallel over the world as
+    the trainer does it — `apply_context_parallel_deltanet` with the config's parallel options (its
+    contiguous layout) and the batch cut by `launcher.config.cp_layout` — vs the whole sequence on
+    one device: logits and every parameter gradient (summed over cp), max abs and relative error.
+    `token_layout` is the negative control: the tokens cut by another layout than the model's."""
+    import torch
+    import torch.distributed as dist
+
+    from launcher.config import cp_layout, load_config
+    from models.deltanet.model import DeltaNet
+    from models.deltanet.parallelize import StatePassingMixerRule, apply_context_parallel_deltanet
+    from models.spec import ParallelizeOptions
+    from parallel.context.layout import SequenceLayout
+    from parallel.context.module import ContextParallelAttention
+    from parallel.init import init_parameters
+    from parallel.mesh import ParallelDims
+
+    world = dist.get_world_size()
+    ulysses = {"ring": 0, "ulysses": 0, "hybrid": 2}[cp_mode]
+    cfg = load_config(HYBRID, ["model.vocab_size=64", "model.chunk_size=4", "model.init_std=0.1",
+                               f"parallel.cp={world}", f"parallel.cp_mode={cp_mode}", f"parallel.cp_ulysses={ulysses}"])
+    p = cfg.parallel
+    reference = DeltaNet(cfg.model_config())
+    init_parameters(reference, seed=5)
+    reference.double()
+    model = copy.deepcopy(reference)
+    dims = ParallelDims.resolve(cp=world, dp_shard=1, world_size=world)
+    meshes = dims.build_mesh("cpu")
+    apply_context_parallel_deltanet(model, meshes.cp, ParallelizeOptions(
+        cp_mode=p.cp_mode, cp_layout=p.cp_layout, cp_ulysses=p.cp_ulysses, cp_kernel=p.cp_kernel))
+    mixers = [type(block.attention.core_mixer if hasattr(block.attention, "core_mixer")
+                   else block.attention.core_attention) for block in model.layers.values()]
+    assert mixers == [StatePassingMixerRule, ContextParallelAttention] * 2, mixers
+
+    layout, cp_rank = cp_layout(p, dims.cp), meshes.cp.get_local_rank()
+    if token_layout is not None:
+        layout = SequenceLayout(token_layout, layout.ring_size, layout.ulysses_size)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 24), generator=generator)
+    dlogits = torch.randn(2, 24, 64, generator=generator, dtype=torch.float64)
+    want = reference(tokens)
+    want.backward(dlogits)
+    got = model(layout.shard(tokens, cp_rank))
+    got.backward(layout.shard(dlogits, cp_rank))
+
+    pairs = {"logits": (got, layout.shard(want.detach(), cp_rank))}
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        grad = param.grad.clone()
+        dist.all_reduce(grad)  # each rank holds its tokens' share of the gradient
+        pairs[f"grad:{name}"] = (grad, ref_params[name].grad)
+    errors = {}
+    for key, (a, b) in pairs.items():
+        errors[f"abs:{key}"] = torch.tensor((a - b).abs().max().item())
+        errors[f"rel:{key}"] = torch.tensor(_rel(a, b))
+    for value in errors.values():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return {k: v.item() for k, v in errors.items()}
+
+
 CP_CHECKS = [(f"{THIS}:cp_parity", {"dtype": d, "backend": b}) for d, b in
              (("fp64", "recurrent"), ("fp64", "chunked"), ("fp32", "chunked"))]
+CP_CHECKS.append((f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "rule": "linear"}))
+HYBRID_CP_MODES = {2: ["ring", "ulysses"], 4: ["ring", "ulysses", "hybrid"]}
+HYBRID_CP_CHECKS = {cp: [(f"{THIS}:hybrid_cp_parity", {"cp_mode": mode}) for mode in modes]
+                    for cp, modes in HYBRID_CP_MODES.items()}
+HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout": "zigzag"})
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
              for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
@@ -149,18 +221,21 @@ def runs_dir(tmp_path_factory) -> Path:
 def two(runs_dir, data_cache):
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4"]}
-    checks = TP_CHECKS + CP_CHECKS + [train_check(runs_dir / name, data_cache, *o, config=TINY)
-                                      for name, o in runs.items()]
+    checks = TP_CHECKS + CP_CHECKS + HYBRID_CP_CHECKS[2] + [train_check(runs_dir / name, data_cache, *o, config=TINY)
+                                                          for name, o in runs.items()]
     runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
     checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
-    results = [r.value() for r in run_world(2, checks, runs_dir / "world2")]
-    n_tp, n_cp = len(TP_CHECKS), len(CP_CHECKS)
-    return {"tp": results[:n_tp], "cp": results[n_tp:n_tp + n_cp], "runs": dict(zip(runs, results[n_tp + n_cp:]))}
+    results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
+    return {"tp": [next(results) for _ in TP_CHECKS], "cp": [next(results) for _ in CP_CHECKS],
+            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]], "runs": dict(zip(runs, results))}
 
 
 @pytest.fixture(scope="module")
 def four(runs_dir, two):
-    return [r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE], runs_dir / "world4")]
+    results = iter(r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE] + HYBRID_CP_CHECKS[4] + [HYBRID_NEGATIVE],
+                                                runs_dir / "world4"))
+    return {"cp": [next(results) for _ in CP_CHECKS], "negative": next(results),
+            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results)}
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +267,28 @@ def test_cp2_state_passing_matches_one_device(two, case):
 
 @pytest.mark.parametrize("case", range(len(CP_CHECKS)))
 def test_cp4_state_passing_matches_one_device(four, case):
-    _assert_cp(four[case], CP_CHECKS[case][1]["dtype"])
+    _assert_cp(four["cp"][case], CP_CHECKS[case][1]["dtype"])
 
 
 def test_summed_states_negative_control(four):
     """Summing the earlier ranks' S_ext instead of folding the maps is wrong from rank 2 on (at cp=2
     the fold from zero is the sum), so the same cp=4 test fails by far."""
-    assert four[len(CP_CHECKS)]["abs:out"] > 1e-3
+    assert four["negative"]["abs:out"] > 1e-3
+
+
+@pytest.mark.parametrize("cp,mode", [(cp, mode) for cp, modes in HYBRID_CP_MODES.items() for mode in modes])
+def test_hybrid_stack_cp_matches_one_device(two, four, cp, mode):
+    """The hybrid model (DeltaNet + softmax layers, one contiguous layout) split over cp ranks: logits
+    and every parameter gradient equal the whole sequence on one device (fp64, max abs 1e-10)."""
+    errors = (two if cp == 2 else four)["hybrid"][HYBRID_CP_MODES[cp].index(mode)]
+    assert any(k.startswith("abs:grad:") and "conv" in k for k in errors)
+    assert any(k.startswith("abs:grad:") and ".wq." in k for k in errors)
+    _assert_cp(errors, "fp64")
+
+
+def test_hybrid_stack_on_the_wrong_layout_negative_control(four):
+    """The same cp=4 check with the tokens cut zigzag while the model runs the contiguous layout: far off."""
+    assert four["hybrid_negative"]["rel:logits"] > 1e-2
 
 
 @pytest.mark.parametrize("run", ["dp2", "tp2", "cp2", "pp2"])

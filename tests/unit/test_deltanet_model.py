@@ -1,13 +1,17 @@
 """The DeltaNet model on one process: causality (convs included), the hybrid layout, exact FLOPs'
-weight part, init, and the refusal of the zigzag cp layout."""
+weight part, init, the linear-attention baseline (mixer_rule), and the refusal of the zigzag cp layout."""
+import pytest
 import torch
 
 from models import FAMILIES, get_model_spec
-from models.deltanet.model import DeltaNet, DeltaNetConfig, DeltaNetLayer, ShortConvolution, flops_per_token
-from models.deltanet.parallelize import contiguous_problem
+from models.deltanet.model import (DeltaNet, DeltaNetConfig, DeltaNetLayer, ShortConvolution, flops_per_token,
+                                   mixer_rule_flops)
+from models.deltanet.ops import linear_attention_recurrent
+from models.deltanet.parallelize import check_layout, contiguous_problem
 from models.llm.model import Attention
 from models.spec import ParallelizeOptions
 from parallel.init import init_parameters
+from parallel.mesh import ParallelDims
 
 
 def _model(**kw):
@@ -43,16 +47,43 @@ def test_short_conv_is_causal_depthwise():
     torch.testing.assert_close(y, torch.nn.functional.silu(ref))
 
 
-def test_flops_weight_part_counts_every_matmul_parameter():
+@pytest.mark.parametrize("rule", ["delta", "linear"])
+def test_flops_weight_part_counts_every_matmul_parameter(rule):
     """With the sequence-dependent terms removed, 6 FLOPs per matmul weight (embedding excluded)."""
-    model = _model(use_gate=True)
+    model = _model(use_gate=True, mixer_rule=rule)
     cfg = model.cfg
     n = sum(p.numel() for name, p in model.named_parameters()
             if name.endswith(("proj.weight", "w1.weight", "w2.weight", "w3.weight", "output.weight")))
-    from models.deltanet.model import delta_rule_flops
     conv = 2 * cfg.conv_size * 3 * cfg.dim
-    seq_terms = 3 * cfg.n_layers * (conv + cfg.n_heads * delta_rule_flops(cfg, 16))
+    seq_terms = 3 * cfg.n_layers * (conv + cfg.n_heads * mixer_rule_flops(cfg, 16))
     assert abs(flops_per_token(cfg, 16) - seq_terms - 6 * n) < 1e-6
+
+
+def test_linear_rule_is_the_layer_without_beta():
+    """mixer_rule=linear: no b_proj, and the mixer is plain linear attention on the layer's q, k, v."""
+    model = _model(mixer_rule="linear")
+    layer = model.layers["0"].attention
+    assert layer.b_proj is None and not any("b_proj" in name for name, _ in model.named_parameters())
+    seen = {}
+    layer.core_mixer.register_forward_hook(lambda _m, args, out: seen.update(args=args, out=out))
+    tokens = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(tokens)
+    q, k, v, beta = seen["args"]
+    assert beta is None
+    torch.testing.assert_close(seen["out"], linear_attention_recurrent(q, k, v)[0])
+
+
+def test_check_layout_mixer_rule_problems():
+    dims = ParallelDims.resolve(world_size=1)
+
+    def problems(**kw):
+        return check_layout(DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, **kw), dims)
+
+    assert problems(mixer_rule="linear") == []
+    assert any("mixer_rule='gated'" in p for p in problems(mixer_rule="gated"))
+    assert any("allow_neg_eigval" in p for p in problems(mixer_rule="linear", allow_neg_eigval=True))
+    assert any("backend='fla'" in p for p in problems(mixer_rule="linear", backend="fla"))
 
 
 def test_zigzag_refused_for_state_passing():

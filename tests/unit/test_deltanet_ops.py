@@ -1,18 +1,19 @@
 """models/deltanet/ops: chunkwise == recurrence (values and gradients), the affine state map CP folds,
-closed-form properties of the delta rule, and the backend dispatcher."""
+closed-form properties of the delta rule, the plain-linear-attention baseline (the same checks, and
+its closed form), and the dispatchers."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import models.deltanet.ops as ops
-from models.deltanet.ops import (compose_state_maps, delta_rule, delta_rule_chunked, delta_rule_recurrent,
-                                 delta_rule_state_map, fold_state_maps)
+from models.deltanet.ops import (apply_mixer_rule, compose_state_maps, delta_rule, delta_rule_chunked,
+                                 delta_rule_recurrent, delta_rule_state_map, fold_state_maps, linear_attention,
+                                 linear_attention_chunked, linear_attention_recurrent, linear_attention_state_map,
+                                 mixer_rule_state_map)
 
 F64, F32 = torch.float64, torch.float32
 B, H, DK, DV = 2, 2, 16, 12  # Dk != Dv so that a transposed state cannot pass
 TOL = {F64: 1e-10, F32: 1e-5}
-
-
 
 def make_inputs(T: int, dtype=F64, seed: int = 0, beta_max: float = 1.0, state: bool = True):
     """q, k L2-normalized per head (as the layer does), beta in (0, beta_max), a non-zero initial state.
@@ -47,11 +48,12 @@ def values_and_grads(fn, inputs, seed: int = 1, **kwargs):
 
 
 NAMES = ["o", "final_state", "dq", "dk", "dv", "dbeta", "dS0"]
+LINEAR_NAMES = ["o", "final_state", "dq", "dk", "dv", "dS0"]  # linear attention has no beta
 
 
-def assert_all_close(got, ref, tol):
+def assert_all_close(got, ref, tol, names=NAMES):
     assert len(got) == len(ref)
-    for name, a, b in zip(NAMES, got, ref):
+    for name, a, b in zip(names, got, ref):
         assert a.shape == b.shape, name
         assert err(a, b) <= tol, f"{name}: {err(a, b):.2e} > {tol:.0e}"
 
@@ -235,6 +237,92 @@ def test_bf16_inputs_compute_in_fp32():
     o, s = delta_rule(*[x.bfloat16() for x in inputs])
     assert o.dtype == torch.bfloat16 and s.dtype == F32
     assert err(o, o_ref) <= 3e-2 and err(s, s_ref) <= 3e-2
+
+
+# ---------------------------------------------------------------- plain linear attention (the baseline)
+
+def linear_inputs(T: int, dtype=F64, seed: int = 0, state: bool = True):
+    q, k, v, _, s0 = make_inputs(T, dtype, seed, state=state)
+    return [q, k, v, s0]
+
+
+@pytest.mark.parametrize("dtype,chunk,T,state", CASES,
+                         ids=[f"{str(d)[6:]}-C{c}-T{t}{'' if s else '-noS0'}" for d, c, t, s in CASES])
+def test_linear_chunked_matches_recurrence(dtype, chunk, T, state):
+    inputs = linear_inputs(T, dtype, state=state)
+    ref = values_and_grads(linear_attention_recurrent, inputs)
+    got = values_and_grads(linear_attention_chunked, inputs, chunk_size=chunk)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert_all_close(got, ref, TOL[dtype], LINEAR_NAMES)
+
+
+def test_linear_recurrence_closed_form():
+    """No erase: S_t = S_0 + sum_{j<=t} k_j v_j^T, so o_t = scale q_t^T S_t from a cumulative sum."""
+    q, k, v, s0 = linear_inputs(60, seed=16)
+    o, s = linear_attention_recurrent(q, k, v, s0, scale=0.3)
+    states = s0.unsqueeze(1) + torch.einsum("bthk,bthv->bthkv", k, v).cumsum(dim=1)  # [B, T, H, Dk, Dv]
+    assert err(s, states[:, -1]) <= 1e-12
+    assert err(o, 0.3 * torch.einsum("bthk,bthkv->bthv", q, states)) <= 1e-12
+
+
+def test_linear_chunked_backward_gradcheck():
+    g = torch.Generator().manual_seed(17)
+    q, k = (F.normalize(torch.randn(1, 7, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 7, 1, 2, generator=g, dtype=F64, requires_grad=True)
+    s0 = torch.randn(1, 1, 3, 2, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *x: linear_attention_chunked(*x, chunk_size=3), (q, k, v, s0))
+
+
+def test_linear_state_maps_fold_to_the_whole_sequence():
+    """(I, K^T V) per piece, folded in order, gives every piece its incoming state: outputs, final
+    state and all gradients equal one pass. Here the fold is also the sum of the pieces' S_ext."""
+    inputs = linear_inputs(150, seed=18)
+    ref = values_and_grads(linear_attention_recurrent, inputs)
+
+    def cp_like(q, k, v, s0):
+        maps = [linear_attention_state_map(kp, vp) for kp, vp in zip(split(k), split(v))]
+        assert all(torch.equal(M, torch.eye(DK, dtype=F64).expand_as(M)) for M, _ in maps)
+        incoming, final = fold_state_maps(maps, s0)
+        outs = [linear_attention_chunked(qp, kp, vp, s_in, chunk_size=16)[0]
+                for qp, kp, vp, s_in in zip(split(q), split(k), split(v), incoming)]
+        return torch.cat(outs, dim=1), final
+
+    assert_all_close(values_and_grads(cp_like, inputs), ref, 1e-10, LINEAR_NAMES)
+    _, k, v, s0 = inputs
+    assert err(s0 + sum(linear_attention_state_map(kp, vp)[1] for kp, vp in zip(split(k), split(v))), ref[1]) <= 1e-10
+
+
+def test_linear_is_not_the_delta_rule():
+    """The two rules agree on the first token only when beta = 1 (nothing to erase yet), then differ."""
+    q, k, v, _, _ = make_inputs(30, seed=19)
+    o_lin, _ = linear_attention_recurrent(q, k, v)
+    o_delta, _ = delta_rule_recurrent(q, k, v, torch.ones(B, 30, H, dtype=F64))
+    assert err(o_lin[:, :1], o_delta[:, :1]) <= 1e-12 and err(o_lin, o_delta) > 0.1
+
+
+def test_mixer_rule_dispatch():
+    q, k, v, beta, s0 = make_inputs(50, seed=20)
+    for got, ref in [(apply_mixer_rule("delta", q, k, v, beta, s0, chunk_size=16),
+                      delta_rule_chunked(q, k, v, beta, s0, chunk_size=16)),
+                     (apply_mixer_rule("linear", q, k, v, None, s0, chunk_size=16),
+                      linear_attention_chunked(q, k, v, s0, chunk_size=16)),
+                     (linear_attention(q, k, v, s0, backend="recurrent"), linear_attention_recurrent(q, k, v, s0)),
+                     (mixer_rule_state_map("linear", k, v, None), linear_attention_state_map(k, v)),
+                     (mixer_rule_state_map("delta", k, v, beta, 16), delta_rule_state_map(k, v, beta, 16))]:
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, k, v, beta: apply_mixer_rule("gated", q, k, v, beta), "unknown mixer rule"),
+    (lambda q, k, v, beta: apply_mixer_rule("linear", q, k, v, beta), "takes no beta"),
+    (lambda q, k, v, beta: apply_mixer_rule("delta", q, k, v, None), "needs beta"),
+    (lambda q, k, v, beta: linear_attention(q, k, v, backend="fla"), "unknown backend"),
+    (lambda q, k, v, beta: linear_attention(q, k, v[:, :5]), "linear attention: v must be"),
+    (lambda q, k, v, beta: linear_attention(q, k, v, chunk_size=0), "chunk_size")])
+def test_linear_and_rule_errors(call, message):
+    q, k, v, beta, _ = make_inputs(6)
+    with pytest.raises(ValueError, match=message):
+        call(q, k, v, beta)
 
 
 # ---------------------------------------------------------------- dispatch and input checks

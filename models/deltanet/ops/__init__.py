@@ -1,4 +1,5 @@
-"""The delta rule (DeltaNet's token mixer) as ops, each fast path beside its naive reference.
+"""The delta rule (DeltaNet's token mixer) and its plain-linear-attention baseline as ops, each fast
+path beside its naive reference.
 
     S_t = S_{t-1} + k_t beta_t (v_t - S_{t-1}^T k_t)^T,    o_t = S_t^T (scale * q_t)
 
@@ -13,6 +14,18 @@ Dk^-1/2.
 - `delta_rule_state_map(...)`   a stretch of tokens as the affine map S -> M S + S_ext, plus
                                 `apply_state_map`, `compose_state_maps`, `fold_state_maps`: what
                                 context parallelism folds in rank order (state_map.py).
+
+Plain linear attention (linear.py), S_t = S_{t-1} + k_t v_t^T with the same output and layout: the
+rule without the erase term, for comparisons (`mixer_rule: linear` in the model config).
+
+- `linear_attention(...)`               the entry point ("auto" / "chunked" / "recurrent").
+- `linear_attention_recurrent(...)`     token by token, the reference.
+- `linear_attention_chunked(...)`       chunkwise (per-chunk K^T V, an exclusive cumsum for the states).
+- `linear_attention_state_map(...)`     (I, K^T V): the same map interface as the delta rule's.
+
+`apply_mixer_rule(rule, ...)` and `mixer_rule_state_map(rule, ...)` pick one of `RULES` by name
+(beta is the delta rule's only: None for "linear"), so the layer and its context-parallel version
+have one code path for both.
 
 Backends of `delta_rule`: "recurrent", "chunked", "fla" (flash-linear-attention's Triton
 `chunk_delta_rule`; CUDA, fp16/bf16; chunk size fixed at 64 by the kernel, `chunk_size` ignored),
@@ -30,14 +43,20 @@ import torch
 
 from models.deltanet.ops._inputs import check_inputs
 from models.deltanet.ops.chunked import delta_rule_chunked
+from models.deltanet.ops.linear import (linear_attention_chunked, linear_attention_recurrent,
+                                        linear_attention_state_map)
 from models.deltanet.ops.recurrent import delta_rule_recurrent
 from models.deltanet.ops.state_map import (apply_state_map, compose_state_maps, delta_rule_state_map,
                                            fold_state_maps)
 
-__all__ = ["BACKENDS", "apply_state_map", "compose_state_maps", "delta_rule", "delta_rule_chunked",
-           "delta_rule_recurrent", "delta_rule_state_map", "fla_available", "fold_state_maps"]
+__all__ = ["BACKENDS", "LINEAR_BACKENDS", "RULES", "apply_mixer_rule", "apply_state_map", "compose_state_maps",
+           "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_state_map", "fla_available",
+           "fold_state_maps", "linear_attention", "linear_attention_chunked", "linear_attention_recurrent",
+           "linear_attention_state_map", "mixer_rule_state_map"]
 
 BACKENDS = ("auto", "chunked", "recurrent", "fla")
+LINEAR_BACKENDS = ("auto", "chunked", "recurrent")  # no fla path for the baseline: it is a CPU-side comparison
+RULES = ("delta", "linear")
 FLA_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -101,3 +120,40 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
     if backend == "recurrent":
         return delta_rule_recurrent(q, k, v, beta, initial_state, scale)
     return delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size)
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None,
+                     scale: float | None = None, chunk_size: int = 64,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, Dv], final_state [B, H, Dk, Dv]) of plain linear attention; "auto" is "chunked"."""
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"linear attention: unknown backend {backend!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
+    if backend == "recurrent":
+        return linear_attention_recurrent(q, k, v, initial_state, scale)
+    return linear_attention_chunked(q, k, v, initial_state, scale, chunk_size)
+
+
+def _check_rule(rule: str, beta: torch.Tensor | None) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown mixer rule {rule!r}; choose one of {', '.join(RULES)}")
+    if (beta is None) != (rule == "linear"):
+        raise ValueError(f"mixer rule {rule!r} " + ("takes no beta" if rule == "linear" else "needs beta"))
+
+
+def apply_mixer_rule(rule: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
+                     initial_state: torch.Tensor | None = None, chunk_size: int = 64,
+                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, final_state) of `rule` ("delta" with beta, "linear" with beta=None); default scale."""
+    _check_rule(rule, beta)
+    if rule == "delta":
+        return delta_rule(q, k, v, beta, initial_state, chunk_size=chunk_size, backend=backend)
+    return linear_attention(q, k, v, initial_state, chunk_size=chunk_size, backend=backend)
+
+
+def mixer_rule_state_map(rule: str, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
+                         chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, S_ext) of a stretch of tokens under `rule`, for context parallelism's fold."""
+    _check_rule(rule, beta)
+    if rule == "delta":
+        return delta_rule_state_map(k, v, beta, chunk_size=chunk_size)
+    return linear_attention_state_map(k, v)

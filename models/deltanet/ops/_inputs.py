@@ -7,20 +7,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_inputs(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                 initial_state: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
-    """Validate the [B, T, H, D] layout; returns (B, T, H, Dk, Dv). `q` may be None (state maps)."""
+def check_inputs(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
+                 initial_state: torch.Tensor | None = None, op: str = "delta rule") -> tuple[int, int, int, int, int]:
+    """Validate the [B, T, H, D] layout; returns (B, T, H, Dk, Dv). `q` may be None (state maps),
+    `beta` None (linear attention, which has none); `op` names the op in the error messages."""
     if k.dim() != 4:
-        raise ValueError(f"delta rule: k must be [B, T, H, Dk], got shape {tuple(k.shape)}")
+        raise ValueError(f"{op}: k must be [B, T, H, Dk], got shape {tuple(k.shape)}")
     B, T, H, Dk = k.shape
     if q is not None and q.shape != k.shape:
-        raise ValueError(f"delta rule: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+        raise ValueError(f"{op}: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"delta rule: v must be [B, T, H, Dv] = {(B, T, H)} + (Dv,), got {tuple(v.shape)}")
+        raise ValueError(f"{op}: v must be [B, T, H, Dv] = {(B, T, H)} + (Dv,), got {tuple(v.shape)}")
     Dv = v.shape[3]
-    if beta.shape != (B, T, H):
-        raise ValueError(f"delta rule: beta must be [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
+    if beta is not None and beta.shape != (B, T, H):
+        raise ValueError(f"{op}: beta must be [B, T, H] = {(B, T, H)}, got {tuple(beta.shape)}")
     if initial_state is not None and initial_state.shape != (B, H, Dk, Dv):
-        raise ValueError(f"delta rule: initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}, "
+        raise ValueError(f"{op}: initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}, "
                          f"got {tuple(initial_state.shape)}")
     return B, T, H, Dk, Dv
