@@ -1,22 +1,28 @@
 """Overhead of the shardwright trainer: its tokens/s against a bare PyTorch loop, as JSON.
 
-Both sides train the same model (same init, optimizer, schedule, micro-batches and data) in
-this one process, fp32 on CPU:
+Both sides train the same model (same init, optimizer, schedule, micro-batches and data), fp32
+on CPU:
 
 - shardwright: `launcher.trainer.train` itself, one process (a 1-rank gloo group). Its per-step
   time covers data loading, the loss all-reduce, grad norm, scheduler and metrics writing —
-  the overhead measured here; the final eval and sample fall outside it. Tokens/s come from
+  the overhead measured here; the final eval and sample fall outside it. Step times come from
   the step records in `<run.dir>/metrics.jsonl`.
 - bare: forward, cross entropy, backward, clip, step, zero_grad and `.item()` on the loss, over
-  batches fetched before timing, so it does no data work at all: an upper bound.
+  batches fetched before timing, so it does no data work at all: an upper bound. It gets the
+  malloc tuning the trainer applies on CPU (launcher/cpu_memory.py), which is not overhead but
+  5-12% of a step either way: without it on both sides, the ratio measured the two processes'
+  allocation histories (0.935-0.946 before the trainer tuned malloc).
 
-The sides run alternately (`--repeats` times each) and the medians are compared. A run's
-tokens/s is its steady state: tokens over time of the steps after the first `--warmup`. Both
-sides must produce the same losses (1e-5 relative), or the comparison is not apples to apples
-and the script exits non-zero. The goal is a ratio >= 0.95.
+Every run is a fresh Python process (so neither side inherits the other's heap, allocator or
+thread-pool state), the sides alternate in the order ABBA, BAAB, ... (so a drift of the machine
+hits both alike), and a run's speed is tokens per step over its *median* step time after
+`--warmup` steps (robust to the odd step slowed down by another process). The medians over
+`--repeats` runs per side are compared. Both sides must produce the same losses (1e-5
+relative), or the comparison is not apples to apples and the script exits non-zero. The goal is
+a ratio >= 0.95.
 
     .venv/bin/python benchmarks/overhead.py [--config configs/llm/tiny.yaml] [--steps 30]
-        [--warmup 5] [--repeats 2] [--threads N] [--set section.key=value ...] [--out FILE]
+        [--warmup 5] [--repeats 4] [--threads N] [--set section.key=value ...] [--out FILE]
 
 Numbers from a shared or small (e.g. 2-core) machine are noisy; compare runs on a quiet one.
 """
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +44,7 @@ import torch.nn.functional as F
 from data.embedded import prepare_embedded
 from data.loader import GlobalBatchLoader, PackedTokens
 from launcher.config import Config, load_config
+from launcher.cpu_memory import keep_freed_memory
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.trainer import train
 from models import get_model_spec
@@ -44,6 +52,7 @@ from parallel.init import init_parameters
 
 GOAL = 0.95
 LOSS_RTOL = 1e-5
+SIDES = ("bare", "shardwright")
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,10 +60,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--config", default="configs/llm/tiny.yaml")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
-    p.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
+    p.add_argument("--repeats", type=int, default=4, help="runs of each side (alternating, each a fresh process)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", default="benchmarks/results/overhead.json")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print JSON
     args = p.parse_args()
     if not 0 <= args.warmup < args.steps:
         p.error("--warmup must be at least 0 and less than --steps")
@@ -135,22 +145,41 @@ def cpu_info() -> str:
     return f"{name}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
 
 
-def main() -> int:
-    args = parse_args()
+def run_side(args) -> dict:
+    """This process's one run of `args.side`: its losses and per-step tokens/s."""
     torch.set_num_threads(args.threads)
     cfg = run_config(args, "unused")
-    check_comparable(cfg)
-    batches = fetch_batches(cfg)
+    if args.side == "bare":
+        keep_freed_memory()
+        losses, throughput = run_bare(cfg, fetch_batches(cfg))
+    else:
+        losses, throughput = run_shardwright(args)
+        dist.destroy_process_group()
+    return {"losses": losses, "step_tokens_per_s": throughput}
+
+
+def spawn_side(side: str) -> dict:
+    """One run of `side` in a fresh process (this script with --side)."""
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    args = parse_args()
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return 0
+    check_comparable(run_config(args, "unused"))
     runs, reference = [], None
     for repeat in range(args.repeats):
-        for side, run in (("bare", lambda: run_bare(cfg, batches)), ("shardwright", lambda: run_shardwright(args))):
-            losses, throughput = run()
-            reference = reference or losses  # the first bare run's losses
-            steady = throughput[args.warmup:]
-            runs.append({"side": side, "repeat": repeat, "tokens_per_s": statistics.harmonic_mean(steady),
-                         "step_tokens_per_s": steady, "loss_rel_diff": max_rel_diff(losses, reference)})
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        for side in SIDES if repeat % 4 in (0, 3) else SIDES[::-1]:  # AB BA BA AB ...
+            result = spawn_side(side)
+            reference = reference or result["losses"]  # the first run's losses
+            steady = result["step_tokens_per_s"][args.warmup:]
+            runs.append({"side": side, "repeat": repeat, "tokens_per_s": statistics.median(steady),
+                         "step_tokens_per_s": steady, "loss_rel_diff": max_rel_diff(result["losses"], reference)})
+            print(f"  {side:12s} run {repeat}: {runs[-1]['tokens_per_s']:.0f} tokens/s (median step)", flush=True)
 
     def median(side):
         return statistics.median(r["tokens_per_s"] for r in runs if r["side"] == side)
@@ -158,9 +187,9 @@ def main() -> int:
     loss_diff = max(r["loss_rel_diff"] for r in runs)
     result = {"benchmark": "overhead", "config": args.config, "overrides": args.overrides, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-              "cpu": cpu_info(), "shardwright_tokens_per_s": shardwright, "bare_tokens_per_s": bare,
-              "ratio": shardwright / bare, "goal": GOAL, "meets_goal": shardwright / bare >= GOAL,
-              "max_loss_rel_diff": loss_diff, "runs": runs}
+              "cpu": cpu_info(), "load_average": os.getloadavg(), "shardwright_tokens_per_s": shardwright,
+              "bare_tokens_per_s": bare, "ratio": shardwright / bare, "goal": GOAL,
+              "meets_goal": shardwright / bare >= GOAL, "max_loss_rel_diff": loss_diff, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

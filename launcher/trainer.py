@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from data.build import build_loaders
 from launcher.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, check_complete
 from launcher.config import Config, cp_layout, validate
+from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
@@ -46,6 +47,7 @@ def train(cfg: Config) -> dict:
     world = detect_world()
     dims, resume_from, saved = preflight(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
+    allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
     batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
@@ -138,6 +140,8 @@ def train(cfg: Config) -> dict:
                  f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
     metrics.info(f"MFU baseline: {peak_flops / 1e9:.1f} GFLOP/s per process ({peak_how})")
+    if allocator_note:
+        metrics.info(allocator_note)
 
     def step_loss(loader_, step: int, backward: bool) -> torch.Tensor:
         """Global-token-normalized loss of the global batch at `step`, optionally back-propagated."""
