@@ -67,14 +67,26 @@ CASES += [(F64, 32, 128, True),   # a multiple of the chunk size
           (F64, 64, 100, False)]  # no initial state (zeros, no gradient)
 
 
+def linear_inputs(T: int, dtype=F64, seed: int = 0, state: bool = True):
+    q, k, v, _, s0 = make_inputs(T, dtype, seed, state=state)
+    return [q, k, v, s0]
+
+
+# rule -> (inputs, reference, fast path, names of the compared values)
+RULES = {"delta": (make_inputs, delta_rule_recurrent, delta_rule_chunked, NAMES),
+         "linear": (linear_inputs, linear_attention_recurrent, linear_attention_chunked, LINEAR_NAMES)}
+
+
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("dtype,chunk,T,state", CASES,
                          ids=[f"{str(d)[6:]}-C{c}-T{t}{'' if s else '-noS0'}" for d, c, t, s in CASES])
-def test_chunked_matches_recurrence(dtype, chunk, T, state):
-    inputs = make_inputs(T, dtype, state=state)
-    ref = values_and_grads(delta_rule_recurrent, inputs)
-    got = values_and_grads(delta_rule_chunked, inputs, chunk_size=chunk)
+def test_chunked_matches_recurrence(rule, dtype, chunk, T, state):
+    inputs_fn, reference, chunked, names = RULES[rule]
+    inputs = inputs_fn(T, dtype, state=state)
+    ref = values_and_grads(reference, inputs)
+    got = values_and_grads(chunked, inputs, chunk_size=chunk)
     assert got[0].dtype == dtype and got[1].dtype == dtype
-    assert_all_close(got, ref, TOL[dtype])
+    assert_all_close(got, ref, TOL[dtype], names)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
@@ -240,21 +252,6 @@ def test_bf16_inputs_compute_in_fp32():
 
 
 # ---------------------------------------------------------------- plain linear attention (the baseline)
-
-def linear_inputs(T: int, dtype=F64, seed: int = 0, state: bool = True):
-    q, k, v, _, s0 = make_inputs(T, dtype, seed, state=state)
-    return [q, k, v, s0]
-
-
-@pytest.mark.parametrize("dtype,chunk,T,state", CASES,
-                         ids=[f"{str(d)[6:]}-C{c}-T{t}{'' if s else '-noS0'}" for d, c, t, s in CASES])
-def test_linear_chunked_matches_recurrence(dtype, chunk, T, state):
-    inputs = linear_inputs(T, dtype, state=state)
-    ref = values_and_grads(linear_attention_recurrent, inputs)
-    got = values_and_grads(linear_attention_chunked, inputs, chunk_size=chunk)
-    assert got[0].dtype == dtype and got[1].dtype == dtype
-    assert_all_close(got, ref, TOL[dtype], LINEAR_NAMES)
-
 
 def test_linear_recurrence_closed_form():
     """No erase: S_t = S_0 + sum_{j<=t} k_j v_j^T, so o_t = scale q_t^T S_t from a cumulative sum."""

@@ -1,4 +1,4 @@
-"""Shape checks and the compute dtype shared by the delta-rule ops."""
+"""Shape checks, the compute dtype and the common start of the chunkwise ops."""
 import torch
 
 
@@ -25,3 +25,16 @@ def check_inputs(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, beta:
         raise ValueError(f"{op}: initial_state must be [B, H, Dk, Dv] = {(B, H, Dk, Dv)}, "
                          f"got {tuple(initial_state.shape)}")
     return B, T, H, Dk, Dv
+
+
+def chunked_start(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
+                  initial_state: torch.Tensor | None, scale: float | None, chunk_size: int, op: str):
+    """What every chunkwise op starts from: (B, T, H, Dv, scale (default Dk^-1/2), compute dtype,
+    initial state in it (zeros if None), chunk length, number of chunks), after the checks."""
+    B, T, H, Dk, Dv = check_inputs(q, k, v, beta, initial_state, op=op)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    dtype = compute_dtype(q.dtype)
+    state = q.new_zeros(B, H, Dk, Dv, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    chunk = max(1, min(chunk_size, T))
+    return B, T, H, Dv, Dk ** -0.5 if scale is None else scale, dtype, state, chunk, -(-T // chunk)

@@ -22,7 +22,7 @@ memory as q, k, v themselves for C = 64 and D = 64.
 import torch
 import torch.nn.functional as F
 
-from models.deltanet.ops._inputs import check_inputs, compute_dtype
+from models.deltanet.ops._inputs import chunked_start
 
 
 def _to_chunks(x: torch.Tensor, chunk: int, n_chunks: int, dtype: torch.dtype) -> torch.Tensor:
@@ -62,16 +62,10 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
                        initial_state: torch.Tensor | None = None, scale: float | None = None,
                        chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, Dv], final_state [B, H, Dk, Dv]), chunk_size tokens at a time (any T >= 0)."""
-    B, T, H, Dk, Dv = check_inputs(q, k, v, beta, initial_state)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"delta rule: chunk_size must be a positive int, got {chunk_size!r}")
-    scale = Dk ** -0.5 if scale is None else scale
-    dt = compute_dtype(q.dtype)
-    S = q.new_zeros(B, H, Dk, Dv, dtype=dt) if initial_state is None else initial_state.to(dt)
+    B, T, H, Dv, scale, dt, S, chunk, n_chunks = chunked_start(q, k, v, beta, initial_state, scale, chunk_size,
+                                                               op="delta rule")
     if T == 0:
         return v.new_zeros(B, 0, H, Dv), S
-    chunk = min(chunk_size, T)
-    n_chunks = -(-T // chunk)
     kc, w, u, M, E = chunk_pieces(k, v, beta, chunk, dt)
     qc = _to_chunks(q, chunk, n_chunks, dt) * scale
 

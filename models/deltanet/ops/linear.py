@@ -17,7 +17,7 @@ everything else is computed in fp32; o in v's dtype, the final state in the comp
 """
 import torch
 
-from models.deltanet.ops._inputs import check_inputs, compute_dtype
+from models.deltanet.ops._inputs import check_inputs, chunked_start, compute_dtype
 from models.deltanet.ops.chunked import _to_chunks
 
 
@@ -44,16 +44,10 @@ def linear_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              initial_state: torch.Tensor | None = None, scale: float | None = None,
                              chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, Dv], final_state [B, H, Dk, Dv]), chunk_size tokens at a time (any T >= 0)."""
-    B, T, H, Dk, Dv = check_inputs(q, k, v, None, initial_state, op="linear attention")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"linear attention: chunk_size must be a positive int, got {chunk_size!r}")
-    scale = Dk ** -0.5 if scale is None else scale
-    dt = compute_dtype(q.dtype)
-    S = q.new_zeros(B, H, Dk, Dv, dtype=dt) if initial_state is None else initial_state.to(dt)
+    B, T, H, Dv, scale, dt, S, chunk, n_chunks = chunked_start(q, k, v, None, initial_state, scale, chunk_size,
+                                                               op="linear attention")
     if T == 0:
         return v.new_zeros(B, 0, H, Dv), S
-    chunk = min(chunk_size, T)
-    n_chunks = -(-T // chunk)
     qc, kc, vc = (_to_chunks(x, chunk, n_chunks, dt) for x in (q, k, v))   # [B, H, N, C, D], zero-padded
     qc = qc * scale
     E = kc.transpose(-1, -2) @ vc                                            # [B, H, N, Dk, Dv]
