@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from launcher.errors import UserError
 from models import FAMILIES, get_model_spec
+from models.spec import ParallelizeOptions
 from parallel.activation_checkpoint import MODES as AC_MODES
 from parallel.context import KERNEL_NAMES, LAYOUT_KINDS, SequenceLayout
 from parallel.context import MODES as CP_MODES
@@ -112,6 +114,14 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     run: RunSection = field(default_factory=RunSection)
+
+    def parallelize_options(self, param_dtype: torch.dtype = torch.float32) -> ParallelizeOptions:
+        """What a family's parallelize applies besides the mesh, from the parallel and train sections."""
+        p, t = self.parallel, self.train
+        return ParallelizeOptions(sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
+                                  cp_mode=p.cp_mode, cp_layout=p.cp_layout, cp_ulysses=p.cp_ulysses,
+                                  cp_kernel=p.cp_kernel, activation_checkpoint=t.activation_checkpoint,
+                                  compile=t.compile, async_tp=p.async_tp, param_dtype=param_dtype)
 
     def model_config(self):
         """The family's typed model config, with the vocabulary taken from the tokenizer settings."""
@@ -321,7 +331,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         if heads % ulysses:
             raise UserError(f"parallel.cp_mode={cfg.parallel.cp_mode} splits the {heads} attention heads of a tp rank "
                             f"over {ulysses} Ulysses ranks, which does not divide them; change cp, cp_ulysses or tp")
-    problems = get_model_spec(cfg.model.family).check_layout(model_cfg, dims)
+    problems = get_model_spec(cfg.model.family).check_layout(model_cfg, dims, cfg.parallelize_options())
     if problems:
         raise UserError("; ".join(problems))
     return dims

@@ -31,7 +31,6 @@ from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
 from models import get_model_spec
 from models.common.loss import IGNORE_INDEX, cross_entropy_sum
-from models.spec import ParallelizeOptions
 from parallel.data_parallel import uses_fsdp
 from parallel.init import init_parameters
 from parallel.pipeline import build_pipeline, stages_per_rank
@@ -72,11 +71,7 @@ def train(cfg: Config) -> dict:
     if cfg.parallel.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
     p = cfg.parallel
-    options = ParallelizeOptions(sequence_parallel=p.sequence_parallel, loss_parallel=p.loss_parallel,
-                                 cp_mode=p.cp_mode, cp_layout=p.cp_layout, cp_ulysses=p.cp_ulysses,
-                                 cp_kernel=p.cp_kernel, activation_checkpoint=t.activation_checkpoint,
-                                 compile=t.compile, async_tp=p.async_tp,
-                                 param_dtype=torch.bfloat16 if bf16 else torch.float32)
+    options = cfg.parallelize_options(torch.bfloat16 if bf16 else torch.float32)
     # Context parallelism: each cp rank takes its part of every sequence (the model's attention
     # layers know the matching global positions; see parallel/context/apply.py).
     sequence_layout, cp_rank = cp_layout(p, dims.cp), meshes.cp.get_local_rank()

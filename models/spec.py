@@ -33,8 +33,9 @@ class ModelSpec:
     parallelize: Callable[[nn.Module, ParallelDims, Meshes, ParallelizeOptions], nn.Module]
     # flops_per_token(config, seq_len): exact training FLOPs per token, for MFU.
     flops_per_token: Callable[[Any, int], float]
-    # check_layout(config, dims): problems (one line each) that make the layout impossible for this model.
-    check_layout: Callable[[Any, ParallelDims], list[str]]
+    # check_layout(config, dims, options): problems (one line each) that make the layout and options
+    # impossible for this model; run before any process group starts.
+    check_layout: Callable[[Any, ParallelDims, ParallelizeOptions], list[str]]
     # split_stage(model, layer_ids, is_first, is_last): keep one pipeline stage's part, in place.
     split_stage: Callable[[nn.Module, list[int], bool, bool], None] | None = None
     state_dict_adapters: dict[str, Any] = field(default_factory=dict)

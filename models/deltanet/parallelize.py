@@ -128,11 +128,8 @@ def contiguous_problem(options: ParallelizeOptions, cp: int) -> str | None:
 
 
 def apply_context_parallel_deltanet(model: nn.Module, cp_mesh: DeviceMesh, options: ParallelizeOptions) -> None:
-    problem = contiguous_problem(options, cp_mesh.size())
-    if problem:
-        from launcher.errors import UserError  # the CLI prints it as one line
-
-        raise UserError(problem)
+    if problem := contiguous_problem(options, cp_mesh.size()):  # check_layout refuses it before a run
+        raise ValueError(problem)
     attentions, group = [], cp_mesh.get_group()
     for block in model.layers.values():
         layer = block.attention
@@ -149,8 +146,10 @@ def apply_context_parallel_deltanet(model: nn.Module, cp_mesh: DeviceMesh, optio
                                options.cp_kernel)
 
 
-def check_layout(cfg: DeltaNetConfig, dims: ParallelDims) -> list[str]:
-    problems = llm_check_layout(cfg, dims)
+def check_layout(cfg: DeltaNetConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:
+    problems = llm_check_layout(cfg, dims, options)
+    if dims.cp > 1 and (problem := contiguous_problem(options, dims.cp)):
+        problems.append(problem)
     bad = [i for i in cfg.attention_layers if not 0 <= i < cfg.n_layers]
     if bad:
         problems.append(f"model.attention_layers {bad} are not layer indices 0..{cfg.n_layers - 1}")

@@ -69,7 +69,7 @@ def split_stage(model: nn.Module, layer_ids: list[int], is_first: bool, is_last:
             del model.layers[name]
 
 
-def check_layout(cfg: LLMConfig, dims: ParallelDims) -> list[str]:
+def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:
     problems = []
     if cfg.dim % cfg.n_heads:
         problems.append(f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}")

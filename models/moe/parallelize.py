@@ -70,8 +70,8 @@ def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: Parallelize
             })
 
 
-def check_layout(cfg: MoEConfig, dims: ParallelDims) -> list[str]:
-    problems = llm_check_layout(cfg, dims)
+def check_layout(cfg: MoEConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:
+    problems = llm_check_layout(cfg, dims, options)
     if cfg.router not in ("softmax", "sigmoid"):
         problems.append(f"model.router='{cfg.router}' is not one of softmax, sigmoid")
     if cfg.n_experts < 1:

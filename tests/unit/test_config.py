@@ -9,7 +9,7 @@ from launcher.config import (CheckpointSection, Config, DataSection, ParallelSec
                              load_config, validate)
 from launcher.errors import UserError
 from models import get_model_spec
-from tests.conftest import TINY
+from tests.conftest import REPO, TINY
 
 RAW = yaml.safe_load(TINY.read_text())
 SECTION_CLASSES = {"parallel": ParallelSection, "train": TrainSection, "data": DataSection,
@@ -262,6 +262,15 @@ def test_sequence_parallel_needs_seq_len_divisible_by_tp():
 def test_context_parallel_layouts_are_checked(overrides, fragment):
     world = 8 if "parallel.cp=8" in overrides else 4 if "parallel.cp=4" in overrides else 2
     assert fragment in _invalid(world, *overrides, "parallel.dp_shard=1")
+
+
+def test_deltanet_refuses_the_zigzag_layout_before_any_process_group():
+    """State passing needs the sequence in rank order; the model's check sees the parallel options."""
+    config = REPO / "configs" / "deltanet" / "hybrid-tiny.yaml"
+    with pytest.raises(UserError, match="needs parallel.cp_layout=contiguous"):
+        validate(load_config(config, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_layout=zigzag"]), 2)
+    assert validate(load_config(config, ["parallel.cp=2", "parallel.dp_shard=1", "parallel.cp_layout=contiguous"]),
+                    2).cp == 2
 
 
 @pytest.mark.parametrize("overrides, fragment", [

@@ -78,7 +78,7 @@ def test_check_layout_mixer_rule_problems():
     dims = ParallelDims.resolve(world_size=1)
 
     def problems(**kw):
-        return check_layout(DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, **kw), dims)
+        return check_layout(DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, **kw), dims, ParallelizeOptions())
 
     assert problems(mixer_rule="linear") == []
     assert any("mixer_rule='gated'" in p for p in problems(mixer_rule="gated"))

@@ -7,6 +7,7 @@ import torch
 from models.common.mlp import SwiGLU
 from models.moe.model import MoE, MoEConfig, MoETransformer, flops_per_token, grouped_swiglu, looped_swiglu
 from models.moe.parallelize import check_layout
+from models.spec import ParallelizeOptions
 from parallel.init import init_parameters
 from parallel.mesh import ParallelDims
 
@@ -192,7 +193,8 @@ def test_flops_count_active_parameters():
 def test_layout_problems_are_named(changes, expected):
     cfg = MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, **changes)
     dims = ParallelDims.resolve(dp_shard=4, ep=4, world_size=4)
-    assert any(expected in problem for problem in check_layout(cfg, dims)), check_layout(cfg, dims)
+    problems = check_layout(cfg, dims, ParallelizeOptions())
+    assert any(expected in problem for problem in problems), problems
 
 
 def test_ep_must_divide_dp_shard_times_cp():
