@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from launcher.metrics import describe_machine
 from models.common.loss import cross_entropy_sum  # noqa: E402
 from models.deltanet.model import DeltaNet, DeltaNetConfig  # noqa: E402
 from models.deltanet.ops import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
@@ -259,8 +259,7 @@ def main():
         parser.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "load_avg_start": os.getloadavg()}}
+    result = {"machine": describe_machine()}
     if "ops" in parts:
         result["delta_rule_fwd_bwd_fp32_cpu"] = {"batch": 1, "heads": 4, "head_dim": 64, "chunk_size": 64,
                                                  "timing": OPS_TIMING, "rows": bench_ops()}

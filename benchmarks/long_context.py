@@ -40,7 +40,6 @@ budget length does ~16x the attention work of cp=1's. Data: the embedded pydoc c
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -151,17 +150,6 @@ def parse_args() -> argparse.Namespace:
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is left out of the timing)")
     return args
-
-
-def cpu_info() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0))
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return f"{name}, {cores} usable cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 class Bench:
@@ -283,6 +271,7 @@ def main() -> int:
 
     from data.embedded import prepare_embedded
     from launcher.config import load_config
+    from launcher.metrics import describe_machine
 
     started, load_start = time.monotonic(), os.getloadavg()[0]
     if args.mmap_threshold:  # inherited by the ranks (run_world copies this environment)
@@ -362,8 +351,7 @@ def main() -> int:
                      or "glibc default (dynamic, up to 32 MiB)"},
         "memory_method": "peak RSS = VmHWM (= ru_maxrss) over the whole run; activation = VmHWM of the training loop "
                          "(reset via /proc/self/clear_refs at its start) minus VmRSS at its start; max over ranks",
-        "machine": {"cpu": cpu_info(), "torch": torch.__version__, "python": platform.python_version(),
-                    "load_average_1min_start_end": [load_start, os.getloadavg()[0]],
+        "machine": {**describe_machine(), "load_average_1min_start": load_start,
                     "note": "shared machine: step times are noisy; cp=4 runs 4 single-thread ranks on the cores"},
         "runtime_s": time.monotonic() - started,
         "longest_within_budget": {str(cp): v for cp, v in longest.items()},

@@ -16,7 +16,6 @@
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.config import load_config  # noqa: E402
+from launcher.metrics import describe_machine  # noqa: E402
 from models.moe.model import grouped_swiglu, looped_swiglu  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +85,7 @@ def main():
                for shape, n, e, d, h in (("tiny", 2048, 8, 128, 128), ("wide", 2048, 32, 256, 128))
                for routing, skew in (("balanced", 0.0), ("skewed", 1.0))]
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "load_avg": os.getloadavg()},
+        "machine": describe_machine(),
         "expert_compute_fwd_bwd_fp32_cpu": compute,
         "all_to_all": [traffic(REPO / "configs/moe/tiny.yaml", 2, 2, 4),
                        traffic(REPO / "configs/moe/8x1b.yaml", 8, 32, 2)],

@@ -29,7 +29,6 @@ Numbers from a shared or small (e.g. 2-core) machine are noisy; compare runs on 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from data.embedded import prepare_embedded
 from data.loader import GlobalBatchLoader, PackedTokens
 from launcher.config import Config, load_config
 from launcher.cpu_memory import keep_freed_memory
+from launcher.metrics import describe_machine
 from launcher.optim import build_optimizer, build_scheduler
 from launcher.trainer import train
 from models import get_model_spec
@@ -136,15 +136,6 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 
 
-def cpu_info() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
-
-
 def run_side(args) -> dict:
     """This process's one run of `args.side`: its losses and per-step tokens/s."""
     torch.set_num_threads(args.threads)
@@ -186,8 +177,8 @@ def main() -> int:
     shardwright, bare = median("shardwright"), median("bare")
     loss_diff = max(r["loss_rel_diff"] for r in runs)
     result = {"benchmark": "overhead", "config": args.config, "overrides": args.overrides, "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-              "cpu": cpu_info(), "load_average": os.getloadavg(), "shardwright_tokens_per_s": shardwright,
+              "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+              "machine": describe_machine(), "shardwright_tokens_per_s": shardwright,
               "bare_tokens_per_s": bare, "ratio": shardwright / bare, "goal": GOAL,
               "meets_goal": shardwright / bare >= GOAL, "max_loss_rel_diff": loss_diff, "runs": runs}
     out = Path(args.out)

@@ -68,7 +68,6 @@ Runtime with the defaults on 2 busy cores: about 3-4 minutes (two worlds, 36 cas
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -84,6 +83,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launcher.metrics import describe_machine  # noqa: E402
 from models.common.loss import cross_entropy_sum  # noqa: E402
 from models.llm.model import LLMConfig, Transformer  # noqa: E402
 from models.llm.parallelize import split_stage  # noqa: E402
@@ -485,10 +485,7 @@ def main() -> None:
     result = {
         "benchmark": "pipeline_bubble",
         "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                    "cores_available": len(os.sched_getaffinity(0)), "threads_per_process": 1,
-                    "backend": "gloo (CPU)", "load_average_after": os.getloadavg()},
+        "machine": {**describe_machine(), "threads_per_process": 1, "backend": "gloo (CPU)"},
         "model": {"family": "llm", "dim": args.dim, "n_layers": args.layers, "n_heads": args.heads,
                   "vocab_size": args.vocab, "seq_len": args.seq_len, "micro_batch_size": args.micro_batch_size,
                   "dtype": "float32"},

@@ -22,7 +22,6 @@ and end is recorded with them.
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -76,19 +75,9 @@ def shardwright(*args: str) -> tuple[subprocess.CompletedProcess, float, float]:
     return result, elapsed, cpu
 
 
-def cpu_description() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} usable logical cores, {platform.system()} {platform.release()}"
-
-
 def main() -> int:
+    from launcher.metrics import describe_machine
+
     args = parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -143,10 +132,9 @@ def main() -> int:
         "corpus": corpus,
         "vocab_size": args.vocab_size,
         "repeats": args.repeats,
-        "cpu": cpu_description(),
+        "machine": describe_machine(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "python": platform.python_version(),
         "summary": summary,
         "runs": runs,
     }

@@ -261,7 +261,7 @@ def check_context_parallel(p: ParallelSection, dims: ParallelDims, seq_len: int)
         raise UserError(f"parallel.cp_mode=hybrid needs parallel.cp_ulysses to be a divisor of cp={dims.cp} between 2 "
                         f"and cp/2 (the ring runs over the rest)")
     if p.cp_mode != "hybrid" and p.cp_ulysses:
-        raise UserError(f"parallel.cp_ulysses is only for cp_mode=hybrid; drop it or set cp_mode=hybrid")
+        raise UserError("parallel.cp_ulysses is only for cp_mode=hybrid; drop it or set cp_mode=hybrid")
     try:
         cp_layout(p, dims.cp).check(seq_len)
     except ValueError as e:

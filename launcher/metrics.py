@@ -4,6 +4,8 @@ Only rank 0 writes. MFU needs a peak FLOP/s: on CPU there is no datasheet number
 measured once with a matmul and the log says so.
 """
 import json
+import os
+import platform
 import resource
 import sys
 import time
@@ -39,6 +41,22 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float,
     if device.type == "cpu":
         how += f" with {torch.get_num_threads()} thread(s)"
     return peak, how
+
+
+def describe_machine() -> dict:
+    """What a measurement ran on (benchmarks put it in their JSON): CPU model, usable cores, RAM,
+    OS, Python, torch and its intra-op threads, the load average, and the GPU if there is one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "usable_cores": len(os.sched_getaffinity(0)),
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -80,7 +80,6 @@ def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = 
     from models.deltanet.model import DeltaNetConfig, DeltaNetLayer
     from models.deltanet.parallelize import StatePassingMixerRule
     from parallel.context.halo import previous_halo
-    from parallel.init import init_parameters
 
     world, rank = dist.get_world_size(), dist.get_rank()
     dt = {"fp64": torch.float64, "fp32": torch.float32}[dtype]
