@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.metrics import describe_machine
+from launcher.metrics import describe_machine  # noqa: E402
 from models.common.loss import cross_entropy_sum  # noqa: E402
 from models.deltanet.model import DeltaNet, DeltaNetConfig  # noqa: E402
 from models.deltanet.ops import delta_rule_chunked, delta_rule_recurrent  # noqa: E402
