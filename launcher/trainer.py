@@ -31,6 +31,7 @@ from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
 from models import get_model_spec
 from models.common.loss import IGNORE_INDEX, cross_entropy_sum
+from parallel.context.apply import forward_whole_sequence
 from parallel.data_parallel import uses_fsdp
 from parallel.init import init_parameters
 from parallel.pipeline import build_pipeline, stages_per_rank
@@ -221,11 +222,17 @@ def train(cfg: Config) -> dict:
         if cfg.checkpoint.enabled:
             save(last_step)
     sample = None
-    if t.sample_prompt and (pipeline is not None or dims.cp > 1):
-        metrics.info("no sample: greedy sampling does not run through a pipeline or context parallelism yet")
+    if t.sample_prompt and pipeline is not None:
+        metrics.info("no sample: greedy sampling does not run through a pipeline yet")
     elif t.sample_prompt:
-        sample = greedy_sample(parts[0], data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
-                               length_multiple=dims.tp)
+        def full_logits(tokens: torch.Tensor) -> torch.Tensor:
+            if dims.cp == 1:
+                return full_tensor(parts[0](tokens))
+            return forward_whole_sequence(parts[0], tokens, sequence_layout, cp_rank, meshes.cp.get_group())
+        # The padded length must split over the cp layout's chunks, then each part over tp (sequence parallel).
+        multiple = dims.tp * (sequence_layout.chunks_per_ring_rank * dims.cp if dims.cp > 1 else 1)
+        sample = greedy_sample(full_logits, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
+                               length_multiple=multiple)
     summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)
     for line in summary["lines"]:
         metrics.info(line)
@@ -300,8 +307,9 @@ def end_step(parts: list[torch.nn.Module], pp_group) -> dict[str, float]:
 
 
 @torch.no_grad()
-def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, device, autocast, length_multiple: int) -> str:
-    """Greedy continuation of `prompt` (every rank runs it: sharded weights need all ranks).
+def greedy_sample(full_logits, tokenizer, prompt: str, n_tokens: int, device, autocast, length_multiple: int) -> str:
+    """Greedy continuation of `prompt` with `full_logits(tokens [1, T]) -> [1, T, vocab]` (every rank
+    runs it: sharded weights and sequence parts need all ranks).
 
     Inputs are right-padded to a multiple of `length_multiple` (sequence-sharded layouts need
     it); causal attention keeps the padding from affecting the real positions.
@@ -310,7 +318,7 @@ def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, device, autocast
     for _ in range(n_tokens):
         padded = ids + [tokenizer.eos_id] * (-len(ids) % length_multiple)
         with autocast:
-            logits = full_tensor(model(torch.tensor([padded], device=device)))
+            logits = full_logits(torch.tensor([padded], device=device))
         next_id = int(logits[0, len(ids) - 1].argmax())
         if next_id == tokenizer.eos_id:
             break

@@ -2,12 +2,15 @@
 from collections.abc import Iterable
 from functools import partial
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.context.hybrid import HYBRID_MESH_DIMS
 from parallel.context.layout import SequenceLayout
 from parallel.context.module import ContextParallelAttention
+from parallel.tensor_parallel import full_tensor
 
 
 def apply_context_parallel(attentions: Iterable[nn.Module], cp_mesh: DeviceMesh, mode: str, layout: str,
@@ -34,3 +37,14 @@ def _fill_positions(layout: SequenceLayout, cp_rank: int, _module, args):
     if positions is None:
         positions = layout.global_positions(x.shape[1] * layout.cp_size, cp_rank).to(x.device).unsqueeze(0)
     return x, positions
+
+
+def forward_whole_sequence(model: nn.Module, tokens: torch.Tensor, layout: SequenceLayout, cp_rank: int,
+                           group: dist.ProcessGroup) -> torch.Tensor:
+    """The output [B, T, ...] of a context-parallel model for whole sequences tokens [B, T] (e.g. to
+    sample from it): each cp rank feeds its part, and the parts of the output are gathered and put
+    back in sequence order. T must split over the layout (SequenceLayout.check)."""
+    local = full_tensor(model(layout.shard(tokens, cp_rank))).contiguous()
+    parts = [torch.empty_like(local) for _ in range(layout.cp_size)]
+    dist.all_gather(parts, local, group=group)
+    return layout.unshard(parts)

@@ -4,6 +4,8 @@ from pathlib import Path
 from tests.conftest import TINY, tiny_overrides
 
 RTOL = 1e-5  # fp32 run-level parity: relative difference of per-step losses
+# A short greedy sample after training: equal weights under any layout give the same text.
+SAMPLE = ("train.sample_prompt=The with statement", "train.sample_tokens=8")
 
 
 def train_losses(run_dir: str, cache: str, overrides: list[str], config: str = "") -> list[float]:
@@ -18,7 +20,7 @@ def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = 
 
     summary = train(load_config(Path(config) if config else TINY,
                                 tiny_overrides(Path(run_dir), Path(cache), *overrides)))
-    return {"losses": summary["losses"], "eval_loss": summary["eval_loss"]}
+    return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "sample": summary["sample"]}
 
 
 def train_check(run_dir: Path, cache: Path, *overrides: str, summary: bool = False,

@@ -179,6 +179,40 @@ def mixer_parity(summed_states: bool = False) -> float:
     return max((g - w).abs().max().item() for g, w in pairs)
 
 
+def whole_sequence_logits(mode: str, layout: str, ulysses: int = 0) -> tuple[float, float]:
+    """A tiny LLM made context-parallel by its real parallelize (cp = world, FSDP over it): max abs
+    error of forward_whole_sequence's logits against the same weights on one device, and (negative
+    control) of the gathered parts left in rank order instead of sequence order."""
+    from models.llm.model import LLMConfig, Transformer
+    from models.llm.parallelize import parallelize_llm
+    from models.spec import ParallelizeOptions
+    from parallel.context.apply import forward_whole_sequence
+    from parallel.init import init_parameters
+    from parallel.mesh import ParallelDims
+
+    cp = dist.get_world_size()
+    dims = ParallelDims.resolve(dp_shard=1, cp=cp, world_size=cp)
+    meshes = dims.build_mesh("cpu")
+    cfg = LLMConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    options = ParallelizeOptions(cp_mode=mode, cp_layout=layout, cp_ulysses=ulysses, cp_kernel="math")
+    model = parallelize_llm(model, dims, meshes, options)
+    model.to_empty(device="cpu")
+    init_parameters(model, seed=11)
+    reference = Transformer(cfg)
+    init_parameters(reference, seed=11)
+    tokens = torch.randint(0, 64, (2, 8 * cp), generator=torch.Generator().manual_seed(5))
+    sequence_layout = _layout(mode, layout, cp, (cp // ulysses, ulysses) if mode == "hybrid" else None)
+    with torch.no_grad():
+        want = reference(tokens)
+        got = forward_whole_sequence(model, tokens, sequence_layout, meshes.cp.get_local_rank(), meshes.cp.get_group())
+        local = model(sequence_layout.shard(tokens, meshes.cp.get_local_rank())).contiguous()
+        parts = [torch.empty_like(local) for _ in range(cp)]
+        dist.all_gather(parts, local, group=meshes.cp.get_group())
+    return (got - want).abs().max().item(), (torch.cat(parts, 1) - want).abs().max().item()
+
+
 # ---- the tests ----
 
 ERROR_CASES = {
@@ -205,6 +239,11 @@ def _checks(nproc: int) -> dict[str, tuple[str, dict]]:
                                                          kernel="math", dtype="float64", heads=(8, 8), causal=True,
                                                          shard_layout="contiguous"))
     checks["mixer"] = (f"{THIS}:mixer_parity", {})
+    if nproc != 3:
+        checks["whole-sequence"] = (f"{THIS}:whole_sequence_logits", dict(mode="ring", layout="zigzag"))
+    if nproc == 4:
+        checks["whole-sequence-hybrid"] = (f"{THIS}:whole_sequence_logits",
+                                           dict(mode="hybrid", layout="zigzag", ulysses=2))
     if nproc > 2:  # with one earlier rank, summing its state is folding it
         checks["mixer-summed"] = (f"{THIS}:mixer_parity", {"summed_states": True})
     if nproc == 4:
@@ -276,3 +315,11 @@ def test_summing_states_instead_of_folding_is_caught(worlds, nproc):
 def test_misuse_is_one_clear_error(worlds, case):
     for message in worlds(4)[f"error-{case}"].values():
         assert ERROR_CASES[case] in message, message
+
+
+@pytest.mark.parametrize("nproc, check", [(2, "whole-sequence"), (4, "whole-sequence"), (4, "whole-sequence-hybrid")])
+def test_whole_sequence_output_of_a_cp_model_matches_one_device(worlds, nproc, check):
+    """What greedy sampling under cp runs: every rank ends with the one-device logits."""
+    for error, error_in_rank_order in worlds(nproc)[check].values():
+        assert error < 1e-5, error
+        assert error_in_rank_order > 1e-2  # the gather alone is not enough: the parts need reordering
