@@ -230,7 +230,7 @@ def train(cfg: Config) -> dict:
                 return full_tensor(parts[0](tokens))
             return forward_whole_sequence(parts[0], tokens, sequence_layout, cp_rank, meshes.cp.get_group())
         # The padded length must split over the cp layout's chunks, then each part over tp (sequence parallel).
-        multiple = dims.tp * (sequence_layout.chunks_per_ring_rank * dims.cp if dims.cp > 1 else 1)
+        multiple = dims.tp * (sequence_layout.length_multiple if dims.cp > 1 else 1)
         sample = greedy_sample(full_logits, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
                                length_multiple=multiple)
     summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)

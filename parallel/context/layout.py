@@ -40,9 +40,14 @@ class SequenceLayout:
     def chunks_per_ring_rank(self) -> int:
         return 2 if self.kind == "zigzag" else 1
 
+    @property
+    def length_multiple(self) -> int:
+        """What every sequence length must be a multiple of to split evenly in this layout."""
+        return self.chunks_per_ring_rank * self.cp_size
+
     def check(self, seq_len: int) -> None:
         """Raise ValueError unless a sequence of seq_len tokens splits evenly in this layout."""
-        multiple = self.chunks_per_ring_rank * self.cp_size
+        multiple = self.length_multiple
         if seq_len % multiple:
             factor = "2 x cp" if self.kind == "zigzag" else "cp"
             raise ValueError(f"sequence length {seq_len} is not divisible by {factor} = {multiple} "
