@@ -31,6 +31,8 @@ recorded); ratios within one run are more trustworthy than absolute numbers.
                                             [--out benchmarks/results/deltanet.json]
 
 About 13 minutes here: ops ~2.5 (of which ~100 s the recurrence at 16k), blocks ~1, MQAR ~10.
+The width check in docs/models.md (is the softmax plateau the model or the width?) is the MQAR part at
+4 pairs, 1,500 steps, lr 1e-3, once at --mqar-dim 64 and once at 128 (results/deltanet_mqar_width*.json).
 """
 import argparse
 import json
@@ -225,10 +227,10 @@ def train_mqar(kind: str, task: dict, model_shape: dict, steps: int, batch: int,
             "train_seconds": time.perf_counter() - start, "curve": curve}
 
 
-def bench_mqar(pair_counts: list[int], n_keys: int, n_values: int, heads: int, steps: int, batch: int, lr: float,
-               seed: int) -> dict:
+def bench_mqar(pair_counts: list[int], n_keys: int, n_values: int, dim: int, heads: int, steps: int, batch: int,
+               lr: float, seed: int) -> dict:
     """Every model on every task (one task per pair count); more pairs fill the per-head states more."""
-    model_shape = {"dim": 64, "layers": 2, "heads": heads}
+    model_shape = {"dim": dim, "layers": 2, "heads": heads}
     tasks = []
     for n_pairs in pair_counts:
         task = {"n_pairs": n_pairs, "n_keys": n_keys, "n_values": n_values, "seq_len": 4 * n_pairs - 1}
@@ -246,7 +248,8 @@ def main():
     parser.add_argument("--mqar-pairs", default="16,32", help="key-value pairs per sequence, one task each")
     parser.add_argument("--mqar-keys", type=int, default=128)
     parser.add_argument("--mqar-values", type=int, default=64)
-    parser.add_argument("--mqar-heads", type=int, default=4, help="heads of the dim-64 models (head dim 64 / heads)")
+    parser.add_argument("--mqar-dim", type=int, default=64, help="width of the three MQAR models")
+    parser.add_argument("--mqar-heads", type=int, default=4, help="heads of the MQAR models (head dim = width / heads)")
     parser.add_argument("--mqar-steps", type=int, default=500)
     parser.add_argument("--mqar-batch", type=int, default=64)
     parser.add_argument("--mqar-lr", type=float, default=3e-3)
@@ -266,8 +269,9 @@ def main():
     if "blocks" in parts:
         result["block_step_fwd_bwd_fp32_cpu"] = bench_blocks()
     if "mqar" in parts:
-        result["mqar"] = bench_mqar([int(n) for n in args.mqar_pairs.split(",")], args.mqar_keys, args.mqar_values, args.mqar_heads,
-                                    args.mqar_steps, args.mqar_batch, args.mqar_lr, args.seed)
+        result["mqar"] = bench_mqar([int(n) for n in args.mqar_pairs.split(",")], args.mqar_keys, args.mqar_values,
+                                    args.mqar_dim, args.mqar_heads, args.mqar_steps, args.mqar_batch, args.mqar_lr,
+                                    args.seed)
     result["machine"]["load_avg_end"] = os.getloadavg()
     result["total_seconds"] = time.perf_counter() - start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
