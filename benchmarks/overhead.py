@@ -10,7 +10,7 @@ on CPU:
 - bare: forward, cross entropy, backward, clip, step, zero_grad and `.item()` on the loss, over
   batches fetched before timing, so it does no data work at all: an upper bound. It gets the
   malloc tuning the trainer applies on CPU (launcher/cpu_memory.py), which is not overhead but
-  5-12% of a step either way: without it on both sides, the ratio measured the two processes'
+  worth 4-11% of tokens/s here: without it on both sides, the ratio measured the two processes'
   allocation histories (0.935-0.946 before the trainer tuned malloc).
 
 Every run is a fresh Python process (so neither side inherits the other's heap, allocator or
