@@ -4,8 +4,8 @@ and the state-passing hook for mixers without softmax. See docs/context-parallel
 Tensors are [B, T, H, D] throughout (as models/common/attention.py); log-sum-exps [B, H, T].
 """
 from parallel.context.hybrid import HYBRID_MESH_DIMS, hybrid_attention, hybrid_groups
-from parallel.context.kernels import (KERNEL_NAMES, BlockKernel, CpuFlashKernel, MathKernel, accumulation_dtype,
-                                      get_kernel)
+from parallel.context.kernel_choice import KERNEL_NAMES, get_kernel
+from parallel.context.kernels import BlockKernel, CpuFlashKernel, MathKernel, accumulation_dtype
 from parallel.context.layout import LAYOUT_KINDS, SequenceLayout
 from parallel.context.merge import merge_partials
 from parallel.context.mixer import StatePassingMixer, context_parallel_mix, incoming_state

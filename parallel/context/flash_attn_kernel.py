@@ -1,7 +1,7 @@
 """The GPU block kernel over flash-attn's log-sum-exp returning functions.
 
 UNTESTED: flash-attn is not installed where this was written and no test runs it; it follows the
-published signatures. `get_kernel` selects it only for CUDA tensors and raises when flash-attn is
+published signatures. `kernel_choice.get_kernel` selects it only for CUDA tensors and raises when flash-attn is
 missing. The shim covers the two signatures in the wild, found by parameter name:
   >= 2.7: _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
           window_size_right, softcap, alibi_slopes, return_softmax) -> (out, lse, S_dmask, rng_state)

@@ -15,9 +15,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-KERNEL_NAMES = ("auto", "math", "cpu_flash", "flash_attn")
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Partials are merged and gradients accumulated in fp32, or fp64 when the inputs are fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -110,29 +107,3 @@ class CpuFlashKernel:
             dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
             lse.contiguous(), 0.0, causal, scale=scale)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-
-def get_kernel(name: str, device: torch.device) -> BlockKernel:
-    """The kernel called `name` for tensors on `device`; "auto" is cpu_flash on CPU and flash_attn on CUDA.
-
-    Nothing falls back silently: a kernel that cannot run here is an error naming the alternatives.
-    """
-    if name not in KERNEL_NAMES:
-        raise ValueError(f"unknown attention kernel {name!r}; valid kernels: {', '.join(KERNEL_NAMES)}")
-    if name == "auto":
-        name = "flash_attn" if device.type == "cuda" else "cpu_flash"
-    if name == "math":
-        return MathKernel()
-    if name == "cpu_flash":
-        if device.type != "cpu":
-            raise ValueError(f"the cpu_flash kernel runs on CPU tensors, got {device}; use kernel 'flash_attn' "
-                             "or 'math'")
-        return CpuFlashKernel()
-    if device.type != "cuda":
-        raise ValueError(f"the flash_attn kernel runs on CUDA tensors, got {device}; use kernel 'cpu_flash' or 'math'")
-    from parallel.context.flash_attn_kernel import FlashAttnKernel, flash_attn_available  # GPU only
-
-    if not flash_attn_available():
-        raise ValueError("the flash_attn kernel needs the flash-attn package, which is not importable; install "
-                         "shardwright[gpu] or choose kernel 'math'")
-    return FlashAttnKernel()

@@ -4,7 +4,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallel.context.hybrid import HYBRID_MESH_DIMS, hybrid_attention, hybrid_groups
-from parallel.context.kernels import KERNEL_NAMES
+from parallel.context.kernel_choice import KERNEL_NAMES
 from parallel.context.layout import SequenceLayout
 from parallel.context.ring import ring_attention
 from parallel.context.ulysses import ulysses_attention

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from parallel.context.kernels import BlockKernel, accumulation_dtype, default_scale, get_kernel
+from parallel.context.kernel_choice import get_kernel
+from parallel.context.kernels import BlockKernel, accumulation_dtype, default_scale
 from parallel.context.layout import LAYOUT_KINDS
 from parallel.context.merge import merge_partials
 
