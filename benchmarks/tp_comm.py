@@ -61,7 +61,7 @@ from parallel.tensor_parallel import reduce_partial_grads
 from models.common.loss import cross_entropy_sum
 from models.llm.model import LLMConfig, Transformer
 from models.llm.parallelize import apply_tensor_parallel
-from models.spec import ParallelizeOptions
+from parallel.options import ParallelizeOptions
 from parallel.init import init_parameters
 from parallel.mesh import ParallelDims
 

@@ -113,26 +113,27 @@ class GlobalBatchLoader:
         self._epoch = -1
         self._permutation = None
 
-    def micro_batches(self, step: int, documents: bool = False) -> list[tuple]:
-        """This rank's rows of step's global batch, as (inputs, targets) micro-batches of shape
-        [micro_batch_size, seq_len]; targets are inputs shifted by one token. With
-        documents=True each micro-batch is (inputs, targets, DocumentInfo)."""
+    def micro_batches(self, step: int, documents: bool = False) -> list[dict[str, torch.Tensor]]:
+        """This rank's rows of step's global batch, as micro-batches of micro_batch_size rows: dicts of
+        `tokens`, `targets` (tokens shifted by one) and `positions` (0 .. seq_len - 1), each
+        [micro_batch_size, seq_len]. With documents=True also `document_ids` and `document_positions`
+        (see DocumentInfo)."""
         rows_per_rank = self.global_batch_size // self.dp_size
         first = step * self.global_batch_size + self.dp_rank * rows_per_rank
         located = self._locate(np.arange(first, first + rows_per_rank, dtype=np.int64))
         rows = torch.stack([samples[i] for samples, i in located])
-        batches = [
-            (mb[:, :-1].contiguous(), mb[:, 1:].contiguous())
-            for mb in rows.split(self.micro_batch_size)
-        ]
-        if not documents:
-            return batches
-        mbs = self.micro_batch_size
-        starts = [samples.document_starts(i) for samples, i in located]
-        return [(inputs, targets, document_info(starts[k * mbs:(k + 1) * mbs], inputs.shape[1]))
-                for k, (inputs, targets) in enumerate(batches)]
+        positions = torch.arange(rows.shape[1] - 1).repeat(self.micro_batch_size, 1)
+        batches = [{"tokens": mb[:, :-1].contiguous(), "targets": mb[:, 1:].contiguous(), "positions": positions}
+                   for mb in rows.split(self.micro_batch_size)]
+        if documents:
+            mbs = self.micro_batch_size
+            starts = [samples.document_starts(i) for samples, i in located]
+            for k, batch in enumerate(batches):
+                info = document_info(starts[k * mbs:(k + 1) * mbs], batch["tokens"].shape[1])
+                batch.update(document_ids=info.document_ids, document_positions=info.positions)
+        return batches
 
-    def next(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next(self) -> list[dict[str, torch.Tensor]]:
         batches = self.micro_batches(self.step)
         self.step += 1
         return batches

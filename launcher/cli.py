@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardwright", description="Distributed pretraining from one YAML config.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train (or resume) the run a config describes")
-    train.add_argument("config", help="YAML config, e.g. configs/llm/tiny.yaml")
+    train.add_argument("config", help="YAML config, e.g. configs/<family>/tiny.yaml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override one config value (repeatable), e.g. --set train.steps=20")
     train.add_argument("--nproc-per-node", type=int, default=1,

@@ -16,18 +16,19 @@ import torch
 import yaml
 
 from launcher.errors import UserError
-from models import FAMILIES, get_model_spec
-from models.spec import ParallelizeOptions
+from models import DEFAULT_FAMILY, FAMILIES, get_model_spec
 from parallel.activation_checkpoint import MODES as AC_MODES
-from parallel.context import KERNEL_NAMES, LAYOUT_KINDS, SequenceLayout
+from parallel.context import KERNEL_NAMES, LAYOUT_KINDS, SequenceLayout, sequence_layout
 from parallel.context import MODES as CP_MODES
 from parallel.mesh import LayoutError, ParallelDims
+from parallel.options import ParallelizeOptions
+from parallel.parallelize import missing_pieces
 from parallel.pipeline import PipelineError, split_layers, stages_per_rank
 
 
 @dataclass
 class ModelSection:
-    family: str = "llm"
+    family: str = DEFAULT_FAMILY
     # The family's own fields (validated against its config class), e.g. dim, n_layers.
     args: dict[str, Any] = field(default_factory=dict)
 
@@ -199,7 +200,7 @@ def _model_section(values: dict) -> ModelSection:
     if not isinstance(values, dict):
         raise UserError(f"section 'model' should be a mapping, got {values!r}")
     values = dict(values)
-    family = values.pop("family", "llm")
+    family = values.pop("family", DEFAULT_FAMILY)
     if family not in FAMILIES:
         raise UserError(f"model.family '{family}' is not known{_suggest(family, FAMILIES)}; "
                         f"known families: {', '.join(FAMILIES)}")
@@ -227,7 +228,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file '{path}' does not exist; pass a YAML file such as configs/llm/tiny.yaml")
+            raise UserError(f"config file '{path}' does not exist; pass a YAML file such as one of the tiny.yaml files under configs/")
         try:
             raw = _parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -270,8 +271,7 @@ def check_context_parallel(p: ParallelSection, dims: ParallelDims, seq_len: int)
 
 def cp_layout(p: ParallelSection, cp: int) -> SequenceLayout:
     """How the sequence is spread over the cp ranks for these settings."""
-    ulysses = {"ring": 1, "ulysses": cp, "hybrid": p.cp_ulysses}[p.cp_mode]
-    return SequenceLayout(p.cp_layout, cp // ulysses, ulysses)
+    return sequence_layout(p.cp_mode, p.cp_layout, cp, p.cp_ulysses)
 
 
 def validate(cfg: Config, world_size: int) -> ParallelDims:
@@ -310,12 +310,17 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         model_cfg = cfg.model_config()
     except (TypeError, ValueError) as e:
         raise UserError(f"model section: {e}") from None
-    if dims.pp > 1:
+    spec = get_model_spec(cfg.model.family)
+    problems = missing_pieces(spec.plan, dims)
+    if dims.pp > 1 and spec.split_stage is None:
+        problems.append(f"parallel.pp={dims.pp}: model family {cfg.model.family} has no pipeline split; set "
+                        f"parallel.pp=1")
+    elif dims.pp > 1:
         p = cfg.parallel
         n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
         try:
             per_rank = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
-            split_layers(getattr(model_cfg, "n_layers", 0), dims.pp * per_rank, p.pp_layout)
+            split_layers(spec.n_layers(model_cfg), dims.pp * per_rank, p.pp_layout)
         except PipelineError as e:
             raise UserError(str(e)) from None
         needed = dims.pp * per_rank if p.pp_schedule == "dualpipev" else 1 if p.pp_schedule == "gpipe" else dims.pp
@@ -325,13 +330,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if model_cfg.vocab_size != cfg.data.vocab_size:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} differs from data.vocab_size="
                         f"{cfg.data.vocab_size} (the tokenizer's); drop model.vocab_size or make them equal")
-    if dims.cp > 1 and cfg.parallel.cp_mode != "ring":
-        ulysses = cp_layout(cfg.parallel, dims.cp).ulysses_size
-        heads = getattr(model_cfg, "n_heads", 0) // dims.tp
-        if heads % ulysses:
-            raise UserError(f"parallel.cp_mode={cfg.parallel.cp_mode} splits the {heads} attention heads of a tp rank "
-                            f"over {ulysses} Ulysses ranks, which does not divide them; change cp, cp_ulysses or tp")
-    problems = get_model_spec(cfg.model.family).check_layout(model_cfg, dims, cfg.parallelize_options())
+    problems += spec.check_layout(model_cfg, dims, cfg.parallelize_options())
     if problems:
         raise UserError("; ".join(problems))
     return dims

@@ -6,7 +6,7 @@ and unmaps it on free, and trims the heap top above 128 KiB of free space. A tra
 allocates and frees the same large activations and gradients every time, so without tuning each
 step pays the page faults of touching that memory afresh, by how much depending on how the
 process's allocation history set the dynamic threshold — so two runs of the same model differed by
-5% (benchmarks/overhead.py found it: configs/llm/tiny.yaml, one thread, before vs after this
+5% (benchmarks/overhead.py found it: the default tiny config, one thread, before vs after this
 tuning: bare loop 6781 -> 7084 tokens/s, trainer 6412 -> 7113). Serving blocks
 up to 64 MiB from the heap and keeping up to 1 GiB of freed heap removes that cost; the price is
 that the process keeps its peak heap size. CUDA memory has its own caching allocator.

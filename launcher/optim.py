@@ -12,7 +12,7 @@ from launcher.config import TrainSection
 def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     """AdamW over matrices (decayed) and vectors (norm gains: not decayed). DTensors and plain
     tensors go into separate groups: foreach kernels run per group and refuse a mix of the two
-    (e.g. MoE experts kept whole beside tensor-parallel weights when no FSDP makes all DTensors)."""
+    (e.g. expert weights kept whole beside tensor-parallel weights when no FSDP makes all DTensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for decayed in (True, False):

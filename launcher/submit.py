@@ -41,7 +41,7 @@ _LAUNCH = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="YAML config, e.g. configs/llm/tiny.yaml")
+    parser.add_argument("config", help="YAML config, e.g. a tiny.yaml under configs/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set train.steps=20")
     parser.add_argument("--nodes", type=int, required=True, help="number of nodes")

@@ -1,12 +1,15 @@
 """One training run, top to bottom.
 
     layout -> process group -> mesh -> data -> model on meta -> parallelize -> init weights ->
-    optimizer, schedule -> resume from `latest` -> loop { micro-batches -> forward + loss ->
+    optimizer, schedule -> resume from `latest` -> loop { train_step: micro-batches -> forward + loss ->
     backward -> clip -> step -> metrics -> eval? -> checkpoint? } -> final checkpoint -> sample
 
-The loss of a step is the sum of token losses over the whole global batch divided by the global
-number of target tokens, so it does not depend on how the batch is split over data-parallel
-ranks or micro-batches: the same config under any layout gives the same loss curve.
+Everything about the model family comes from its ModelSpec (models/spec.py): batches are dicts
+whose keys the spec describes, the loss is the family's, and its hooks run at fixed points of a
+step. The loss of a step is the family's loss summed over the whole global batch divided by the
+global number of its terms, so it does not depend on how the batch is split over data-parallel
+ranks, context-parallel ranks or micro-batches: the same config under any layout gives the same
+loss curve.
 """
 import signal
 import sys
@@ -21,7 +24,6 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from data.build import build_loaders
 from launcher.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, check_complete
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
@@ -30,16 +32,172 @@ from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
 from models import get_model_spec
-from models.common.loss import IGNORE_INDEX, cross_entropy_sum
-from parallel.context.apply import forward_whole_sequence
+from models.spec import ModelSpec, StepContext, architecture
+from parallel.context import SequenceLayout
 from parallel.data_parallel import uses_fsdp
 from parallel.init import init_parameters
-from parallel.pipeline import build_pipeline, stages_per_rank
+from parallel.mesh import Meshes, ParallelDims
+from parallel.parallelize import parallelize
+from parallel.pipeline import Pipeline, build_pipeline, stages_per_rank
 from parallel.tensor_parallel import full_tensor, reduce_partial_grads
 
 # Exit code after SIGUSR1/SIGTERM (Slurm's time-limit warning, preemption): the last finished step
 # is checkpointed, and the job script requeues itself to resume from it (EX_TEMPFAIL).
 PREEMPTED_EXIT = 75
+
+
+class TrainStep:
+    """The work of one step on this rank's model parts (one, or one per pipeline stage).
+
+    `forward_backward(micro_batches)` runs the family's forward and loss over the rank's micro-batches
+    (optionally back-propagating) and returns the step's global loss and loss metrics;
+    `train_step(micro_batches)` adds the gradient reduction, the family's hooks, clipping and the
+    optimizer step, and returns the step's metrics.
+    """
+
+    def __init__(self, spec: ModelSpec, dims: ParallelDims, meshes: Meshes, layout: SequenceLayout,
+                 device: torch.device, grad_clip: float, vocab_sharded_outputs: bool):
+        self.spec, self.dims, self.meshes, self.layout, self.device = spec, dims, meshes, layout, device
+        self.grad_clip = grad_clip
+        # Vocab-sharded logits need cross entropy (forward and backward) under loss_parallel().
+        self.loss_context = loss_parallel if vocab_sharded_outputs else nullcontext
+        self.loss_scale = torch.ones((), device=device)  # dp x cp / the step's global count of loss terms
+        self.keys = spec.data.keys
+        self.batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
+        self.pp_group = meshes.pp.get_group()
+        self.loss_sums: list[torch.Tensor] = []  # [loss, *metrics] of each micro-batch, filled by `loss_terms`
+        self.whole_batch: dict[str, torch.Tensor] = {}  # under pp: the step's micro-batches stacked, for pipeline_loss
+        self.parts: list[torch.nn.Module] = []
+        self.pipeline: Pipeline | None = None
+        self.optimizers: Optimizers | None = None
+        self.precision = nullcontext()
+
+    def bind(self, parts: list[torch.nn.Module], pipeline: Pipeline | None, optimizers: Optimizers, precision) -> None:
+        """The model parts this rank trains (built after the TrainStep: a pipeline's loss_fn is `pipeline_loss`),
+        their optimizers, and the autocast context of forwards (nullcontext when FSDP casts)."""
+        self.parts, self.pipeline, self.optimizers, self.precision = parts, pipeline, optimizers, precision
+
+    def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a micro-batch on the device: sequence keys cut by context parallelism."""
+        cp_rank = self.meshes.cp.get_local_rank()
+        out = {}
+        for name, value in batch.items():
+            key = self.keys[name]
+            if self.dims.cp > 1 and key.sequence_dim is not None:
+                value = self.layout.shard(value, cp_rank, dim=key.sequence_dim)
+            out[name] = value.to(self.device)
+        return out
+
+    def model_inputs(self, batch: dict) -> tuple[tuple, dict]:
+        """(positional inputs of the first stage, keyword inputs of every stage) of a batch."""
+        args = tuple(batch[k] for k, key in self.keys.items() if key.consumer == "inputs" and k in batch)
+        kwargs = {k: batch[k] for k, key in self.keys.items() if key.consumer == "every_stage" and k in batch}
+        return args, kwargs
+
+    def loss_terms(self, outputs, batch: dict) -> torch.Tensor:
+        """The family's loss of one micro-batch, scaled for backward; its sums are added to the step's."""
+        terms = self.spec.loss.compute(outputs, batch)
+        sums = torch.stack([full_tensor(terms.loss_sum.detach()).float(),
+                            *(full_tensor(terms.metrics[name].detach()).float() for name in self.spec.loss.metrics)])
+        self.loss_sums.append(sums)
+        return terms.loss_sum * self.loss_scale
+
+    def forward_backward(self, micro_batches: list[dict], backward: bool = True) -> dict[str, float]:
+        """Forward (+ backward) of this rank's micro-batches of a step; the step's global loss and loss
+        metrics, each divided by the global count of loss terms."""
+        batches = [self.prepare(batch) for batch in micro_batches]
+        n_terms = torch.stack([self.spec.loss.count(batch) for batch in batches]).sum().float()
+        dist.all_reduce(n_terms, group=self.batch_group)
+        # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
+        self.loss_scale.copy_(self.dims.dp * self.dims.cp / n_terms)
+        self.loss_sums = []
+        with self.loss_context(), self.precision:
+            if self.pipeline is not None:
+                whole = {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
+                args, kwargs = self.model_inputs(whole)
+                # The loss function sees its micro-batch's row numbers as the target and reads every key it
+                # needs from those rows (a schedule passes one tensor to it).
+                self.whole_batch = whole
+                self.pipeline.run(args, kwargs, torch.arange(len(whole[next(iter(whole))]), device=self.device),
+                                  backward)
+            else:
+                for batch in batches:
+                    args, kwargs = self.model_inputs(batch)
+                    loss = self.loss_terms(self.parts[0](*args, **kwargs), batch)
+                    if backward:
+                        loss.backward()
+        # A schedule's first step also calls its loss function once on dummy activations, to infer the
+        # backward's shapes: the micro-batches' own calls are the last ones.
+        sums = torch.stack(self.loss_sums[-len(batches):]).sum(0) if self.loss_sums else \
+            torch.zeros(1 + len(self.spec.loss.metrics), device=self.device)
+        if self.pipeline is not None:
+            dist.all_reduce(sums, group=self.pp_group)  # only the last stage computed the loss
+        dist.all_reduce(sums, group=self.batch_group)
+        values = (sums / n_terms).tolist()
+        return {"loss": values[0], **dict(zip(self.spec.loss.metrics, values[1:]))}
+
+    def pipeline_loss(self, outputs, rows: torch.Tensor) -> torch.Tensor:
+        """loss_fn of the pipeline schedule: the loss of the micro-batch made of `rows` of the step."""
+        return self.loss_terms(outputs, {k: v.index_select(0, rows) for k, v in self.whole_batch.items()})
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        record = self.forward_backward(micro_batches, backward=True)
+        reduce_partial_grads(p for part in self.parts for p in part.parameters())
+        record.update(self.run_hook(self.spec.hooks.after_backward))
+        record["grad_norm"] = clip_grad_norm(self.parts, self.grad_clip, self.pp_group)
+        record["lr"] = self.optimizers.lr
+        self.optimizers.step()
+        record.update(self.run_hook(self.spec.hooks.after_optimizer_step))
+        return record
+
+    def run_hook(self, hook) -> dict[str, float]:
+        """A family hook on every part of this rank; its metrics summed over all pipeline stages."""
+        if hook is None:
+            return {}
+        records = [hook(part) for part in self.parts]
+        if dist.get_world_size(self.pp_group) > 1:
+            gathered = [None] * dist.get_world_size(self.pp_group)
+            dist.all_gather_object(gathered, records, group=self.pp_group)
+            records = [record for stage_records in gathered for record in stage_records]
+        merged: dict[str, float] = {}
+        for record in records:
+            for key, value in record.items():
+                merged[key] = merged.get(key, 0.0) + value
+        return merged
+
+    @torch.no_grad()
+    def evaluate(self, loader, n_batches: int) -> dict[str, float]:
+        """Mean over n_batches validation steps of the loss and loss metrics, named eval_<name>."""
+        for part in self.parts:  # eval mode: e.g. no routing statistics of eval batches
+            part.eval()
+        totals: dict[str, float] = {}
+        for i in range(n_batches):
+            for name, value in self.forward_backward(loader.micro_batches(i), backward=False).items():
+                totals[name] = totals.get(name, 0.0) + value / n_batches
+        for part in self.parts:
+            part.train()
+        return {f"eval_{name}": value for name, value in totals.items()}
+
+    @torch.no_grad()
+    def next_token(self, ids: list[int], length: int, pad_id: int) -> int:
+        """The greedy next token after `ids`, run on every rank. Inputs are right-padded to `length`
+        (the training length, which splits over every layout); causal models keep the padding from
+        affecting the real positions."""
+        tokens = torch.tensor([ids + [pad_id] * (length - len(ids))])
+        batch = self.prepare(self.spec.data.prompt_batch(tokens))
+        args, kwargs = self.model_inputs(batch)
+        with self.precision:
+            outputs = self.pipeline.forward(args, kwargs) if self.pipeline is not None else self.parts[0](*args, **kwargs)
+        choice = torch.full((), -1, dtype=torch.int64, device=self.device)
+        if outputs is not None:  # the last pipeline stage (every rank without pp)
+            logits = full_tensor(outputs)
+            if self.dims.cp > 1:
+                parts = [torch.empty_like(logits) for _ in range(self.dims.cp)]
+                dist.all_gather(parts, logits.contiguous(), group=self.meshes.cp.get_group())
+                logits = self.layout.unshard(parts)
+            choice.fill_(int(logits[0, len(ids) - 1].argmax()))
+        dist.all_reduce(choice, op=dist.ReduceOp.MAX)  # from the last stage to every rank
+        return int(choice)
 
 
 def train(cfg: Config) -> dict:
@@ -50,8 +208,8 @@ def train(cfg: Config) -> dict:
     allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
-    batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
-    t = cfg.train
+    spec = get_model_spec(cfg.model.family)
+    t, p = cfg.train, cfg.parallel
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,59 +217,45 @@ def train(cfg: Config) -> dict:
     start_step = saved["meta"]["step"] if saved else 0
     say = print if rank == 0 else (lambda _: None)  # until the run directory may be written to
 
-    # Data: the embedded corpus (built once, cached) or a blend of prepared datasets; the global batch
-    # of a step depends only on (seed, step), so every layout sees the same samples.
-    data, train_loader, valid_loader = build_loaders(
+    # Data: the global batch of a step depends only on (seed, step), so every layout sees the same samples.
+    data, train_loader, valid_loader = spec.data.build_loaders(
         cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, meshes.dp.get_local_rank(), dims.dp, t.seed,
         log=lambda message: say(f"[shardwright] {message}"))
 
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
-    spec = get_model_spec(cfg.model.family)
     model_cfg = cfg.model_config()
     bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device.type == "cuda")
-    if cfg.parallel.async_tp and device.type != "cuda":
+    if p.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
-    p = cfg.parallel
     options = cfg.parallelize_options(torch.bfloat16 if bf16 else torch.float32)
-    # Context parallelism: each cp rank takes its part of every sequence (the model's attention
-    # layers know the matching global positions; see parallel/context/apply.py).
-    sequence_layout, cp_rank = cp_layout(p, dims.cp), meshes.cp.get_local_rank()
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
     n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
-    loss_scale = torch.ones((), device=device)  # dp x cp / global target count, set each step
-
-    def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, targets)[0] * loss_scale
-
+    steps = TrainStep(spec, dims, meshes, cp_layout(p, dims.cp), device, t.grad_clip,
+                      vocab_sharded_outputs=dims.tp > 1 and options.loss_parallel)
     pipeline = None
     if dims.pp > 1:  # this rank holds one or more stages, each parallelized like a whole model
-        pipeline = build_pipeline(model, spec.split_stage, lambda part: spec.parallelize(part, dims, meshes, options),
-                                  model_cfg.n_layers, meshes.pp, p.pp_schedule,
+        pipeline = build_pipeline(model, spec.split_stage, lambda part: parallelize(part, spec.plan, dims, meshes, options),
+                                  spec.n_layers(model_cfg), meshes.pp, p.pp_schedule,
                                   stages_per_rank(p.pp_schedule, p.pp_stages_per_rank), p.pp_layout, n_micro,
-                                  pipeline_loss, device)
+                                  steps.pipeline_loss, device)
         parts = pipeline.parts
     else:
-        parts = [spec.parallelize(model, dims, meshes, options)]
+        parts = [parallelize(model, spec.plan, dims, meshes, options)]
     for part in parts:
         part.to_empty(device=device)
         init_parameters(part, t.seed)
+        if spec.hooks.setup is not None:
+            spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
-    autocast = torch.autocast(device.type, torch.bfloat16) if bf16 and not uses_fsdp(dims) else nullcontext()
-    # Vocab-sharded logits need cross entropy (forward and backward) under loss_parallel().
-    loss_context = loss_parallel if dims.tp > 1 and options.loss_parallel else nullcontext
+    precision = torch.autocast(device.type, torch.bfloat16) if bf16 and not uses_fsdp(dims) else nullcontext()
     optimizers = Optimizers(parts, t)
-    for part in parts:
-        if hasattr(part, "set_aux_loss_scale"):
-            # MoE aux + z losses ride on each layer's output (models/moe): a layer's value is this rank's
-            # share of the loss of the forward's batch over dp x cp; x dp*cp undoes the gradient averaging
-            # over those ranks, / n_micro makes the step's aux loss the mean over micro-batches.
-            part.set_aux_loss_scale(dims.dp * dims.cp / n_micro)
+    steps.bind(parts, pipeline, optimizers, precision)
 
     state = {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizers.optimizers),
              "scheduler": optimizers.schedule_state, "data": train_loader}
-    checkpoint_meta = {"family": cfg.model.family, "model": asdict(model_cfg), "tokenizer": data.tokenizer.fingerprint,
-                       "data": asdict(cfg.data), "layout": asdict(dims)}
+    checkpoint_meta = {"family": cfg.model.family, "model": architecture(model_cfg),
+                       "tokenizer": data.tokenizer.fingerprint, "data": asdict(cfg.data), "layout": asdict(dims)}
     state["rng"] = RNGState(rank)
     if saved is not None:
         check_same_tokenizer(saved["meta"], checkpoint_meta, resume_from)
@@ -139,44 +283,13 @@ def train(cfg: Config) -> dict:
     if allocator_note:
         metrics.info(allocator_note)
 
-    def step_loss(loader_, step: int, backward: bool) -> torch.Tensor:
-        """Global-token-normalized loss of the global batch at `step`, optionally back-propagated."""
-        micro_batches = [tuple(sequence_layout.shard(x, cp_rank) for x in batch) if dims.cp > 1 else batch
-                         for batch in loader_.micro_batches(step)]
-        n_targets = torch.tensor(sum(int((tg != IGNORE_INDEX).sum()) for _, tg in micro_batches), device=device)
-        dist.all_reduce(n_targets, group=batch_group)
-        # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
-        loss_scale.copy_(dims.dp * dims.cp / n_targets)
-        with loss_context(), autocast:
-            if pipeline is not None:
-                inputs, targets = (torch.cat(parts_).to(device) for parts_ in zip(*micro_batches))
-                loss_sum = pipeline.run(inputs, targets, backward) / loss_scale
-            else:
-                loss_sum = torch.zeros((), device=device)
-                for inputs, targets in micro_batches:
-                    micro_loss = pipeline_loss(parts[0](inputs.to(device)), targets.to(device))
-                    if backward:
-                        micro_loss.backward()
-                    loss_sum += full_tensor(micro_loss.detach()) / loss_scale
-        dist.all_reduce(loss_sum, group=batch_group)
-        return loss_sum / n_targets
-
-    def evaluate() -> float:
-        for part in parts:  # eval mode: e.g. MoE layers keep no routing statistics of eval batches
-            part.eval()
-        with torch.no_grad():
-            loss = sum(step_loss(valid_loader, i, backward=False).item() for i in range(t.eval_batches)) / t.eval_batches
-        for part in parts:
-            part.train()
-        return loss
-
     def save(step: int) -> None:
         path = checkpointer.save(step, state, checkpoint_meta)
         metrics.info(f"saved checkpoint {path}")
 
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, throughput = [], []
-    eval_loss = None
+    eval_record: dict[str, float] = {}
     # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
     last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
     if start_step >= last_step:
@@ -185,26 +298,19 @@ def train(cfg: Config) -> dict:
     stop_signals = catch_stop_signals()  # from here SIGUSR1/SIGTERM stop the run after a step, with a checkpoint
     for step in range(start_step + 1, last_step + 1):
         started = time.perf_counter()
-        loss = step_loss(train_loader, train_loader.step, backward=True)
+        record = steps.train_step(train_loader.micro_batches(train_loader.step))
         train_loader.step += 1
-        reduce_partial_grads(p for part in parts for p in part.parameters())
-        grad_norm = clip_grad_norm(parts, t.grad_clip, meshes.pp.get_group())
-        lr = optimizers.lr
-        optimizers.step()
-        model_metrics = end_step(parts, meshes.pp.get_group())
-        loss_value = loss.item()  # waits for the step to finish
         elapsed = time.perf_counter() - started
         tokens_per_s = tokens_per_step / elapsed
-        losses.append(loss_value)
+        losses.append(record["loss"])
         throughput.append(tokens_per_s)
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
-        record = {"step": step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": tokens_per_s,
-                  "tflops": tflops, "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
-        record.update(model_metrics)
+        record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
+                  "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
         if t.eval_every and step % t.eval_every == 0 and step != last_step:
-            eval_loss = evaluate()
-            metrics.log({"step": step, "eval_loss": eval_loss}, show=True)
+            eval_record = steps.evaluate(valid_loader, t.eval_batches)
+            metrics.log({"step": step, **eval_record}, show=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != last_step:
             save(step)
         stop = stop_signal(stop_signals)  # every rank, every step: all stop after the same step
@@ -217,23 +323,18 @@ def train(cfg: Config) -> dict:
             dist.barrier()
             sys.exit(PREEMPTED_EXIT)
     if start_step < last_step:
-        eval_loss = evaluate()
-        metrics.log({"step": last_step, "eval_loss": eval_loss}, show=True)
+        eval_record = steps.evaluate(valid_loader, t.eval_batches)
+        metrics.log({"step": last_step, **eval_record}, show=True)
         if cfg.checkpoint.enabled:
             save(last_step)
     sample = None
-    if t.sample_prompt and pipeline is not None:
-        metrics.info("no sample: greedy sampling does not run through a pipeline yet")
+    if t.sample_prompt and spec.data.prompt_batch is None:
+        metrics.info(f"no sample: model family {cfg.model.family} does not sample text")
     elif t.sample_prompt:
-        def full_logits(tokens: torch.Tensor) -> torch.Tensor:
-            if dims.cp == 1:
-                return full_tensor(parts[0](tokens))
-            return forward_whole_sequence(parts[0], tokens, sequence_layout, cp_rank, meshes.cp.get_group())
-        # The padded length must split over the cp layout's chunks, then each part over tp (sequence parallel).
-        multiple = dims.tp * (sequence_layout.length_multiple if dims.cp > 1 else 1)
-        sample = greedy_sample(full_logits, data.tokenizer, t.sample_prompt, t.sample_tokens, device, autocast,
-                               length_multiple=multiple)
-    summary = summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, dims.world_size, sample)
+        for part in parts:
+            part.eval()
+        sample = greedy_sample(steps.next_token, data.tokenizer, t.sample_prompt, t.sample_tokens, t.seq_len)
+    summary = summarize(losses, throughput, eval_record, flops_per_token, peak_flops, dims.world_size, sample)
     for line in summary["lines"]:
         metrics.info(line)
     metrics.close()
@@ -249,13 +350,15 @@ def preflight(cfg: Config, world_size: int):
     saved = None
     if resume_from is not None:
         saved = check_complete(resume_from)
-        check_same_model(saved["meta"], cfg.model.family, asdict(cfg.model_config()), resume_from)
+        check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
     return dims, resume_from, saved
 
 
 def check_same_model(saved: dict, family: str, model: dict, path: Path) -> None:
-    if saved.get("family") != family or saved.get("model") != model:
-        diff = {k: (saved.get("model", {}).get(k), v) for k, v in model.items() if saved.get("model", {}).get(k) != v}
+    """Refuse a checkpoint of another family or architecture (execution fields may differ)."""
+    saved_model = saved.get("model", {})
+    diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
+    if saved.get("family") != family or diff:
         raise UserError(f"{path} holds a {saved.get('family')} model with a different shape "
                         f"({', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())}); "
                         f"use a new run.dir or the checkpoint's model config")
@@ -289,55 +392,36 @@ def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> f
     return norm
 
 
-def end_step(parts: list[torch.nn.Module], pp_group) -> dict[str, float]:
-    """The model's own end of a step (MoE: aux-loss-free bias updates) and its statistics of the step,
-    from every pipeline stage: entries of one layer come from its stage alone, totals add up."""
-    if not hasattr(parts[0], "end_step"):  # the same family on every rank: all return here, or none
-        return {}
-    records = [part.end_step() for part in parts]
-    if dist.get_world_size(pp_group) > 1:
-        gathered = [None] * dist.get_world_size(pp_group)
-        dist.all_gather_object(gathered, records, group=pp_group)
-        records = [record for stage_records in gathered for record in stage_records]
-    merged: dict[str, float] = {}
-    for record in records:
-        for key, value in record.items():
-            merged[key] = merged.get(key, 0.0) + value
-    return merged
-
-
-@torch.no_grad()
-def greedy_sample(full_logits, tokenizer, prompt: str, n_tokens: int, device, autocast, length_multiple: int) -> str:
-    """Greedy continuation of `prompt` with `full_logits(tokens [1, T]) -> [1, T, vocab]` (every rank
-    runs it: sharded weights and sequence parts need all ranks).
-
-    Inputs are right-padded to a multiple of `length_multiple` (sequence-sharded layouts need
-    it); causal attention keeps the padding from affecting the real positions.
-    """
-    ids = tokenizer.encode(prompt)
+def greedy_sample(next_token, tokenizer, prompt: str, n_tokens: int, max_length: int) -> str:
+    """Greedy continuation of `prompt` by up to n_tokens tokens, with `next_token(ids, length, pad_id)`
+    (every rank runs it: sharded weights, sequence parts and pipeline stages need all ranks); it
+    stops at EOS or at `max_length` tokens."""
+    ids = tokenizer.encode(prompt)[:max_length]
     for _ in range(n_tokens):
-        padded = ids + [tokenizer.eos_id] * (-len(ids) % length_multiple)
-        with autocast:
-            logits = full_logits(torch.tensor([padded], device=device))
-        next_id = int(logits[0, len(ids) - 1].argmax())
+        if len(ids) >= max_length:
+            break
+        next_id = next_token(ids, max_length, tokenizer.eos_id)
         if next_id == tokenizer.eos_id:
             break
         ids.append(next_id)
     return tokenizer.decode(ids)
 
 
-def summarize(losses, throughput, eval_loss, flops_per_token, peak_flops, world_size, sample) -> dict:
+def summarize(losses, throughput, eval_record, flops_per_token, peak_flops, world_size, sample) -> dict:
     steady = throughput[1:] or throughput  # the first step pays for warm-up
     tokens_per_s = sum(steady) / len(steady) if steady else 0.0
     mfu = flops_per_token * tokens_per_s / world_size / peak_flops
+    eval_loss = eval_record.get("eval_loss")
     lines = []
     if losses:
+        extra = "".join(f", {name.replace('_', ' ')} {value:.4f}" for name, value in eval_record.items()
+                        if name != "eval_loss")
         lines.append(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps, "
-                     f"eval loss {eval_loss:.4f}, {tokens_per_s:.0f} tokens/s, MFU {100 * mfu:.2f}%")
+                     f"eval loss {eval_loss:.4f}{extra}, {tokens_per_s:.0f} tokens/s, MFU {100 * mfu:.2f}%")
     if sample is not None:
         lines.append(f"sample: {sample!r}")
-    return {"losses": losses, "eval_loss": eval_loss, "tokens_per_s": tokens_per_s, "mfu": mfu, "sample": sample,
-            "lines": lines}
+    return {"losses": losses, "eval_loss": eval_loss, "eval": eval_record, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "sample": sample, "lines": lines}
 
 
 def catch_stop_signals() -> list[int]:

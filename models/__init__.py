@@ -1,12 +1,19 @@
-"""Model families. Each folder registers a ModelSpec as `model_spec`; the Trainer only sees specs."""
+"""Model families. Each folder registers a ModelSpec as `model_spec`; the trainer only sees specs."""
 import importlib
 
 from models.spec import ModelSpec
 
-FAMILIES = ("llm", "moe", "deltanet")
+# family name -> the module that defines its `model_spec`
+FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet"}
+DEFAULT_FAMILY = "llm"
+
+
+def register_family(name: str, module: str) -> None:
+    """Make a family defined outside this package (e.g. a test's) known by `name`, in this process."""
+    FAMILIES[name] = module
 
 
 def get_model_spec(family: str) -> ModelSpec:
     if family not in FAMILIES:
         raise KeyError(family)
-    return importlib.import_module(f"models.{family}").model_spec
+    return importlib.import_module(FAMILIES[family]).model_spec

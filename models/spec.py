@@ -1,42 +1,117 @@
-"""ModelSpec: everything the Trainer needs to know about a model family, and nothing more."""
+"""ModelSpec: everything a training run needs to know about a model family, typed.
+
+The trainer only ever talks to a ModelSpec: how the family's batches look and travel (DataSpec),
+what it is trained on (LossSpec), how it is sharded (ParallelPlan, pipeline split, layout
+checks), its exact FLOPs, its hooks into the training step, and its checkpoint adapters. Adding
+a family adds a spec; launcher/ and parallel/ never name one.
+"""
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from parallel.mesh import Meshes, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.options import ParallelizeOptions
+from parallel.parallelize import ParallelPlan
 
 
 @dataclass(frozen=True)
-class ParallelizeOptions:
-    """Training choices a parallelize function applies besides the mesh layout."""
-    sequence_parallel: bool = True  # with tp: shard norms and the residual stream on the sequence
-    loss_parallel: bool = True  # with tp: cross entropy on vocab-sharded logits (run it under loss_parallel())
-    cp_mode: str = "ring"  # with cp > 1: ring | ulysses | hybrid (see parallel/context)
-    cp_layout: str = "zigzag"
-    cp_ulysses: int = 0  # hybrid: ranks per Ulysses group
-    cp_kernel: str = "auto"
-    activation_checkpoint: str = "none"  # none | full | selective
-    compile: bool = False
-    async_tp: bool = False  # CUDA + compile only: micro-pipelined TP collectives
-    param_dtype: torch.dtype = torch.float32  # compute dtype of parameters under FSDP
-    reduce_dtype: torch.dtype = torch.float32  # gradient reduction dtype
+class BatchKey:
+    """How one entry of a batch dict travels. Every entry has the rows of the micro-batch on dim 0."""
+    # The dim that context parallelism cuts (the sequence), or None for an entry per row.
+    sequence_dim: int | None
+    # inputs: positional model inputs, in declaration order, needed by the first pipeline stage only;
+    # every_stage: keyword model inputs that every pipeline stage takes (e.g. positions);
+    # loss: read only by the loss, on the last stage.
+    consumer: Literal["inputs", "every_stage", "loss"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data a family eats."""
+    keys: dict[str, BatchKey]
+    # build_loaders(data_cfg, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size, seed, log)
+    #   -> (data, train_loader, valid_loader): `data.tokenizer` encodes and decodes text; a loader serves
+    #   `micro_batches(step) -> list[dict]` (keys as above), has a `step` counter and is Stateful.
+    build_loaders: Callable[..., tuple]
+    # The model inputs for greedy sampling from token ids [1, T] (keys of `keys` minus the loss's); the
+    # model's output must then be logits [1, T, vocab]. None: the family does not sample.
+    prompt_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    loss_sum: torch.Tensor  # the loss summed over the micro-batch's terms (not yet normalized)
+    metrics: dict[str, torch.Tensor]  # further sums in the same units, one per LossSpec.metrics name
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What a family is trained on. The trainer divides every sum by the *global* count of terms of
+    the step (over micro-batches, dp and cp ranks), so losses do not depend on the layout."""
+    compute: Callable[[Any, dict[str, torch.Tensor]], LossTerms]  # (model outputs, batch) -> sums
+    # The number of terms a batch's loss sums over, known before the forward: pipeline schedules run
+    # the backward inside their step, so the normalization must be known before any forward.
+    count: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    metrics: tuple[str, ...] = ()  # names of LossTerms.metrics, logged as train and eval metrics
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a family's setup hook may know about the step it takes part in."""
+    gradient_average: int  # ranks whose gradients the data-parallel reduction averages (dp x cp)
+    micro_batches: int  # forwards per optimizer step on one rank
+
+
+@dataclass(frozen=True)
+class TrainingHooks:
+    """A family's own parts of a step; each runs on every model part (pipeline stage) of a rank.
+    Metrics are named sums over the parts of all pipeline stages."""
+    setup: Callable[[nn.Module, StepContext], None] | None = None  # once, after the weights are initialized
+    after_backward: Callable[[nn.Module], dict[str, float]] | None = None  # before clipping
+    after_optimizer_step: Callable[[nn.Module], dict[str, float]] | None = None
+
+
+class StateDictAdapter(Protocol):
+    """Maps the checkpoint of another format (e.g. Hugging Face) to and from the family's canonical
+    parameter names and layouts (the names ModelState saves)."""
+
+    def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
+
+    def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
     config_cls: type
-    model_cls: type[nn.Module]
-    # parallelize(model, dims, meshes, options) shards the meta-device model in place and returns it.
-    parallelize: Callable[[nn.Module, ParallelDims, Meshes, ParallelizeOptions], nn.Module]
+    model_cls: type[nn.Module]  # model_cls(config): plain single-device PyTorch, built on the meta device
+    data: DataSpec
+    loss: LossSpec
+    plan: ParallelPlan
     # flops_per_token(config, seq_len): exact training FLOPs per token, for MFU.
     flops_per_token: Callable[[Any, int], float]
     # check_layout(config, dims, options): problems (one line each) that make the layout and options
     # impossible for this model; run before any process group starts.
     check_layout: Callable[[Any, ParallelDims, ParallelizeOptions], list[str]]
-    # split_stage(model, layer_ids, is_first, is_last): keep one pipeline stage's part, in place.
+    # Pipeline parallelism: the number of layers that stages split, and
+    # split_stage(model, layer_ids, is_first, is_last), which keeps one stage's part in place. None: no pp.
+    n_layers: Callable[[Any], int] | None = None
     split_stage: Callable[[nn.Module, list[int], bool, bool], None] | None = None
-    state_dict_adapters: dict[str, Any] = field(default_factory=dict)
-    data_kind: str = "text"
+    hooks: TrainingHooks = TrainingHooks()
+    state_dict_adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
+
+
+def execution_field(default: Any) -> Any:
+    """A model config field that says how to compute, not what (a kernel backend, a chunk length):
+    a checkpoint resumes across a change of it."""
+    return field(default=default, metadata={"execution": True})
+
+
+def architecture(model_cfg: Any) -> dict:
+    """The fields of a model config that define the function it computes (what a resume compares)."""
+    return {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(model_cfg)
+            if not f.metadata.get("execution")}

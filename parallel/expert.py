@@ -1,25 +1,29 @@
-"""Expert parallelism: the experts of each MoE layer split over an `ep` group, tokens moved to
-them and back by all-to-all with uneven splits.
+"""Expert parallelism: the experts of each mixture-of-experts layer split over an `ep` group, tokens moved to
+them and back by all-to-all with uneven splits, all applied from outside the model as
+ParallelStyles (the model's expert module computes whatever experts and rows it is handed).
 
 The ep group is carved out of dp_shard x cp (parallel/mesh.py: that flattened dim is unflattened
 into (efsdp, ep), ep inner): ranks of one ep group hold different tokens and different experts.
 Expert weights are DTensors sharded on the expert dim over ep; FSDP then shards them over what
-remains (efsdp), with its gradient divisor set to the whole data-parallel degree because each
-rank's expert gradient already sums the contributions of all ep ranks' tokens.
+remains (efsdp, parallel/data_parallel.py).
 
-One MoE layer, on each rank of an ep group of size P with E/P local experts:
-  1. the rank's routed rows, sorted by global expert, are cut into P chunks (experts of rank 0,
-     of rank 1, ...); the per-expert counts go first (all_to_all_single of E integers),
-  2. rows go out with all_to_all_single_autograd (uneven splits) and come back grouped by source,
-  3. they are re-sorted by local expert, run through the grouped experts, sorted back,
-  4. and returned by the reverse all-to-all; the backward of each all-to-all is the reverse one.
+One expert module call, on each rank of an ep group of size P with E/P local experts
+(`ExpertParallel`), for input rows sorted by global expert with counts[e] rows each:
+  1. the per-expert counts go first (all_to_all_single of E integers), then the rows are cut into
+     P chunks (experts of rank 0, of rank 1, ...) and sent with all_to_all_single_autograd (uneven
+     splits); they come back grouped by source,
+  2. they are re-sorted by local expert and run through the local experts (the module's forward),
+  3. sorted back, and returned by the reverse all-to-all; the backward of each all-to-all is the
+     reverse one.
 """
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
@@ -28,27 +32,49 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return out.wait() if hasattr(out, "wait") else out
 
 
-def dispatch_combine(routed: torch.Tensor, counts: torch.Tensor, experts: nn.Module, group) -> torch.Tensor:
-    """routed [M, d] sorted by global expert with counts[e] rows each -> expert outputs in the same order."""
-    ep = dist.get_world_size(group)
-    n_local = counts.numel() // ep
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts.contiguous(), group=group)  # [source, local expert]
-    send_splits = counts.view(ep, n_local).sum(1).tolist()
-    recv = recv_counts.view(ep, n_local)
-    recv_splits = recv.sum(1).tolist()
-    received = all_to_all(routed, recv_splits, send_splits, group)
-    # Rows arrive grouped by (source, local expert); the experts want them grouped by local expert.
-    local_expert = torch.repeat_interleave(torch.arange(n_local, device=routed.device).repeat(ep), recv.flatten())
-    order = torch.argsort(local_expert, stable=True)
-    y = experts(received[order], recv.sum(0).tolist())
-    back = torch.empty_like(y).index_copy(0, order, y)  # inverse permutation (autograd-aware)
-    return all_to_all(back, send_splits, recv_splits, group)
+class ExpertParallel(ParallelStyle):
+    """For a module forward(rows [M, d] sorted by expert, counts [E]) over stacked expert weights
+    [E, ...]: weights sharded on the expert dim over the ep mesh, rows dispatched to the rank of
+    their expert before the forward and combined back after it."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        group, ep = device_mesh.get_group(), device_mesh.size()
+        routing = {}  # one call's splits and order, from dispatch to combine
+
+        def shard_weights(_name, mod, mesh):
+            for name, param in list(mod.named_parameters(recurse=False)):
+                local = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)  # no communication
+                mod.register_parameter(name, nn.Parameter(local, requires_grad=param.requires_grad))
+
+        def dispatch(_mod, inputs, _mesh):
+            rows, counts = inputs
+            n_local = counts.numel() // ep
+            recv_counts = torch.empty_like(counts)
+            dist.all_to_all_single(recv_counts, counts.contiguous(), group=group)  # [source, local expert]
+            recv = recv_counts.view(ep, n_local)
+            routing["send"], routing["recv"] = counts.view(ep, n_local).sum(1).tolist(), recv.sum(1).tolist()
+            received = all_to_all(rows, routing["recv"], routing["send"], group)
+            # Rows arrive grouped by (source, local expert); the experts want them grouped by local expert.
+            local_expert = torch.repeat_interleave(torch.arange(n_local, device=rows.device).repeat(ep), recv.flatten())
+            routing["order"] = torch.argsort(local_expert, stable=True)
+            return received[routing["order"]], recv.sum(0)
+
+        def combine(_mod, y, _mesh):
+            back = torch.empty_like(y).index_copy(0, routing["order"], y)  # inverse permutation (autograd-aware)
+            return all_to_all(back, routing["send"], routing["recv"], group)
+
+        return distribute_module(module, device_mesh, partition_fn=shard_weights, input_fn=dispatch,
+                                 output_fn=combine)
 
 
-def shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> None:
-    """Turn the stacked expert weights into DTensors sharded on the expert dim over ep."""
-    for name, param in list(experts.named_parameters(recurse=False)):
-        local = distribute_tensor(param.data, ep_mesh, [Shard(0)], src_data_rank=None)  # no communication
-        sharded = nn.Parameter(local, requires_grad=param.requires_grad)
-        experts.register_parameter(name, sharded)
+class SumOverGroup(ParallelStyle):
+    """A module whose output is a statistic of this rank's tokens (no gradient) becomes the sum of it
+    over the mesh's ranks (e.g. expert routing loads over every rank holding other tokens of the step)."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        group = device_mesh.get_group()
+
+        def summed(_mod, output, _mesh):
+            return funcol.all_reduce(output, "sum", group)
+
+        return distribute_module(module, device_mesh, output_fn=summed)

@@ -2,8 +2,12 @@
 
 Each parameter's full tensor is drawn from a generator seeded by (seed, parameter name), then
 this rank keeps its shard. So a model initializes to the same numbers under any layout — one
-process, FSDP, and later TP/PP — which is what run-level parity tests rely on. (DTensor's own
-random ops only agree across layouts on CUDA.) Cost: one full parameter at a time per rank.
+process, FSDP, TP, PP — which is what run-level parity tests rely on. (DTensor's own random ops
+only agree across layouts on CUDA.) Cost: one full parameter at a time per rank.
+
+The module that owns a parameter decides how it starts: it defines
+`init_parameter(name, full, generator)`, filling the full tensor of its parameter `name`. A
+parameter whose module has no such method is an error, never a silent default.
 """
 import hashlib
 
@@ -27,14 +31,23 @@ def _seed_for(seed: int, name: str) -> int:
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int) -> None:
-    """Fill every parameter via `model.init_parameter(name, full_tensor, generator)`."""
-    for raw_name, param in model.named_parameters():
-        name = canonical_name(raw_name)
-        generator = torch.Generator(device=param.device).manual_seed(_seed_for(seed, name))
-        full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
-        model.init_parameter(name, full, generator)
-        if isinstance(param, DTensor):
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
+    """Fill every parameter of `model` through its owning module's `init_parameter`."""
+    seen: set[int] = set()  # a tied parameter is initialized once, by the first module that owns it
+    for module_name, module in model.named_modules():
+        for local_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = canonical_name(f"{module_name}.{local_name}" if module_name else local_name)
+            init = getattr(module, "init_parameter", None)
+            if init is None:
+                raise TypeError(f"parameter {name} belongs to a {type(module).__name__}, which has no "
+                                f"init_parameter(name, full, generator): give it one (see parallel/init.py)")
+            generator = torch.Generator(device=param.device).manual_seed(_seed_for(seed, name))
+            full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+            init(local_name, full, generator)
+            if isinstance(param, DTensor):
+                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)

@@ -15,8 +15,6 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from parallel.tensor_parallel import full_tensor
-
 # name -> torch's schedule class name
 SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved-1f1b": "Interleaved1F1B",
              "zero-bubble": "InterleavedZeroBubble", "zbv": "ZBVZeroBubble", "dualpipev": "DualPipeV"}
@@ -83,37 +81,83 @@ def split_layers(n_layers: int, n_stages: int, layout: str) -> list[list[int]]:
     return [list(range(start, start + count)) for start, count in zip(starts, counts)]
 
 
+# dtypes a stage output may have when it is passed on outside a schedule (Pipeline.forward)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAX_DIMS = 6
+
+
 @dataclass
 class Pipeline:
     """This rank's stages of the model and the schedule that drives them."""
     parts: list[nn.Module]
     stages: list[PipelineStage]  # one per part, in the same order
+    stage_ids: list[int]  # one per part, in the same order
+    stage_ranks: list[int]  # the pp rank holding each stage of the whole pipeline
     schedule: object
-    has_first: bool
-    has_last: bool
     group: dist.ProcessGroup
+    device: torch.device
     # torch's eval() fails on V-shaped schedules ("can't steal_bwd_input if this stage doesn't have
     # backward", torch 2.13); there an eval batch runs a training step whose gradients are dropped.
     eval_by_training_step: bool = False
 
-    def run(self, inputs: torch.Tensor, targets: torch.Tensor, backward: bool) -> torch.Tensor:
-        """Run one batch (micro-batches stacked on dim 0) through the pipeline and return the summed
-        loss_fn values, broadcast from the last stage to every stage."""
-        losses: list[torch.Tensor] = []
-        args = (inputs,) if self.has_first else ()
-        target = targets if self.has_last else None
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return len(self.stage_ranks) - 1 in self.stage_ids
+
+    def run(self, inputs: tuple, every_stage: dict, target: torch.Tensor, backward: bool) -> None:
+        """Run one batch (micro-batches stacked on dim 0) through the schedule: `inputs` go to the
+        first stage, `every_stage` keyword inputs to every stage, `target` to the loss function on the
+        last stage (which sees each micro-batch's part of it)."""
+        args = inputs if self.has_first else ()
+        target = target if self.has_last else None
         if backward or self.eval_by_training_step:
             with torch.enable_grad():
-                self.schedule.step(*args, target=target, losses=losses)
+                self.schedule.step(*args, target=target, **every_stage)
             if not backward:
                 for part in self.parts:
                     part.zero_grad(set_to_none=True)
         else:
-            self.schedule.eval(*args, target=target, losses=losses)
-        total = torch.stack([full_tensor(loss.detach()) for loss in losses]).sum() if losses \
-            else torch.zeros((), device=inputs.device)
-        dist.all_reduce(total, group=self.group)  # only the last stage holds losses; the rest add zero
-        return total
+            self.schedule.eval(*args, target=target, **every_stage)
+
+    @torch.no_grad()
+    def forward(self, inputs: tuple, every_stage: dict) -> torch.Tensor | None:
+        """One batch through every stage in order, outside the schedule (e.g. to sample): the last
+        stage's output on the rank that holds it, None elsewhere. Each stage's output goes to the next
+        stage's rank with its shape and dtype sent first."""
+        pp_rank = dist.get_rank(self.group)
+        parts = dict(zip(self.stage_ids, self.parts))
+        carry = None
+        for stage_id, owner in enumerate(self.stage_ranks):
+            if stage_id > 0 and self.stage_ranks[stage_id - 1] != owner:  # hand over between ranks
+                sender = self.stage_ranks[stage_id - 1]
+                if pp_rank == sender:
+                    _send(carry, owner, self.group)
+                elif pp_rank == owner:
+                    carry = _receive(sender, self.group, self.device)
+            if pp_rank == owner:
+                carry = parts[stage_id](*(inputs if stage_id == 0 else (carry,)), **every_stage)
+        return carry if self.has_last else None
+
+
+def _send(tensor: torch.Tensor, dst: int, group) -> None:
+    header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=tensor.device)
+    header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.ndim
+    header[2:2 + tensor.ndim] = torch.tensor(tensor.shape)
+    dist.send(header, group=group, group_dst=dst)
+    dist.send(tensor.contiguous(), group=group, group_dst=dst)
+
+
+def _receive(src: int, group, device: torch.device) -> torch.Tensor:
+    header = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=device)
+    dist.recv(header, group=group, group_src=src)
+    ndim = int(header[1])
+    tensor = torch.empty(header[2:2 + ndim].tolist(), dtype=_DTYPES[int(header[0])], device=device)
+    dist.recv(tensor, group=group, group_src=src)
+    return tensor
 
 
 def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool, bool], None],
@@ -134,7 +178,7 @@ def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool
         stages.append(PipelineStage(part, stage_id, n_stages, device, group=pp_mesh.get_group()))
     schedule_cls = get_schedule_class(SCHEDULES[schedule])
     try:
-        # The loss is already normalized by the global token count: no extra division by micro-batches.
+        # The loss is already normalized by the global count of its terms: no division by micro-batches.
         if issubclass(schedule_cls, PipelineScheduleSingle):
             runner = schedule_cls(stages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
         else:
@@ -143,5 +187,6 @@ def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool
         raise PipelineError(f"pipeline schedule {schedule} with {n_microbatches} micro-batches over {n_stages} "
                             f"stages: {e}; raise train.global_batch_size or lower train.micro_batch_size so that "
                             f"global_batch_size / (micro_batch_size x dp) is at least {n_stages}") from None
-    return Pipeline(parts, stages, runner, has_first=0 in ids, has_last=n_stages - 1 in ids, group=pp_mesh.get_group(),
-                    eval_by_training_step=schedule in V_SHAPED)
+    owners = {stage: rank for rank in range(pp) for stage in stage_ids(rank, pp, schedule, per_rank)}
+    return Pipeline(parts, stages, ids, [owners[stage] for stage in range(n_stages)], runner,
+                    group=pp_mesh.get_group(), device=device, eval_by_training_step=schedule in V_SHAPED)

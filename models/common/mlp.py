@@ -2,15 +2,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.common.linear import Linear, Projection
+
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x): the Llama feed-forward."""
+    """w2(silu(w1 x) * w3 x): the Llama feed-forward. w1 and w3 start N(0, init_std), w2 N(0, out_std)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, init_std: float, out_std: float, projection: Projection = Linear):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w1 = projection(dim, hidden_dim, init_std)
+        self.w3 = projection(dim, hidden_dim, init_std)
+        self.w2 = projection(hidden_dim, dim, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

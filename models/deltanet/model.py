@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from models.common.linear import Linear
 from models.common.norms import RMSNorm
 from models.deltanet.ops import apply_mixer_rule
 from models.llm.model import LLMConfig, Transformer
 from models.llm.model import flops_per_token as llm_flops_per_token
+from models.spec import execution_field
 
 
 @dataclass
@@ -36,8 +38,9 @@ class DeltaNetConfig(LLMConfig):
     use_gate: bool = False  # output norm gated by silu(W_g x)
     allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1)
     norm_eps: float = 1e-5
-    chunk_size: int = 64  # delta-rule chunk length (chunked backend)
-    backend: str = "auto"  # delta-rule backend: auto | chunked | recurrent | fla (models/deltanet/ops)
+    # How to compute, not what: a checkpoint resumes across a change of these.
+    chunk_size: int = execution_field(64)  # delta-rule chunk length (chunked backend)
+    backend: str = execution_field("auto")  # delta-rule backend: auto | chunked | recurrent | fla (models/deltanet/ops)
     # delta | linear: plain linear attention S_t = S_{t-1} + k_t v_t^T (no beta, no erase) with
     # everything else the same, the baseline the delta rule is compared with (benchmarks/deltanet.py)
     mixer_rule: str = "delta"
@@ -52,7 +55,8 @@ class ShortConvolution(nn.Module):
 
     weight [C, K]: channel c at token t sees tokens t-K+1 .. t. The tokens before the first come
     from `halo(x)` ([B, K-1, C], the previous context-parallel rank's last tokens) when a parallel
-    plan sets it, else zeros.
+    plan sets it, else zeros. The weight starts uniform(+-1/sqrt(K)), nn.Conv1d's default bound for a
+    depthwise kernel.
     """
 
     def __init__(self, channels: int, kernel_size: int):
@@ -60,6 +64,10 @@ class ShortConvolution(nn.Module):
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
         self.halo: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        bound = self.kernel_size ** -0.5
+        full.uniform_(-bound, bound, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under tensor parallelism the weight is a DTensor sharded on channels like x (see
@@ -101,17 +109,18 @@ class DeltaNetLayer(nn.Module):
         super().__init__()
         d, H, hd = cfg.dim, cfg.n_heads, cfg.head_dim
         self.head_dim, self.allow_neg_eigval = hd, cfg.allow_neg_eigval
-        self.q_proj = nn.Linear(d, H * hd, bias=False)
-        self.k_proj = nn.Linear(d, H * hd, bias=False)
-        self.v_proj = nn.Linear(d, H * hd, bias=False)
-        self.b_proj = nn.Linear(d, H, bias=False) if cfg.mixer_rule == "delta" else None
-        self.g_proj = nn.Linear(d, H * hd, bias=False) if cfg.use_gate else None
+        std = cfg.init_std
+        self.q_proj = Linear(d, H * hd, std)
+        self.k_proj = Linear(d, H * hd, std)
+        self.v_proj = Linear(d, H * hd, std)
+        self.b_proj = Linear(d, H, std) if cfg.mixer_rule == "delta" else None
+        self.g_proj = Linear(d, H * hd, std) if cfg.use_gate else None
         conv = cfg.conv_size > 1
         self.q_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
         self.k_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
         self.v_conv = ShortConvolution(H * hd, cfg.conv_size) if conv else None
         self.o_norm = RMSNorm(hd, cfg.norm_eps)  # one gain over head_dim, shared by the heads
-        self.o_proj = nn.Linear(H * hd, d, bias=False)
+        self.o_proj = Linear(H * hd, d, cfg.out_std)
         self.core_mixer = MixerRule(cfg.mixer_rule, cfg.backend, cfg.chunk_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -141,18 +150,6 @@ class DeltaNet(Transformer):
         for name, block in self.layers.items():
             if int(name) not in cfg.attention_layers:
                 block.attention = DeltaNetLayer(cfg)
-
-    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
-        """N(0, init_std) like the LLM (norm gains 1, scaled output projections); the short convs
-        uniform(+-1/sqrt(K)), nn.Conv1d's default bound for a depthwise kernel."""
-        cfg = self.cfg
-        if name.endswith("_conv.weight"):
-            bound = cfg.conv_size ** -0.5
-            full.uniform_(-bound, bound, generator=generator)
-        elif cfg.scaled_residual_init and name.endswith("attention.o_proj.weight"):
-            full.normal_(0.0, cfg.init_std / (2 * cfg.n_layers) ** 0.5, generator=generator)
-        else:
-            super().init_parameter(name, full, generator)
 
 
 def mixer_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:

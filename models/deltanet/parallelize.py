@@ -1,6 +1,5 @@
-"""How to shard DeltaNet, from outside the model, in the LLM's order:
-
-    TP (+ sequence parallel) -> CP -> activation checkpointing -> compile -> FSDP / HSDP / DDP
+"""How to shard DeltaNet: the pieces of its ParallelPlan (applied in the one order of
+parallel/parallelize.py), built from the LLM's.
 
 TP by heads: q/k/v/beta/gate projections column-parallel, the short convs' channels sharded the
 same way (a head's channels stay on its rank), the per-head output norm local (its one gain is
@@ -22,34 +21,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import SequenceParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from models.deltanet.model import DeltaNetConfig, DeltaNetLayer, MixerRule
 from models.deltanet.ops import BACKENDS, LINEAR_BACKENDS, RULES, mixer_rule_state_map
+from models.llm.parallelize import attention_plan, decoder_layers, swiglu_plan, tensor_parallel
 from models.llm.parallelize import check_layout as llm_check_layout
-from models.llm.parallelize import split_stage  # noqa: F401  (re-exported for the ModelSpec)
-from models.spec import ParallelizeOptions
-from parallel.blocks import checkpoint_compile_and_shard
 from parallel.context.apply import apply_context_parallel
 from parallel.context.halo import previous_halo
 from parallel.context.mixer import StatePassingMixer, context_parallel_mix
 from parallel.mesh import Meshes, ParallelDims
-from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
-                                      vocab_parallel_embedding, vocab_parallel_head)
+from parallel.options import ParallelizeOptions
+from parallel.parallelize import ParallelPlan
+from parallel.tensor_parallel import column_row_pair, norm_plan
 
 DELTA_COLUMNS = ["q_proj", "k_proj", "v_proj", "b_proj", "g_proj"]
-
-
-def parallelize_deltanet(model: nn.Module, dims: ParallelDims, meshes: Meshes,
-                         options: ParallelizeOptions) -> nn.Module:
-    if dims.tp > 1:
-        apply_tensor_parallel(model, meshes, options)
-        if options.async_tp:
-            enable_async_tp(meshes.tp)
-    if dims.cp > 1:
-        apply_context_parallel_deltanet(model, meshes.cp, options)
-    return checkpoint_compile_and_shard(model, dims, meshes, options)
 
 
 class ChannelShardedConv(ParallelStyle):
@@ -75,28 +62,15 @@ def mixer_plan(layer: DeltaNetLayer, sequence_parallel: bool) -> dict:
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
-    sp = options.sequence_parallel
-    cfg: DeltaNetConfig = model.cfg
-    kv_styles = {}
-    if cfg.kv_heads < meshes.tp.size():
-        kv_styles = {name: ReplicatedKVProjection(cfg.kv_heads, cfg.head_dim) for name in ("wk", "wv")}
-    parallelize_module(model, meshes.tp, {
-        "tok_embeddings": vocab_parallel_embedding(sp),
-        **norm_plan(["norm"], sp),
-        "output": vocab_parallel_head(sp, options.loss_parallel),
-    })
-    for block in model.layers.values():
-        if isinstance(block.attention, DeltaNetLayer):
-            mixer = mixer_plan(block.attention, sp)
-        else:  # a hybrid's softmax attention: the LLM's plan
-            mixer = column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=1,
-                                    column_styles=kv_styles)
-        parallelize_module(block, meshes.tp, {
-            **norm_plan(["attention_norm", "ffn_norm"], sp),
-            **mixer,
-            **column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp),
-        })
+def block_plan(block: nn.Module, cfg: DeltaNetConfig, tp: int, sequence_parallel: bool) -> dict:
+    """The LLM's block plan with a DeltaNet mixer in place of softmax attention (a hybrid's attention
+    layers keep the LLM's)."""
+    mixer = mixer_plan(block.attention, sequence_parallel) if isinstance(block.attention, DeltaNetLayer) \
+        else attention_plan(cfg, tp, sequence_parallel)
+    return {**norm_plan(["attention_norm", "ffn_norm"], sequence_parallel), **mixer, **swiglu_plan(sequence_parallel)}
+
+
+apply_tensor_parallel = tensor_parallel(block_plan)
 
 
 class StatePassingMixerRule(MixerRule, StatePassingMixer):
@@ -127,7 +101,8 @@ def contiguous_problem(options: ParallelizeOptions, cp: int) -> str | None:
     return None
 
 
-def apply_context_parallel_deltanet(model: nn.Module, cp_mesh: DeviceMesh, options: ParallelizeOptions) -> None:
+def apply_context_parallel_deltanet(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
+    cp_mesh = meshes.cp
     if problem := contiguous_problem(options, cp_mesh.size()):  # check_layout refuses it before a run
         raise ValueError(problem)
     attentions, group = [], cp_mesh.get_group()
@@ -144,6 +119,10 @@ def apply_context_parallel_deltanet(model: nn.Module, cp_mesh: DeviceMesh, optio
     if attentions:
         apply_context_parallel(attentions, cp_mesh, options.cp_mode, options.cp_layout, options.cp_ulysses,
                                options.cp_kernel)
+
+
+PLAN = ParallelPlan(blocks=decoder_layers, tensor_parallel=apply_tensor_parallel,
+                    context_parallel=apply_context_parallel_deltanet)
 
 
 def check_layout(cfg: DeltaNetConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:

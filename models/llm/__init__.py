@@ -1,13 +1,17 @@
+from models.common.text import TEXT_DATA, TOKEN_LOSS
 from models.llm.model import LLMConfig, Transformer, flops_per_token
-from models.llm.parallelize import check_layout, parallelize_llm, split_stage
+from models.llm.parallelize import PLAN, check_layout, n_layers, split_stage
 from models.spec import ModelSpec
 
 model_spec = ModelSpec(
     name="llm",
     config_cls=LLMConfig,
     model_cls=Transformer,
-    parallelize=parallelize_llm,
+    data=TEXT_DATA,
+    loss=TOKEN_LOSS,
+    plan=PLAN,
     flops_per_token=flops_per_token,
     check_layout=check_layout,
+    n_layers=n_layers,
     split_stage=split_stage,
 )

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models.common.attention import CoreAttention
+from models.common.linear import Embedding, Linear, Projection
 from models.common.mlp import SwiGLU, swiglu_hidden_dim
 from models.common.norms import RMSNorm
 from models.common.rope import apply_rope, rope_angles
@@ -37,15 +38,20 @@ class LLMConfig:
     def ffn_hidden_dim(self) -> int:
         return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
+    @property
+    def out_std(self) -> float:
+        """Initial std of the projections that write into the residual stream (GPT-2's scaling)."""
+        return self.init_std / (2 * self.n_layers) ** 0.5 if self.scaled_residual_init else self.init_std
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
         super().__init__()
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = projection(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
+        self.wk = projection(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wv = projection(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
+        self.wo = projection(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.out_std)
         self.core_attention = CoreAttention()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -63,12 +69,12 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, projection)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_dim)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std, cfg.out_std, projection)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions)
@@ -76,14 +82,17 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: LLMConfig):
+    """`projection` builds every projection of the blocks (attention and feed-forward); the embedding
+    and the output head stay linear."""
+
+    def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, projection) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -99,17 +108,6 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
-
-    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
-        """Fill the full (unsharded) tensor of parameter `name`; see parallel/init.py for why."""
-        cfg = self.cfg
-        if name.endswith("norm.weight"):
-            full.fill_(1.0)
-            return
-        std = cfg.init_std
-        if cfg.scaled_residual_init and name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
-            std = std / (2 * cfg.n_layers) ** 0.5
-        full.normal_(0.0, std, generator=generator)
 
 
 def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:

@@ -1,60 +1,80 @@
-"""How to shard the LLM, applied from outside the model in a fixed order:
+"""How to shard the LLM: the pieces of its ParallelPlan (parallel/parallelize.py applies them in
+the one fixed order) and its pipeline split.
 
-    TP (+ sequence parallel) -> CP -> activation checkpointing -> compile -> FSDP / HSDP / DDP
-
-TP first, because it turns parameters into DTensors over the tp mesh that FSDP then shards
-again over dp (2-D). Checkpointing wraps a block before compile so the compiled graph includes
-the recompute, and FSDP goes last so it shards the parameters of the already wrapped (and
-compiled) blocks. CP swaps each layer's core attention for ring / Ulysses / hybrid attention
-and fills in the global positions of the rank's tokens (parallel/context/apply.py).
-Pipeline parallelism cuts the model into stages first (parallel/pipeline.py, with split_stage
-below); each stage is then parallelized by parallelize_llm like a whole model.
+TP: heads and FFN units split over tp, embedding and head over the vocabulary, norms and the
+residual stream on the sequence under sequence parallelism. CP swaps each layer's core attention
+for ring / Ulysses / hybrid attention (parallel/context/apply.py). Other families whose blocks
+are shaped like the LLM's reuse these pieces with their own block plans.
 """
+from collections.abc import Callable
+
 from torch import nn
 from torch.distributed.tensor.parallel import parallelize_module
 
-from models.common.mlp import SwiGLU
 from models.llm.model import LLMConfig
-from models.spec import ParallelizeOptions
-from parallel.blocks import checkpoint_compile_and_shard
+from parallel.context import sequence_layout
 from parallel.context.apply import apply_context_parallel
 from parallel.mesh import Meshes, ParallelDims
-from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, enable_async_tp, norm_plan,
-                                      vocab_parallel_embedding, vocab_parallel_head)
+from parallel.options import ParallelizeOptions
+from parallel.parallelize import Apply, ParallelPlan
+from parallel.tensor_parallel import (ReplicatedKVProjection, column_row_pair, norm_plan, vocab_parallel_embedding,
+                                      vocab_parallel_head)
+
+# block_plan(block, model config, tp size, sequence_parallel) -> the TP plan of one block, relative to it
+BlockPlan = Callable[[nn.Module, LLMConfig, int, bool], dict]
 
 
-def parallelize_llm(model: nn.Module, dims: ParallelDims, meshes: Meshes, options: ParallelizeOptions) -> nn.Module:
-    if dims.tp > 1:
-        apply_tensor_parallel(model, meshes, options)
-        if options.async_tp:
-            enable_async_tp(meshes.tp)
-    if dims.cp > 1:
-        apply_context_parallel((block.attention for block in model.layers.values()), meshes.cp, options.cp_mode,
-                               options.cp_layout, options.cp_ulysses, options.cp_kernel)
-    return checkpoint_compile_and_shard(model, dims, meshes, options)
-
-
-def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
-    """Heads and FFN units split over tp; embedding and head split over the vocabulary."""
-    sp = options.sequence_parallel
-    cfg: LLMConfig = model.cfg
+def attention_plan(cfg: LLMConfig, tp: int, sequence_parallel: bool) -> dict:
+    """Softmax attention: q/k/v column-parallel by heads (kv heads replicated when fewer than tp), wo
+    row-parallel."""
     kv_styles = {}
-    if cfg.kv_heads < meshes.tp.size():  # fewer kv heads than ranks: replicate them
+    if cfg.kv_heads < tp:  # fewer kv heads than ranks: replicate them
         kv_styles = {name: ReplicatedKVProjection(cfg.kv_heads, cfg.head_dim) for name in ("wk", "wv")}
-    parallelize_module(model, meshes.tp, {
-        "tok_embeddings": vocab_parallel_embedding(sp),
-        **norm_plan(["norm"], sp),
-        "output": vocab_parallel_head(sp, options.loss_parallel),
-    })
-    for block in model.layers.values():
-        # Other feed-forward kinds (MoE layers) are planned by their family's parallelize.
-        dense_ffn = isinstance(block.feed_forward, SwiGLU)
-        parallelize_module(block, meshes.tp, {
-            **norm_plan(["attention_norm", "ffn_norm"], sp),
-            **column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sp, n_extra_inputs=1,  # + positions
-                              column_styles=kv_styles),
-            **(column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sp) if dense_ffn else {}),
+    return column_row_pair("attention", ["wq", "wk", "wv"], ["wo"], sequence_parallel, n_extra_inputs=1,  # + positions
+                           column_styles=kv_styles)
+
+
+def swiglu_plan(sequence_parallel: bool) -> dict:
+    return column_row_pair("feed_forward", ["w1", "w3"], ["w2"], sequence_parallel)
+
+
+def block_plan(block: nn.Module, cfg: LLMConfig, tp: int, sequence_parallel: bool) -> dict:
+    return {**norm_plan(["attention_norm", "ffn_norm"], sequence_parallel),
+            **attention_plan(cfg, tp, sequence_parallel), **swiglu_plan(sequence_parallel)}
+
+
+def tensor_parallel(plan_block: BlockPlan) -> Apply:
+    """TP for a decoder shaped like the LLM (embedding, blocks, final norm, head) with `plan_block` per block."""
+    def apply(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
+        sp = options.sequence_parallel
+        parallelize_module(model, meshes.tp, {
+            "tok_embeddings": vocab_parallel_embedding(sp),
+            **norm_plan(["norm"], sp),
+            "output": vocab_parallel_head(sp, options.loss_parallel),
         })
+        for block in model.layers.values():
+            parallelize_module(block, meshes.tp, plan_block(block, model.cfg, meshes.tp.size(), sp))
+    return apply
+
+
+apply_tensor_parallel = tensor_parallel(block_plan)
+
+
+def apply_context_parallel_attention(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
+    apply_context_parallel((block.attention for block in model.layers.values()), meshes.cp, options.cp_mode,
+                           options.cp_layout, options.cp_ulysses, options.cp_kernel)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleDict:
+    return model.layers
+
+
+PLAN = ParallelPlan(blocks=decoder_layers, tensor_parallel=apply_tensor_parallel,
+                    context_parallel=apply_context_parallel_attention)
+
+
+def n_layers(cfg: LLMConfig) -> int:
+    return cfg.n_layers
 
 
 def split_stage(model: nn.Module, layer_ids: list[int], is_first: bool, is_last: bool) -> None:
@@ -77,12 +97,15 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions
         problems.append(f"head dim {cfg.head_dim} (dim / n_heads) must be even for rotary embeddings")
     if cfg.n_heads % cfg.kv_heads:
         problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
-    if dims.ep > 1 and not hasattr(cfg, "n_experts"):
-        problems.append(f"parallel.ep={dims.ep} splits experts, but this model has none; set parallel.ep=1 "
-                        f"(or use model.family=moe)")
     if dims.pp > 1 and cfg.tie_embeddings:
         problems.append("model.tie_embeddings=true shares a weight between the first and last pipeline stage; "
                         "untie them to use parallel.pp > 1")
+    if dims.cp > 1 and options.cp_mode != "ring":
+        ulysses = sequence_layout(options.cp_mode, options.cp_layout, dims.cp, options.cp_ulysses).ulysses_size
+        heads = cfg.n_heads // dims.tp
+        if heads % ulysses:
+            problems.append(f"parallel.cp_mode={options.cp_mode} splits the {heads} attention heads of a tp rank "
+                            f"over {ulysses} Ulysses ranks, which does not divide them; change cp, cp_ulysses or tp")
     if dims.tp > 1:
         def kv_fits(t: int) -> bool:  # kv heads are split over tp, or replicated when there are fewer
             return cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0

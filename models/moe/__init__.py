@@ -1,14 +1,27 @@
-from models.llm.parallelize import split_stage
+from models.common.text import TEXT_DATA, TOKEN_LOSS
+from models.llm.parallelize import n_layers, split_stage
 from models.moe.model import MoEConfig, MoETransformer, flops_per_token
-from models.moe.parallelize import check_layout, parallelize_moe
-from models.spec import ModelSpec
+from models.moe.parallelize import PLAN, check_layout
+from models.spec import ModelSpec, StepContext, TrainingHooks
+
+
+def weigh_aux_losses(model: MoETransformer, context: StepContext) -> None:
+    # A layer's aux + z share is this rank's part of the loss of its forward's batch over dp x cp:
+    # x dp*cp undoes the gradient averaging over those ranks, / micro-batches makes the step's aux
+    # loss the mean over its forwards.
+    model.set_aux_loss_scale(context.gradient_average / context.micro_batches)
+
 
 model_spec = ModelSpec(
     name="moe",
     config_cls=MoEConfig,
     model_cls=MoETransformer,
-    parallelize=parallelize_moe,
+    data=TEXT_DATA,
+    loss=TOKEN_LOSS,
+    plan=PLAN,
     flops_per_token=flops_per_token,
     check_layout=check_layout,
+    n_layers=n_layers,
     split_stage=split_stage,
+    hooks=TrainingHooks(setup=weigh_aux_losses, after_optimizer_step=MoETransformer.end_step),
 )

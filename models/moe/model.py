@@ -1,9 +1,10 @@
 """Mixture-of-experts decoder: the LLM (models/llm) with MoE feed-forward layers.
 
-Plain single-device PyTorch plus two hooks that parallelize.py fills in: `MoE.ep_group` (expert
-parallelism: tokens move to their experts' ranks by all-to-all, parallel/expert.py) and
-`MoE.batch_group` (the ranks holding different tokens of a step: routing statistics for the
-load-balancing loss and the bias update are all-reduced over it).
+Plain single-device PyTorch with two modules that parallelize.py turns parallel from outside:
+`MoE.experts` (expert parallelism: the rows are moved to their experts' ranks by all-to-all,
+parallel/expert.py) and `MoE.routing_statistics` (an identity on this rank's routing statistics
+that becomes their sum over the ranks holding different tokens of a step, for the load-balancing
+loss and the bias update).
 
 Routers
 - softmax (Mixtral): p = softmax(W x), top-k, weights renormalized over the chosen k.
@@ -33,11 +34,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from models.common.linear import Linear
 from models.common.mlp import SwiGLU
 from models.llm.model import LLMConfig, Transformer
 from models.llm.model import flops_per_token as llm_flops_per_token
@@ -73,10 +74,13 @@ class Router(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.gate = Linear(cfg.dim, cfg.n_experts, cfg.init_std)
         # A parameter (not a buffer) so that it is initialized, sharded and checkpointed like the
         # weights; it gets no gradient and is moved only by MoE.update_bias.
         self.expert_bias = nn.Parameter(torch.zeros(cfg.n_experts), requires_grad=False)
+
+    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        full.zero_()  # expert_bias: no preference before any load is seen
 
     def forward(self, x: torch.Tensor):
         """x [N, d] -> (weights [N, k], experts [N, k], logits [N, E], probs [N, E])."""
@@ -103,23 +107,28 @@ class Router(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights w1, w3 [E, d, h], w2 [E, h, d], computed grouped.
+    """E SwiGLU experts as stacked weights w1, w3 [E, d, h] (N(0, init_std)), w2 [E, h, d] (N(0, out_std)),
+    computed grouped.
 
-    Under expert parallelism the weights are DTensors sharded on dim 0 over the ep mesh and this
-    rank computes its E / ep experts (their local shard)."""
+    Under expert parallelism the weights are DTensors sharded on dim 0 over the ep mesh, and the rows
+    this module is handed are those of its E / ep local experts (parallel/expert.py moves them)."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    def __init__(self, n_experts: int, dim: int, hidden: int, init_std: float, out_std: float):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.init_std, self.out_std = init_std, out_std
+
+    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
+        full.normal_(0.0, self.out_std if name == "w2" else self.init_std, generator=generator)
 
     def local_weights(self):
         return [w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2)]
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, d] sorted by (local) expert, counts[e] rows each -> y [M, d]."""
-        return grouped_swiglu(x, counts, *self.local_weights())
+        return grouped_swiglu(x, counts.tolist(), *self.local_weights())
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
@@ -171,15 +180,23 @@ def attach_loss(x: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tens
     return AttachLoss.apply(x, loss, scale)
 
 
+class RoutingStatistics(nn.Module):
+    """Identity on a rank's routing statistics [loads, probability sums, tokens, dropped, z]: the
+    place where parallelize makes them the sums over all ranks holding tokens of the step."""
+
+    def forward(self, stats: torch.Tensor) -> torch.Tensor:
+        return stats
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim)
-        self.shared = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_hidden_dim) if cfg.n_shared_experts else None
-        self.ep_group = None  # set by parallelize: expert parallelism
-        self.batch_group = None  # set by parallelize: where routing statistics are all-reduced
+        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.expert_hidden_dim, cfg.init_std, cfg.out_std)
+        self.shared = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.expert_hidden_dim, cfg.init_std,
+                             cfg.out_std) if cfg.n_shared_experts else None
+        self.routing_statistics = RoutingStatistics()
         self.aux_share = self.z_share = None  # this rank's weighted aux / z loss of the last forward
         self.aux_loss_scale = 1.0  # gradient weight of the shares (trainer: undoes dp x cp averaging, / micro-batches)
         self.reset_stats()
@@ -214,8 +231,7 @@ class MoE(nn.Module):
         stats = torch.cat([counts.float(), probs.detach().sum(0),
                            torch.stack([torch.tensor(float(n_tokens), device=x.device),
                                         (counts - kept_counts).sum().float(), lse2.detach().sum()])])
-        if self.batch_group is not None and dist.get_world_size(self.batch_group) > 1:
-            dist.all_reduce(stats, group=self.batch_group)
+        stats = self.routing_statistics(stats)
         load, prob_sum, (total, dropped, lse2_sum) = stats[:n_experts], stats[n_experts:2 * n_experts], stats[-3:]
         fraction = load / (k * total)
         # Shares: summed over the batch group they are the losses of the whole batch of this forward.
@@ -227,12 +243,7 @@ class MoE(nn.Module):
                                                 torch.ones((), device=x.device)])])
             self.step_stats = row if self.step_stats is None else self.step_stats + row
 
-        routed = x[token]
-        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            from parallel.expert import dispatch_combine
-            y = dispatch_combine(routed, kept_counts, self.experts, self.ep_group)
-        else:
-            y = self.experts(routed, kept_counts.tolist())
+        y = self.experts(x[token], kept_counts)
         out = torch.zeros_like(x).index_add(0, token, y * route_weight.unsqueeze(-1).to(y.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
@@ -295,20 +306,6 @@ class MoETransformer(Transformer):
                             f"moe_dropped/{name}": float(dropped / assigned)})
             m.reset_stats()
         return {"moe_aux_loss": aux, "moe_z_loss": z, **metrics}
-
-    def init_parameter(self, name: str, full: torch.Tensor, generator: torch.Generator) -> None:
-        cfg = self.cfg
-        if name.endswith("expert_bias"):
-            full.zero_()
-        elif name.endswith(("experts.w1", "experts.w3", "experts.w2")):
-            std = cfg.init_std
-            if cfg.scaled_residual_init and name.endswith("w2"):
-                std = std / (2 * cfg.n_layers) ** 0.5
-            full.normal_(0.0, std, generator=generator)
-        elif cfg.scaled_residual_init and name.endswith("feed_forward.shared.w2.weight"):
-            full.normal_(0.0, cfg.init_std / (2 * cfg.n_layers) ** 0.5, generator=generator)
-        else:
-            super().init_parameter(name, full, generator)
 
 
 def flops_per_token(cfg: MoEConfig, seq_len: int) -> float:

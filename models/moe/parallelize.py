@@ -1,6 +1,4 @@
-"""How to shard the MoE decoder: the LLM's recipe plus experts.
-
-    TP (attention, dense FFNs) -> EP (expert weights over ep) -> CP -> AC -> compile -> FSDP
+"""How to shard the MoE decoder: the LLM's plan pieces plus experts.
 
 - TP: attention and the dense layers' SwiGLU as in the LLM. MoE layers are not split over tp
   ("experts whole"): their input is gathered to the full replicated stream (with sequence
@@ -8,66 +6,58 @@
   tokens with plain (tp-replicated) router / expert weights, and the output goes back to the
   stream layout (a local slice under sequence parallelism). Gradients of MoE weights are then
   identical on all tp ranks and need no tp reduction; the price is tp-fold redundant expert work.
-- EP: expert weights become DTensors sharded on the expert dim over the ep mesh; tokens move by
-  all-to-all (parallel/expert.py). Each MoE layer learns its ep group and its batch group (dp x cp:
-  where the routing statistics are all-reduced).
+- EP (ParallelPlan.experts): each layer's routing statistics are summed over the batch group (dp x
+  cp: the ranks holding other tokens of the step); with ep > 1 the stacked expert weights become
+  DTensors sharded on the expert dim over the ep mesh and rows move to them by all-to-all
+  (parallel/expert.py), and the experts become FSDP units of their own over expert_fsdp.
 - PP: nothing here; each stage is a MoE model of its own layers, and every MoE layer attaches its
   aux losses to its output (models/moe/model.py), so no loss travels between stages.
-- FSDP: expert weights get their own FSDP unit over expert_fsdp (dp_shard x cp / ep), with the
-  gradient divisor set to the whole dp x cp degree (see parallel/expert.py); the rest as the LLM.
 """
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput, parallelize_module
+from torch.distributed.tensor.parallel import PrepareModuleInputOutput, parallelize_module
 
-from models.llm.parallelize import apply_tensor_parallel as llm_tensor_parallel
+from models.llm.parallelize import apply_context_parallel_attention, attention_plan, decoder_layers, swiglu_plan
 from models.llm.parallelize import check_layout as llm_check_layout
+from models.llm.parallelize import tensor_parallel
 from models.moe.model import MoE, MoEConfig
-from models.spec import ParallelizeOptions
-from parallel.blocks import checkpoint_compile_and_shard
-from parallel.context.apply import apply_context_parallel
-from parallel.expert import shard_experts
+from parallel.expert import ExpertParallel, SumOverGroup
 from parallel.mesh import Meshes, ParallelDims
-from parallel.tensor_parallel import residual_layout
+from parallel.options import ParallelizeOptions
+from parallel.parallelize import ParallelPlan
+from parallel.tensor_parallel import norm_plan, residual_layout
 
 
-def parallelize_moe(model: nn.Module, dims: ParallelDims, meshes: Meshes, options: ParallelizeOptions) -> nn.Module:
+def block_plan(block: nn.Module, cfg: MoEConfig, tp: int, sequence_parallel: bool) -> dict:
+    """The LLM's block plan, with an MoE feed-forward whole (see above): the stream gathered to
+    Replicate in, back to its layout out."""
+    stream = residual_layout(sequence_parallel)
+    if isinstance(block.feed_forward, MoE):
+        feed_forward = {"feed_forward": PrepareModuleInputOutput(
+            input_layouts=(stream,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Replicate(),), desired_output_layouts=(stream,), use_local_output=True)}
+    else:
+        feed_forward = swiglu_plan(sequence_parallel)
+    return {**norm_plan(["attention_norm", "ffn_norm"], sequence_parallel),
+            **attention_plan(cfg, tp, sequence_parallel), **feed_forward}
+
+
+def apply_experts(model: nn.Module, dims: ParallelDims, meshes: Meshes) -> list[nn.Module]:
+    """Routing statistics over the batch group; with ep > 1 experts over ep. Returns the expert modules
+    that need FSDP units of their own (ep > 1; with ep = 1 they are sharded with their block)."""
     moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if meshes.batch.size() > 1:
+        for moe in moe_layers:
+            parallelize_module(moe.routing_statistics, meshes.batch, SumOverGroup())
+    if dims.ep == 1:
+        return []
     for moe in moe_layers:
-        moe.batch_group = meshes.batch.get_group() if meshes.batch.size() > 1 else None
-        if dims.ep > 1:
-            moe.ep_group = meshes.ep.get_group()
-            shard_experts(moe.experts, meshes.ep)
-    if dims.tp > 1:
-        apply_tensor_parallel(model, meshes, options)
-    if dims.ep > 1:  # with ep = 1 the experts are sharded with their block like any weight
-        mp_policy = MixedPrecisionPolicy(param_dtype=options.param_dtype, reduce_dtype=options.reduce_dtype)
-        for moe in moe_layers:  # their own FSDP unit, before the block's (which then skips them)
-            fully_shard(moe.experts, mesh=meshes.expert_fsdp, mp_policy=mp_policy)
-            moe.experts.set_gradient_divide_factor(float(dims.dp * dims.cp))
-    # The LLM's remaining steps, in its order.
-    if dims.cp > 1:
-        apply_context_parallel((block.attention for block in model.layers.values()), meshes.cp, options.cp_mode,
-                               options.cp_layout, options.cp_ulysses, options.cp_kernel)
-    return checkpoint_compile_and_shard(model, dims, meshes, options)
+        parallelize_module(moe.experts, meshes.ep, ExpertParallel())
+    return [moe.experts for moe in moe_layers]
 
 
-def apply_tensor_parallel(model: nn.Module, meshes: Meshes, options: ParallelizeOptions) -> None:
-    """The LLM's TP plan for embedding, head, attention and dense FFNs (it leaves MoE layers alone);
-    MoE layers whole (see above): the stream gathered to Replicate in, back to its layout out."""
-    llm_tensor_parallel(model, meshes, options)
-    stream = residual_layout(options.sequence_parallel)
-    for block in model.layers.values():
-        if isinstance(block.feed_forward, MoE):
-            parallelize_module(block, meshes.tp, {
-                "feed_forward": PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(Replicate(),),
-                                                   use_local_output=True),
-            })
-            parallelize_module(block, meshes.tp, {
-                "feed_forward": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(stream,),
-                                                    use_local_output=True),
-            })
+PLAN = ParallelPlan(blocks=decoder_layers, tensor_parallel=tensor_parallel(block_plan),
+                    context_parallel=apply_context_parallel_attention, experts=apply_experts)
 
 
 def check_layout(cfg: MoEConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:

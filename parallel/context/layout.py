@@ -75,3 +75,10 @@ class SequenceLayout:
         seq_len = sum(s.shape[dim] for s in shards)
         order = torch.cat([self.global_positions(seq_len, rank) for rank in range(self.cp_size)])
         return torch.cat(list(shards), dim).index_select(dim, torch.argsort(order).to(shards[0].device))
+
+
+def sequence_layout(mode: str, kind: str, cp: int, cp_ulysses: int) -> SequenceLayout:
+    """How a cp group of `cp` ranks in `mode` (ring | ulysses | hybrid with cp_ulysses ranks per
+    Ulysses group) spreads each sequence, with the layout `kind` over its ring."""
+    ulysses = {"ring": 1, "ulysses": cp, "hybrid": cp_ulysses}[mode]
+    return SequenceLayout(kind, cp // ulysses, ulysses)

@@ -1,4 +1,4 @@
-"""The context-parallel hook for sequence mixers without softmax (linear attention, DeltaNet).
+"""The context-parallel hook for sequence mixers without softmax (linear attention, the delta rule).
 
 Such a mixer carries a state S [..., dk, dv] along the sequence, and over one rank's chunk its
 recurrence is affine in the state the chunk starts from:
@@ -8,7 +8,7 @@ recurrence is affine in the state the chunk starts from:
 
 So instead of rotating keys and values, each rank computes its map (M, S_ext), the maps are
 all-gathered once, and rank r folds those of ranks 0..r-1 in rank order, S <- M_j S + S_ext_j from
-S = 0, to get the state its chunk starts from. The maps do not commute (DeltaNet's
+S = 0, to get the state its chunk starts from. The maps do not commute (the delta rule's
 M = prod(I - beta k k^T)), so they are folded in order, never summed. In the backward each rank
 sends its state gradient back through M_j^T over the earlier maps, and one reduce-scatter sums
 every map's gradient over the ranks that used it.

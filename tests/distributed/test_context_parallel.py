@@ -184,11 +184,12 @@ def whole_sequence_logits(mode: str, layout: str, ulysses: int = 0) -> tuple[flo
     error of forward_whole_sequence's logits against the same weights on one device, and (negative
     control) of the gathered parts left in rank order instead of sequence order."""
     from models.llm.model import LLMConfig, Transformer
-    from models.llm.parallelize import parallelize_llm
-    from models.spec import ParallelizeOptions
+    from models.llm.parallelize import PLAN
     from parallel.context.apply import forward_whole_sequence
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
+    from parallel.options import ParallelizeOptions
+    from parallel.parallelize import parallelize
 
     cp = dist.get_world_size()
     dims = ParallelDims.resolve(dp_shard=1, cp=cp, world_size=cp)
@@ -197,7 +198,7 @@ def whole_sequence_logits(mode: str, layout: str, ulysses: int = 0) -> tuple[flo
     with torch.device("meta"):
         model = Transformer(cfg)
     options = ParallelizeOptions(cp_mode=mode, cp_layout=layout, cp_ulysses=ulysses, cp_kernel="math")
-    model = parallelize_llm(model, dims, meshes, options)
+    model = parallelize(model, PLAN, dims, meshes, options)
     model.to_empty(device="cpu")
     init_parameters(model, seed=11)
     reference = Transformer(cfg)

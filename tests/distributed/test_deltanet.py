@@ -32,7 +32,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
     from models.common.loss import cross_entropy_sum
     from models.deltanet.model import DeltaNet, DeltaNetConfig
     from models.deltanet.parallelize import apply_tensor_parallel
-    from models.spec import ParallelizeOptions
+    from parallel.options import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
 
@@ -149,7 +149,7 @@ def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str,
     from launcher.config import cp_layout, load_config
     from models.deltanet.model import DeltaNet
     from models.deltanet.parallelize import StatePassingMixerRule, apply_context_parallel_deltanet
-    from models.spec import ParallelizeOptions
+    from parallel.options import ParallelizeOptions
     from parallel.context.layout import SequenceLayout
     from parallel.context.module import ContextParallelAttention
     from parallel.init import init_parameters
@@ -166,7 +166,7 @@ def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str,
     model = copy.deepcopy(reference)
     dims = ParallelDims.resolve(cp=world, dp_shard=1, world_size=world)
     meshes = dims.build_mesh("cpu")
-    apply_context_parallel_deltanet(model, meshes.cp, ParallelizeOptions(
+    apply_context_parallel_deltanet(model, meshes, ParallelizeOptions(
         cp_mode=p.cp_mode, cp_layout=p.cp_layout, cp_ulysses=p.cp_ulysses, cp_kernel=p.cp_kernel))
     mixers = [type(block.attention.core_mixer if hasattr(block.attention, "core_mixer")
                    else block.attention.core_attention) for block in model.layers.values()]

@@ -44,8 +44,10 @@ def layer_parity(ep: int) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
+    from torch.distributed.tensor.parallel import parallelize_module
+
     from models.moe.model import MoE, MoEConfig
-    from parallel.expert import shard_experts
+    from parallel.expert import ExpertParallel, SumOverGroup
     from parallel.mesh import ParallelDims
 
     world = dist.get_world_size()
@@ -59,8 +61,9 @@ def layer_parity(ep: int) -> dict[str, float]:
         for p in reference.parameters():
             p.normal_(0, 0.3)
     layer = copy.deepcopy(reference)
-    shard_experts(layer.experts, meshes.ep)
-    layer.ep_group = layer.batch_group = meshes.ep.get_group()
+    parallelize_module(layer.experts, meshes.ep, ExpertParallel())
+    parallelize_module(layer.routing_statistics, meshes.ep, SumOverGroup())
+    ep_group = meshes.ep.get_group()
 
     def data(r):
         g = torch.Generator().manual_seed(100 + r)
@@ -81,7 +84,7 @@ def layer_parity(ep: int) -> dict[str, float]:
     start = sum(inputs[r][0].shape[0] for r in group_ranks[:group_ranks.index(rank)])
     errors = {"output": rel(out, want[start:start + x.shape[0]])}
     shares = torch.stack([layer.aux_share.detach(), layer.z_share.detach()])
-    dist.all_reduce(shares, group=layer.ep_group)
+    dist.all_reduce(shares, group=ep_group)
     errors["aux"], errors["z"] = rel(shares[0], reference.aux_share), rel(shares[1], reference.z_share)
     local = meshes.ep.get_local_rank()
     n_local = cfg.n_experts // ep
@@ -92,7 +95,7 @@ def layer_parity(ep: int) -> dict[str, float]:
     for name, p in layer.named_parameters():
         if "experts" not in name and p.requires_grad:  # router and shared expert: partial over ranks
             grad = p.grad.clone()
-            dist.all_reduce(grad, group=layer.ep_group)
+            dist.all_reduce(grad, group=ep_group)
             errors[name] = rel(grad, dict(reference.named_parameters())[name].grad)
     return errors
 

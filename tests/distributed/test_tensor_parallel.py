@@ -28,7 +28,7 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
     from models.common.loss import cross_entropy_sum
     from models.llm.model import LLMConfig, Transformer
     from models.llm.parallelize import apply_tensor_parallel
-    from models.spec import ParallelizeOptions
+    from parallel.options import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
 

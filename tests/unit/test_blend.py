@@ -97,12 +97,13 @@ def test_document_info_restarts_positions_after_each_eos(root):
     eos = data.tokenizer.eos_id
     seen_boundary = False
     for step in range(5):
-        for inputs, targets, info in loader.micro_batches(step, documents=True):
-            assert info.positions.shape == info.document_ids.shape == inputs.shape
+        for batch in loader.micro_batches(step, documents=True):
+            inputs, positions, document_ids = batch["tokens"], batch["document_positions"], batch["document_ids"]
+            assert positions.shape == document_ids.shape == inputs.shape
             new_document = torch.zeros_like(inputs, dtype=torch.bool)
             new_document[:, 1:] = inputs[:, :-1] == eos
-            assert torch.equal(info.positions == 0, new_document | (torch.arange(SEQ_LEN) == 0))
-            assert torch.equal(info.document_ids, new_document.long().cumsum(1))
+            assert torch.equal(positions == 0, new_document | (torch.arange(SEQ_LEN) == 0))
+            assert torch.equal(document_ids, new_document.long().cumsum(1))
             seen_boundary |= bool(new_document.any())
     assert seen_boundary
 
@@ -110,11 +111,12 @@ def test_document_info_restarts_positions_after_each_eos(root):
 def test_single_dataset_loader_reports_documents_too(root):
     eos = Tokenizer(root / "spm.model").eos_id
     loader = GlobalBatchLoader(PackedTokens(root / "b" / "shard-00000", SEQ_LEN), 8, 4, 1, 2, seed=0)
-    for inputs, _, info in loader.micro_batches(3, documents=True):
+    for batch in loader.micro_batches(3, documents=True):
+        inputs = batch["tokens"]
         new_document = torch.zeros_like(inputs, dtype=torch.bool)
         new_document[:, 1:] = inputs[:, :-1] == eos
-        assert torch.equal(info.document_ids, new_document.long().cumsum(1))
-        assert torch.equal(info.positions == 0, new_document | (torch.arange(SEQ_LEN) == 0))
+        assert torch.equal(batch["document_ids"], new_document.long().cumsum(1))
+        assert torch.equal(batch["document_positions"] == 0, new_document | (torch.arange(SEQ_LEN) == 0))
 
 
 def test_blend_weights_are_honoured(root):
@@ -145,10 +147,10 @@ def global_batch(loaders, step):
     """Step's global batch gathered from all dp ranks in rank order, with its document info."""
     rows, positions, ids = [], [], []
     for loader in loaders:
-        for inputs, targets, info in loader.micro_batches(step, documents=True):
-            rows.append(torch.cat([inputs, targets[:, -1:]], dim=1))
-            positions.append(info.positions)
-            ids.append(info.document_ids)
+        for batch in loader.micro_batches(step, documents=True):
+            rows.append(torch.cat([batch["tokens"], batch["targets"][:, -1:]], dim=1))
+            positions.append(batch["document_positions"])
+            ids.append(batch["document_ids"])
     return torch.cat(rows), torch.cat(positions), torch.cat(ids)
 
 

@@ -155,7 +155,9 @@ def global_batch(samples, step, dp_size, gbs=8, mbs=2, seed=7):
     rows = []
     for rank in range(dp_size):
         loader = GlobalBatchLoader(samples, gbs, mbs, rank, dp_size, seed)
-        for inputs, targets in loader.micro_batches(step):
+        for batch in loader.micro_batches(step):
+            inputs, targets = batch["tokens"], batch["targets"]
+            assert torch.equal(batch["positions"], torch.arange(samples.seq_len).expand(mbs, -1))
             assert inputs.shape == targets.shape == (mbs, samples.seq_len)
             assert torch.equal(inputs[:, 1:], targets[:, :-1])
             rows.append(torch.cat([inputs, targets[:, -1:]], dim=1))
@@ -184,7 +186,7 @@ class NumberedSamples:
 
 
 def served_samples(loader, steps):
-    return [int(x) for _ in range(steps) for inputs, _ in loader.next() for x in inputs[:, 0]]
+    return [int(x) for _ in range(steps) for batch in loader.next() for x in batch["tokens"][:, 0]]
 
 
 def test_each_epoch_visits_every_sample_once():
@@ -205,8 +207,8 @@ def test_resume_serves_the_same_batches(prepared):
     resumed.load_state_dict(first.state_dict())
     assert resumed.step == 3
     for _ in range(3):
-        for (a_in, a_tgt), (b_in, b_tgt) in zip(first.next(), resumed.next(), strict=True):
-            assert torch.equal(a_in, b_in) and torch.equal(a_tgt, b_tgt)
+        for a, b in zip(first.next(), resumed.next(), strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
 @pytest.mark.parametrize("key", ["seed", "global_batch_size"])

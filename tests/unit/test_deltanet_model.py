@@ -9,7 +9,7 @@ from models.deltanet.model import (DeltaNet, DeltaNetConfig, DeltaNetLayer, Shor
 from models.deltanet.ops import linear_attention_recurrent
 from models.deltanet.parallelize import check_layout, contiguous_problem
 from models.llm.model import Attention
-from models.spec import ParallelizeOptions
+from parallel.options import ParallelizeOptions
 from parallel.init import init_parameters
 from parallel.mesh import ParallelDims
 

@@ -7,7 +7,7 @@ import torch
 from models.common.mlp import SwiGLU
 from models.moe.model import MoE, MoEConfig, MoETransformer, flops_per_token, grouped_swiglu, looped_swiglu
 from models.moe.parallelize import check_layout
-from models.spec import ParallelizeOptions
+from parallel.options import ParallelizeOptions
 from parallel.init import init_parameters
 from parallel.mesh import ParallelDims
 

@@ -1,0 +1,29 @@
+"""The data and loss of a decoder trained on next-token prediction over packed text."""
+import torch
+
+from data.build import build_loaders
+from models.common.loss import IGNORE_INDEX, cross_entropy_sum
+from models.spec import BatchKey, DataSpec, LossSpec, LossTerms
+
+# The loaders (data/loader.py) serve micro-batches with these keys, each [rows, seq_len].
+TEXT_KEYS = {
+    "tokens": BatchKey(sequence_dim=1, consumer="inputs"),
+    "positions": BatchKey(sequence_dim=1, consumer="every_stage"),  # RoPE positions: every layer needs them
+    "targets": BatchKey(sequence_dim=1, consumer="loss"),
+}
+
+
+def prompt_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"tokens": tokens, "positions": torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)}
+
+
+def token_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossTerms:
+    return LossTerms(cross_entropy_sum(logits, batch["targets"])[0], {})
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["targets"] != IGNORE_INDEX).sum()
+
+
+TEXT_DATA = DataSpec(keys=TEXT_KEYS, build_loaders=build_loaders, prompt_batch=prompt_batch)
+TOKEN_LOSS = LossSpec(compute=token_cross_entropy, count=count_targets)

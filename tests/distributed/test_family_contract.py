@@ -1,0 +1,137 @@
+"""The family contract from the trainer's side.
+
+- A family defined only in the tests (tests/toy_family.py: a per-row model input, a per-row loss
+  weight and a loss of its own) trains through the real trainer under dp2, tp2, cp2 and pp2 with the
+  losses of one process: launcher/ and parallel/ were not changed for it.
+- The trainer's first steps equal a plain PyTorch loop written here (same weights, batches and
+  optimizer), so a trainer bug that would hit every layout alike cannot hide behind parity.
+"""
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, tiny_overrides
+from tests.distributed.harness import run_world
+from tests.distributed.runs import assert_same_losses
+
+THIS = "tests.distributed.test_family_contract"
+TOY = "model.family=toy"
+PLAIN_LOOP_RTOL = 1e-6
+
+
+def train_toy(run_dir: str, cache: str, overrides: list[str]) -> dict:
+    """Check body: a training run of the test-only family (registered in this process only)."""
+    from launcher.config import load_config
+    from launcher.trainer import train
+    from models import register_family
+
+    register_family("toy", "tests.toy_family")
+    summary = train(load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), TOY, "train.steps=5", *overrides)))
+    return {"losses": summary["losses"], "eval": summary["eval"], "sample": summary["sample"]}
+
+
+def toy_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
+    return f"{THIS}:train_toy", {"run_dir": str(run_dir), "cache": str(cache), "overrides": list(overrides)}
+
+
+def trainer_and_plain_loop(run_dir: str, cache: str) -> dict[str, list[float]]:
+    """Check body (one process): 3 steps of the trainer and of a plain loop on the same weights and batches."""
+    import torch
+    import torch.nn.functional as F
+
+    from data.build import build_loaders
+    from launcher.config import load_config
+    from launcher.trainer import train
+    from models.llm.model import Transformer
+    from parallel.init import init_parameters
+
+    # Constant lr (warmup of one step reaches the peak at once), accumulation over 2 micro-batches, clipping on.
+    cfg = load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), "train.steps=3", "train.micro_batch_size=4",
+                                           "train.lr_schedule=constant", "train.warmup_steps=1",
+                                           "train.grad_clip=0.5"))
+    trainer_losses = train(cfg)["losses"]
+
+    t = cfg.train
+    model = Transformer(cfg.model_config())
+    init_parameters(model, t.seed)
+    _, loader, _ = build_loaders(cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed,
+                                 log=lambda _: None)
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": t.weight_decay},
+                                   {"params": vectors, "weight_decay": 0.0}],
+                                  lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    plain_losses = []
+    for step in range(t.steps):
+        micro_batches = loader.micro_batches(step)
+        n_targets = sum(int(batch["targets"].numel()) for batch in micro_batches)
+        total = 0.0
+        for batch in micro_batches:
+            loss = F.cross_entropy(model(batch["tokens"]).flatten(0, 1), batch["targets"].flatten(), reduction="sum")
+            (loss / n_targets).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        plain_losses.append(total / n_targets)
+    return {"trainer": trainer_losses, "plain": plain_losses}
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("contract")
+
+
+MICRO4 = "train.micro_batch_size=4"
+TOY_LAYOUTS = {
+    "dp2": [MICRO4],
+    "tp2": ["parallel.tp=2", "parallel.dp_shard=1"],
+    "cp2": ["parallel.cp=2", "parallel.dp_shard=1"],
+    "pp2": ["parallel.pp=2", "parallel.dp_shard=1", MICRO4],
+}
+
+
+@pytest.fixture(scope="module")
+def one(runs_dir, data_cache) -> dict:
+    results = run_world(1, [toy_check(runs_dir / "toy1", data_cache),
+                            (f"{THIS}:trainer_and_plain_loop", {"run_dir": str(runs_dir / "plain"),
+                                                                 "cache": str(data_cache)})], runs_dir / "world1")
+    return {"toy": results[0].value(), "plain": results[1].value()}
+
+
+@pytest.fixture(scope="module")
+def two(runs_dir, data_cache, one) -> dict:
+    layouts = {**TOY_LAYOUTS, "dp2_lr_perturbed": [MICRO4, "train.lr=0.003003"]}
+    results = run_world(2, [toy_check(runs_dir / name, data_cache, *overrides) for name, overrides in layouts.items()],
+                        runs_dir / "world2")
+    return dict(zip(layouts, (r.value() for r in results)))
+
+
+@pytest.mark.parametrize("layout", list(TOY_LAYOUTS))
+def test_test_only_family_matches_one_process(one, two, layout):
+    assert_same_losses(two[layout]["losses"], one["toy"]["losses"])
+    want, got = one["toy"]["eval"], two[layout]["eval"]
+    assert got.keys() == want.keys() == {"eval_loss", "eval_token_loss"}
+    for name in want:
+        assert abs(got[name] - want[name]) <= 1e-5 * abs(want[name]), (name, got[name], want[name])
+
+
+def test_test_only_family_loss_is_its_own(one):
+    toy = one["toy"]
+    assert len(toy["losses"]) == 5
+    # Row weights are 1 or 2, so the weighted loss lies strictly between the token loss and twice it.
+    eval_ = toy["eval"]
+    assert eval_["eval_token_loss"] < eval_["eval_loss"] < 2 * eval_["eval_token_loss"]
+    assert toy["sample"] is None  # the family declares no prompt batch: sampling is skipped with a line
+
+
+def test_perturbed_run_fails_the_same_comparison(one, two):
+    with pytest.raises(AssertionError):
+        assert_same_losses(two["dp2_lr_perturbed"]["losses"], one["toy"]["losses"])
+
+
+def test_trainer_equals_a_plain_pytorch_loop(one):
+    trainer, plain = one["plain"]["trainer"], one["plain"]["plain"]
+    assert len(trainer) == len(plain) == 3
+    for step, (a, b) in enumerate(zip(trainer, plain), start=1):
+        assert abs(a - b) <= PLAIN_LOOP_RTOL * abs(b), f"step {step}: trainer {a} vs plain loop {b}"
