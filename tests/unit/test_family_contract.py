@@ -120,3 +120,31 @@ def test_no_import_cycle_between_modules_or_packages():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_a_parameter_without_an_init_rule_is_an_error():
+    import torch
+
+    from models.llm.model import LLMConfig, Transformer
+    from parallel.init import init_parameters
+
+    model = Transformer(LLMConfig(dim=16, n_layers=1, n_heads=2, vocab_size=32, multiple_of=16))
+    model.layers["0"].extra = torch.nn.Linear(4, 4)  # a plain nn.Linear knows no init rule
+    with pytest.raises(TypeError, match=r"layers.0.extra.weight belongs to a Linear, which has no init_parameter"):
+        init_parameters(model, seed=0)
+
+
+def test_resume_compares_the_architecture_not_how_it_is_computed():
+    from launcher.errors import UserError
+    from launcher.trainer import check_same_model
+    from models.deltanet.model import DeltaNetConfig
+    from models.spec import architecture
+
+    saved = DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, backend="chunked", chunk_size=64)
+    meta = {"family": "deltanet", "model": architecture(saved)}
+    assert "backend" not in meta["model"] and "chunk_size" not in meta["model"]
+    check_same_model(meta, "deltanet", architecture(DeltaNetConfig(dim=32, n_heads=2, vocab_size=50,
+                                                                   backend="recurrent", chunk_size=16)), Path("ckpt"))
+    with pytest.raises(UserError, match="conv_size: checkpoint 4 vs config 2"):
+        check_same_model(meta, "deltanet", architecture(DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, conv_size=2)),
+                         Path("ckpt"))

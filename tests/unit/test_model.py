@@ -368,7 +368,7 @@ def test_model_spec_registry():
     assert spec.name == "llm"
     assert spec.config_cls is LLMConfig and spec.model_cls is Transformer
     assert spec.flops_per_token is flops_per_token
-    assert spec.data_kind == "text"
+    assert set(spec.data.keys) == {"tokens", "positions", "targets"}
     assert "llm" in models.FAMILIES
     with pytest.raises(KeyError):
         models.get_model_spec("no-such-family")

@@ -28,7 +28,7 @@ def moe_layer(**kwargs) -> MoE:
 
 def copy_dense_into(layer: MoE) -> SwiGLU:
     """A dense SwiGLU whose weights every expert of `layer` gets."""
-    dense = SwiGLU(DIM, HIDDEN).double()
+    dense = SwiGLU(DIM, HIDDEN, init_std=0.02, out_std=0.02).double()
     with torch.no_grad():
         for p in dense.parameters():
             p.normal_(0, 0.2)
