@@ -154,21 +154,24 @@ class DeltaNet(Transformer):
 
 def mixer_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
     """Forward matmul FLOPs per token per head of the chunked mixer rule as models/deltanet/ops runs
-    it (chunk C = min(chunk_size, seq_len), head dims dk = dv = D). The delta rule:
+    it (chunk C = min(chunk_size, seq_len), head dims dk = dv = D; a sequence that is not a multiple
+    of C runs its last chunk zero-padded to C). The delta rule, per chunk:
 
-        A = (beta K) K^T          2 C^2 D        the UT solve on [C, 2D]       C^2 2D
-        K^T [W | U]               2 C D 2D       the chunk scan S <- M S + E   2 D^3
-        P = Q K^T                 2 C^2 D        (Q - P W) S, P W, P U          2 C D^2 + 4 C^2 D
+        A = (beta K) K^T          2 C^2 D        the unit-triangular solve on [C, 2D]   C (C - 1) 2D
+        K^T [W | U]               2 C D 2D       the chunk scan S <- M S + E            2 D^3
+        P = Q K^T                 2 C^2 D        (Q - P W) S, P W, P U                  2 C D^2 + 4 C^2 D
 
-    Linear attention: K^T V 2 C D^2, Q S 2 C D^2, P = Q K^T 2 C^2 D, P V 2 C^2 D (the cumsum of
-    the chunk states is not a matmul).
+    (the solve: C (C - 1) / 2 multiply-adds per right-hand column, counted at 2 FLOPs each like a
+    matmul). Linear attention: K^T V 2 C D^2, Q S 2 C D^2, P = Q K^T 2 C^2 D, P V 2 C^2 D (the
+    cumsum of the chunk states is not a matmul). tests/unit/test_flops.py measures all of it.
     """
     C, D = min(cfg.chunk_size, seq_len), cfg.head_dim
+    n_chunks = -(-seq_len // C)
     if cfg.mixer_rule == "linear":
-        return (4 * C * D * D + 4 * C * C * D) / C
-    per_chunk = 2 * C * C * D + C * C * 2 * D + 2 * C * D * 2 * D + 2 * D ** 3 + 2 * C * C * D \
-        + 2 * C * D * D + 4 * C * C * D
-    return per_chunk / C
+        per_chunk = 4 * C * D * D + 4 * C * C * D
+    else:
+        per_chunk = 8 * C * C * D + 2 * C * (C - 1) * D + 6 * C * D * D + 2 * D ** 3
+    return n_chunks * per_chunk / seq_len
 
 
 def flops_per_token(cfg: DeltaNetConfig, seq_len: int) -> float:
