@@ -116,8 +116,9 @@ def run_bare(cfg: Config, batches: list) -> tuple[list[float], list[float]]:
     for micro_batches in batches:
         started = time.perf_counter()
         loss_sum = torch.zeros(())
-        for inputs, targets in micro_batches:
-            micro_sum = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten(), reduction="sum")
+        for batch in micro_batches:
+            micro_sum = F.cross_entropy(model(batch["tokens"]).flatten(0, -2), batch["targets"].flatten(),
+                                        reduction="sum")
             (micro_sum / n_tokens).backward()
             loss_sum += micro_sum.detach()
         if t.grad_clip > 0:

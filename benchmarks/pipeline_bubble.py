@@ -181,8 +181,12 @@ class Case:
         self.recorder = Recorder(self.n_stages)
         tokens = self.m * args.micro_batch_size * args.seq_len
 
+        self.loss_values: list[torch.Tensor] = []
+
         def loss_fn(logits, targets):  # mean token loss of the whole batch, as the trainer normalizes it
-            return cross_entropy_sum(logits, targets)[0] / tokens
+            loss = cross_entropy_sum(logits, targets)[0] / tokens
+            self.loss_values.append(loss.detach())
+            return loss
 
         mesh = DeviceMesh.from_group(self.group, "cpu", mesh_dim_names=("pp",))
         self.pipeline = build_pipeline(model, split_stage, lambda part: part, cfg.n_layers, mesh, self.schedule,
@@ -221,8 +225,13 @@ class Case:
             self.recorder.events = []
             dist.barrier(group=self.group)
             cpu0, start = time.process_time(), time.perf_counter()
-            loss = self.pipeline.run(self.inputs, self.targets, backward=True)
+            self.loss_values = []
+            self.pipeline.run((self.inputs,), {}, self.targets, backward=True)
             cpu = time.process_time() - cpu0  # every thread of the process, gloo's included
+            # The last stage's micro-batch losses (a schedule's first step also calls loss_fn once to
+            # infer shapes: the micro-batches' calls are the last m), summed over the pipeline.
+            loss = torch.stack(self.loss_values[-self.m:]).sum() if self.loss_values else torch.zeros(())
+            dist.all_reduce(loss, group=self.group)
             if measured:
                 self.steps.append({"start": start, "end": self.step_ends[-1], "events": self.recorder.events,
                                    "process_cpu": cpu, "loss": float(loss)})

@@ -4,8 +4,6 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # outer to inner
-# Dimensions whose parallelism has not landed yet, with the issue that brings each.
-NOT_YET: dict[str, str] = {}
 
 
 class LayoutError(ValueError):
@@ -45,12 +43,7 @@ class ParallelDims:
                 f"(dp_shard=-1 fills in the rest)")
         if (dp_shard * cp) % ep:
             raise LayoutError(f"parallel.ep={ep} must divide dp_shard*cp = {dp_shard * cp} (experts borrow those ranks)")
-        dims = cls(dp_replicate, dp_shard, cp, tp, pp, ep, world_size)
-        for name, issue in NOT_YET.items():
-            if getattr(dims, name) > 1:
-                raise LayoutError(f"parallel.{name}={getattr(dims, name)} is not supported yet (it lands with issue "
-                                  f"{issue}); set parallel.{name}=1")
-        return dims
+        return cls(dp_replicate, dp_shard, cp, tp, pp, ep, world_size)
 
     def describe(self) -> str:
         """e.g. 'dp_replicate=1 dp_shard=2 tp=2': the dp dims always, the others when in use."""
