@@ -7,10 +7,12 @@ import copy
 from pathlib import Path
 
 import pytest
+from torch.distributed.tensor import Replicate, Shard
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
 from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_deltanet"
 TINY = REPO / "configs" / "deltanet" / "tiny.yaml"
@@ -21,9 +23,10 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str, float]:
-    """Check body: the DeltaNet model TP'd over the world vs one device (fp32): logits, loss and every
-    parameter gradient (max relative error)."""
+def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict:
+    """Check body: the DeltaNet model TP'd over the world vs one device (fp32). Returns "errors": of
+    logits, loss and every parameter gradient (max relative error); and "placements": each
+    parameter's (mesh dim names, placements) if it is a DTensor, else None."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -35,6 +38,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
     from models.spec import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
+    from tests.distributed.sharding import placements
 
     tp = dist.get_world_size()
     cfg = DeltaNetConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
@@ -65,7 +69,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
         assert whole(param).shape == ref_params[name].shape, name
         errors[f"grad:{name}"] = _rel(whole(param.grad), ref_params[name].grad)
     assert any("conv" in k for k in errors) and any("b_proj" in k for k in errors)
-    return errors
+    return {"errors": errors, "placements": placements(sharded)}
 
 
 def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False) -> dict[str, float]:
@@ -208,6 +212,11 @@ HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
              for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
+TP_TOL = 1e-5
+# A DeltaNet layer's TP plan (parallelize.py) by module name: projections and the short convs split by
+# heads (channels), o_proj by its input features, the per-head output norm's one gain replicated.
+MIXER_PLAN = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "b_proj", "g_proj", "q_conv", "k_conv", "v_conv"),
+                              Shard(0)), "o_proj": Shard(1), "o_norm": Replicate()}
 CP_TOL = {"fp64": 1e-10, "fp32": 1e-5}
 
 
@@ -244,12 +253,19 @@ def one(runs_dir, data_cache):
     return {"tiny": results[0].value(), "hybrid": results[1].value()}
 
 
+def _beyond_tp_tolerance(errors: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in errors.items() if not v <= TP_TOL}
+
+
 @pytest.mark.parametrize("case", range(len(TP_CHECKS)))
 def test_tp2_matches_one_device(two, case):
     """DeltaNet with TP=2 (plain; gated with negative eigenvalues, no SP; hybrid with SP): logits,
-    loss and every parameter gradient, conv weights included (fp32, relative 1e-5)."""
-    bad = {k: v for k, v in two["tp"][case].items() if not v <= 1e-5}
-    assert not bad, bad
+    loss and every parameter gradient, conv weights included (fp32, relative 1e-5); every parameter
+    sharded as the plan says."""
+    result = two["tp"][case]
+    assert not _beyond_tp_tolerance(result["errors"])
+    tp_case = TP_CHECKS[case][1]
+    assert_placed(result["placements"], {**llm_plan(2, 2, tp_case["sequence_parallel"]), **MIXER_PLAN})
 
 
 def _assert_cp(errors: dict, dtype: str):

@@ -1,5 +1,5 @@
-"""Tensor (+ sequence) parallelism: module-level parity with one device, run-level parity, and
-checkpoints resharded between tp layouts."""
+"""Tensor (+ sequence) parallelism: module-level parity with one device (and the placement of
+every parameter), run-level parity, and checkpoints resharded between tp layouts."""
 import copy
 from pathlib import Path
 
@@ -7,18 +7,20 @@ import pytest
 
 from tests.distributed.harness import run_world
 from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_tensor_parallel"
 RTOL = 1e-5  # module-level parity, fp32
 MODULES = ("tok_embeddings", "attention", "feed_forward", "output")
 
 
-def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
+def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict:
     """Check body: the whole-world-TP'd LLM vs the same model on one device (fp32).
 
-    Returns the max relative error of every captured module output (embedding, each block's
-    attention and MLP, the vocab-parallel head), of the loss-parallel cross entropy, and of every
-    parameter gradient.
+    Returns "errors": the max relative error of every captured module output (embedding, each
+    block's attention and MLP, the vocab-parallel head), of the loss-parallel cross entropy, and of
+    every parameter gradient; and "placements": each parameter's (mesh dim names, placements) if it
+    is a DTensor, else None.
     """
     import torch
     import torch.distributed as dist
@@ -31,6 +33,7 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
     from models.spec import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
+    from tests.distributed.sharding import placements
 
     tp = dist.get_world_size()
     cfg = LLMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=128, multiple_of=16)
@@ -76,12 +79,18 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
         errors[f"grad:{name}"] = rel(whole(param.grad), ref_params[name].grad)
         assert whole(param).shape == ref_params[name].shape
     assert len(errors) > 4 + 2 * len(MODULES)
-    return errors
+    return {"errors": errors, "placements": placements(sharded)}
 
 
-def _parity_checks(kv_heads: list[int]):
-    return [(f"{THIS}:model_parity", {"n_kv_heads": kv, "sequence_parallel": sp})
-            for kv in kv_heads for sp in (True, False)]
+def _parity_cases(kv_heads: tuple[int, ...]) -> list[dict]:
+    return [{"n_kv_heads": kv, "sequence_parallel": sp} for kv in kv_heads for sp in (True, False)]
+
+
+TP2_CASES, TP4_CASES = _parity_cases((8, 4, 1)), _parity_cases((8, 2, 1))
+
+
+def _parity_checks(cases: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{THIS}:model_parity", case) for case in cases]
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +114,9 @@ def tp2_world(runs_dir, data_cache):
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
     ]
-    results = run_world(2, _parity_checks([8, 4, 1]) + [c for c, _ in runs], runs_dir / "world2")
-    parity, trained = results[:6], results[6:]
-    return [r.value() for r in parity], {name: r.value() for (_, name), r in zip(runs, trained)}
+    results = iter(r.value() for r in run_world(2, _parity_checks(TP2_CASES) + [c for c, _ in runs],
+                                                runs_dir / "world2"))
+    return {"parity": [next(results) for _ in TP2_CASES], "runs": {name: next(results) for _, name in runs}}
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +130,9 @@ def tp4_world(runs_dir, data_cache, tp2_world):
         "tp2dp2_stop": run("tp2dp2_to_tp2", "parallel.tp=2", "train.micro_batch_size=4", STOP),
         "tp2_dp2_mqa": run("tp2_dp2_mqa", "parallel.tp=2", "train.micro_batch_size=4", MQA),
     }
-    results = run_world(4, _parity_checks([8, 2, 1]) + list(runs.values()), runs_dir / "world4")
-    return [r.value() for r in results[:6]], dict(zip(runs, (r.value() for r in results[6:])))
+    results = iter(r.value() for r in run_world(4, _parity_checks(TP4_CASES) + list(runs.values()),
+                                                runs_dir / "world4"))
+    return {"parity": [next(results) for _ in TP4_CASES], "runs": {name: next(results) for name in runs}}
 
 
 @pytest.fixture(scope="module")
@@ -136,48 +146,51 @@ def after_four(runs_dir, data_cache, tp4_world):
     return {"tp1_resumed": resumed.value(), "tp2_resumed": two, "mqa": mqa.value()}
 
 
-def _assert_parity(errors: dict[str, float]) -> None:
-    bad = {k: v for k, v in errors.items() if not v <= RTOL}
-    assert not bad, bad
+def _beyond_tolerance(errors: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in errors.items() if not v <= RTOL}
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(len(TP2_CASES)))
 def test_tp2_module_parity(tp2_world, case):
     """tp=2, kv heads 8 (MHA), 4 (GQA) and 1 (MQA: kv heads replicated), with and without SP."""
-    _assert_parity(tp2_world[0][case])
+    result = tp2_world["parity"][case]
+    assert not _beyond_tolerance(result["errors"])
+    assert_placed(result["placements"], llm_plan(2, **TP2_CASES[case]))
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(len(TP4_CASES)))
 def test_tp4_module_parity(tp4_world, case):
     """tp=4, kv heads 8 (MHA), 2 (GQA with kv heads replicated) and 1 (MQA), with and without SP."""
-    _assert_parity(tp4_world[0][case])
+    result = tp4_world["parity"][case]
+    assert not _beyond_tolerance(result["errors"])
+    assert_placed(result["placements"], llm_plan(4, **TP4_CASES[case]))
 
 
 @pytest.mark.parametrize("run", ["tp2", "tp2_no_sp"])
 def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
-    assert_same_losses(tp2_world[1][run], reference_losses)
+    assert_same_losses(tp2_world["runs"][run], reference_losses)
 
 
 @pytest.mark.parametrize("run", ["tp2_dp2", "tp2_hsdp"])
 def test_tp2_with_data_parallel_matches_one_process(tp4_world, reference_losses, run):
-    assert_same_losses(tp4_world[1][run], reference_losses)
+    assert_same_losses(tp4_world["runs"][run], reference_losses)
 
 
 def test_tp2_checkpoint_resumes_on_tp1_and_tp2_dp2(tp2_world, tp4_world, after_four, reference_losses):
     ref = reference_losses
-    assert_same_losses(tp2_world[1]["tp2_stop"], ref[:5])
+    assert_same_losses(tp2_world["runs"]["tp2_stop"], ref[:5])
     assert_same_losses(after_four["tp1_resumed"], ref[5:])
-    assert_same_losses(tp2_world[1]["tp2_stop_for_4"], ref[:5])
-    assert_same_losses(tp4_world[1]["tp2_dp2_resumed"], ref[5:])
+    assert_same_losses(tp2_world["runs"]["tp2_stop_for_4"], ref[:5])
+    assert_same_losses(tp4_world["runs"]["tp2_dp2_resumed"], ref[5:])
 
 
 def test_tp2_dp2_checkpoint_resumes_on_tp2(tp4_world, after_four, reference_losses):
     ref = reference_losses
-    assert_same_losses(tp4_world[1]["tp2dp2_stop"], ref[:5])
+    assert_same_losses(tp4_world["runs"]["tp2dp2_stop"], ref[:5])
     assert_same_losses(after_four["tp2_resumed"], ref[5:])
 
 
 def test_replicated_kv_heads_match_one_process(tp2_world, tp4_world, after_four):
     """n_kv_heads=1 < tp=2: kv heads replicated, alone and with FSDP."""
-    assert_same_losses(tp2_world[1]["tp2_mqa"], after_four["mqa"])
-    assert_same_losses(tp4_world[1]["tp2_dp2_mqa"], after_four["mqa"])
+    assert_same_losses(tp2_world["runs"]["tp2_mqa"], after_four["mqa"])
+    assert_same_losses(tp4_world["runs"]["tp2_dp2_mqa"], after_four["mqa"])
