@@ -1,5 +1,7 @@
 """What the tensor-parallel module-parity checks (test_tensor_parallel, test_deltanet) share: how
-the plan placed each parameter, read on the ranks and asserted in the tests."""
+the plan placed each parameter (read on the ranks, asserted in the tests), and a perturbed shard
+for their negative controls."""
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -8,6 +10,14 @@ def placements(model: nn.Module) -> dict:
     """Parameter name -> (mesh dim names, placements) of a DTensor, None for a plain tensor."""
     return {name: (param.device_mesh.mesh_dim_names, tuple(param.placements)) if isinstance(param, DTensor) else None
             for name, param in model.named_parameters()}
+
+
+@torch.no_grad()
+def scale_last_shard(weight: DTensor, factor: float) -> None:
+    """Scale the last rank's shard of `weight` (its mesh is 1-D) by `factor`; the other shards stay."""
+    mesh = weight.device_mesh
+    if mesh.get_local_rank() == mesh.size() - 1:
+        weight.to_local().mul_(factor)
 
 
 def llm_plan(tp: int, n_kv_heads: int, sequence_parallel: bool) -> dict:

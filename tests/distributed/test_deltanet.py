@@ -23,10 +23,11 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict:
+def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool, perturb: float = 0.0) -> dict:
     """Check body: the DeltaNet model TP'd over the world vs one device (fp32). Returns "errors": of
     logits, loss and every parameter gradient (max relative error); and "placements": each
-    parameter's (mesh dim names, placements) if it is a DTensor, else None."""
+    parameter's (mesh dim names, placements) if it is a DTensor, else None. `perturb` is the negative
+    control: the last tp rank's shard of layer 0's q_conv scaled by 1 + perturb after sharding."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -38,7 +39,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict:
     from models.spec import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
-    from tests.distributed.sharding import placements
+    from tests.distributed.sharding import placements, scale_last_shard
 
     tp = dist.get_world_size()
     cfg = DeltaNetConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
@@ -49,6 +50,8 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict:
     sharded = copy.deepcopy(reference)
     meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
     apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+    if perturb:
+        scale_last_shard(sharded.layers["0"].attention.q_conv.weight, 1 + perturb)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
     targets = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
@@ -212,6 +215,9 @@ HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
              for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
+# Negative control: one rank's shard of layer 0's q_conv off by 3e-5 (relative), the smallest step of
+# 1e-5, 2e-5, 3e-5 that the TP tolerance rejects with a margin (1e-5 gave 9.7e-6).
+TP_PERTURBED = (f"{THIS}:tp_parity", {"use_gate": False, "sequence_parallel": True, "hybrid": False, "perturb": 3e-5})
 TP_TOL = 1e-5
 # A DeltaNet layer's TP plan (parallelize.py) by module name: projections and the short convs split by
 # heads (channels), o_proj by its input features, the per-head output norm's one gain replicated.
@@ -229,13 +235,14 @@ def runs_dir(tmp_path_factory) -> Path:
 def two(runs_dir, data_cache):
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4"]}
-    checks = TP_CHECKS + CP_CHECKS + HYBRID_CP_CHECKS[2] + [train_check(runs_dir / name, data_cache, *o, config=TINY)
-                                                          for name, o in runs.items()]
+    checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [
+        train_check(runs_dir / name, data_cache, *o, config=TINY) for name, o in runs.items()]
     runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
     checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
     results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
-    return {"tp": [next(results) for _ in TP_CHECKS], "cp": [next(results) for _ in CP_CHECKS],
-            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]], "runs": dict(zip(runs, results))}
+    return {"tp": [next(results) for _ in TP_CHECKS], "tp_perturbed": next(results),
+            "cp": [next(results) for _ in CP_CHECKS], "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]],
+            "runs": dict(zip(runs, results))}
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +273,13 @@ def test_tp2_matches_one_device(two, case):
     assert not _beyond_tp_tolerance(result["errors"])
     tp_case = TP_CHECKS[case][1]
     assert_placed(result["placements"], {**llm_plan(2, 2, tp_case["sequence_parallel"]), **MIXER_PLAN})
+
+
+def test_tp2_negative_control(two):
+    """Layer 0's q_conv off by 3e-5 on one rank's shard: the conv's gradient is off by as much, and
+    the same tolerance rejects it."""
+    bad = _beyond_tp_tolerance(two["tp_perturbed"]["errors"])
+    assert "grad:layers.0.attention.q_conv.weight" in bad, two["tp_perturbed"]["errors"]
 
 
 def _assert_cp(errors: dict, dtype: str):

@@ -14,13 +14,14 @@ RTOL = 1e-5  # module-level parity, fp32
 MODULES = ("tok_embeddings", "attention", "feed_forward", "output")
 
 
-def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict:
+def model_parity(n_kv_heads: int, sequence_parallel: bool, perturb: float = 0.0) -> dict:
     """Check body: the whole-world-TP'd LLM vs the same model on one device (fp32).
 
     Returns "errors": the max relative error of every captured module output (embedding, each
     block's attention and MLP, the vocab-parallel head), of the loss-parallel cross entropy, and of
     every parameter gradient; and "placements": each parameter's (mesh dim names, placements) if it
-    is a DTensor, else None.
+    is a DTensor, else None. `perturb` is the negative control: the last tp rank's shard of layer
+    0's wq scaled by 1 + perturb after sharding.
     """
     import torch
     import torch.distributed as dist
@@ -33,7 +34,7 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict:
     from models.spec import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
-    from tests.distributed.sharding import placements
+    from tests.distributed.sharding import placements, scale_last_shard
 
     tp = dist.get_world_size()
     cfg = LLMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=128, multiple_of=16)
@@ -42,6 +43,8 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict:
     sharded = copy.deepcopy(reference)
     meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
     apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+    if perturb:
+        scale_last_shard(sharded.layers["0"].attention.wq.weight, 1 + perturb)
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=generator)
@@ -87,6 +90,9 @@ def _parity_cases(kv_heads: tuple[int, ...]) -> list[dict]:
 
 
 TP2_CASES, TP4_CASES = _parity_cases((8, 4, 1)), _parity_cases((8, 2, 1))
+# Negative control: one rank's shard of layer 0's wq off by 3e-5 (relative), the smallest step of
+# 1e-5, 2e-5, 3e-5 that the parity tolerance rejects with a margin (1e-5 gave 1.0e-5).
+PERTURBED_CASE = {"n_kv_heads": 8, "sequence_parallel": True, "perturb": 3e-5}
 
 
 def _parity_checks(cases: list[dict]) -> list[tuple[str, dict]]:
@@ -114,9 +120,10 @@ def tp2_world(runs_dir, data_cache):
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
     ]
-    results = iter(r.value() for r in run_world(2, _parity_checks(TP2_CASES) + [c for c, _ in runs],
+    results = iter(r.value() for r in run_world(2, _parity_checks(TP2_CASES + [PERTURBED_CASE]) + [c for c, _ in runs],
                                                 runs_dir / "world2"))
-    return {"parity": [next(results) for _ in TP2_CASES], "runs": {name: next(results) for _, name in runs}}
+    return {"parity": [next(results) for _ in TP2_CASES], "perturbed": next(results),
+            "runs": {name: next(results) for _, name in runs}}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +171,13 @@ def test_tp4_module_parity(tp4_world, case):
     result = tp4_world["parity"][case]
     assert not _beyond_tolerance(result["errors"])
     assert_placed(result["placements"], llm_plan(4, **TP4_CASES[case]))
+
+
+def test_module_parity_negative_control(tp2_world):
+    """Layer 0's wq off by 3e-5 on one rank's shard: wk's gradient, linear in the queries, is off by
+    as much, and the parity tolerance rejects it."""
+    bad = _beyond_tolerance(tp2_world["perturbed"]["errors"])
+    assert "grad:layers.0.attention.wk.weight" in bad, tp2_world["perturbed"]["errors"]
 
 
 @pytest.mark.parametrize("run", ["tp2", "tp2_no_sp"])
