@@ -11,7 +11,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_deltanet"
@@ -234,6 +234,7 @@ def runs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two(runs_dir, data_cache):
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"],
+            "cp2_lr_perturbed": ["parallel.cp=2", perturbed_lr(TINY)],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4"]}
     checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [
         train_check(runs_dir / name, data_cache, *o, config=TINY) for name, o in runs.items()]
@@ -323,6 +324,11 @@ def test_hybrid_stack_on_the_wrong_layout_negative_control(four):
 @pytest.mark.parametrize("run", ["dp2", "tp2", "cp2", "pp2"])
 def test_tiny_run_matches_one_process(two, one, run):
     assert_same_losses(two["runs"][run], one["tiny"])
+
+
+def test_perturbed_run_fails_the_comparison(two, one):
+    """Negative control: cp=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(two["runs"]["cp2_lr_perturbed"], one["tiny"])
 
 
 def test_hybrid_cp2_run_matches_one_process(two, one):

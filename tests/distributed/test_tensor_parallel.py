@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_tensor_parallel"
@@ -114,6 +114,7 @@ def tp2_world(runs_dir, data_cache):
         return train_check(runs_dir / run_dir, data_cache, *overrides), name
     runs = [
         run("tp2", "tp2", "parallel.tp=2"),
+        run("tp2_lr_perturbed", "tp2_lr_perturbed", "parallel.tp=2", perturbed_lr()),
         run("tp2_no_sp", "tp2_no_sp", "parallel.tp=2", "parallel.sequence_parallel=false",
             "parallel.loss_parallel=false"),
         run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
@@ -183,6 +184,11 @@ def test_module_parity_negative_control(tp2_world):
 @pytest.mark.parametrize("run", ["tp2", "tp2_no_sp"])
 def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
     assert_same_losses(tp2_world["runs"][run], reference_losses)
+
+
+def test_perturbed_run_fails_the_comparison(tp2_world, reference_losses):
+    """Negative control: tp=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(tp2_world["runs"]["tp2_lr_perturbed"], reference_losses)
 
 
 @pytest.mark.parametrize("run", ["tp2_dp2", "tp2_hsdp"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 
 def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, list[float]]:
@@ -34,6 +34,7 @@ def one_process(runs_dir, data_cache, reference_losses):
 def two_processes(runs_dir, data_cache, one_process):
     return _world(2, runs_dir, data_cache, {
         "fsdp2": ("fsdp2", ["train.micro_batch_size=4"]),  # dp_shard=-1 fills the world
+        "fsdp2_lr_perturbed": ("fsdp2_lr_perturbed", ["train.micro_batch_size=4", perturbed_lr()]),
         "fsdp2_accum": ("fsdp2_accum", ["train.micro_batch_size=2"]),
         "stop_at_5": ("resume_same", ["train.micro_batch_size=4", STOP]),
         "resume_to_10": ("resume_same", ["train.micro_batch_size=4"]),
@@ -64,6 +65,11 @@ def test_gradient_accumulation_matches(one_process):
 @pytest.mark.parametrize("run", ["fsdp2", "fsdp2_accum"])
 def test_two_process_layouts_match_one_process(two_processes, one_process, run):
     assert_same_losses(two_processes[run], one_process["single"])
+
+
+def test_perturbed_run_fails_the_comparison(two_processes, one_process):
+    """Negative control: FSDP2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(two_processes["fsdp2_lr_perturbed"], one_process["single"])
 
 
 @pytest.mark.parametrize("run", ["fsdp4", "hsdp_2x2", "hsdp_2x2_accum", "ddp4"])
