@@ -1,5 +1,6 @@
 """Tensor (+ sequence) parallelism: module-level parity with one device (and the placement of
-every parameter), run-level parity, and checkpoints resharded between tp layouts."""
+every parameter), run-level parity (with selective activation checkpointing too), and checkpoints
+resharded between tp layouts."""
 import copy
 from pathlib import Path
 
@@ -115,6 +116,7 @@ def tp2_world(runs_dir, data_cache):
     runs = [
         run("tp2", "tp2", "parallel.tp=2"),
         run("tp2_lr_perturbed", "tp2_lr_perturbed", "parallel.tp=2", perturbed_lr()),
+        run("tp2_ac_selective", "tp2_ac_selective", "parallel.tp=2", "train.activation_checkpoint=selective"),
         run("tp2_no_sp", "tp2_no_sp", "parallel.tp=2", "parallel.sequence_parallel=false",
             "parallel.loss_parallel=false"),
         run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
@@ -189,6 +191,12 @@ def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
 def test_perturbed_run_fails_the_comparison(tp2_world, reference_losses):
     """Negative control: tp=2 with the learning rate off by LR_PERTURBATION does not match."""
     assert_losses_differ(tp2_world["runs"]["tp2_lr_perturbed"], reference_losses)
+
+
+def test_selective_checkpointing_under_tp_matches_plain_run(tp2_world):
+    """The recompute policy sees DTensor ops: the saved matmul outputs are sharded, the recomputed
+    norms run on sequence shards. Measured bitwise equal to the plain run."""
+    assert_same_losses(tp2_world["runs"]["tp2_ac_selective"], tp2_world["runs"]["tp2"])
 
 
 @pytest.mark.parametrize("run", ["tp2_dp2", "tp2_hsdp"])
