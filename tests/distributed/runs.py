@@ -1,4 +1,5 @@
-"""Training runs as harness checks, and the loss comparison every run-level parity test uses."""
+"""Training runs as harness checks, the loss comparison every run-level parity test uses, and its
+negative control."""
 from pathlib import Path
 
 from tests.conftest import TINY, tiny_overrides
@@ -30,7 +31,31 @@ def train_check(run_dir: Path, cache: Path, *overrides: str, summary: bool = Fal
                                                 "overrides": list(overrides), "config": str(config or "")})
 
 
+# The run-level negative controls' perturbation: the learning rate off by this factor moves the
+# tiny configs' losses by 2.5e-5 (LLM, any layout), 2.6e-5 (MoE), 7.9e-5 (DeltaNet) relative at
+# most, 2.5-8x RTOL. 1 + 3e-4 gave the LLM 1.5e-5 (too close to call), 1 + 1e-4 stayed within RTOL.
+LR_PERTURBATION = 1 + 5e-4
+
+
+def perturbed_lr(config: Path = TINY) -> str:
+    """The override that multiplies `config`'s learning rate by LR_PERTURBATION."""
+    from launcher.config import load_config
+
+    return f"train.lr={load_config(config).train.lr * LR_PERTURBATION!r}"
+
+
 def assert_same_losses(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want) and len(want) > 0
     for step, (g, w) in enumerate(zip(got, want), start=1):
         assert abs(g - w) <= RTOL * abs(w), f"step {step}: {g} vs {w} (relative {abs(g - w) / abs(w):.2e})"
+
+
+def assert_losses_differ(got: list[float], want: list[float]) -> None:
+    """Negative control of a parity test: a run perturbed on purpose fails assert_same_losses (all
+    its steps ran, and at least one is off by more than RTOL)."""
+    assert len(got) == len(want) > 0
+    try:
+        assert_same_losses(got, want)
+    except AssertionError:
+        return
+    raise AssertionError(f"the perturbed run is within relative {RTOL} of the reference at every step: {got} vs {want}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import SAMPLE, assert_same_losses, train_check
+from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 STOP = "run.stop_at_step=5"
 
@@ -27,6 +27,7 @@ def _world(nproc: int, runs_dir: Path, cache: Path, runs: dict[str, tuple[str, l
 def two(runs_dir, data_cache):
     return _world(2, runs_dir, data_cache, {
         "ring": ("ring", ["parallel.cp=2", *SAMPLE]),
+        "ring_lr_perturbed": ("ring_lr_perturbed", ["parallel.cp=2", perturbed_lr()]),
         "ring_contiguous": ("ring_contiguous", ["parallel.cp=2", "parallel.cp_layout=contiguous"]),
         "ulysses": ("ulysses", ["parallel.cp=2", "parallel.cp_mode=ulysses"]),
         "cp2_stop": ("cp2_to_cp1", ["parallel.cp=2", STOP]),
@@ -54,6 +55,11 @@ def one(runs_dir, data_cache, four):
 @pytest.mark.parametrize("run", ["ring", "ring_contiguous", "ulysses"])
 def test_cp2_matches_one_process(two, reference_losses, run):
     assert_same_losses(two[run]["losses"], reference_losses)
+
+
+def test_perturbed_run_fails_the_comparison(two, reference_losses):
+    """Negative control: ring cp=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(two["ring_lr_perturbed"]["losses"], reference_losses)
 
 
 @pytest.mark.parametrize("run", ["cp2_dp2", "cp2_tp2", "cp2_pp2", "ring4", "hybrid_2x2"])

@@ -7,10 +7,12 @@ import copy
 from pathlib import Path
 
 import pytest
+from torch.distributed.tensor import Replicate, Shard
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_deltanet"
 TINY = REPO / "configs" / "deltanet" / "tiny.yaml"
@@ -21,9 +23,11 @@ def _rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str, float]:
-    """Check body: the DeltaNet model TP'd over the world vs one device (fp32): logits, loss and every
-    parameter gradient (max relative error)."""
+def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool, perturb: float = 0.0) -> dict:
+    """Check body: the DeltaNet model TP'd over the world vs one device (fp32). Returns "errors": of
+    logits, loss and every parameter gradient (max relative error); and "placements": each
+    parameter's (mesh dim names, placements) if it is a DTensor, else None. `perturb` is the negative
+    control: the last tp rank's shard of layer 0's q_conv scaled by 1 + perturb after sharding."""
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -35,6 +39,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
     from parallel.options import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
+    from tests.distributed.sharding import placements, scale_last_shard
 
     tp = dist.get_world_size()
     cfg = DeltaNetConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
@@ -45,6 +50,8 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
     sharded = copy.deepcopy(reference)
     meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
     apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+    if perturb:
+        scale_last_shard(sharded.layers["0"].attention.q_conv.weight, 1 + perturb)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
     targets = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
@@ -65,7 +72,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool) -> dict[str
         assert whole(param).shape == ref_params[name].shape, name
         errors[f"grad:{name}"] = _rel(whole(param.grad), ref_params[name].grad)
     assert any("conv" in k for k in errors) and any("b_proj" in k for k in errors)
-    return errors
+    return {"errors": errors, "placements": placements(sharded)}
 
 
 def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False) -> dict[str, float]:
@@ -208,6 +215,14 @@ HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
              for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
+# Negative control: one rank's shard of layer 0's q_conv off by 3e-5 (relative), the smallest step of
+# 1e-5, 2e-5, 3e-5 that the TP tolerance rejects with a margin (1e-5 gave 9.7e-6).
+TP_PERTURBED = (f"{THIS}:tp_parity", {"use_gate": False, "sequence_parallel": True, "hybrid": False, "perturb": 3e-5})
+TP_TOL = 1e-5
+# A DeltaNet layer's TP plan (parallelize.py) by module name: projections and the short convs split by
+# heads (channels), o_proj by its input features, the per-head output norm's one gain replicated.
+MIXER_PLAN = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "b_proj", "g_proj", "q_conv", "k_conv", "v_conv"),
+                              Shard(0)), "o_proj": Shard(1), "o_norm": Replicate()}
 CP_TOL = {"fp64": 1e-10, "fp32": 1e-5}
 
 
@@ -219,14 +234,16 @@ def runs_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def two(runs_dir, data_cache):
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"],
+            "cp2_lr_perturbed": ["parallel.cp=2", perturbed_lr(TINY)],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4"]}
-    checks = TP_CHECKS + CP_CHECKS + HYBRID_CP_CHECKS[2] + [train_check(runs_dir / name, data_cache, *o, config=TINY)
-                                                          for name, o in runs.items()]
+    checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [
+        train_check(runs_dir / name, data_cache, *o, config=TINY) for name, o in runs.items()]
     runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
     checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
     results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
-    return {"tp": [next(results) for _ in TP_CHECKS], "cp": [next(results) for _ in CP_CHECKS],
-            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]], "runs": dict(zip(runs, results))}
+    return {"tp": [next(results) for _ in TP_CHECKS], "tp_perturbed": next(results),
+            "cp": [next(results) for _ in CP_CHECKS], "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]],
+            "runs": dict(zip(runs, results))}
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +261,26 @@ def one(runs_dir, data_cache):
     return {"tiny": results[0].value(), "hybrid": results[1].value()}
 
 
+def _beyond_tp_tolerance(errors: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in errors.items() if not v <= TP_TOL}
+
+
 @pytest.mark.parametrize("case", range(len(TP_CHECKS)))
 def test_tp2_matches_one_device(two, case):
     """DeltaNet with TP=2 (plain; gated with negative eigenvalues, no SP; hybrid with SP): logits,
-    loss and every parameter gradient, conv weights included (fp32, relative 1e-5)."""
-    bad = {k: v for k, v in two["tp"][case].items() if not v <= 1e-5}
-    assert not bad, bad
+    loss and every parameter gradient, conv weights included (fp32, relative 1e-5); every parameter
+    sharded as the plan says."""
+    result = two["tp"][case]
+    assert not _beyond_tp_tolerance(result["errors"])
+    tp_case = TP_CHECKS[case][1]
+    assert_placed(result["placements"], {**llm_plan(2, 2, tp_case["sequence_parallel"]), **MIXER_PLAN})
+
+
+def test_tp2_negative_control(two):
+    """Layer 0's q_conv off by 3e-5 on one rank's shard: the conv's gradient is off by as much, and
+    the same tolerance rejects it."""
+    bad = _beyond_tp_tolerance(two["tp_perturbed"]["errors"])
+    assert "grad:layers.0.attention.q_conv.weight" in bad, two["tp_perturbed"]["errors"]
 
 
 def _assert_cp(errors: dict, dtype: str):
@@ -293,6 +324,11 @@ def test_hybrid_stack_on_the_wrong_layout_negative_control(four):
 @pytest.mark.parametrize("run", ["dp2", "tp2", "cp2", "pp2"])
 def test_tiny_run_matches_one_process(two, one, run):
     assert_same_losses(two["runs"][run], one["tiny"])
+
+
+def test_perturbed_run_fails_the_comparison(two, one):
+    """Negative control: cp=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(two["runs"]["cp2_lr_perturbed"], one["tiny"])
 
 
 def test_hybrid_cp2_run_matches_one_process(two, one):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 THIS = "tests.distributed.test_expert_parallel"
 MOE_TINY = REPO / "configs" / "moe" / "tiny.yaml"
@@ -146,6 +146,7 @@ def test_moe_layer_ep_matches_one_device(world4, index, ep):
 def world2(tmp_path_factory, data_cache):
     workdir = tmp_path_factory.mktemp("ep-world2")
     runs = {"ep2": ["parallel.ep=2", MICRO4],
+            "ep2_lr_perturbed": ["parallel.ep=2", MICRO4, perturbed_lr(MOE_TINY)],
             "ep2_cp2_deepseek": ["parallel.ep=2", "parallel.cp=2", "parallel.dp_shard=1", *DEEPSEEK],
             "ep2_micro2": ["parallel.ep=2", "train.micro_batch_size=2"],
             "tp2": ["parallel.tp=2"],  # experts whole beside TP weights, no FSDP
@@ -160,6 +161,11 @@ def test_tiny_moe_ep2_matches_one_process(world2, references):
     """ep=2 over dp_shard=2 (softmax router), and ep=2 over cp=2 with the DeepSeek-style router."""
     assert_same_losses(world2["ep2"].value(), references[0].value())
     assert_same_losses(world2["ep2_cp2_deepseek"].value(), references[1].value())
+
+
+def test_perturbed_run_fails_the_comparison(world2, references):
+    """Negative control: ep=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(world2["ep2_lr_perturbed"].value(), references[0].value())
 
 
 def test_tiny_moe_ep2_tp2_matches_one_process(world4, moe_reference):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import RTOL, assert_same_losses, train_check
+from tests.distributed.runs import RTOL, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 STOP = "run.stop_at_step=5"
 MICRO2 = "train.micro_batch_size=2"  # 8 / 2 = 4 micro-batches per step at dp=1
@@ -28,6 +28,8 @@ def two(runs_dir, data_cache):
     runs = {name: train_check(runs_dir / name, data_cache, *pp(name), MICRO2, summary=True) for name in SCHEDULES}
     runs["layout"] = train_check(runs_dir / "layout", data_cache, *pp("1f1b"), MICRO2, "parallel.pp_layout=E,L1|L3,H",
                                  summary=True)
+    runs["1f1b_lr_perturbed"] = train_check(runs_dir / "1f1b_lr_perturbed", data_cache, *pp("1f1b"), MICRO2,
+                                            perturbed_lr())
     runs["pp2_stop"] = train_check(runs_dir / "pp2_to_pp1", data_cache, *pp("1f1b"), MICRO2, STOP)
     runs["pp2_stop_v1"] = train_check(runs_dir / "v1_to_v2", data_cache, *pp("1f1b"), MICRO2, STOP)
     runs["resume_v2"] = train_check(runs_dir / "v1_to_v2", data_cache, *pp("interleaved-1f1b"), MICRO2)
@@ -62,6 +64,11 @@ def one(runs_dir, data_cache, two):
 @pytest.mark.parametrize("schedule", list(SCHEDULES) + ["layout"])
 def test_every_schedule_matches_one_process(two, reference, schedule):
     assert_same_losses(two[schedule]["losses"], reference["losses"])
+
+
+def test_perturbed_run_fails_the_comparison(two, reference_losses):
+    """Negative control: 1F1B with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(two["1f1b_lr_perturbed"], reference_losses)
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zero-bubble", "zbv", "dualpipev"])

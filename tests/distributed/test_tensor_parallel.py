@@ -1,24 +1,28 @@
-"""Tensor (+ sequence) parallelism: module-level parity with one device, run-level parity, and
-checkpoints resharded between tp layouts."""
+"""Tensor (+ sequence) parallelism: module-level parity with one device (and the placement of
+every parameter), run-level parity (with selective activation checkpointing too), and checkpoints
+resharded between tp layouts."""
 import copy
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_tensor_parallel"
 RTOL = 1e-5  # module-level parity, fp32
 MODULES = ("tok_embeddings", "attention", "feed_forward", "output")
 
 
-def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
+def model_parity(n_kv_heads: int, sequence_parallel: bool, perturb: float = 0.0) -> dict:
     """Check body: the whole-world-TP'd LLM vs the same model on one device (fp32).
 
-    Returns the max relative error of every captured module output (embedding, each block's
-    attention and MLP, the vocab-parallel head), of the loss-parallel cross entropy, and of every
-    parameter gradient.
+    Returns "errors": the max relative error of every captured module output (embedding, each
+    block's attention and MLP, the vocab-parallel head), of the loss-parallel cross entropy, and of
+    every parameter gradient; and "placements": each parameter's (mesh dim names, placements) if it
+    is a DTensor, else None. `perturb` is the negative control: the last tp rank's shard of layer
+    0's wq scaled by 1 + perturb after sharding.
     """
     import torch
     import torch.distributed as dist
@@ -31,6 +35,7 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
     from parallel.options import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
+    from tests.distributed.sharding import placements, scale_last_shard
 
     tp = dist.get_world_size()
     cfg = LLMConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=128, multiple_of=16)
@@ -39,6 +44,8 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
     sharded = copy.deepcopy(reference)
     meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
     apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+    if perturb:
+        scale_last_shard(sharded.layers["0"].attention.wq.weight, 1 + perturb)
 
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=generator)
@@ -76,12 +83,21 @@ def model_parity(n_kv_heads: int, sequence_parallel: bool) -> dict[str, float]:
         errors[f"grad:{name}"] = rel(whole(param.grad), ref_params[name].grad)
         assert whole(param).shape == ref_params[name].shape
     assert len(errors) > 4 + 2 * len(MODULES)
-    return errors
+    return {"errors": errors, "placements": placements(sharded)}
 
 
-def _parity_checks(kv_heads: list[int]):
-    return [(f"{THIS}:model_parity", {"n_kv_heads": kv, "sequence_parallel": sp})
-            for kv in kv_heads for sp in (True, False)]
+def _parity_cases(kv_heads: tuple[int, ...]) -> list[dict]:
+    return [{"n_kv_heads": kv, "sequence_parallel": sp} for kv in kv_heads for sp in (True, False)]
+
+
+TP2_CASES, TP4_CASES = _parity_cases((8, 4, 1)), _parity_cases((8, 2, 1))
+# Negative control: one rank's shard of layer 0's wq off by 3e-5 (relative), the smallest step of
+# 1e-5, 2e-5, 3e-5 that the parity tolerance rejects with a margin (1e-5 gave 1.0e-5).
+PERTURBED_CASE = {"n_kv_heads": 8, "sequence_parallel": True, "perturb": 3e-5}
+
+
+def _parity_checks(cases: list[dict]) -> list[tuple[str, dict]]:
+    return [(f"{THIS}:model_parity", case) for case in cases]
 
 
 @pytest.fixture(scope="module")
@@ -99,15 +115,18 @@ def tp2_world(runs_dir, data_cache):
         return train_check(runs_dir / run_dir, data_cache, *overrides), name
     runs = [
         run("tp2", "tp2", "parallel.tp=2"),
+        run("tp2_lr_perturbed", "tp2_lr_perturbed", "parallel.tp=2", perturbed_lr()),
+        run("tp2_ac_selective", "tp2_ac_selective", "parallel.tp=2", "train.activation_checkpoint=selective"),
         run("tp2_no_sp", "tp2_no_sp", "parallel.tp=2", "parallel.sequence_parallel=false",
             "parallel.loss_parallel=false"),
         run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
     ]
-    results = run_world(2, _parity_checks([8, 4, 1]) + [c for c, _ in runs], runs_dir / "world2")
-    parity, trained = results[:6], results[6:]
-    return [r.value() for r in parity], {name: r.value() for (_, name), r in zip(runs, trained)}
+    results = iter(r.value() for r in run_world(2, _parity_checks(TP2_CASES + [PERTURBED_CASE]) + [c for c, _ in runs],
+                                                runs_dir / "world2"))
+    return {"parity": [next(results) for _ in TP2_CASES], "perturbed": next(results),
+            "runs": {name: next(results) for _, name in runs}}
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +140,9 @@ def tp4_world(runs_dir, data_cache, tp2_world):
         "tp2dp2_stop": run("tp2dp2_to_tp2", "parallel.tp=2", "train.micro_batch_size=4", STOP),
         "tp2_dp2_mqa": run("tp2_dp2_mqa", "parallel.tp=2", "train.micro_batch_size=4", MQA),
     }
-    results = run_world(4, _parity_checks([8, 2, 1]) + list(runs.values()), runs_dir / "world4")
-    return [r.value() for r in results[:6]], dict(zip(runs, (r.value() for r in results[6:])))
+    results = iter(r.value() for r in run_world(4, _parity_checks(TP4_CASES) + list(runs.values()),
+                                                runs_dir / "world4"))
+    return {"parity": [next(results) for _ in TP4_CASES], "runs": {name: next(results) for name in runs}}
 
 
 @pytest.fixture(scope="module")
@@ -136,48 +156,69 @@ def after_four(runs_dir, data_cache, tp4_world):
     return {"tp1_resumed": resumed.value(), "tp2_resumed": two, "mqa": mqa.value()}
 
 
-def _assert_parity(errors: dict[str, float]) -> None:
-    bad = {k: v for k, v in errors.items() if not v <= RTOL}
-    assert not bad, bad
+def _beyond_tolerance(errors: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in errors.items() if not v <= RTOL}
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(len(TP2_CASES)))
 def test_tp2_module_parity(tp2_world, case):
     """tp=2, kv heads 8 (MHA), 4 (GQA) and 1 (MQA: kv heads replicated), with and without SP."""
-    _assert_parity(tp2_world[0][case])
+    result = tp2_world["parity"][case]
+    assert not _beyond_tolerance(result["errors"])
+    assert_placed(result["placements"], llm_plan(2, **TP2_CASES[case]))
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(len(TP4_CASES)))
 def test_tp4_module_parity(tp4_world, case):
     """tp=4, kv heads 8 (MHA), 2 (GQA with kv heads replicated) and 1 (MQA), with and without SP."""
-    _assert_parity(tp4_world[0][case])
+    result = tp4_world["parity"][case]
+    assert not _beyond_tolerance(result["errors"])
+    assert_placed(result["placements"], llm_plan(4, **TP4_CASES[case]))
+
+
+def test_module_parity_negative_control(tp2_world):
+    """Layer 0's wq off by 3e-5 on one rank's shard: wk's gradient, linear in the queries, is off by
+    as much, and the parity tolerance rejects it."""
+    bad = _beyond_tolerance(tp2_world["perturbed"]["errors"])
+    assert "grad:layers.0.attention.wk.weight" in bad, tp2_world["perturbed"]["errors"]
 
 
 @pytest.mark.parametrize("run", ["tp2", "tp2_no_sp"])
 def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
-    assert_same_losses(tp2_world[1][run], reference_losses)
+    assert_same_losses(tp2_world["runs"][run], reference_losses)
+
+
+def test_perturbed_run_fails_the_comparison(tp2_world, reference_losses):
+    """Negative control: tp=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(tp2_world["runs"]["tp2_lr_perturbed"], reference_losses)
+
+
+def test_selective_checkpointing_under_tp_matches_plain_run(tp2_world):
+    """The recompute policy sees DTensor ops: the saved matmul outputs are sharded, the recomputed
+    norms run on sequence shards. Measured bitwise equal to the plain run."""
+    assert_same_losses(tp2_world["runs"]["tp2_ac_selective"], tp2_world["runs"]["tp2"])
 
 
 @pytest.mark.parametrize("run", ["tp2_dp2", "tp2_hsdp"])
 def test_tp2_with_data_parallel_matches_one_process(tp4_world, reference_losses, run):
-    assert_same_losses(tp4_world[1][run], reference_losses)
+    assert_same_losses(tp4_world["runs"][run], reference_losses)
 
 
 def test_tp2_checkpoint_resumes_on_tp1_and_tp2_dp2(tp2_world, tp4_world, after_four, reference_losses):
     ref = reference_losses
-    assert_same_losses(tp2_world[1]["tp2_stop"], ref[:5])
+    assert_same_losses(tp2_world["runs"]["tp2_stop"], ref[:5])
     assert_same_losses(after_four["tp1_resumed"], ref[5:])
-    assert_same_losses(tp2_world[1]["tp2_stop_for_4"], ref[:5])
-    assert_same_losses(tp4_world[1]["tp2_dp2_resumed"], ref[5:])
+    assert_same_losses(tp2_world["runs"]["tp2_stop_for_4"], ref[:5])
+    assert_same_losses(tp4_world["runs"]["tp2_dp2_resumed"], ref[5:])
 
 
 def test_tp2_dp2_checkpoint_resumes_on_tp2(tp4_world, after_four, reference_losses):
     ref = reference_losses
-    assert_same_losses(tp4_world[1]["tp2dp2_stop"], ref[:5])
+    assert_same_losses(tp4_world["runs"]["tp2dp2_stop"], ref[:5])
     assert_same_losses(after_four["tp2_resumed"], ref[5:])
 
 
 def test_replicated_kv_heads_match_one_process(tp2_world, tp4_world, after_four):
     """n_kv_heads=1 < tp=2: kv heads replicated, alone and with FSDP."""
-    assert_same_losses(tp2_world[1]["tp2_mqa"], after_four["mqa"])
-    assert_same_losses(tp4_world[1]["tp2_dp2_mqa"], after_four["mqa"])
+    assert_same_losses(tp2_world["runs"]["tp2_mqa"], after_four["mqa"])
+    assert_same_losses(tp4_world["runs"]["tp2_dp2_mqa"], after_four["mqa"])

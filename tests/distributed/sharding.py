@@ -1,0 +1,41 @@
+"""What the tensor-parallel module-parity checks (test_tensor_parallel, test_deltanet) share: how
+the plan placed each parameter (read on the ranks, asserted in the tests), and a perturbed shard
+for their negative controls."""
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+
+def placements(model: nn.Module) -> dict:
+    """Parameter name -> (mesh dim names, placements) of a DTensor, None for a plain tensor."""
+    return {name: (param.device_mesh.mesh_dim_names, tuple(param.placements)) if isinstance(param, DTensor) else None
+            for name, param in model.named_parameters()}
+
+
+@torch.no_grad()
+def scale_last_shard(weight: DTensor, factor: float) -> None:
+    """Scale the last rank's shard of `weight` (its mesh is 1-D) by `factor`; the other shards stay."""
+    mesh = weight.device_mesh
+    if mesh.get_local_rank() == mesh.size() - 1:
+        weight.to_local().mul_(factor)
+
+
+def llm_plan(tp: int, n_kv_heads: int, sequence_parallel: bool) -> dict:
+    """Module name -> the placement of its weight over the tp mesh under the LLM's plan (Megatron's
+    layout), None where the weight stays a plain tensor."""
+    kv = Replicate() if n_kv_heads < tp else Shard(0)  # fewer kv heads than ranks: replicated
+    return {"tok_embeddings": Shard(0), "output": Shard(0),  # vocab rows
+            "wq": Shard(0), "wk": kv, "wv": kv, "w1": Shard(0), "w3": Shard(0),  # output features
+            "wo": Shard(1), "w2": Shard(1),  # input features
+            # gains replicated over the sequence shards; on the replicated stream, not distributed
+            **dict.fromkeys(("attention_norm", "ffn_norm", "norm"), Replicate() if sequence_parallel else None)}
+
+
+def assert_placed(placements: dict, plan: dict) -> None:
+    """Every parameter is placed over the tp mesh as `plan` says for its module's name: the plan did
+    shard the model (one that did nothing would still pass the parity checks)."""
+    want = {}
+    for name in placements:
+        placement = plan[name.split(".")[-2]]
+        want[name] = None if placement is None else (("tp",), (placement,))
+    assert placements == want
