@@ -11,7 +11,7 @@ from torch.distributed.tensor import Replicate, Shard
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_deltanet"
@@ -233,11 +233,12 @@ def runs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two(runs_dir, data_cache):
-    runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2"],
+    # cp2 and pp2 also sample: the prompt goes through the halo of the short convs and through the pipeline.
+    runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2", *SAMPLE],
             "cp2_lr_perturbed": ["parallel.cp=2", perturbed_lr(TINY)],
-            "pp2": ["parallel.pp=2", "train.micro_batch_size=4"]}
+            "pp2": ["parallel.pp=2", "train.micro_batch_size=4", *SAMPLE]}
     checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [
-        train_check(runs_dir / name, data_cache, *o, config=TINY) for name, o in runs.items()]
+        train_check(runs_dir / name, data_cache, *o, config=TINY, summary=True) for name, o in runs.items()]
     runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
     checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
     results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
@@ -256,7 +257,7 @@ def four(runs_dir, two):
 
 @pytest.fixture(scope="module")
 def one(runs_dir, data_cache):
-    results = run_world(1, [train_check(runs_dir / "one", data_cache, config=TINY),
+    results = run_world(1, [train_check(runs_dir / "one", data_cache, *SAMPLE, config=TINY, summary=True),
                             train_check(runs_dir / "hybrid_one", data_cache, config=HYBRID)], runs_dir / "world1")
     return {"tiny": results[0].value(), "hybrid": results[1].value()}
 
@@ -323,12 +324,18 @@ def test_hybrid_stack_on_the_wrong_layout_negative_control(four):
 
 @pytest.mark.parametrize("run", ["dp2", "tp2", "cp2", "pp2"])
 def test_tiny_run_matches_one_process(two, one, run):
-    assert_same_losses(two["runs"][run], one["tiny"])
+    assert_same_losses(two["runs"][run]["losses"], one["tiny"]["losses"])
+
+
+@pytest.mark.parametrize("run", ["cp2", "pp2"])
+def test_greedy_sample_matches_one_process(two, one, run):
+    sample = two["runs"][run]["sample"]
+    assert sample and sample.startswith("The with statement") and sample == one["tiny"]["sample"]
 
 
 def test_perturbed_run_fails_the_comparison(two, one):
     """Negative control: cp=2 with the learning rate off by LR_PERTURBATION does not match."""
-    assert_losses_differ(two["runs"]["cp2_lr_perturbed"], one["tiny"])
+    assert_losses_differ(two["runs"]["cp2_lr_perturbed"]["losses"], one["tiny"]["losses"])
 
 
 def test_hybrid_cp2_run_matches_one_process(two, one):

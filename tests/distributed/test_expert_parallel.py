@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 THIS = "tests.distributed.test_expert_parallel"
 MOE_TINY = REPO / "configs" / "moe" / "tiny.yaml"
@@ -112,7 +112,8 @@ def references(tmp_path_factory, data_cache) -> list:
     workdir = tmp_path_factory.mktemp("moe-reference")
     return run_world(1, [train_check(workdir / "run", data_cache, config=MOE_TINY),
                          train_check(workdir / "deepseek", data_cache, *DEEPSEEK, config=MOE_TINY),
-                         train_check(workdir / "micro4", data_cache, MICRO4, config=MOE_TINY)], workdir)
+                         train_check(workdir / "micro4", data_cache, MICRO4, *SAMPLE, config=MOE_TINY, summary=True)],
+                     workdir)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,9 @@ def world2(tmp_path_factory, data_cache):
             "tp2": ["parallel.tp=2"],  # experts whole beside TP weights, no FSDP
             "pp2_1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b", MICRO4],
             "pp2_zbv": ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=2", MICRO4]}
-    results = run_world(2, [train_check(workdir / name, data_cache, *overrides, config=MOE_TINY)
+    sampled = {"pp2_1f1b", "pp2_zbv"}  # greedy sampling through MoE pipeline stages
+    results = run_world(2, [train_check(workdir / name, data_cache, *overrides,
+                                        *(SAMPLE if name in sampled else ()), config=MOE_TINY, summary=name in sampled)
                             for name, overrides in runs.items()], workdir)
     return {**dict(zip(runs, results)), "dir": workdir}
 
@@ -180,7 +183,13 @@ def test_tiny_moe_tp2_without_fsdp_matches_one_process(world2, moe_reference):
 def test_tiny_moe_pipeline_matches_one_process(world2, references, run):
     """Each stage's MoE layers attach their aux losses to their outputs: 1F1B and the split
     backward of zero-bubble V give one process's losses (same forward batches: micro-batch 4)."""
-    assert_same_losses(world2[run].value(), references[2].value())
+    assert_same_losses(world2[run].value()["losses"], references[2].value()["losses"])
+
+
+@pytest.mark.parametrize("run", ["pp2_1f1b", "pp2_zbv"])
+def test_tiny_moe_greedy_sample_through_the_pipeline_matches_one_process(world2, references, run):
+    sample = world2[run].value()["sample"]
+    assert sample and sample.startswith("The with statement") and sample == references[2].value()["sample"]
 
 
 def test_tiny_moe_pp2_ep2_matches_ep2(world2, world4):

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import RTOL, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import (RTOL, SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr,
+                                    train_check)
 
 STOP = "run.stop_at_step=5"
 MICRO2 = "train.micro_batch_size=2"  # 8 / 2 = 4 micro-batches per step at dp=1
@@ -25,7 +26,10 @@ def runs_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two(runs_dir, data_cache):
-    runs = {name: train_check(runs_dir / name, data_cache, *pp(name), MICRO2, summary=True) for name in SCHEDULES}
+    # Schedules that hold stages differently sample through the pipeline too: one stage per rank, looped, a V.
+    sampled = {"1f1b", "interleaved-1f1b", "zbv"}
+    runs = {name: train_check(runs_dir / name, data_cache, *pp(name), MICRO2, *(SAMPLE if name in sampled else ()),
+                              summary=True) for name in SCHEDULES}
     runs["layout"] = train_check(runs_dir / "layout", data_cache, *pp("1f1b"), MICRO2, "parallel.pp_layout=E,L1|L3,H",
                                  summary=True)
     runs["1f1b_lr_perturbed"] = train_check(runs_dir / "1f1b_lr_perturbed", data_cache, *pp("1f1b"), MICRO2,
@@ -40,7 +44,8 @@ def two(runs_dir, data_cache):
 @pytest.fixture(scope="module")
 def four(runs_dir, data_cache, two):
     runs = {
-        "pp2_tp2": train_check(runs_dir / "pp2_tp2", data_cache, *pp("1f1b"), "parallel.tp=2", MICRO2),
+        "pp2_tp2": train_check(runs_dir / "pp2_tp2", data_cache, *pp("1f1b"), "parallel.tp=2", MICRO2, *SAMPLE,
+                               summary=True),
         "pp2_dp2": train_check(runs_dir / "pp2_dp2", data_cache, *pp("1f1b"), "parallel.dp_shard=2", MICRO2),
         "pp2_tp2_interleaved": train_check(runs_dir / "pp2_tp2_i", data_cache, *pp("interleaved-1f1b"),
                                            "parallel.tp=2", MICRO2),
@@ -69,6 +74,16 @@ def test_every_schedule_matches_one_process(two, reference, schedule):
 def test_perturbed_run_fails_the_comparison(two, reference_losses):
     """Negative control: 1F1B with the learning rate off by LR_PERTURBATION does not match."""
     assert_losses_differ(two["1f1b_lr_perturbed"], reference_losses)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b", "zbv"])
+def test_greedy_sample_through_the_pipeline_matches_one_process(two, reference, schedule):
+    sample = two[schedule]["sample"]
+    assert sample and sample.startswith("The with statement") and sample == reference["sample"]
+
+
+def test_greedy_sample_through_pipeline_and_tp_matches_one_process(four, reference):
+    assert four["pp2_tp2"]["sample"] == reference["sample"]
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zero-bubble", "zbv", "dualpipev"])
