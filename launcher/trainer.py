@@ -106,7 +106,8 @@ class TrainStep:
         """Forward (+ backward) of this rank's micro-batches of a step; the step's global loss and loss
         metrics, each divided by the global count of loss terms."""
         batches = [self.prepare(batch) for batch in micro_batches]
-        n_terms = torch.stack([self.spec.loss.count(batch) for batch in batches]).sum().float()
+        # Summed as counted (int64 for token counts: exact beyond fp32's 2^24 of a large global batch).
+        n_terms = torch.stack([torch.as_tensor(self.spec.loss.count(batch)) for batch in batches]).sum()
         dist.all_reduce(n_terms, group=self.batch_group)
         # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
         self.loss_scale.copy_(self.dims.dp * self.dims.cp / n_terms)
@@ -118,8 +119,8 @@ class TrainStep:
                 # The loss function sees its micro-batch's row numbers as the target and reads every key it
                 # needs from those rows (a schedule passes one tensor to it).
                 self.whole_batch = whole
-                self.pipeline.run(args, kwargs, torch.arange(len(whole[next(iter(whole))]), device=self.device),
-                                  backward)
+                rows = torch.arange(next(iter(whole.values())).shape[0], device=self.device)
+                self.pipeline.run(args, kwargs, rows, backward)
             else:
                 for batch in batches:
                     args, kwargs = self.model_inputs(batch)
