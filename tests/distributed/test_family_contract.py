@@ -77,6 +77,44 @@ def trainer_and_plain_loop(run_dir: str, cache: str) -> dict[str, list[float]]:
     return {"trainer": trainer_losses, "plain": plain_losses}
 
 
+def train_step_alone() -> dict[str, float]:
+    """Check body (one process): a TrainStep built by hand around a tiny LLM. Two micro-batches through
+    forward_backward give the mean token loss of both and its gradient; without backward, no gradient."""
+    import torch
+    import torch.nn.functional as F
+
+    from launcher.trainer import TrainStep
+    from models import get_model_spec
+    from models.llm.model import LLMConfig
+    from parallel.context import SequenceLayout
+    from parallel.init import init_parameters
+    from parallel.mesh import ParallelDims
+
+    spec = get_model_spec("llm")
+    dims = ParallelDims.resolve(world_size=1)
+    model = spec.model_cls(LLMConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16))
+    init_parameters(model, seed=0)
+    steps = TrainStep(spec, dims, dims.build_mesh("cpu"), SequenceLayout("zigzag", 1), torch.device("cpu"),
+                      grad_clip=0.0, vocab_sharded_outputs=False)
+    steps.bind([model], None, None, torch.autocast("cpu", enabled=False))
+    rows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    rows[3, 5:] = 0
+    batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:].clone(), "positions": torch.arange(16).repeat(4, 1)}
+    batch["targets"][3, 5:] = -100  # ignored targets leave the count
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+
+    no_backward = steps.forward_backward(halves, backward=False)["loss"]
+    untouched = all(p.grad is None for p in model.parameters())
+    got = steps.forward_backward(halves, backward=True)["loss"]
+    got_grad = model.output.weight.grad.clone()
+    model.zero_grad()
+    want = F.cross_entropy(model(batch["tokens"]).flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+    want.backward()
+    return {"untouched": float(untouched), "no_backward_rel": abs(no_backward - want.item()) / want.item(),
+            "loss_rel": abs(got - want.item()) / want.item(),
+            "grad_rel": float((got_grad - model.output.weight.grad).abs().max() / model.output.weight.grad.abs().max())}
+
+
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("contract")
@@ -95,8 +133,9 @@ TOY_LAYOUTS = {
 def one(runs_dir, data_cache) -> dict:
     results = run_world(1, [toy_check(runs_dir / "toy1", data_cache),
                             (f"{THIS}:trainer_and_plain_loop", {"run_dir": str(runs_dir / "plain"),
-                                                                 "cache": str(data_cache)})], runs_dir / "world1")
-    return {"toy": results[0].value(), "plain": results[1].value()}
+                                                                 "cache": str(data_cache)}),
+                            (f"{THIS}:train_step_alone", {})], runs_dir / "world1")
+    return {"toy": results[0].value(), "plain": results[1].value(), "train_step": results[2].value()}
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +174,9 @@ def test_trainer_equals_a_plain_pytorch_loop(one):
     assert len(trainer) == len(plain) == 3
     for step, (a, b) in enumerate(zip(trainer, plain), start=1):
         assert abs(a - b) <= PLAIN_LOOP_RTOL * abs(b), f"step {step}: trainer {a} vs plain loop {b}"
+
+
+def test_train_step_unit_normalizes_over_micro_batches(one):
+    errors = one["train_step"]
+    assert errors["untouched"] == 1.0  # forward_backward(backward=False) computes no gradient
+    assert errors["no_backward_rel"] < 1e-6 and errors["loss_rel"] < 1e-6 and errors["grad_rel"] < 1e-5, errors
