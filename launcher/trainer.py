@@ -82,7 +82,10 @@ class TrainStep:
         cp_rank = self.meshes.cp.get_local_rank()
         out = {}
         for name, value in batch.items():
-            key = self.keys[name]
+            key = self.keys.get(name)
+            if key is None:
+                raise KeyError(f"the loader served batch key {name!r}, which the family's DataSpec.keys does not "
+                               f"declare ({', '.join(self.keys)})")
             if self.dims.cp > 1 and key.sequence_dim is not None:
                 value = self.layout.shard(value, cp_rank, dim=key.sequence_dim)
             out[name] = value.to(self.device)
