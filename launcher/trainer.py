@@ -34,6 +34,7 @@ from launcher.optim import Optimizers
 from models import get_model_spec
 from models.spec import ModelSpec, StepContext, architecture
 from parallel.context import SequenceLayout
+from parallel.context.apply import gather_sequence
 from parallel.data_parallel import uses_fsdp
 from parallel.init import init_parameters
 from parallel.mesh import Meshes, ParallelDims
@@ -196,9 +197,7 @@ class TrainStep:
         if outputs is not None:  # the last pipeline stage (every rank without pp)
             logits = full_tensor(outputs)
             if self.dims.cp > 1:
-                parts = [torch.empty_like(logits) for _ in range(self.dims.cp)]
-                dist.all_gather(parts, logits.contiguous(), group=self.meshes.cp.get_group())
-                logits = self.layout.unshard(parts)
+                logits = gather_sequence(logits, self.layout, self.meshes.cp.get_group())
             choice.fill_(int(logits[0, len(ids) - 1].argmax()))
         dist.all_reduce(choice, op=dist.ReduceOp.MAX)  # from the last stage to every rank
         return int(choice)

@@ -10,7 +10,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from parallel.context.hybrid import HYBRID_MESH_DIMS
 from parallel.context.layout import SequenceLayout
 from parallel.context.module import ContextParallelAttention
-from parallel.tensor_parallel import full_tensor
 
 
 def apply_context_parallel(attentions: Iterable[nn.Module], cp_mesh: DeviceMesh, mode: str, layout: str,
@@ -39,12 +38,9 @@ def _fill_positions(layout: SequenceLayout, cp_rank: int, _module, args):
     return x, positions
 
 
-def forward_whole_sequence(model: nn.Module, tokens: torch.Tensor, layout: SequenceLayout, cp_rank: int,
-                           group: dist.ProcessGroup) -> torch.Tensor:
-    """The output [B, T, ...] of a context-parallel model for whole sequences tokens [B, T] (e.g. to
-    sample from it): each cp rank feeds its part, and the parts of the output are gathered and put
-    back in sequence order. T must split over the layout (SequenceLayout.check)."""
-    local = full_tensor(model(layout.shard(tokens, cp_rank))).contiguous()
+def gather_sequence(local: torch.Tensor, layout: SequenceLayout, group: dist.ProcessGroup) -> torch.Tensor:
+    """The whole sequence [B, T, ...] of an output whose cp rank holds its part `local` [B, T_local, ...]
+    (e.g. logits to sample from): the parts are gathered and put back in sequence order."""
     parts = [torch.empty_like(local) for _ in range(layout.cp_size)]
-    dist.all_gather(parts, local, group=group)
+    dist.all_gather(parts, local.contiguous(), group=group)
     return layout.unshard(parts)

@@ -181,11 +181,11 @@ def mixer_parity(summed_states: bool = False) -> float:
 
 def whole_sequence_logits(mode: str, layout: str, ulysses: int = 0) -> tuple[float, float]:
     """A tiny LLM made context-parallel by its real parallelize (cp = world, FSDP over it): max abs
-    error of forward_whole_sequence's logits against the same weights on one device, and (negative
+    error of gather_sequence's logits (each rank's part of the output, gathered) against the same weights on one device, and (negative
     control) of the gathered parts left in rank order instead of sequence order."""
     from models.llm.model import LLMConfig, Transformer
     from models.llm.parallelize import PLAN
-    from parallel.context.apply import forward_whole_sequence
+    from parallel.context.apply import gather_sequence
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
     from parallel.options import ParallelizeOptions
@@ -207,8 +207,8 @@ def whole_sequence_logits(mode: str, layout: str, ulysses: int = 0) -> tuple[flo
     sequence_layout = _layout(mode, layout, cp, (cp // ulysses, ulysses) if mode == "hybrid" else None)
     with torch.no_grad():
         want = reference(tokens)
-        got = forward_whole_sequence(model, tokens, sequence_layout, meshes.cp.get_local_rank(), meshes.cp.get_group())
         local = model(sequence_layout.shard(tokens, meshes.cp.get_local_rank())).contiguous()
+        got = gather_sequence(local, sequence_layout, meshes.cp.get_group())
         parts = [torch.empty_like(local) for _ in range(cp)]
         dist.all_gather(parts, local, group=meshes.cp.get_group())
     return (got - want).abs().max().item(), (torch.cat(parts, 1) - want).abs().max().item()
