@@ -6,18 +6,22 @@ once context parallelism splits the sequence.
 import torch
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
+def rope_angles(positions: torch.Tensor, rotary_dim: int, theta: float,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [..., T, head_dim // 2] for integer positions [..., T], in `dtype`
+    """cos/sin of shape [..., T, rotary_dim // 2] for integer positions [..., T], in `dtype`
     (at least fp32: angles of long positions lose their precision in bf16)."""
     dtype = torch.promote_types(dtype, torch.float32)
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=dtype) / rotary_dim)
     angles = positions.to(dtype).unsqueeze(-1) * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, H, D] by the angles [B or 1, T, D/2]."""
+    """Rotate pairs (x[2i], x[2i+1]) of x [B, T, H, D] by the angles [B or 1, T, R/2]: the first R
+    dims of each head rotate, the rest pass unchanged (partial rotary, R < D, as in GPT-NeoX)."""
+    rotary = 2 * cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
     x_even, x_odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from models.common.attention import CoreAttention
+from models.common.decoder import Decoder, TransformerBlock
 from models.common.linear import Embedding, Linear, Projection
 from models.common.mlp import SwiGLU, swiglu_hidden_dim
 from models.common.norms import RMSNorm
@@ -35,6 +36,10 @@ class LLMConfig:
         return self.dim // self.n_heads
 
     @property
+    def rotary_dim(self) -> int:  # dims of each head that RoPE rotates
+        return self.head_dim
+
+    @property
     def ffn_hidden_dim(self) -> int:
         return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
@@ -45,13 +50,16 @@ class LLMConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
+    """Causal softmax attention with RoPE on the first `cfg.rotary_dim` dims of each head. `projection`
+    builds wq, wk, wv and `output_projection` (default: the same) wo."""
+
+    def __init__(self, cfg: LLMConfig, projection: Projection = Linear, output_projection: Projection | None = None):
         super().__init__()
-        self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
+        self.head_dim, self.rotary_dim, self.rope_theta = cfg.head_dim, cfg.rotary_dim, cfg.rope_theta
         self.wq = projection(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.init_std)
         self.wk = projection(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
         self.wv = projection(cfg.dim, cfg.kv_heads * cfg.head_dim, cfg.init_std)
-        self.wo = projection(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.out_std)
+        self.wo = (output_projection or projection)(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.out_std)
         self.core_attention = CoreAttention()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
@@ -63,51 +71,24 @@ class Attention(nn.Module):
         # input is a shard, gathered only on the way into wq/wk/wv.
         if positions is None:
             positions = torch.arange(q.shape[1], device=q.device).unsqueeze(0)
-        cos, sin = rope_angles(positions, self.head_dim, self.rope_theta, q.dtype)
+        cos, sin = rope_angles(positions, self.rotary_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return self.wo(self.core_attention(q, k, v).flatten(-2))
 
 
-class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
-        super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg, projection)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = SwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std, cfg.out_std, projection)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class Transformer(nn.Module):
+class Transformer(Decoder):
     """`projection` builds every projection of the blocks (attention and feed-forward); the embedding
     and the output head stay linear."""
 
     def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
-        # A dict keyed by layer index keeps parameter names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, projection) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1).
-
-        A pipeline stage that lacks the embedding takes hidden states [B, T, dim] instead, and one
-        that lacks the head returns them (see models/llm/parallelize.py: split_stage).
-        """
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, positions)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.output(h) if self.output is not None else h
+        super().__init__(cfg, Embedding(cfg.vocab_size, cfg.dim, cfg.init_std),
+                         {str(i): TransformerBlock(RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg, projection),
+                                                   RMSNorm(cfg.dim, cfg.norm_eps),
+                                                   SwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std, cfg.out_std,
+                                                          projection))
+                          for i in range(cfg.n_layers)},
+                         RMSNorm(cfg.dim, cfg.norm_eps), Linear(cfg.dim, cfg.vocab_size, cfg.init_std),
+                         cfg.tie_embeddings)
 
 
 def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
