@@ -4,7 +4,7 @@ import importlib
 from models.spec import ModelSpec
 
 # family name -> the module that defines its `model_spec`
-FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet"}
+FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet", "tokenformer": "models.tokenformer"}
 DEFAULT_FAMILY = "llm"
 
 

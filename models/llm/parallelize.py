@@ -52,6 +52,8 @@ def tensor_parallel(plan_block: BlockPlan) -> Apply:
             **norm_plan(["norm"], sp),
             "output": vocab_parallel_head(sp, options.loss_parallel),
         })
+        if model.cfg.tie_embeddings:  # both became DTensors sharded on the vocabulary (Shard(0)): share one again
+            model.output.weight = model.tok_embeddings.weight
         for block in model.layers.values():
             parallelize_module(block, meshes.tp, plan_block(block, model.cfg, meshes.tp.size(), sp))
     return apply
@@ -89,14 +91,9 @@ def split_stage(model: nn.Module, layer_ids: list[int], is_first: bool, is_last:
             del model.layers[name]
 
 
-def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:
+def decoder_layout_problems(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:
+    """What every decoder with this embedding/head and softmax attention needs of a layout."""
     problems = []
-    if cfg.dim % cfg.n_heads:
-        problems.append(f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}")
-    elif cfg.head_dim % 2:
-        problems.append(f"head dim {cfg.head_dim} (dim / n_heads) must be even for rotary embeddings")
-    if cfg.n_heads % cfg.kv_heads:
-        problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
     if dims.pp > 1 and cfg.tie_embeddings:
         problems.append("model.tie_embeddings=true shares a weight between the first and last pipeline stage; "
                         "untie them to use parallel.pp > 1")
@@ -106,6 +103,18 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions
         if heads % ulysses:
             problems.append(f"parallel.cp_mode={options.cp_mode} splits the {heads} attention heads of a tp rank "
                             f"over {ulysses} Ulysses ranks, which does not divide them; change cp, cp_ulysses or tp")
+    return problems
+
+
+def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions) -> list[str]:
+    problems = []
+    if cfg.dim % cfg.n_heads:
+        problems.append(f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}")
+    elif cfg.head_dim % 2:
+        problems.append(f"head dim {cfg.head_dim} (dim / n_heads) must be even for rotary embeddings")
+    if cfg.n_heads % cfg.kv_heads:
+        problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
+    problems += decoder_layout_problems(cfg, dims, options)
     if dims.tp > 1:
         def kv_fits(t: int) -> bool:  # kv heads are split over tp, or replicated when there are fewer
             return cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0

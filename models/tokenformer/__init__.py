@@ -1,0 +1,20 @@
+"""TokenFormer: projections as attention over parameter tokens (model.py), tensor parallelism over
+those tokens (parallelize.py), and growth by adding tokens (launcher/grow.py)."""
+from models.common.text import TEXT_DATA, TOKEN_LOSS
+from models.llm.parallelize import n_layers, split_stage
+from models.spec import ModelSpec
+from models.tokenformer.model import TokenFormer, TokenFormerConfig, flops_per_token
+from models.tokenformer.parallelize import PLAN, check_layout
+
+model_spec = ModelSpec(
+    name="tokenformer",
+    config_cls=TokenFormerConfig,
+    model_cls=TokenFormer,
+    data=TEXT_DATA,
+    loss=TOKEN_LOSS,
+    plan=PLAN,
+    flops_per_token=flops_per_token,
+    check_layout=check_layout,
+    n_layers=n_layers,
+    split_stage=split_stage,
+)
