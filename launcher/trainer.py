@@ -36,7 +36,7 @@ from models.spec import ModelSpec, StepContext, architecture
 from parallel.context import SequenceLayout
 from parallel.context.apply import gather_sequence
 from parallel.data_parallel import uses_fsdp
-from parallel.init import init_parameters
+from parallel.init import init_parameters, materialize
 from parallel.mesh import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from parallel.pipeline import Pipeline, build_pipeline, stages_per_rank
@@ -246,7 +246,7 @@ def train(cfg: Config) -> dict:
     else:
         parts = [parallelize(model, spec.plan, dims, meshes, options)]
     for part in parts:
-        part.to_empty(device=device)
+        materialize(part, device)
         init_parameters(part, t.seed)
         if spec.hooks.setup is not None:
             spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))

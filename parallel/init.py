@@ -29,6 +29,20 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Allocate the meta-device `model` on `device`, uninitialized, keeping tied parameters tied:
+    nn.Module.to_empty gives every module that shares a parameter a copy of its own (a tied
+    embedding and head would silently train as two)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, name))
+    model.to_empty(device=device)
+    for (first, first_name), *others in owners.values():
+        for module, name in others:
+            setattr(module, name, getattr(first, first_name))
+
+
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int) -> None:
     """Fill every parameter of `model` through its owning module's `init_parameter`."""

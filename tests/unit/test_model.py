@@ -14,7 +14,7 @@ from models.common.norms import RMSNorm
 from models.common.rope import apply_rope, rope_angles
 from models.llm.model import LLMConfig, Transformer, flops_per_token
 from parallel.activation_checkpoint import checkpoint_block
-from parallel.init import canonical_name, init_parameters
+from parallel.init import canonical_name, init_parameters, materialize
 
 aten = torch.ops.aten
 VOCAB = 96
@@ -232,6 +232,18 @@ def test_causal_future_tokens_do_not_change_the_past(t):
 
 
 # ------------------------------------------------------------------------------------------ tying
+
+
+def test_materializing_a_meta_model_keeps_tied_embeddings_tied():
+    """The trainer builds on the meta device; nn.Module.to_empty alone unties (the control), so
+    single-process and tp runs trained an untied model with the head initialized on its own."""
+    with torch.device("meta"):
+        plain, kept = (Transformer(dataclasses.replace(SMALL, tie_embeddings=True)) for _ in range(2))
+    plain.to_empty(device="cpu")
+    assert plain.output.weight is not plain.tok_embeddings.weight
+    materialize(kept, "cpu")
+    assert kept.output.weight is kept.tok_embeddings.weight and kept.output.weight.device.type == "cpu"
+    assert len(list(kept.parameters())) == len(list(plain.parameters())) - 1
 
 
 def test_tied_embeddings_share_one_parameter():
