@@ -1,0 +1,198 @@
+"""TokenFormer sharded: tensor parallelism over parameter tokens against one device at the model level
+(fp64, tp 2 and 4, both Q/K/V layouts, with and without sequence parallelism, every normalization),
+with a rank-local-norm negative control; and configs/tokenformer/tiny.yaml shrunk at dp2, tp2,
+tp2 x dp2, cp2 and pp2 against one process at the run level (fp32, relative 1e-5)."""
+import copy
+from pathlib import Path
+
+import pytest
+from torch.distributed.tensor import Replicate, Shard
+
+from tests.conftest import REPO
+from tests.distributed.harness import run_world
+from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+
+THIS = "tests.distributed.test_tokenformer"
+TINY = REPO / "configs" / "tokenformer" / "tiny.yaml"
+# The tiny config made smaller still: seconds per run.
+SMALL = ("model.dim=64", "model.n_layers=2", "model.qkv_tokens=64", "model.proj_tokens=32", "model.ffn_tokens=128")
+UNTIED = "model.tie_embeddings=false"  # a weight shared by the first and last stage: pp needs them untied
+TP_TOL = 1e-10  # fp64, relative to the largest reference entry
+
+
+def tp_parity(qkv: str, sequence_parallel: bool, normalization: str, local_norm: bool = False) -> dict:
+    """Check body: a TokenFormer TP'd over the world vs one device (fp64): max relative error of logits,
+    loss and every parameter gradient, and each parameter's placements. `local_norm` is the negative
+    control: Theta normalizes each rank's shard of the scores by its own norm instead of the global one."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import models.tokenformer.model as tokenformer
+    from models.common.loss import cross_entropy_sum
+    from models.tokenformer.model import TokenFormer, TokenFormerConfig
+    from models.tokenformer.parallelize import PLAN
+    from parallel.init import init_parameters
+    from parallel.mesh import ParallelDims
+    from parallel.options import ParallelizeOptions
+    from tests.distributed.sharding import placements
+
+    tp = dist.get_world_size()
+    cfg = TokenFormerConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, qkv_tokens=16, proj_tokens=8, ffn_tokens=24,
+                            normalization=normalization, rotary_fraction=0.5, qkv_tensor_parallel=qkv)
+    reference = TokenFormer(cfg).double()
+    init_parameters(reference, seed=3)
+    sharded = copy.deepcopy(reference)
+    meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
+    PLAN.tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
+    global_norm = tokenformer.inverse_l2_norm
+    if local_norm:
+        def rank_local_norm(x):
+            if not isinstance(x, DTensor):  # the one-device reference
+                return global_norm(x)
+            local = global_norm(x.to_local())
+            return DTensor.from_local(local, x.device_mesh, [Replicate()], run_check=False)
+        tokenformer.inverse_l2_norm = rank_local_norm
+    try:
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=generator)
+        targets = torch.randint(0, cfg.vocab_size, (2, 12), generator=generator)
+        ref_logits = reference(tokens)
+        ref_loss, n = cross_entropy_sum(ref_logits, targets)
+        (ref_loss / n).backward()
+        with loss_parallel():
+            logits = sharded(tokens)
+            loss, n = cross_entropy_sum(logits, targets)
+            (loss / n).backward()
+    finally:
+        tokenformer.inverse_l2_norm = global_norm
+
+    def whole(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def rel(a, b):
+        return ((whole(a) - b).abs().max() / b.abs().max()).item()
+
+    errors = {"logits": rel(logits, ref_logits), "loss": rel(loss, ref_loss)}
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        errors[f"grad:{name}"] = rel(param.grad, ref_params[name].grad)
+    tied = sharded.output.weight is sharded.tok_embeddings.weight
+    return {"errors": errors, "placements": placements(sharded), "tied": tied}
+
+
+def plan_of(qkv: str, sequence_parallel: bool) -> dict:
+    """Parameter name suffix -> placement over the tp mesh (None: a plain tensor)."""
+    qkv_key, qkv_value = (Shard(0), Shard(0)) if qkv == "tokens" else (Replicate(), Shard(1))
+    plan = {"tok_embeddings.weight": Shard(0), "norm.weight": Replicate() if sequence_parallel else None,
+            "norm.bias": Replicate() if sequence_parallel else None}
+    for name in ("wq", "wk", "wv"):
+        plan[f"attention.{name}.key_param_tokens"], plan[f"attention.{name}.value_param_tokens"] = qkv_key, qkv_value
+    for name in ("attention.wo", "feed_forward"):
+        plan[f"{name}.key_param_tokens"] = plan[f"{name}.value_param_tokens"] = Shard(0)
+    return plan
+
+
+def assert_placed(placements: dict, plan: dict) -> None:
+    """Every parameter is placed as the plan says: the parameter tokens really are split."""
+    want = {}
+    for name in placements:
+        suffix = name if name in plan else ".".join(name.split(".")[2:])  # layers.<i>.<suffix>
+        want[name] = None if plan[suffix] is None else (("tp",), (plan[suffix],))
+    assert placements == want
+
+
+TP_CASES = {2: [("tokens", True, "l2_norm_gelu"), ("heads", True, "l2_norm_gelu"), ("tokens", False, "gelu_l2_norm"),
+                ("heads", False, "softmax")],
+            4: [("tokens", True, "l2_norm_gelu"), ("heads", False, "l2_norm_gelu")]}
+
+
+def tp_checks(tp: int) -> list:
+    cases = [(f"{THIS}:tp_parity", {"qkv": q, "sequence_parallel": sp, "normalization": n}) for q, sp, n in TP_CASES[tp]]
+    return cases + [(f"{THIS}:tp_parity", {"qkv": "tokens", "sequence_parallel": True, "normalization": "l2_norm_gelu",
+                                           "local_norm": True})]
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tokenformer")
+
+
+def run(runs_dir: Path, cache: Path, name: str, *overrides: str, summary: bool = False) -> tuple[str, dict]:
+    return train_check(runs_dir / name, cache, *SMALL, *overrides, config=TINY, summary=summary)
+
+
+@pytest.fixture(scope="module")
+def one(runs_dir, data_cache) -> dict:
+    results = run_world(1, [run(runs_dir, data_cache, "one", *SAMPLE, summary=True),
+                            run(runs_dir, data_cache, "one_untied", UNTIED)], runs_dir / "world1")
+    return {"tied": results[0].value(), "untied": results[1].value()}
+
+
+RUNS2 = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2", "parallel.dp_shard=1", *SAMPLE],
+         "cp2": ["parallel.cp=2", "parallel.dp_shard=1"],
+         "cp2_lr_perturbed": ["parallel.cp=2", "parallel.dp_shard=1", perturbed_lr(TINY)],
+         "pp2": ["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch_size=4", UNTIED]}
+
+
+@pytest.fixture(scope="module")
+def two(runs_dir, data_cache, one) -> dict:
+    checks = tp_checks(2) + [run(runs_dir, data_cache, name, *o, summary=True) for name, o in RUNS2.items()]
+    results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
+    return {"tp": [next(results) for _ in TP_CASES[2]], "local_norm": next(results),
+            "runs": dict(zip(RUNS2, results))}
+
+
+@pytest.fixture(scope="module")
+def four(runs_dir, data_cache, two) -> dict:
+    checks = tp_checks(4) + [run(runs_dir, data_cache, "tp2_dp2", "parallel.tp=2", "train.micro_batch_size=4")]
+    results = iter(r.value() for r in run_world(4, checks, runs_dir / "world4"))
+    return {"tp": [next(results) for _ in TP_CASES[4]], "local_norm": next(results), "tp2_dp2": next(results)}
+
+
+def _tp_case(two, four, tp, case):
+    return (two if tp == 2 else four)["tp"][case]
+
+
+@pytest.mark.parametrize("tp,case", [(tp, i) for tp, cases in TP_CASES.items() for i in range(len(cases))])
+def test_tp_matches_one_device(two, four, tp, case):
+    """Logits, loss and every parameter gradient equal one device (fp64, relative 1e-10), with the
+    parameter tokens split as the plan says and the embeddings still one tied parameter."""
+    qkv, sequence_parallel, _ = TP_CASES[tp][case]
+    result = _tp_case(two, four, tp, case)
+    bad = {k: v for k, v in result["errors"].items() if not v <= TP_TOL}
+    assert not bad, bad
+    assert_placed(result["placements"], plan_of(qkv, sequence_parallel))
+    assert result["tied"]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_rank_local_norm_negative_control(two, four, tp):
+    """Normalizing each rank's shard of the scores by its own norm is wrong by far, and the same
+    comparison says so."""
+    errors = (two if tp == 2 else four)["local_norm"]["errors"]
+    assert errors["logits"] > 1e-2, errors
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "cp2"])
+def test_tiny_run_matches_one_process(two, one, layout):
+    assert_same_losses(two["runs"][layout]["losses"], one["tied"]["losses"])
+
+
+def test_tiny_run_tp2_dp2_matches_one_process(four, one):
+    assert_same_losses(four["tp2_dp2"], one["tied"]["losses"])
+
+
+def test_tiny_run_pp2_matches_one_process(two, one):
+    assert_same_losses(two["runs"]["pp2"]["losses"], one["untied"])
+
+
+def test_greedy_sample_under_tp_matches_one_process(two, one):
+    sample = two["runs"]["tp2"]["sample"]
+    assert sample and sample.startswith("The with statement") and sample == one["tied"]["sample"]
+
+
+def test_perturbed_run_fails_the_comparison(two, one):
+    """Negative control: cp=2 with the learning rate off by LR_PERTURBATION does not match."""
+    assert_losses_differ(two["runs"]["cp2_lr_perturbed"]["losses"], one["tied"]["losses"])
