@@ -1,5 +1,5 @@
 """`shardwright submit` on a real Slurm (slurm/local-cluster.sh: nodes n1 and n2 on this machine):
-a 2-node job matches a local run, a preempted job checkpoints, requeues and resumes, a chain of
+a 2-node job is preempted (checkpoints, requeues, resumes) and matches a local run, a chain of
 jobs carries a run on, hostile values stay inert, and a bad layout never reaches sbatch."""
 import os
 import re
@@ -33,26 +33,20 @@ def stub(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def test_submit_2_nodes_x_2_matches_local_4_processes(tmp_path, data_cache, slurm_cluster, local_losses):
+def test_2_node_job_is_preempted_requeued_resumed_and_matches_a_local_run(tmp_path, data_cache, slurm_cluster,
+                                                                         local_losses):
+    """2 nodes x 2 processes (torchrun on each node): SIGUSR1 (what --signal sends) checkpoints and
+    requeues the job, which resumes; its losses at every step equal a local run's."""
     run_dir = tmp_path / "run"
     [job] = submit(run_dir, data_cache, "--nodes", "2", "--gpus-per-node", "2")
-    info = wait_for_job(job, run_dir, timeout_s=240)
-    log = log_of(run_dir, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2", info
-    assert "dp_shard=4 on 4 cpu process(es)" in log, log
-    assert (run_dir / "slurm" / "job.sbatch").is_file() and (run_dir / "slurm" / "config.yaml").is_file()
-    assert losses_of(run_dir) == pytest.approx(local_losses, rel=1e-5)
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path, data_cache, slurm_cluster, local_losses):
-    run_dir = tmp_path / "run"
-    [job] = submit(run_dir, data_cache, "--nodes", "2", "--gpus-per-node", "2")  # torchrun on each node
     wait_for_step(run_dir, job, 3, timeout_s=180)
-    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)  # what --signal sends
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
     info = wait_for_job(job, run_dir, timeout_s=240, restarts=1)
     log = log_of(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert info["NodeList"] == "n[1-2]" and info["NumNodes"] == "2", info
+    assert "dp_shard=4 on 4 cpu process(es)" in log, log
+    assert (run_dir / "slurm" / "job.sbatch").is_file() and (run_dir / "slurm" / "config.yaml").is_file()
     stopped = re.search(r"SIGUSR1 received: stopped after step (\d+); exit code 75", log)
     assert stopped and 3 <= int(stopped.group(1)) < STEPS, log
     assert f"requeueing job {job}" in log and "(restart 1)" in log, log
