@@ -3,6 +3,7 @@
 Only rank 0 writes. MFU needs a peak FLOP/s: on CPU there is no datasheet number, so it is
 measured once with a matmul and the log says so.
 """
+import functools
 import json
 import os
 import platform
@@ -18,8 +19,10 @@ from tqdm import tqdm
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
+@functools.cache
 def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """Peak FLOP/s of one process on this device and how it was obtained (for the log)."""
+    """Peak FLOP/s of one process on this device and how it was obtained (for the log); measured once
+    per process (about half a second on a CPU), however many runs it starts."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, peak in _GPU_PEAKS.items():

@@ -69,8 +69,15 @@ def test_local_world_writes_the_run_directory(two_process_run):
     assert "sample: 'The" in result.stdout and "MFU baseline" in result.stdout
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory, data_cache) -> dict[int, float]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert shardwright("train", str(TINY), *sets(run_dir, data_cache, "train.steps=4")).returncode == 0
+    return losses_of(run_dir)
+
+
 @pytest.mark.parametrize("point", ["mid-write", "before-publish", "before-latest"])
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, point):
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, uninterrupted_losses, point):
     run_dir = tmp_path / "run"
     args = ["train", str(TINY), *sets(run_dir, data_cache, "train.steps=4", "checkpoint.every=2")]
     killed = shardwright(point, "4", *args, module="tests.e2e.crash_during_save")
@@ -81,9 +88,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, point)
     assert "resumed from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-4"
     assert not list((run_dir / "checkpoints").glob(".staging-*"))
-    uninterrupted = tmp_path / "uninterrupted"
-    assert shardwright("train", str(TINY), *sets(uninterrupted, data_cache, "train.steps=4")).returncode == 0
-    assert losses_of(run_dir) == pytest.approx(losses_of(uninterrupted), rel=1e-6)
+    assert losses_of(run_dir) == pytest.approx(uninterrupted_losses, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
