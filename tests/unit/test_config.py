@@ -377,3 +377,14 @@ def test_dump_of_defaults_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     Config().dump(path)
     assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_passes_its_own_checks(config):
+    """Each config under configs/ loads and its layout fits its model, on the smallest world it implies
+    (its fixed dims x dp_shard 2, or ep: experts borrow dp_shard ranks), as `train` would check it
+    before starting any process."""
+    cfg = load_config(REPO / config)
+    p = cfg.parallel
+    world = p.dp_replicate * p.tp * p.pp * p.cp * (max(2, p.ep) if p.dp_shard == -1 else p.dp_shard)
+    assert validate(cfg, world).world_size == world
