@@ -255,11 +255,14 @@ def four(runs_dir, two):
             "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results)}
 
 
+def one_process_checks(workdir: Path, cache: Path) -> dict:
+    return {"tiny": train_check(workdir / "one", cache, *SAMPLE, config=TINY, summary=True),
+            "hybrid": train_check(workdir / "hybrid_one", cache, config=HYBRID)}
+
+
 @pytest.fixture(scope="module")
-def one(runs_dir, data_cache):
-    results = run_world(1, [train_check(runs_dir / "one", data_cache, *SAMPLE, config=TINY, summary=True),
-                            train_check(runs_dir / "hybrid_one", data_cache, config=HYBRID)], runs_dir / "world1")
-    return {"tiny": results[0].value(), "hybrid": results[1].value()}
+def one(one_process):
+    return {name: one_process[f"test_deltanet:{name}"].value() for name in ("tiny", "hybrid")}
 
 
 def _beyond_tp_tolerance(errors: dict[str, float]) -> dict[str, float]:

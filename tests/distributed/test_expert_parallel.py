@@ -5,6 +5,8 @@ tp=2 alone, and under pipeline parallelism against one process.
 The aux and z losses are functions of each forward's batch (all ranks of the batch group), so a
 run equals one process only when its forwards see the same sequences: the references use the
 micro-batch size that gives that."""
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import REPO
@@ -107,13 +109,18 @@ DEEPSEEK = ("model.router=sigmoid", "model.bias_update_rate=0.01", "model.n_grou
             "model.n_shared_experts=1")
 
 
+REFERENCES = ("run", "deepseek", "micro4")
+
+
+def one_process_checks(workdir: Path, cache: Path) -> dict:
+    return {"run": train_check(workdir / "run", cache, config=MOE_TINY),
+            "deepseek": train_check(workdir / "deepseek", cache, *DEEPSEEK, config=MOE_TINY),
+            "micro4": train_check(workdir / "micro4", cache, MICRO4, *SAMPLE, config=MOE_TINY, summary=True)}
+
+
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, data_cache) -> list:
-    workdir = tmp_path_factory.mktemp("moe-reference")
-    return run_world(1, [train_check(workdir / "run", data_cache, config=MOE_TINY),
-                         train_check(workdir / "deepseek", data_cache, *DEEPSEEK, config=MOE_TINY),
-                         train_check(workdir / "micro4", data_cache, MICRO4, *SAMPLE, config=MOE_TINY, summary=True)],
-                     workdir)
+def references(one_process) -> list:
+    return [one_process[f"test_expert_parallel:{name}"] for name in REFERENCES]
 
 
 @pytest.fixture(scope="module")

@@ -129,13 +129,15 @@ TOY_LAYOUTS = {
 }
 
 
+def one_process_checks(workdir: Path, cache: Path) -> dict:
+    return {"toy": toy_check(workdir / "toy1", cache),
+            "plain": (f"{THIS}:trainer_and_plain_loop", {"run_dir": str(workdir / "plain"), "cache": str(cache)}),
+            "train_step": (f"{THIS}:train_step_alone", {})}
+
+
 @pytest.fixture(scope="module")
-def one(runs_dir, data_cache) -> dict:
-    results = run_world(1, [toy_check(runs_dir / "toy1", data_cache),
-                            (f"{THIS}:trainer_and_plain_loop", {"run_dir": str(runs_dir / "plain"),
-                                                                 "cache": str(data_cache)}),
-                            (f"{THIS}:train_step_alone", {})], runs_dir / "world1")
-    return {"toy": results[0].value(), "plain": results[1].value(), "train_step": results[2].value()}
+def one(one_process) -> dict:
+    return {name: one_process[f"test_family_contract:{name}"].value() for name in ("toy", "plain", "train_step")}
 
 
 @pytest.fixture(scope="module")

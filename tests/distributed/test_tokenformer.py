@@ -123,11 +123,13 @@ def run(runs_dir: Path, cache: Path, name: str, *overrides: str, summary: bool =
     return train_check(runs_dir / name, cache, *SMALL, *overrides, config=TINY, summary=summary)
 
 
+def one_process_checks(workdir: Path, cache: Path) -> dict:
+    return {"tied": run(workdir, cache, "one", *SAMPLE, summary=True), "untied": run(workdir, cache, "one_untied", UNTIED)}
+
+
 @pytest.fixture(scope="module")
-def one(runs_dir, data_cache) -> dict:
-    results = run_world(1, [run(runs_dir, data_cache, "one", *SAMPLE, summary=True),
-                            run(runs_dir, data_cache, "one_untied", UNTIED)], runs_dir / "world1")
-    return {"tied": results[0].value(), "untied": results[1].value()}
+def one(one_process) -> dict:
+    return {name: one_process[f"test_tokenformer:{name}"].value() for name in ("tied", "untied")}
 
 
 RUNS2 = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2", "parallel.dp_shard=1", *SAMPLE],

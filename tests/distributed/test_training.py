@@ -25,14 +25,17 @@ def runs_dir(tmp_path_factory) -> Path:
 STOP = "run.stop_at_step=5"  # the schedule still spans 10 steps
 
 
-@pytest.fixture(scope="module")
-def one_process(runs_dir, data_cache, reference_losses):
-    runs = _world(1, runs_dir, data_cache, {"single_accum": ("single_accum", ["train.micro_batch_size=2"])})
-    return {"single": reference_losses, **runs}
+def one_process_checks(workdir: Path, cache: Path) -> dict:
+    return {"single_accum": train_check(workdir / "single_accum", cache, "train.micro_batch_size=2")}
 
 
 @pytest.fixture(scope="module")
-def two_processes(runs_dir, data_cache, one_process):
+def singles(one_process, reference_losses):
+    return {"single": reference_losses, "single_accum": one_process["test_training:single_accum"].value()}
+
+
+@pytest.fixture(scope="module")
+def two_processes(runs_dir, data_cache, singles):
     return _world(2, runs_dir, data_cache, {
         "fsdp2": ("fsdp2", ["train.micro_batch_size=4"]),  # dp_shard=-1 fills the world
         "fsdp2_lr_perturbed": ("fsdp2_lr_perturbed", ["train.micro_batch_size=4", perturbed_lr()]),
@@ -58,23 +61,23 @@ def four_processes(runs_dir, data_cache, two_processes):
     })
 
 
-def test_loss_falls(one_process):
-    losses = one_process["single"]
+def test_loss_falls(singles):
+    losses = singles["single"]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.5
 
 
-def test_gradient_accumulation_matches(one_process):
-    assert_same_losses(one_process["single_accum"], one_process["single"])
+def test_gradient_accumulation_matches(singles):
+    assert_same_losses(singles["single_accum"], singles["single"])
 
 
 @pytest.mark.parametrize("run", ["fsdp2", "fsdp2_accum"])
-def test_two_process_layouts_match_one_process(two_processes, one_process, run):
-    assert_same_losses(two_processes[run], one_process["single"])
+def test_two_process_layouts_match_one_process(two_processes, singles, run):
+    assert_same_losses(two_processes[run], singles["single"])
 
 
-def test_perturbed_run_fails_the_comparison(two_processes, one_process):
+def test_perturbed_run_fails_the_comparison(two_processes, singles):
     """Negative control: FSDP2 with the learning rate off by LR_PERTURBATION does not match."""
-    assert_losses_differ(two_processes["fsdp2_lr_perturbed"], one_process["single"])
+    assert_losses_differ(two_processes["fsdp2_lr_perturbed"], singles["single"])
 
 
 @pytest.mark.parametrize("run", ["fsdp2_ac_full", "fsdp2_ac_selective"])
@@ -93,15 +96,15 @@ def test_compiled_blocks_match_plain_run(two_processes):
 
 
 @pytest.mark.parametrize("run", ["fsdp4", "hsdp_2x2", "hsdp_2x2_accum", "ddp4"])
-def test_four_process_layouts_match_one_process(four_processes, one_process, run):
-    assert_same_losses(four_processes[run], one_process["single"])
+def test_four_process_layouts_match_one_process(four_processes, singles, run):
+    assert_same_losses(four_processes[run], singles["single"])
 
 
-def test_stop_and_resume_matches_uninterrupted(two_processes, one_process):
-    assert_same_losses(two_processes["stop_at_5"], one_process["single"][:5])
-    assert_same_losses(two_processes["resume_to_10"], one_process["single"][5:])
+def test_stop_and_resume_matches_uninterrupted(two_processes, singles):
+    assert_same_losses(two_processes["stop_at_5"], singles["single"][:5])
+    assert_same_losses(two_processes["resume_to_10"], singles["single"][5:])
 
 
-def test_resume_on_a_different_dp_size(four_processes, two_processes, one_process):
-    assert_same_losses(two_processes["dp2_stop_at_5"], one_process["single"][:5])
-    assert_same_losses(four_processes["resume_dp2_on_dp4"], one_process["single"][5:])
+def test_resume_on_a_different_dp_size(four_processes, two_processes, singles):
+    assert_same_losses(two_processes["dp2_stop_at_5"], singles["single"][:5])
+    assert_same_losses(four_processes["resume_dp2_on_dp4"], singles["single"][5:])
