@@ -2,11 +2,11 @@
 compared with Megatron's formula; JSON to benchmarks/results/tp_comm.json.
 
 A micro-step is what `launcher/trainer.py` runs per micro-batch: under `loss_parallel()`,
-forward, `cross_entropy_sum` times the loss scale, backward, on a model sharded by
-`models.llm.parallelize.apply_tensor_parallel`, with and without sequence parallelism. A
-TorchDispatchMode sees every collective below DTensor (as CommDebugMode does) and records its
-phase, module (the innermost one running, from ModTracker: a collective in a module's input or
-output hook lands on its parent; "top" is outside every block), op, local input shapes, dtype and
+forward, `cross_entropy_sum` times the loss scale, backward, on a model sharded by the family's
+ParallelPlan through `parallelize`, with and without sequence parallelism. A TorchDispatchMode
+sees every collective below DTensor (as CommDebugMode does) and records its phase, module (the
+innermost one running, from ModTracker: a collective in a module's input hook lands on the module,
+one in its output hook on its parent; "top" is outside every block), op, local input shapes, dtype and
 group size; an unknown collective is an error, so nothing is missed. Bytes per rank are ring
 traffic on S, the full tensor: all-reduce 2(t-1)/t S, all-gather (t-1)/t S_out, reduce-scatter
 and all-to-all (t-1)/t S_in.
@@ -105,12 +105,15 @@ class CollectiveCounter(TorchDispatchMode):
                 raise RuntimeError(f"{func} is a collective this benchmark does not count")
             tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
             group = dist.ProcessGroup.unbox(args[1]) if namespace == "c10d" else _resolve_process_group(args[-1])
-            # ModTracker names modules from the root's class name ("Transformer.layers.0.attention")
-            module = max(self.modules.parents, key=lambda name: name.count(".")).partition(".")[2]
-            module = re.sub(r"layers\.\d+\.", "layers.*.", module)
-            self.calls[("backward" if self.modules.is_bw else self.phase, module or "top", op,
-                        tuple(tuple(x.shape) for x in tensors), str(tensors[0].dtype)[6:], group.size())] += 1
+            self.calls[(*self.where(), op, tuple(tuple(x.shape) for x in tensors), str(tensors[0].dtype)[6:],
+                        group.size())] += 1
         return func(*args, **(kwargs or {}))
+
+    def where(self) -> tuple[str, str]:
+        """(phase, module) of the collective being issued: the innermost module running, from ModTracker,
+        which names modules from the root's class name ("Transformer.layers.0.attention")."""
+        module = max(self.modules.parents, key=lambda name: name.count(".")).partition(".")[2]
+        return "backward" if self.modules.is_bw else self.phase, re.sub(r"layers\.\d+\.", "layers.*.", module) or "top"
 
 
 def sharded_model(cfg, tp: int, sp: bool, dtype: torch.dtype, family: str = "llm"):
