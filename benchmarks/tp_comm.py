@@ -2,11 +2,11 @@
 compared with Megatron's formula; JSON to benchmarks/results/tp_comm.json.
 
 A micro-step is what `launcher/trainer.py` runs per micro-batch: under `loss_parallel()`,
-forward, `cross_entropy_sum` times the loss scale, backward, on a model sharded by
-`models.llm.parallelize.apply_tensor_parallel`, with and without sequence parallelism. A
-TorchDispatchMode sees every collective below DTensor (as CommDebugMode does) and records its
-phase, module (the innermost one running, from ModTracker: a collective in a module's input or
-output hook lands on its parent; "top" is outside every block), op, local input shapes, dtype and
+forward, `cross_entropy_sum` times the loss scale, backward, on a model sharded by the family's
+ParallelPlan through `parallelize`, with and without sequence parallelism. A TorchDispatchMode
+sees every collective below DTensor (as CommDebugMode does) and records its phase, module (the
+innermost one running, from ModTracker: a collective in a module's input hook lands on the module,
+one in its output hook on its parent; "top" is outside every block), op, local input shapes, dtype and
 group size; an unknown collective is an error, so nothing is missed. Bytes per rank are ring
 traffic on S, the full tensor: all-reduce 2(t-1)/t S, all-gather (t-1)/t S_out, reduce-scatter
 and all-to-all (t-1)/t S_in.
@@ -40,6 +40,7 @@ import json
 import re
 import tempfile
 from collections import Counter
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,12 +59,14 @@ from launcher.config import load_config
 from launcher.optim import Optimizers
 from launcher.trainer import clip_grad_norm
 from parallel.tensor_parallel import reduce_partial_grads
+from models import get_model_spec
 from models.common.loss import cross_entropy_sum
-from models.llm.model import LLMConfig, Transformer
-from models.llm.parallelize import apply_tensor_parallel
+from models.llm.model import LLMConfig
+from models.spec import ModelSpec
 from parallel.options import ParallelizeOptions
 from parallel.init import init_parameters
 from parallel.mesh import ParallelDims
+from parallel.parallelize import parallelize
 
 TINY = "configs/llm/tiny.yaml"
 ONE_B = LLMConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
@@ -102,49 +105,84 @@ class CollectiveCounter(TorchDispatchMode):
                 raise RuntimeError(f"{func} is a collective this benchmark does not count")
             tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
             group = dist.ProcessGroup.unbox(args[1]) if namespace == "c10d" else _resolve_process_group(args[-1])
-            module = max(self.modules.parents, key=lambda name: name.count("."))
-            module = re.sub(r"layers\.\d+\.", "layers.*.", module.removeprefix("Transformer."))
-            self.calls[("backward" if self.modules.is_bw else self.phase,
-                        "top" if module in ("Global", "Transformer") else module, op,
-                        tuple(tuple(x.shape) for x in tensors), str(tensors[0].dtype)[6:], group.size())] += 1
+            self.calls[(*self.where(), op, tuple(tuple(x.shape) for x in tensors), str(tensors[0].dtype)[6:],
+                        group.size())] += 1
         return func(*args, **(kwargs or {}))
 
+    def where(self) -> tuple[str, str]:
+        """(phase, module) of the collective being issued: the innermost module running, from ModTracker,
+        which names modules from the root's class name ("Transformer.layers.0.attention")."""
+        module = max(self.modules.parents, key=lambda name: name.count(".")).partition(".")[2]
+        return "backward" if self.modules.is_bw else self.phase, re.sub(r"layers\.\d+\.", "layers.*.", module) or "top"
 
-def sharded_model(cfg: LLMConfig, tp: int, sp: bool, dtype: torch.dtype):
-    """The LLM on the meta device with the trainer's TP plan applied (in an initialized tp world)."""
-    meshes = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp).build_mesh("cpu")
+
+def sharded_model(cfg, tp: int, sp: bool, dtype: torch.dtype, family: str = "llm"):
+    """The family's model on the meta device, sharded as the trainer does (its ParallelPlan through
+    `parallelize`; tp only, so no data parallelism), in an initialized tp world."""
+    spec: ModelSpec = get_model_spec(family)
+    dims = ParallelDims.resolve(tp=tp, dp_shard=1, world_size=tp)
+    meshes = dims.build_mesh("cpu")
     with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    apply_tensor_parallel(model, meshes, ParallelizeOptions(sequence_parallel=sp))
-    return model, meshes
+        model = spec.model_cls(cfg).to(dtype)
+    return parallelize(model, spec.plan, dims, meshes, ParallelizeOptions(sequence_parallel=sp)), meshes
 
 
-def micro_step(model, cfg: LLMConfig, batch: int, seq_len: int) -> tuple[Counter, dict]:
+def forward_backward(model, tokens: torch.Tensor, targets: torch.Tensor) -> None:
+    """One micro-step as the trainer runs it: forward, loss sum times the loss scale, backward."""
+    with loss_parallel():
+        (cross_entropy_sum(model(tokens), targets)[0] * torch.ones(())).backward()
+
+
+def random_batch(cfg, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(0, cfg.vocab_size, (2, batch, seq_len)).unbind(0)
+
+
+def micro_step(model, cfg, batch: int, seq_len: int) -> tuple[Counter, dict]:
     """Collectives of one micro-step as the trainer runs it, and the gradients it leaves Partial."""
-    tokens, targets = torch.randint(0, cfg.vocab_size, (2, batch, seq_len)).unbind(0)
-    loss_scale = torch.ones(())
-    with CollectiveCounter("forward") as counter, loss_parallel():
-        (cross_entropy_sum(model(tokens), targets)[0] * loss_scale).backward()
+    with CollectiveCounter("forward") as counter:
+        forward_backward(model, *random_batch(cfg, batch, seq_len))
     partial = [p.grad for p in model.parameters()
                if isinstance(p.grad, DTensor) and any(x.is_partial() for x in p.grad.placements)]
     return counter.calls, {"count": len(partial), "bytes": sum(g.to_local().nbytes for g in partial)}
 
 
-def fake_world(cfg: LLMConfig, tp: int, sp: bool, batch: int, seq_len: int, dtype: torch.dtype):
+@contextmanager
+def fake_group(tp: int):
+    """A tp world of one process: rank 0 of a fake process group whose collectives do nothing."""
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
     try:
-        model, _ = sharded_model(cfg, tp, sp, dtype)
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model.to_empty(device="cpu")
-            return micro_step(model, cfg, batch, seq_len)
+        yield
     finally:
         dist.destroy_process_group()
 
 
-def gloo_rank(rank: int, tp: int, store: str, cases: list, train, out: str) -> None:
+def fake_world(cfg: LLMConfig, tp: int, sp: bool, batch: int, seq_len: int, dtype: torch.dtype):
+    with fake_group(tp):
+        model, _ = sharded_model(cfg, tp, sp, dtype)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model.to_empty(device="cpu")
+            return micro_step(model, cfg, batch, seq_len)
+
+
+def gloo_rank(rank: int, tp: int, store: str, out: str, work, args: tuple) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp,
                             timeout=timedelta(seconds=120))
+    results = work(tp, *args)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def gloo_world(tp: int, work, *args):
+    """`work(tp, *args)` on every rank of a gloo world of tp processes (one thread each); rank 0's result."""
+    with tempfile.TemporaryDirectory(prefix="tp-comm-") as tmp:
+        mp.spawn(gloo_rank, args=(tp, f"{tmp}/store", f"{tmp}/out.pt", work, args), nprocs=tp)
+        return torch.load(f"{tmp}/out.pt", weights_only=False)
+
+
+def steps(tp: int, cases: list, train) -> list:
+    """(micro-step calls, partial grads, per-step calls) of each case (cfg, sp, batch, seq_len)."""
     results = []
     for cfg, sp, batch, seq_len in cases:
         model, meshes = sharded_model(cfg, tp, sp, torch.float32)
@@ -159,16 +197,7 @@ def gloo_rank(rank: int, tp: int, store: str, cases: list, train, out: str) -> N
             step.phase = "optimizer"
             optimizers.step()
         results.append((calls, partial, step.calls))
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
-
-
-def gloo_world(tp: int, cases: list, train) -> list:
-    """(micro-step calls, partial grads, per-step calls) of each case (cfg, sp, batch, seq_len)."""
-    with tempfile.TemporaryDirectory(prefix="tp-comm-") as tmp:
-        mp.spawn(gloo_rank, args=(tp, f"{tmp}/store", cases, train, f"{tmp}/out.pt"), nprocs=tp)
-        return torch.load(f"{tmp}/out.pt", weights_only=False)
+    return results
 
 
 def megatron_bytes(cfg: LLMConfig, tp: int, tokens: int, act_bytes: int) -> float:
@@ -215,7 +244,7 @@ def main() -> None:
     cfg, batch, seq_len, fp32 = tiny.model_config(), tiny.train.micro_batch_size, tiny.train.seq_len, torch.float32
     cases = []
     for tp in (2, 4):
-        real = gloo_world(tp, [(cfg, sp, batch, seq_len) for sp in (False, True)], tiny.train)
+        real = gloo_world(tp, steps, [(cfg, sp, batch, seq_len) for sp in (False, True)], tiny.train)
         for sp, (calls, partial, step_calls) in zip((False, True), real):
             fake = fake_world(cfg, tp, sp, batch, seq_len, fp32)
             assert fake == (calls, partial), f"the fake route disagrees with gloo at tp={tp} sp={sp}: {fake}"

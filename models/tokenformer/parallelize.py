@@ -57,7 +57,10 @@ class _PattentionStyle(ParallelStyle):
             x = inputs[0]
             if not isinstance(x, DTensor):
                 x = DTensor.from_local(x, mesh, [self.input_layout], run_check=False)
-            return x.redistribute(mesh, [Replicate()])
+            # Not even a no-op redistribute when already replicated: its backward would all-reduce
+            # this Pattention's partial input gradient on its own, where wq, wk and wv share one
+            # input whose summed gradient the attention's PrepareModuleInput reduces once.
+            return x if x.placements == (Replicate(),) else x.redistribute(mesh, [Replicate()])
 
         def local_output(_module, output, mesh):
             return output.redistribute(mesh, [self.output_layout]).to_local()
