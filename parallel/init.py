@@ -51,3 +51,10 @@ def init_parameters(model: nn.Module, seed: int) -> None:
                 param.to_local().copy_(shard.to_local())
             else:
                 param.copy_(full)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate a model (part) built on the meta device on `device` and initialize it: how every run's
+    weights start, and how a checkpoint conversion builds the same parameters."""
+    model.to_empty(device=device)
+    init_parameters(model, seed)
