@@ -91,7 +91,7 @@ def grow(args: argparse.Namespace, source: CheckpointContents, target: Checkpoin
             new.zero_()
         elif old.ndim == 0:  # a step count
             new.copy_(old)
-        else:  # a moment: the new rows' stay zero
+        else:  # a moment: the new rows stay zero
             new.zero_()
             new[:len(old)] = old
     log("optimizer: " + ("AdamW moments of the old rows and step counts carried, new rows zero"
@@ -99,6 +99,6 @@ def grow(args: argparse.Namespace, source: CheckpointContents, target: Checkpoin
 
 
 GROW = CheckpointCommand(
-    help="grow a TokenFormer by adding parameter tokens (function-preserving by default)",
+    help="grow a TokenFormer by adding parameter tokens, function-preserving by default",
     add_arguments=add_arguments, model_changes=model_changes, convert=grow,
     preserves_function=lambda args: args.mode == "preserving")
