@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
+from launcher.config import Config
 from launcher.errors import UserError
+from launcher.optim import Optimizers
+from models.spec import architecture
+from parallel.mesh import ParallelDims
 
 META_FILE = "meta.json"
 
@@ -82,6 +87,19 @@ class RNGState(Stateful):
             torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def training_state(parts: list[nn.Module], optimizers: Optimizers, loader: Stateful) -> dict[str, Stateful]:
+    """What a checkpoint holds besides each rank's RNG: train saves and resumes it, conversions rewrite it."""
+    return {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizers.optimizers),
+            "scheduler": optimizers.schedule_state, "data": loader}
+
+
+def checkpoint_meta(cfg: Config, tokenizer: str, dims: ParallelDims) -> dict:
+    """meta.json of a run's checkpoints (besides the step): what a resume checks (family, architecture,
+    tokenizer) and where the checkpoint came from."""
+    return {"family": cfg.model.family, "model": architecture(cfg.model_config()), "tokenizer": tokenizer,
+            "data": asdict(cfg.data), "layout": asdict(dims)}
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -89,10 +107,10 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -140,7 +158,7 @@ class Checkpointer:
             if final.exists():  # left by a crash after publish but before `latest` moved: never current
                 shutil.rmtree(final)
             os.rename(staging, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             _write_atomically(self.root / "latest", final.name)
             self._prune(keep=final.name)
         dist.barrier()

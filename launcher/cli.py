@@ -4,6 +4,7 @@ import sys
 
 from data.errors import DataError
 from launcher.config import load_config
+from launcher.convert import add_arguments as add_convert_arguments, convert_command
 from launcher.data_commands import add_prepare_arguments, add_tokenizer_arguments, prepare_command, tokenizer_command
 from launcher.distributed import detect_world, launch_local_world
 from launcher.errors import UserError
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     add_prepare_arguments(commands.add_parser(
         "prepare", help="tokenize raw corpus files (jsonl/json/parquet/arrow/txt) into a megatron .bin/.idx dataset"))
     add_tokenizer_arguments(commands.add_parser("tokenizer", help="tokenizer tools: `tokenizer train`"))
+    add_convert_arguments(commands.add_parser(
+        "convert", help="a new run from a checkpoint, by a command of its model family"))
     return parser
 
 
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("prepare", "tokenizer"):
             return prepare_command(args) if args.command == "prepare" else tokenizer_command(args)
+        if args.command == "convert":
+            return convert_command(args)
         return submit(args) if args.command == "submit" else _train(args)
     except (UserError, DataError) as e:
         if detect_world().rank == 0:

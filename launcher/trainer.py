@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState, check_complete
+from launcher.checkpoint import Checkpointer, RNGState, check_complete, checkpoint_meta, training_state
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
@@ -32,11 +31,11 @@ from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
 from models import get_model_spec
-from models.spec import ModelSpec, StepContext, architecture
+from models.spec import BatchKey, ModelSpec, StepContext, architecture
 from parallel.context import SequenceLayout
 from parallel.context.apply import gather_sequence
 from parallel.data_parallel import uses_fsdp
-from parallel.init import init_parameters, materialize
+from parallel.init import materialize
 from parallel.mesh import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from parallel.pipeline import Pipeline, build_pipeline, stages_per_rank
@@ -45,6 +44,13 @@ from parallel.tensor_parallel import full_tensor, reduce_partial_grads
 # Exit code after SIGUSR1/SIGTERM (Slurm's time-limit warning, preemption): the last finished step
 # is checkpointed, and the job script requeues itself to resume from it (EX_TEMPFAIL).
 PREEMPTED_EXIT = 75
+
+
+def model_inputs(keys: dict[str, BatchKey], batch: dict) -> tuple[tuple, dict]:
+    """(positional inputs of the first stage, keyword inputs of every stage) of a batch."""
+    args = tuple(batch[k] for k, key in keys.items() if key.consumer == "inputs" and k in batch)
+    kwargs = {k: batch[k] for k, key in keys.items() if key.consumer == "every_stage" and k in batch}
+    return args, kwargs
 
 
 class TrainStep:
@@ -92,12 +98,6 @@ class TrainStep:
             out[name] = value.to(self.device)
         return out
 
-    def model_inputs(self, batch: dict) -> tuple[tuple, dict]:
-        """(positional inputs of the first stage, keyword inputs of every stage) of a batch."""
-        args = tuple(batch[k] for k, key in self.keys.items() if key.consumer == "inputs" and k in batch)
-        kwargs = {k: batch[k] for k, key in self.keys.items() if key.consumer == "every_stage" and k in batch}
-        return args, kwargs
-
     def loss_terms(self, outputs, batch: dict) -> torch.Tensor:
         """The family's loss of one micro-batch, scaled for backward; its sums are added to the step's."""
         terms = self.spec.loss.compute(outputs, batch)
@@ -119,7 +119,7 @@ class TrainStep:
         with self.loss_context(), self.precision:
             if self.pipeline is not None:
                 whole = {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
-                args, kwargs = self.model_inputs(whole)
+                args, kwargs = model_inputs(self.keys, whole)
                 # The loss function sees its micro-batch's row numbers as the target and reads every key it
                 # needs from those rows (a schedule passes one tensor to it).
                 self.whole_batch = whole
@@ -127,7 +127,7 @@ class TrainStep:
                 self.pipeline.run(args, kwargs, rows, backward)
             else:
                 for batch in batches:
-                    args, kwargs = self.model_inputs(batch)
+                    args, kwargs = model_inputs(self.keys, batch)
                     loss = self.loss_terms(self.parts[0](*args, **kwargs), batch)
                     if backward:
                         loss.backward()
@@ -190,7 +190,7 @@ class TrainStep:
         affecting the real positions."""
         tokens = torch.tensor([ids + [pad_id] * (length - len(ids))])
         batch = self.prepare(self.spec.data.prompt_batch(tokens))
-        args, kwargs = self.model_inputs(batch)
+        args, kwargs = model_inputs(self.keys, batch)
         with self.precision:
             outputs = self.pipeline.forward(args, kwargs) if self.pipeline is not None else self.parts[0](*args, **kwargs)
         choice = torch.full((), -1, dtype=torch.int64, device=self.device)
@@ -246,8 +246,7 @@ def train(cfg: Config) -> dict:
     else:
         parts = [parallelize(model, spec.plan, dims, meshes, options)]
     for part in parts:
-        materialize(part, device)
-        init_parameters(part, t.seed)
+        materialize(part, device, t.seed)
         if spec.hooks.setup is not None:
             spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
@@ -255,22 +254,20 @@ def train(cfg: Config) -> dict:
     optimizers = Optimizers(parts, t)
     steps.bind(parts, pipeline, optimizers, precision)
 
-    state = {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizers.optimizers),
-             "scheduler": optimizers.schedule_state, "data": train_loader}
-    checkpoint_meta = {"family": cfg.model.family, "model": architecture(model_cfg),
-                       "tokenizer": data.tokenizer.fingerprint, "data": asdict(cfg.data), "layout": asdict(dims)}
-    state["rng"] = RNGState(rank)
+    state = {**training_state(parts, optimizers, train_loader), "rng": RNGState(rank)}
+    meta = checkpoint_meta(cfg, data.tokenizer.fingerprint, dims)
     if saved is not None:
-        check_same_tokenizer(saved["meta"], checkpoint_meta, resume_from)
-        # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks.
+        check_same_tokenizer(saved["meta"], meta, resume_from)
+        # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks, a converted
+        # one (launcher/convert.py) none at all.
         has_rng = f"rng.{state['rng'].key}" in saved["keys"]
         checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"})
     # Everything is checked: from here on the run directory is written to.
     metrics = MetricsWriter(run_dir, rank, t.steps, start_step, tensorboard=cfg.run.tensorboard)
     if saved is not None:
         metrics.info(f"resumed from {resume_from} at step {start_step}"
-                     + ("" if has_rng else f" (the checkpoint came from a world of "
-                                            f"{saved['meta']['layout']['world_size']}: new ranks keep their seed RNG)"))
+                     + ("" if has_rng else " (it holds no RNG state of rank 0, e.g. a converted checkpoint: "
+                                            "seed RNG kept)"))
     if rank == 0:
         cfg.dump(run_dir / "config.yaml")
 
@@ -287,7 +284,7 @@ def train(cfg: Config) -> dict:
         metrics.info(allocator_note)
 
     def save(step: int) -> None:
-        path = checkpointer.save(step, state, checkpoint_meta)
+        path = checkpointer.save(step, state, meta)
         metrics.info(f"saved checkpoint {path}")
 
     tokens_per_step = t.global_batch_size * t.seq_len

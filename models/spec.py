@@ -2,9 +2,10 @@
 
 The trainer only ever talks to a ModelSpec: how the family's batches look and travel (DataSpec),
 what it is trained on (LossSpec), how it is sharded (ParallelPlan, pipeline split, layout
-checks), its exact FLOPs, its hooks into the training step, and its checkpoint adapters. Adding
-a family adds a spec; launcher/ and parallel/ never name one.
+checks), its exact FLOPs, its hooks into the training step, its checkpoint adapters and its own
+checkpoint commands. Adding a family adds a spec; launcher/ and parallel/ never name one.
 """
+import argparse
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,32 @@ class StateDictAdapter(Protocol):
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 
 
+@dataclass
+class CheckpointContents:
+    """A checkpoint's model and optimizer whole in one process, keyed as the trainer saves them: parameters by
+    canonical name; the optimizer flattened, `state.<parameter>.<slot>` (AdamW: step, exp_avg, exp_avg_sq)
+    and `param_groups.<parameter>.<option>` (lr, betas, ...)."""
+    model_config: Any
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CheckpointCommand:
+    """`shardwright convert <name> SOURCE OUT`: a new run directory OUT whose checkpoint, at SOURCE's step,
+    is converted from a checkpoint of the family (launcher/convert.py loads it in one process, builds the
+    new run freshly initialized, calls `convert`, checks the outputs on a batch and publishes OUT)."""
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]  # the command's own options
+    # (args, the checkpoint's model config) -> the model config fields that change; a ValueError says
+    # what is wrong with the arguments (shown as one line).
+    model_changes: Callable[[argparse.Namespace, Any], dict[str, Any]]
+    # (args, source, target, log): fill target (the new run as freshly initialized) from source.
+    convert: Callable[[argparse.Namespace, CheckpointContents, CheckpointContents, Callable[[str], None]], None]
+    # (args) -> whether the new model computes the same function: then its outputs must match the old one's.
+    preserves_function: Callable[[argparse.Namespace], bool]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -103,6 +130,7 @@ class ModelSpec:
     split_stage: Callable[[nn.Module, list[int], bool, bool], None] | None = None
     hooks: TrainingHooks = TrainingHooks()
     state_dict_adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
+    checkpoint_commands: dict[str, CheckpointCommand] = field(default_factory=dict)  # by `convert` sub-command name
 
 
 def execution_field(default: Any) -> Any:

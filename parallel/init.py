@@ -29,10 +29,11 @@ def _seed_for(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def materialize(model: nn.Module, device: torch.device | str) -> None:
-    """Allocate the meta-device `model` on `device`, uninitialized, keeping tied parameters tied:
-    nn.Module.to_empty gives every module that shares a parameter a copy of its own (a tied
-    embedding and head would silently train as two)."""
+def materialize(model: nn.Module, device: torch.device | str, seed: int) -> None:
+    """Allocate a model (part) built on the meta device on `device` and initialize it: how every run's
+    weights start, and how a checkpoint conversion builds the same parameters. Tied parameters stay
+    tied: nn.Module.to_empty alone gives every module that shares a parameter a copy of its own (a
+    tied embedding and head would silently train as two)."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -41,6 +42,7 @@ def materialize(model: nn.Module, device: torch.device | str) -> None:
     for (first, first_name), *others in owners.values():
         for module, name in others:
             setattr(module, name, getattr(first, first_name))
+    init_parameters(model, seed)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """TokenFormer: projections as attention over parameter tokens (model.py), tensor parallelism over
-those tokens (parallelize.py), and growth by adding tokens (launcher/grow.py)."""
+those tokens (parallelize.py), and growth by adding tokens (grow.py: `shardwright convert grow`)."""
 from models.common.text import TEXT_DATA, TOKEN_LOSS
 from models.llm.parallelize import n_layers, split_stage
 from models.spec import ModelSpec
+from models.tokenformer.grow import GROW
 from models.tokenformer.model import TokenFormer, TokenFormerConfig, flops_per_token
 from models.tokenformer.parallelize import PLAN, check_layout
 
@@ -17,4 +18,5 @@ model_spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
+    checkpoint_commands={"grow": GROW},
 )

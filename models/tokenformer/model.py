@@ -14,7 +14,7 @@ pre-norms, Q/K/V and output projection each a Pattention, causal softmax attenti
 fraction of each head's dims, and the FFN one Pattention (its GELU is the only nonlinearity); a
 parametric final LayerNorm and tied embeddings. Keys start N(0, init_std), values N(0, 2 / (L sqrt d)).
 
-Growing the model adds parameter tokens (launcher/grow.py): zero new keys add nothing when tau is
+Growing the model adds parameter tokens (grow.py): zero new keys add nothing when tau is
 fixed, because GELU(0) = 0 and the norms over the old tokens do not change, so `*_tau` are config
 fields (0: sqrt(n) of the layer's own count, which a grown model must not use).
 

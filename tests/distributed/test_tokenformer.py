@@ -1,7 +1,8 @@
 """TokenFormer sharded: tensor parallelism over parameter tokens against one device at the model level
 (fp64, tp 2 and 4, both Q/K/V layouts, with and without sequence parallelism, every normalization),
 with a rank-local-norm negative control; and configs/tokenformer/tiny.yaml shrunk at dp2, tp2,
-tp2 x dp2, cp2 and pp2 against one process at the run level (fp32, relative 1e-5)."""
+tp2 x dp2 (with selective activation checkpointing), cp2 and pp2 against one process at the run level
+(fp32, relative 1e-5)."""
 import copy
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def two(runs_dir, data_cache, one) -> dict:
 
 @pytest.fixture(scope="module")
 def four(runs_dir, data_cache, two) -> dict:
-    checks = tp_checks(4) + [run(runs_dir, data_cache, "tp2_dp2", "parallel.tp=2", "train.micro_batch_size=4")]
+    checks = tp_checks(4) + [run(runs_dir, data_cache, "tp2_dp2", "parallel.tp=2", "train.micro_batch_size=4",
+                                 "train.activation_checkpoint=selective")]
     results = iter(r.value() for r in run_world(4, checks, runs_dir / "world4"))
     return {"tp": [next(results) for _ in TP_CASES[4]], "local_norm": next(results), "tp2_dp2": next(results)}
 
@@ -182,7 +184,7 @@ def test_tiny_run_matches_one_process(two, one, layout):
     assert_same_losses(two["runs"][layout]["losses"], one["tied"]["losses"])
 
 
-def test_tiny_run_tp2_dp2_matches_one_process(four, one):
+def test_tiny_run_tp2_dp2_with_activation_checkpointing_matches_one_process(four, one):
     assert_same_losses(four["tp2_dp2"], one["tied"]["losses"])
 
 

@@ -1,0 +1,208 @@
+"""`shardwright convert`: a new run from a checkpoint.
+
+Every registered family's `checkpoint_commands` (models/spec.py: CheckpointCommand) is a sub-command
+`convert <name> SOURCE OUT`; what surrounds the family's conversion is the same for all of them:
+
+    SOURCE (a run directory: its checkpoints/latest; or one of its checkpoints/step-<N>) + the run's config.yaml
+    -> one process (a gloo world of 1, for DCP and the Checkpointer), the whole model in its memory
+    -> the source run's training state (model, optimizer, schedule, loader: the trainer's Statefuls) loaded
+    -> the family's changes to the model config; the new run built and initialized as train would build it;
+       the family's `convert` fills it from the source
+    -> self-check: both models' outputs on the first validation micro-batch
+    -> OUT/checkpoints/step-<N> (the same step, meta.json of the new model) + OUT/config.yaml, written in a
+       staging directory that is renamed to OUT when complete
+
+`shardwright train OUT/config.yaml` then resumes at step N on any layout (DCP reshards). RNG state is
+not carried over: the resumed ranks keep their seed RNG.
+"""
+import argparse
+import copy
+import os
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.checkpoint import META_FILE, Checkpointer, check_complete, checkpoint_meta, fsync_dir, training_state
+from launcher.config import Config, load_config
+from launcher.distributed import World, init_distributed
+from launcher.errors import UserError
+from launcher.optim import Optimizers
+from launcher.trainer import check_same_model, check_same_tokenizer, model_inputs
+from models import FAMILIES, get_model_spec
+from models.spec import CheckpointCommand, CheckpointContents, ModelSpec, architecture
+from parallel.init import materialize
+from parallel.mesh import ParallelDims
+
+# A conversion that keeps the function must reproduce the old outputs to fp32 rounding; more is a bug.
+PRESERVED_RTOL = 1e-5
+
+
+def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:
+    """Every registered family's checkpoint commands by name, each with the family that owns it."""
+    commands: dict[str, tuple[str, CheckpointCommand]] = {}
+    for family in FAMILIES:
+        for name, command in get_model_spec(family).checkpoint_commands.items():
+            if name in commands:
+                raise ValueError(f"model families {commands[name][0]} and {family} both register `convert {name}`")
+            commands[name] = (family, command)
+    return commands
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    conversions = parser.add_subparsers(dest="conversion", required=True)
+    for name, (family, command) in checkpoint_commands().items():
+        _add_command_arguments(conversions.add_parser(name, help=f"{command.help} ({family} checkpoints)"), command)
+
+
+def _add_command_arguments(parser: argparse.ArgumentParser, command: CheckpointCommand) -> None:
+    parser.description = (f"{command.help}. Runs in one process and holds the whole model (twice) in its memory; "
+                          f"writes a new run directory that `shardwright train OUT/config.yaml` resumes on any layout.")
+    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
+    parser.add_argument("out", help="the new run directory to write (must not exist)")
+    command.add_arguments(parser)
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    convert_run(args.conversion, args, log=lambda line: print(line, flush=True))
+    return 0
+
+
+def convert(name: str, source: Path | str, out: Path | str, *options: str,
+            log: Callable[[str], None] = print) -> Path:
+    """`shardwright convert NAME SOURCE OUT OPTIONS...` in this process (e.g. from a test); returns OUT.
+    Bad input raises UserError."""
+    parser = argparse.ArgumentParser(prog=f"convert {name}")
+    _add_command_arguments(parser, checkpoint_commands()[name][1])
+    return convert_run(name, parser.parse_args([str(source), str(out), *options]), log)
+
+
+def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    family, command = checkpoint_commands()[name]
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; convert writes a new run directory and never overwrites one: "
+                        f"pass a path that does not exist")
+    checkpoint, run_dir = find_checkpoint(Path(args.source))
+    saved = check_complete(checkpoint)
+    if saved["meta"].get("family") != family:
+        raise UserError(f"{checkpoint} holds a {saved['meta'].get('family')} model; `convert {name}` converts "
+                        f"{family} checkpoints")
+    cfg = load_config(run_dir / "config.yaml")
+    check_same_model(saved["meta"], family, architecture(cfg.model_config()), checkpoint)
+    try:
+        changes = command.model_changes(args, cfg.model_config())
+    except ValueError as e:
+        raise UserError(f"convert {name}: {e}") from None
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.model.args = {**cfg.model.args, **changes}
+    new_cfg.run.dir = str(out)
+    new_cfg.run.stop_at_step = 0  # it ended an invocation of the source run
+    step = saved["meta"]["step"]
+    log(f"convert {name}: {checkpoint} (step {step}) -> {out}")
+
+    spec = get_model_spec(family)
+    with one_process_world(cfg.run.timeout_s):
+        t = cfg.train
+        data, train_loader, valid_loader = spec.data.build_loaders(
+            cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed, log=log)
+        check_same_tokenizer(saved["meta"], {"tokenizer": data.tokenizer.fingerprint}, checkpoint)
+        source_model, source_optimizers = build_run(spec, cfg)
+        source_state = training_state([source_model], source_optimizers, train_loader)
+        Checkpointer(run_dir, cfg.checkpoint.keep_last, rank=0).load(checkpoint, source_state)
+        target_model, target_optimizers = build_run(spec, new_cfg)
+        # The loader is shared, the schedule carried over (same train section); model and optimizer are the family's.
+        target_state = training_state([target_model], target_optimizers, train_loader)
+        target_state["scheduler"].load_state_dict(source_state["scheduler"].state_dict())
+        target = CheckpointContents(new_cfg.model_config(), target_state["model"].state_dict(),
+                                    target_state["optimizer"].state_dict())
+        command.convert(args, CheckpointContents(cfg.model_config(), source_state["model"].state_dict(),
+                                                 source_state["optimizer"].state_dict()), target, log)
+        target_state["model"].load_state_dict(target.model)
+        target_state["optimizer"].load_state_dict(target.optimizer)
+        log(f"parameters: {parameter_count(source_model):,} -> {parameter_count(target_model):,}")
+
+        batch = valid_loader.micro_batches(0)[0]
+        difference = output_difference(spec, source_model, target_model, batch)
+        preserving = command.preserves_function(args)
+        log(f"self-check on the first validation micro-batch: the outputs differ by {difference:.2e} relative to "
+            f"the largest old output" + (" (the function is kept)" if preserving else
+                                         " (this conversion changes the function)"))
+        if preserving and difference > PRESERVED_RTOL:
+            raise RuntimeError(f"convert {name} should keep the model's outputs but changed them by {difference:.2e} "
+                               f"(> {PRESERVED_RTOL}): a bug; nothing was written")
+        one_process = ParallelDims.resolve(dp_shard=1, world_size=1)
+        publish(out, new_cfg, step, target_state, checkpoint_meta(new_cfg, data.tokenizer.fingerprint, one_process))
+    more = f" --set train.steps=<more than {step}>" if step >= new_cfg.train.steps else ""
+    log(f"wrote {out}/checkpoints/step-{step} and {out}/config.yaml; continue training with:\n"
+        f"  shardwright train {out}/config.yaml{more}")
+    return out
+
+
+def find_checkpoint(source: Path) -> tuple[Path, Path]:
+    """(checkpoint directory, run directory) of SOURCE: a run directory or one of its checkpoints/step-<N>."""
+    if (source / META_FILE).is_file():
+        checkpoint, run_dir = source, source.parent.parent
+    elif not source.is_dir():
+        raise UserError(f"{source} does not exist; pass a run directory or one of its checkpoints/step-<N>")
+    elif (checkpoint := Checkpointer(source, keep_last=0, rank=0).latest_dir()) is not None:
+        run_dir = source
+    else:
+        raise UserError(f"{source} is neither a run directory with a checkpoint (checkpoints/latest) nor a "
+                        f"checkpoints/step-<N> directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} has no config.yaml (train writes it there): pass the run directory of a "
+                        f"`shardwright train` run or one of its checkpoints/step-<N>")
+    return checkpoint, run_dir
+
+
+@contextmanager
+def one_process_world(timeout_s: int):
+    """A gloo world of this process alone, for DCP and the Checkpointer (an existing world is used if it
+    has one process)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            raise UserError(f"convert runs in one process, but this is rank {dist.get_rank()} of a world of "
+                            f"{dist.get_world_size()}; run it without torchrun/srun")
+        yield
+        return
+    init_distributed(World(rank=0, world_size=1, local_rank=0, launcher="single"), timeout_s)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_run(spec: ModelSpec, cfg: Config) -> tuple[nn.Module, Optimizers]:
+    """A run's model, whole in this process, built and initialized as train builds it, and its optimizer."""
+    with torch.device("meta"):
+        model = spec.model_cls(cfg.model_config())
+    materialize(model, torch.device("cpu"), cfg.train.seed)
+    return model, Optimizers([model], cfg.train)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def output_difference(spec: ModelSpec, old: nn.Module, new: nn.Module, batch: dict) -> float:
+    """The largest difference of the two models' outputs on `batch`, relative to the largest old output."""
+    args, kwargs = model_inputs(spec.data.keys, batch)
+    old_outputs, new_outputs = old.eval()(*args, **kwargs), new.eval()(*args, **kwargs)
+    return ((new_outputs - old_outputs).abs().max() / old_outputs.abs().max()).item()
+
+
+def publish(out: Path, cfg: Config, step: int, state: dict, meta: dict) -> None:
+    """OUT with its checkpoint and config.yaml, renamed into place once complete."""
+    staging = out.with_name(f".{out.name}.converting")
+    if staging.exists():  # left by a conversion that crashed; never read
+        shutil.rmtree(staging)
+    Checkpointer(staging, cfg.checkpoint.keep_last, rank=0).save(step, state, meta)
+    cfg.dump(staging / "config.yaml")
+    os.rename(staging, out)
+    fsync_dir(out.parent)
