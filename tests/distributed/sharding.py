@@ -39,3 +39,34 @@ def assert_placed(placements: dict, plan: dict) -> None:
         placement = plan[name.split(".")[-2]]
         want[name] = None if placement is None else (("tp",), (placement,))
     assert placements == want
+
+
+def model_parity_errors(reference: nn.Module, sharded: nn.Module, vocab_size: int, seq_len: int) -> dict[str, float]:
+    """One forward + backward of a token-level model on one device and tensor-parallel (under loss
+    parallelism) on the same random batch: max error of logits, loss and every parameter's gradient,
+    relative to the reference's largest entry (the sharded parameters must have the reference's shapes)."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from models.common.loss import cross_entropy_sum
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
+    targets = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
+    ref_logits = reference(tokens)
+    ref_loss, n = cross_entropy_sum(ref_logits, targets)
+    (ref_loss / n).backward()
+    with loss_parallel():
+        logits = sharded(tokens)
+        loss, n = cross_entropy_sum(logits, targets)
+        (loss / n).backward()
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        got = got.full_tensor() if isinstance(got, DTensor) else got
+        assert got.shape == want.shape
+        return ((got - want).abs().max() / want.abs().max()).item()
+
+    errors = {"logits": rel(logits, ref_logits), "loss": rel(loss, ref_loss)}
+    ref_params = dict(reference.named_parameters())
+    for name, param in sharded.named_parameters():
+        errors[f"grad:{name}"] = rel(param.grad, ref_params[name].grad)
+    return errors

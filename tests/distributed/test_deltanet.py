@@ -28,18 +28,14 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool, perturb: fl
     logits, loss and every parameter gradient (max relative error); and "placements": each
     parameter's (mesh dim names, placements) if it is a DTensor, else None. `perturb` is the negative
     control: the last tp rank's shard of layer 0's q_conv scaled by 1 + perturb after sharding."""
-    import torch
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import loss_parallel
 
-    from models.common.loss import cross_entropy_sum
     from models.deltanet.model import DeltaNet, DeltaNetConfig
     from models.deltanet.parallelize import apply_tensor_parallel
     from parallel.options import ParallelizeOptions
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
-    from tests.distributed.sharding import placements, scale_last_shard
+    from tests.distributed.sharding import model_parity_errors, placements, scale_last_shard
 
     tp = dist.get_world_size()
     cfg = DeltaNetConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16,
@@ -52,25 +48,7 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool, perturb: fl
     apply_tensor_parallel(sharded, meshes, ParallelizeOptions(sequence_parallel=sequence_parallel))
     if perturb:
         scale_last_shard(sharded.layers["0"].attention.q_conv.weight, 1 + perturb)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
-    targets = torch.randint(0, cfg.vocab_size, (2, 20), generator=generator)
-    ref_logits = reference(tokens)
-    ref_loss, n = cross_entropy_sum(ref_logits, targets)
-    (ref_loss / n).backward()
-    with loss_parallel():
-        logits = sharded(tokens)
-        loss, n = cross_entropy_sum(logits, targets)
-        (loss / n).backward()
-
-    def whole(t):
-        return t.full_tensor() if isinstance(t, DTensor) else t
-
-    errors = {"logits": _rel(whole(logits), ref_logits), "loss": _rel(whole(loss), ref_loss)}
-    ref_params = dict(reference.named_parameters())
-    for name, param in sharded.named_parameters():
-        assert whole(param).shape == ref_params[name].shape, name
-        errors[f"grad:{name}"] = _rel(whole(param.grad), ref_params[name].grad)
+    errors = model_parity_errors(reference, sharded, cfg.vocab_size, seq_len=20)
     assert any("conv" in k for k in errors) and any("b_proj" in k for k in errors)
     return {"errors": errors, "placements": placements(sharded)}
 

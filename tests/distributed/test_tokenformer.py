@@ -25,19 +25,16 @@ def tp_parity(qkv: str, sequence_parallel: bool, normalization: str, local_norm:
     """Check body: a TokenFormer TP'd over the world vs one device (fp64): max relative error of logits,
     loss and every parameter gradient, and each parameter's placements. `local_norm` is the negative
     control: Theta normalizes each rank's shard of the scores by its own norm instead of the global one."""
-    import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.parallel import loss_parallel
 
     import models.tokenformer.model as tokenformer
-    from models.common.loss import cross_entropy_sum
     from models.tokenformer.model import TokenFormer, TokenFormerConfig
     from models.tokenformer.parallelize import PLAN
     from parallel.init import init_parameters
     from parallel.mesh import ParallelDims
     from parallel.options import ParallelizeOptions
-    from tests.distributed.sharding import placements
+    from tests.distributed.sharding import model_parity_errors, placements
 
     tp = dist.get_world_size()
     cfg = TokenFormerConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, qkv_tokens=16, proj_tokens=8, ffn_tokens=24,
@@ -56,29 +53,9 @@ def tp_parity(qkv: str, sequence_parallel: bool, normalization: str, local_norm:
             return DTensor.from_local(local, x.device_mesh, [Replicate()], run_check=False)
         tokenformer.inverse_l2_norm = rank_local_norm
     try:
-        generator = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=generator)
-        targets = torch.randint(0, cfg.vocab_size, (2, 12), generator=generator)
-        ref_logits = reference(tokens)
-        ref_loss, n = cross_entropy_sum(ref_logits, targets)
-        (ref_loss / n).backward()
-        with loss_parallel():
-            logits = sharded(tokens)
-            loss, n = cross_entropy_sum(logits, targets)
-            (loss / n).backward()
+        errors = model_parity_errors(reference, sharded, cfg.vocab_size, seq_len=12)
     finally:
         tokenformer.inverse_l2_norm = global_norm
-
-    def whole(t):
-        return t.full_tensor() if isinstance(t, DTensor) else t
-
-    def rel(a, b):
-        return ((whole(a) - b).abs().max() / b.abs().max()).item()
-
-    errors = {"logits": rel(logits, ref_logits), "loss": rel(loss, ref_loss)}
-    ref_params = dict(reference.named_parameters())
-    for name, param in sharded.named_parameters():
-        errors[f"grad:{name}"] = rel(param.grad, ref_params[name].grad)
     tied = sharded.output.weight is sharded.tok_embeddings.weight
     return {"errors": errors, "placements": placements(sharded), "tied": tied}
 
