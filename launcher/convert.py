@@ -111,12 +111,7 @@ def convert(name: str, source: Path | str, out: Path | str, *options: str,
 
 def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-hf`: OUT, a Hugging Face model directory of SOURCE's weights."""
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} exists; convert writes a new directory and never overwrites one: "
-                        f"pass a path that does not exist")
-    checkpoint, run_dir = find_checkpoint(Path(args.source))
-    saved = check_complete(checkpoint)
+    out, checkpoint, run_dir, saved = open_source(args)
     family = saved["meta"].get("family")
     spec = get_model_spec(family)
     if "hf" not in spec.state_dict_adapters:
@@ -152,12 +147,7 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
 
 def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     family, command = checkpoint_commands()[name]
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} exists; convert writes a new run directory and never overwrites one: "
-                        f"pass a path that does not exist")
-    checkpoint, run_dir = find_checkpoint(Path(args.source))
-    saved = check_complete(checkpoint)
+    out, checkpoint, run_dir, saved = open_source(args)
     if saved["meta"].get("family") != family:
         raise UserError(f"{checkpoint} holds a {saved['meta'].get('family')} model; `convert {name}` converts "
                         f"{family} checkpoints")
@@ -210,6 +200,16 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
     log(f"wrote {out}/checkpoints/step-{step} and {out}/config.yaml; continue training with:\n"
         f"  shardwright train {out}/config.yaml{more}")
     return out
+
+
+def open_source(args: argparse.Namespace) -> tuple[Path, Path, Path, dict]:
+    """(OUT, SOURCE's checkpoint, its run directory, check_complete of the checkpoint); OUT must not exist."""
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; convert writes a new directory and never overwrites one: "
+                        f"pass a path that does not exist")
+    checkpoint, run_dir = find_checkpoint(Path(args.source))
+    return out, checkpoint, run_dir, check_complete(checkpoint)
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Path]:

@@ -38,6 +38,16 @@ _MAPPED_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "mul
                   "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init"}
 
 
+def _rename(name: str, layer_pattern: re.Pattern, layer_format: str, layer_names: dict[str, str],
+            top_names: dict[str, str], target: str) -> str:
+    """`name` in the other format: a layer's parameter (layer_pattern: index, name in the layer) or a top one."""
+    if (layer := layer_pattern.fullmatch(name)) and layer[2] in layer_names:
+        return layer_format.format(layer[1], layer_names[layer[2]])
+    if name in top_names:
+        return top_names[name]
+    raise ValueError(f"tensor {name} has no counterpart in {target}")
+
+
 def interleaved_to_half_rotation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of wq/wk for interleaved-pair RoPE -> rows for HF's rotate_half RoPE, within each head."""
     rows, cols = weight.shape
@@ -56,12 +66,7 @@ class LlamaAdapter:
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
         for name, tensor in state_dict.items():
-            if (layer := _HF_LAYER.fullmatch(name)) and layer[2] in _HF_LAYER_NAMES:
-                native_name = f"layers.{layer[1]}.{_HF_LAYER_NAMES[layer[2]]}"
-            elif name in _HF_TOP_NAMES:
-                native_name = _HF_TOP_NAMES[name]
-            else:
-                raise ValueError(f"tensor {name} has no counterpart in the llm model")
+            native_name = _rename(name, _HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
             native[native_name] = self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]
@@ -72,12 +77,7 @@ class LlamaAdapter:
         for name, tensor in state_dict.items():
             if name == "output.weight" and model_cfg.tie_embeddings:
                 continue  # HF ties lm_head to embed_tokens itself (tie_word_embeddings)
-            if (layer := _NATIVE_LAYER.fullmatch(name)) and layer[2] in _LAYER_NAMES:
-                hf_name = f"model.layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"
-            elif name in _TOP_NAMES:
-                hf_name = _TOP_NAMES[name]
-            else:
-                raise ValueError(f"parameter {name} has no counterpart in LlamaForCausalLM")
+            hf_name = _rename(name, _NATIVE_LAYER, "model.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES, "LlamaForCausalLM")
             hf[hf_name] = self._rope_rows(name, tensor, model_cfg, interleaved_to_half_rotation)
         return hf
 

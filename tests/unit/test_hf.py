@@ -4,12 +4,10 @@ permutation), its tokenizer encodes as ours, HF -> native -> HF is bit-identical
 line. Tiny models, fp32, one process (train() runs in the test process)."""
 import dataclasses
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
@@ -34,15 +32,7 @@ FP32_TOLERANCE = 1e-5
 TEXT = "def f(x):\n    return  x**2 + 1  # ünïcode 😀\n\n<s> The with statement 12345\t</s>"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def in_process_runs():
-    """train() runs in this process: give back its process group and stop-signal handlers afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
 
 
 @pytest.fixture(scope="module")
