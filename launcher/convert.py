@@ -14,6 +14,10 @@ Every registered family's `checkpoint_commands` (models/spec.py: CheckpointComma
 
 `shardwright train OUT/config.yaml` then resumes at step N on any layout (DCP reshards). RNG state is
 not carried over: the resumed ranks keep their seed RNG.
+
+`convert to-hf SOURCE OUT` is the same for every family whose spec has an "hf" StateDictAdapter: the
+source's model (weights only) loaded the same way, mapped by the adapter, written as a Hugging Face
+directory (launcher/hf_files.py) in a staging directory renamed to OUT when complete.
 """
 import argparse
 import copy
@@ -27,10 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint import META_FILE, Checkpointer, check_complete, checkpoint_meta, fsync_dir, training_state
+from launcher.checkpoint import (META_FILE, Checkpointer, ModelState, check_complete, checkpoint_meta, fsync_dir,
+                                 training_state)
 from launcher.config import Config, load_config
 from launcher.distributed import World, init_distributed
 from launcher.errors import UserError
+from launcher.hf_files import write_hf_directory
 from launcher.optim import Optimizers
 from launcher.trainer import check_same_model, check_same_tokenizer, model_inputs
 from models import FAMILIES, get_model_spec
@@ -40,6 +46,8 @@ from parallel.mesh import ParallelDims
 
 # A conversion that keeps the function must reproduce the old outputs to fp32 rounding; more is a bug.
 PRESERVED_RTOL = 1e-5
+TO_HF = "to-hf"  # the sub-command every family with an "hf" state-dict adapter has
+HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:
@@ -47,14 +55,16 @@ def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:
     commands: dict[str, tuple[str, CheckpointCommand]] = {}
     for family in FAMILIES:
         for name, command in get_model_spec(family).checkpoint_commands.items():
-            if name in commands:
-                raise ValueError(f"model families {commands[name][0]} and {family} both register `convert {name}`")
+            if name in commands or name == TO_HF:
+                raise ValueError(f"model family {family} registers `convert {name}`, which "
+                                 f"{commands[name][0] if name in commands else 'the launcher'} has already")
             commands[name] = (family, command)
     return commands
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conversions = parser.add_subparsers(dest="conversion", required=True)
+    _add_to_hf_arguments(conversions.add_parser(TO_HF, help=TO_HF_HELP))
     for name, (family, command) in checkpoint_commands().items():
         _add_command_arguments(conversions.add_parser(name, help=f"{command.help} ({family} checkpoints)"), command)
 
@@ -67,8 +77,23 @@ def _add_command_arguments(parser: argparse.ArgumentParser, command: CheckpointC
     command.add_arguments(parser)
 
 
+TO_HF_HELP = "a Hugging Face model directory (safetensors, config.json, tokenizer) from a checkpoint's weights"
+
+
+def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (f"{TO_HF_HELP}, for model families with a Hugging Face mapping. Runs in one process and "
+                          f"holds the whole model (twice) in its memory; reads checkpoints of any layout.")
+    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
+    parser.add_argument("out", help="the directory to write (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(HF_DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+
+
 def convert_command(args: argparse.Namespace) -> int:
-    convert_run(args.conversion, args, log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.conversion == TO_HF:
+        export_hf(args, log)
+    else:
+        convert_run(args.conversion, args, log)
     return 0
 
 
@@ -77,18 +102,52 @@ def convert(name: str, source: Path | str, out: Path | str, *options: str,
     """`shardwright convert NAME SOURCE OUT OPTIONS...` in this process (e.g. from a test); returns OUT.
     Bad input raises UserError."""
     parser = argparse.ArgumentParser(prog=f"convert {name}")
+    if name == TO_HF:
+        _add_to_hf_arguments(parser)
+        return export_hf(parser.parse_args([str(source), str(out), *options]), log)
     _add_command_arguments(parser, checkpoint_commands()[name][1])
     return convert_run(name, parser.parse_args([str(source), str(out), *options]), log)
 
 
+def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    """`convert to-hf`: OUT, a Hugging Face model directory of SOURCE's weights."""
+    out, checkpoint, run_dir, saved = open_source(args)
+    family = saved["meta"].get("family")
+    spec = get_model_spec(family)
+    if "hf" not in spec.state_dict_adapters:
+        raise UserError(f"{checkpoint} holds a {family} model, which has no Hugging Face mapping; `convert {TO_HF}` "
+                        f"converts {', '.join(f for f in FAMILIES if 'hf' in get_model_spec(f).state_dict_adapters)} "
+                        f"checkpoints")
+    adapter = spec.state_dict_adapters["hf"]
+    cfg = load_config(run_dir / "config.yaml")
+    model_cfg = cfg.model_config()
+    check_same_model(saved["meta"], family, architecture(model_cfg), checkpoint)
+    try:
+        hf_config = adapter.export_config(model_cfg, cfg.train.seq_len)
+    except ValueError as e:
+        raise UserError(f"convert {TO_HF}: {checkpoint} cannot be expressed in Hugging Face's format: {e}") from None
+    log(f"convert {TO_HF}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({hf_config['architectures'][0]}, "
+        f"{args.dtype})")
+
+    with one_process_world(cfg.run.timeout_s):
+        t = cfg.train
+        data, _, _ = spec.data.build_loaders(cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, 0, 1,
+                                             t.seed, log=log)
+        check_same_tokenizer(saved["meta"], {"tokenizer": data.tokenizer.fingerprint}, checkpoint)
+        model = build_model(spec, cfg)
+        state = {"model": ModelState([model])}  # weights only: DCP reads just these keys
+        Checkpointer(run_dir, cfg.checkpoint.keep_last, rank=0).load(checkpoint, state)
+        tensors = adapter.from_native(state["model"].state_dict(), model_cfg)
+    with staged(out) as staging:
+        write_hf_directory(staging, tensors, hf_config, data.tokenizer.model_path, HF_DTYPES[args.dtype])
+    log(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters; load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+    return out
+
+
 def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     family, command = checkpoint_commands()[name]
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} exists; convert writes a new run directory and never overwrites one: "
-                        f"pass a path that does not exist")
-    checkpoint, run_dir = find_checkpoint(Path(args.source))
-    saved = check_complete(checkpoint)
+    out, checkpoint, run_dir, saved = open_source(args)
     if saved["meta"].get("family") != family:
         raise UserError(f"{checkpoint} holds a {saved['meta'].get('family')} model; `convert {name}` converts "
                         f"{family} checkpoints")
@@ -143,6 +202,16 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
     return out
 
 
+def open_source(args: argparse.Namespace) -> tuple[Path, Path, Path, dict]:
+    """(OUT, SOURCE's checkpoint, its run directory, check_complete of the checkpoint); OUT must not exist."""
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; convert writes a new directory and never overwrites one: "
+                        f"pass a path that does not exist")
+    checkpoint, run_dir = find_checkpoint(Path(args.source))
+    return out, checkpoint, run_dir, check_complete(checkpoint)
+
+
 def find_checkpoint(source: Path) -> tuple[Path, Path]:
     """(checkpoint directory, run directory) of SOURCE: a run directory or one of its checkpoints/step-<N>."""
     if (source / META_FILE).is_file():
@@ -177,11 +246,17 @@ def one_process_world(timeout_s: int):
         dist.destroy_process_group()
 
 
-def build_run(spec: ModelSpec, cfg: Config) -> tuple[nn.Module, Optimizers]:
-    """A run's model, whole in this process, built and initialized as train builds it, and its optimizer."""
+def build_model(spec: ModelSpec, cfg: Config) -> nn.Module:
+    """A run's model, whole in this process, built and initialized as train builds it."""
     with torch.device("meta"):
         model = spec.model_cls(cfg.model_config())
     materialize(model, torch.device("cpu"), cfg.train.seed)
+    return model
+
+
+def build_run(spec: ModelSpec, cfg: Config) -> tuple[nn.Module, Optimizers]:
+    """A run's model (build_model) and its optimizer."""
+    model = build_model(spec, cfg)
     return model, Optimizers([model], cfg.train)
 
 
@@ -199,10 +274,19 @@ def output_difference(spec: ModelSpec, old: nn.Module, new: nn.Module, batch: di
 
 def publish(out: Path, cfg: Config, step: int, state: dict, meta: dict) -> None:
     """OUT with its checkpoint and config.yaml, renamed into place once complete."""
+    with staged(out) as staging:
+        Checkpointer(staging, cfg.checkpoint.keep_last, rank=0).save(step, state, meta)
+        cfg.dump(staging / "config.yaml")
+
+
+@contextmanager
+def staged(out: Path):
+    """A staging directory next to OUT to write into, renamed to OUT once the block completes (so OUT exists
+    whole or not at all); an error leaves only the staging directory, which the next conversion clears."""
     staging = out.with_name(f".{out.name}.converting")
     if staging.exists():  # left by a conversion that crashed; never read
         shutil.rmtree(staging)
-    Checkpointer(staging, cfg.checkpoint.keep_last, rank=0).save(step, state, meta)
-    cfg.dump(staging / "config.yaml")
+    staging.mkdir(parents=True)
+    yield staging
     os.rename(staging, out)
     fsync_dir(out.parent)

@@ -77,12 +77,17 @@ class TrainingHooks:
 
 
 class StateDictAdapter(Protocol):
-    """Maps the checkpoint of another format (e.g. Hugging Face) to and from the family's canonical
-    parameter names and layouts (the names ModelState saves)."""
+    """Maps the checkpoint of another format (e.g. Hugging Face, keyed "hf") to and from the family's canonical
+    parameter names and layouts (the names ModelState saves), and the family's model config to that format's.
+    A ValueError names what the other format cannot express (a tensor, a config field)."""
 
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
+
+    # The format's model config (for "hf": the fields of config.json, with model_type and architectures) for
+    # a model trained on sequences of max_position_embeddings tokens.
+    def export_config(self, model_cfg: Any, max_position_embeddings: int) -> dict[str, Any]: ...
 
 
 @dataclass

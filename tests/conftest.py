@@ -1,6 +1,8 @@
+import signal
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "llm" / "tiny.yaml"
@@ -23,3 +25,15 @@ def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
             "train.steps=10", "train.global_batch_size=8", "train.micro_batch_size=8", "train.seq_len=64",
             "train.warmup_steps=2", "train.eval_every=0", "train.eval_batches=1", "train.sample_prompt=",
             "run.tensorboard=false", "run.log_every=100", "checkpoint.every=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def in_process_runs():
+    """For a module whose tests run train() in the test process: give back its process group and stop-signal
+    handlers afterwards (use with `pytestmark = pytest.mark.usefixtures("in_process_runs")`)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,4 +1,5 @@
 from models.common.text import TEXT_DATA, TOKEN_LOSS
+from models.llm.hf import LlamaAdapter
 from models.llm.model import LLMConfig, Transformer, flops_per_token
 from models.llm.parallelize import PLAN, check_layout, n_layers, split_stage
 from models.spec import ModelSpec
@@ -14,4 +15,5 @@ model_spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
+    state_dict_adapters={"hf": LlamaAdapter()},
 )

@@ -6,12 +6,10 @@ and bad input ends with one line. Tiny models, fp32, one process (train() runs i
 import dataclasses
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from launcher.checkpoint import Checkpointer, ModelState, check_complete
@@ -30,15 +28,7 @@ GROW = ("--qkv-tokens", "48", "--proj-tokens", "40", "--ffn-tokens", "128")
 PRESERVED_RTOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def in_process_runs():
-    """train() runs in this process: give back its process group and stop-signal handlers afterwards."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +151,7 @@ def edited_copy(source: Path, destination: Path, **model_changes) -> Path:
     ("same counts", ["--ffn-tokens", "64", "--qkv-tokens", "32"], "nothing to grow"),
     ("no counts", [], "nothing to grow"),
     ("zero", ["--qkv-tokens", "0"], "--qkv-tokens 0: token counts must be positive integers"),
-    ("out exists", ["--ffn-tokens", "128"], "exists; convert writes a new run directory"),
+    ("out exists", ["--ffn-tokens", "128"], "exists; convert writes a new directory"),
     ("missing source", ["--ffn-tokens", "128"], "does not exist; pass a run directory"),
     ("not a checkpoint", ["--ffn-tokens", "128"], "is neither a run directory with a checkpoint"),
 ])

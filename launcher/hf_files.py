@@ -1,0 +1,57 @@
+"""The files of a Hugging Face model directory, written by transformers' and huggingface_hub's own code:
+safetensors weights (one file, or shards with model.safetensors.index.json), config.json,
+generation_config.json, and the tokenizer (tokenizer.json, tokenizer_config.json).
+
+The tokenizer is this project's sentencepiece model converted by transformers' SpmConverter, which follows
+the model's own normalizer settings (no dummy prefix, spaces escaped, byte fallback), so
+AutoTokenizer.from_pretrained encodes text to the same ids. It adds no BOS/EOS (our data appends an EOS
+after each document itself), and it encodes "<s>" written in text as text, as sentencepiece does.
+"""
+from pathlib import Path
+
+import torch
+
+from launcher.errors import UserError
+
+MAX_SHARD_SIZE = "5GB"  # huggingface_hub's default: the size transformers writes and loaders expect
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("writing a Hugging Face directory needs transformers: pip install 'shardwright[hf]'") from None
+    return transformers
+
+
+def write_hf_directory(directory: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer_model: Path,
+                       dtype: torch.dtype, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
+    """Write the model `tensors` (HF names) in `dtype` with its `config` (config.json fields, model_type
+    included) and the sentencepiece `tokenizer_model` into the existing `directory`."""
+    transformers = _transformers()
+    from huggingface_hub import save_torch_state_dict
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    sp = SentencePieceProcessor(model_file=str(tokenizer_model))
+    special = {f"{role}_token": sp.id_to_piece(token_id) for role, token_id in
+               (("unk", sp.unk_id()), ("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()))
+               if token_id >= 0}
+    token_ids = {f"{role}_token_id": token_id for role, token_id in
+                 (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())) if token_id >= 0}
+
+    model_config = transformers.AutoConfig.for_model(**config, **token_ids, dtype=dtype)
+    model_config.save_pretrained(directory)
+    transformers.GenerationConfig.from_model_config(model_config).save_pretrained(directory)
+    save_torch_state_dict({name: t.to(dtype).contiguous() for name, t in tensors.items()}, directory,
+                          max_shard_size=max_shard_size)
+
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(Path(tokenizer_model).read_bytes())
+    bpe = proto.trainer_spec.model_type == model_pb2.TrainerSpec.BPE
+    # BPE takes the vocabulary by id (merges follow from the scores), unigram the pieces with their scores.
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)} if bpe else [(p.piece, p.score) for p in proto.pieces]
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, split_special_tokens=True,
+                                         **special).save_pretrained(directory)

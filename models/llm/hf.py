@@ -1,0 +1,103 @@
+"""The `llm` family as Hugging Face's `LlamaForCausalLM`: parameter names, the RoPE layout of wq/wk,
+and the config.
+
+Both models compute the same function given this mapping (checked to fp32 rounding, see
+tests/unit/test_hf.py). The one layout difference: RoPE here rotates interleaved pairs
+(x[2i], x[2i+1]) of each head, HF rotates halves (x[i], x[i + head_dim/2]); permuting the rows of
+wq and wk within each head (as HF's own convert_llama_weights_to_hf.py does) makes the two agree.
+"""
+import re
+
+import torch
+
+from models.llm.model import LLMConfig
+from models.spec import architecture
+
+# native name pattern -> HF name pattern; {i} is the layer index.
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_LAYER_NAMES = {hf: native for native, hf in _LAYER_NAMES.items()}
+_HF_TOP_NAMES = {hf: native for native, hf in _TOP_NAMES.items()}
+
+# Fields that only shape the initialization (or ffn_hidden_dim, which maps): the exported function does not
+# depend on them beyond what the mapped fields say.
+_MAPPED_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                  "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init"}
+
+
+def _rename(name: str, layer_pattern: re.Pattern, layer_format: str, layer_names: dict[str, str],
+            top_names: dict[str, str], target: str) -> str:
+    """`name` in the other format: a layer's parameter (layer_pattern: index, name in the layer) or a top one."""
+    if (layer := layer_pattern.fullmatch(name)) and layer[2] in layer_names:
+        return layer_format.format(layer[1], layer_names[layer[2]])
+    if name in top_names:
+        return top_names[name]
+    raise ValueError(f"tensor {name} has no counterpart in {target}")
+
+
+def interleaved_to_half_rotation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of wq/wk for interleaved-pair RoPE -> rows for HF's rotate_half RoPE, within each head."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def half_to_interleaved_rotation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of interleaved_to_half_rotation."""
+    rows, cols = weight.shape
+    return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+class LlamaAdapter:
+    """models.spec.StateDictAdapter for Hugging Face's LlamaForCausalLM."""
+
+    def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
+        native = {}
+        for name, tensor in state_dict.items():
+            native_name = _rename(name, _HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
+            native[native_name] = self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
+        if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
+            native["output.weight"] = native["tok_embeddings.weight"]
+        return native
+
+    def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
+        hf = {}
+        for name, tensor in state_dict.items():
+            if name == "output.weight" and model_cfg.tie_embeddings:
+                continue  # HF ties lm_head to embed_tokens itself (tie_word_embeddings)
+            hf_name = _rename(name, _NATIVE_LAYER, "model.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES, "LlamaForCausalLM")
+            hf[hf_name] = self._rope_rows(name, tensor, model_cfg, interleaved_to_half_rotation)
+        return hf
+
+    @staticmethod
+    def _rope_rows(native_name: str, tensor: torch.Tensor, cfg: LLMConfig, permute) -> torch.Tensor:
+        if native_name.endswith("attention.wq.weight"):
+            return permute(tensor, cfg.n_heads)
+        if native_name.endswith("attention.wk.weight"):
+            return permute(tensor, cfg.kv_heads)
+        return tensor
+
+    def export_config(self, model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
+        unmapped = sorted(set(architecture(model_cfg)) - _MAPPED_FIELDS)
+        if unmapped:
+            raise ValueError(f"model field {unmapped[0]} has no counterpart in LlamaConfig")
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.dim,
+                "intermediate_size": model_cfg.ffn_hidden_dim, "num_hidden_layers": model_cfg.n_layers,
+                "num_attention_heads": model_cfg.n_heads, "num_key_value_heads": model_cfg.kv_heads,
+                "head_dim": model_cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": model_cfg.norm_eps,
+                "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
+                "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": model_cfg.tie_embeddings,
+                "attention_bias": False, "mlp_bias": False, "initializer_range": model_cfg.init_std}

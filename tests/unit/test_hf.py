@@ -1,0 +1,161 @@
+"""The llm family to and from Hugging Face Llama (models/llm/hf.py, `shardwright convert to-hf`): a trained
+checkpoint exported and loaded by transformers computes our logits (and not without the RoPE row
+permutation), its tokenizer encodes as ours, HF -> native -> HF is bit-identical, and bad input ends with one
+line. Tiny models, fp32, one process (train() runs in the test process)."""
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+import launcher.convert
+import models.llm.hf
+from data.tokenizer import Tokenizer
+from launcher.checkpoint import Checkpointer, ModelState
+from launcher.cli import USER_ERROR_EXIT, main
+from launcher.config import load_config
+from launcher.convert import convert
+from launcher.trainer import train
+from models import get_model_spec
+from models.llm.hf import LlamaAdapter
+from parallel.init import materialize
+from tests.conftest import TEST_VOCAB, TINY, tiny_overrides
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = ("model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=32",
+         "train.steps=3")
+FP32_TOLERANCE = 1e-5
+TEXT = "def f(x):\n    return  x**2 + 1  # ünïcode 😀\n\n<s> The with statement 12345\t</s>"
+
+
+pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache):
+    """trained(tie_embeddings): a run directory trained 3 steps (once per module)."""
+    runs: dict[bool, Path] = {}
+
+    def run(tie_embeddings: bool) -> Path:
+        if tie_embeddings not in runs:
+            runs[tie_embeddings] = tmp_path_factory.mktemp(f"llm-tied-{tie_embeddings}")
+            train(load_config(TINY, tiny_overrides(runs[tie_embeddings], data_cache, *SMALL,
+                                                   f"model.tie_embeddings={tie_embeddings}")))
+        return runs[tie_embeddings]
+    return run
+
+
+def to_hf(source: Path, out: Path, *options: str) -> Path:
+    return convert("to-hf", source, out, *options, log=lambda _: None)
+
+
+def saved_model(run_dir: Path) -> torch.nn.Module:
+    cfg = load_config(run_dir / "config.yaml")
+    with torch.device("meta"):
+        model = get_model_spec("llm").model_cls(cfg.model_config())
+    materialize(model, torch.device("cpu"), cfg.train.seed)
+    dcp.load({"model": ModelState([model])}, checkpoint_id=Checkpointer(run_dir, 1, 0).latest_dir())
+    return model.eval()
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, TEST_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def hf_logits(directory: Path) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return model(tokens()).logits
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_export_computes_our_logits_in_transformers(trained, tmp_path, tie_embeddings):
+    run_dir = trained(tie_embeddings)
+    out = to_hf(run_dir, tmp_path / "hf")
+    with torch.no_grad():
+        ours = saved_model(run_dir)(tokens())
+    assert (hf_logits(out) - ours).abs().max().item() <= FP32_TOLERANCE
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] == tie_embeddings
+    assert ("lm_head.weight" in load_file(out / "model.safetensors")) != tie_embeddings
+    assert not any(p.name.endswith(".converting") for p in tmp_path.iterdir())
+
+
+def test_export_without_the_rope_permutation_differs(trained, tmp_path, monkeypatch):
+    """Negative control: the comparison above catches a missing wq/wk row permutation."""
+    monkeypatch.setattr(models.llm.hf, "interleaved_to_half_rotation", lambda weight, n_heads: weight)
+    run_dir = trained(False)
+    with torch.no_grad():
+        ours = saved_model(run_dir)(tokens())
+    # 3 steps leave the weights near their initialization: 7.5e-3 here, 750x the tolerance.
+    assert (hf_logits(to_hf(run_dir, tmp_path / "hf")) - ours).abs().max().item() > 100 * FP32_TOLERANCE
+
+
+def test_export_in_bf16(trained, tmp_path):
+    out = to_hf(trained(False), tmp_path / "hf", "--dtype", "bf16")
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_exported_tokenizer_encodes_as_ours(trained, tmp_path, data_cache):
+    out = to_hf(trained(False), tmp_path / "hf")
+    ours = Tokenizer(next(data_cache.rglob("tokenizer.model")))
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert theirs(TEXT, add_special_tokens=False).input_ids == ours.encode(TEXT)
+    assert theirs.decode(ours.encode(TEXT)) == TEXT
+    assert (theirs.eos_token_id, len(theirs)) == (ours.eos_id, ours.vocab_size)
+
+
+def test_hf_model_loads_natively_with_its_logits_and_round_trips_bit_identically():
+    """A randomly initialized LlamaForCausalLM (transformers' own) -> native: our model computes its logits;
+    -> HF again: the same tensors, bit for bit."""
+    model_cfg = dataclasses.replace(get_model_spec("llm").config_cls(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    vocab_size=TEST_VOCAB, norm_eps=1e-6, rope_theta=5e5)
+    adapter = LlamaAdapter()
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**adapter.export_config(model_cfg, 64)), dtype=torch.float32).eval()
+    hf_weights = hf_model.state_dict()
+    native = adapter.to_native(hf_weights, model_cfg)
+    ours = get_model_spec("llm").model_cls(model_cfg).eval()
+    ours.load_state_dict(native, strict=True)
+    with torch.no_grad():
+        assert (ours(tokens()) - hf_model(tokens()).logits).abs().max().item() <= FP32_TOLERANCE
+    back = adapter.from_native(native, model_cfg)
+    assert back.keys() == hf_weights.keys()
+    assert all(torch.equal(back[name], hf_weights[name]) for name in back)
+
+
+def test_a_config_field_llama_cannot_express_is_named():
+    @dataclasses.dataclass
+    class WithQKNorm(get_model_spec("llm").config_cls):
+        qk_norm: bool = True
+
+    with pytest.raises(ValueError, match="model field qk_norm has no counterpart in LlamaConfig"):
+        LlamaAdapter().export_config(WithQKNorm(vocab_size=TEST_VOCAB), 64)
+
+
+def cli_error(capsys, *argv: str) -> str:
+    assert main(["convert", "to-hf", *argv]) == USER_ERROR_EXIT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_out_that_exists_is_refused(trained, tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep").write_text("mine")
+    assert "exists" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "keep").read_text() == "mine"
+
+
+def test_a_family_without_a_hf_mapping_is_refused(trained, tmp_path, capsys, monkeypatch):
+    spec = get_model_spec("llm")
+    monkeypatch.setattr(launcher.convert, "get_model_spec",
+                        lambda family: dataclasses.replace(spec, state_dict_adapters={}))
+    assert "has no Hugging Face mapping" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"))
+    assert not any(tmp_path.iterdir())
