@@ -27,14 +27,14 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
-_NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_LAYER_NAMES = {hf: native for native, hf in _LAYER_NAMES.items()}
 _HF_TOP_NAMES = {hf: native for native, hf in _TOP_NAMES.items()}
 
 # Fields that only shape the initialization (or ffn_hidden_dim, which maps): the exported function does not
 # depend on them beyond what the mapped fields say.
-_MAPPED_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+LLAMA_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                   "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init"}
 
 
@@ -66,7 +66,7 @@ class LlamaAdapter:
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
         for name, tensor in state_dict.items():
-            native_name = _rename(name, _HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
+            native_name = _rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
             native[native_name] = self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]
@@ -77,7 +77,7 @@ class LlamaAdapter:
         for name, tensor in state_dict.items():
             if name == "output.weight" and model_cfg.tie_embeddings:
                 continue  # HF ties lm_head to embed_tokens itself (tie_word_embeddings)
-            hf_name = _rename(name, _NATIVE_LAYER, "model.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES, "LlamaForCausalLM")
+            hf_name = _rename(name, NATIVE_LAYER, "model.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES, "LlamaForCausalLM")
             hf[hf_name] = self._rope_rows(name, tensor, model_cfg, interleaved_to_half_rotation)
         return hf
 
@@ -90,14 +90,25 @@ class LlamaAdapter:
         return tensor
 
     def export_config(self, model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
-        unmapped = sorted(set(architecture(model_cfg)) - _MAPPED_FIELDS)
-        if unmapped:
-            raise ValueError(f"model field {unmapped[0]} has no counterpart in LlamaConfig")
+        check_mapped(model_cfg, LLAMA_FIELDS, "LlamaConfig")
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.dim,
-                "intermediate_size": model_cfg.ffn_hidden_dim, "num_hidden_layers": model_cfg.n_layers,
-                "num_attention_heads": model_cfg.n_heads, "num_key_value_heads": model_cfg.kv_heads,
-                "head_dim": model_cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": model_cfg.norm_eps,
-                "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
-                "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": model_cfg.tie_embeddings,
-                "attention_bias": False, "mlp_bias": False, "initializer_range": model_cfg.init_std}
+                **decoder_config(model_cfg, max_position_embeddings), "intermediate_size": model_cfg.ffn_hidden_dim,
+                "attention_bias": False, "mlp_bias": False}
+
+
+def check_mapped(model_cfg: LLMConfig, mapped_fields: set[str], hf_config: str) -> None:
+    """Refuse a config with a field the export does not map (a field added later must be mapped to export)."""
+    unmapped = sorted(set(architecture(model_cfg)) - mapped_fields)
+    if unmapped:
+        raise ValueError(f"model field {unmapped[0]} has no counterpart in {hf_config}")
+
+
+def decoder_config(model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
+    """config.json fields of the Llama decoder around the feed-forward layers, shared by the HF classes built
+    on it (the MoE ones: models/moe/hf.py)."""
+    return {"vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.dim, "num_hidden_layers": model_cfg.n_layers,
+            "num_attention_heads": model_cfg.n_heads, "num_key_value_heads": model_cfg.kv_heads,
+            "head_dim": model_cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": model_cfg.norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
+            "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": model_cfg.tie_embeddings,
+            "initializer_range": model_cfg.init_std}
