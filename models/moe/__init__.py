@@ -1,5 +1,6 @@
 from models.common.text import TEXT_DATA, TOKEN_LOSS
 from models.llm.parallelize import n_layers, split_stage
+from models.moe.hf import MoEAdapter
 from models.moe.model import MoEConfig, MoETransformer, flops_per_token
 from models.moe.parallelize import PLAN, check_layout
 from models.spec import ModelSpec, StepContext, TrainingHooks
@@ -24,4 +25,5 @@ model_spec = ModelSpec(
     n_layers=n_layers,
     split_stage=split_stage,
     hooks=TrainingHooks(setup=weigh_aux_losses, after_optimizer_step=MoETransformer.end_step),
+    state_dict_adapters={"hf": MoEAdapter()},
 )
