@@ -83,35 +83,33 @@ def check_hf_weights(directory: Path | str, spec: ModelSpec, model_cfg) -> HFWei
 
 def _tensor_shapes(directory: Path, where: str) -> dict[str, tuple[Path, list[int]]]:
     """Each tensor's (file, shape), from the safetensors headers: the index's weight map, or every *.safetensors."""
+    weight_map = None
     if (directory / INDEX_FILE).is_file():
-        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
-        files = {name: directory / file for name, file in weight_map.items()}
-        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        weight_map = {name: directory / file
+                      for name, file in json.loads((directory / INDEX_FILE).read_text())["weight_map"].items()}
+        files = sorted(set(weight_map.values()))
+        absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise UserError(f"{where}: {INDEX_FILE} names {', '.join(absent)}, which is not there")
     else:
-        found = sorted(directory.glob("*.safetensors"))
-        if not found:
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
             pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
             raise UserError(f"{where} has no *.safetensors" + (
                 f", only pickled weights ({', '.join(pickled)}), which are never loaded (unpickling runs arbitrary "
                 f"code): convert them to safetensors first" if pickled else ""))
-        files = {}
-        for file in found:
-            with _safe_open()(file, framework="pt") as f:
-                for name in f.keys():
-                    if name in files:
-                        raise UserError(f"{where}: tensor {name} is in both {files[name].name} and {file.name}")
-                    files[name] = file
     shapes = {}
-    for file in sorted(set(files.values())):
+    for file in files:
         with _safe_open()(file, framework="pt") as f:
             for name in f.keys():
-                if files.get(name) == file:
-                    shapes[name] = (file, f.get_slice(name).get_shape())
-    unlisted = sorted(set(files) - set(shapes))
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # the index places it elsewhere (or nowhere): HF loaders read it from there
+                if name in shapes:
+                    raise UserError(f"{where}: tensor {name} is in both {shapes[name][0].name} and {file.name}")
+                shapes[name] = (file, f.get_slice(name).get_shape())
+    unlisted = sorted(set(weight_map or ()) - set(shapes))
     if unlisted:
-        raise UserError(f"{where}: {INDEX_FILE} places {unlisted[0]} in {files[unlisted[0]].name}, which lacks it")
+        raise UserError(f"{where}: {INDEX_FILE} places {unlisted[0]} in {weight_map[unlisted[0]].name}, which lacks it")
     return shapes
 
 

@@ -272,7 +272,8 @@ def train(cfg: Config) -> dict:
                      + ("" if has_rng else " (it holds no RNG state of rank 0, e.g. a converted checkpoint: "
                                             "seed RNG kept)"))
     if saved is not None and cfg.checkpoint.init_from:
-        metrics.info(f"checkpoint.init_from={cfg.checkpoint.init_from} ignored: the run resumes from its own checkpoint")
+        metrics.info(f"checkpoint.init_from={cfg.checkpoint.init_from} ignored: the run resumes from its own "
+                     f"checkpoint")
     elif hf_weights is not None:
         metrics.info(f"initialized from the Hugging Face weights in {hf_weights.directory} "
                      f"({len(hf_weights.files)} tensors); optimizer, schedule and data start fresh at step 0")

@@ -47,7 +47,8 @@ _IMPORTED_FIELDS = {
     "head_dim": ("model.dim / model.n_heads", lambda c: c.get("hidden_size", 4096) // c.get("num_attention_heads", 32)),
     "intermediate_size": ("model.multiple_of / model.ffn_dim_multiplier", 11008),
     "vocab_size": ("data.vocab_size (the run's tokenizer)", 32000), "rms_norm_eps": ("model.norm_eps", 1e-6),
-    "rope_parameters": ("model.rope_theta", None), "tie_word_embeddings": ("model.tie_embeddings", False),
+    "rope_parameters": ("model.rope_theta (only unscaled, default RoPE imports)", None),
+    "tie_word_embeddings": ("model.tie_embeddings", False),
     "hidden_act": ("(none: only silu imports)", "silu"), "attention_bias": ("(none: no biases import)", False),
     "mlp_bias": ("(none: no biases import)", False),
 }

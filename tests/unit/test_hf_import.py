@@ -37,15 +37,22 @@ def overrides(run_dir: Path, data_cache: Path, init_from: Path, *extra: str) -> 
     return tiny_overrides(run_dir, data_cache, *SMALL, f"checkpoint.init_from={init_from}", *extra)
 
 
-def test_imported_weights_are_the_source_checkpoints_bit_for_bit(exported, data_cache, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_imported_weights_are_the_source_checkpoints_bit_for_bit(exported, data_cache, tmp_path, sharded):
     source, hf = exported
+    if sharded:  # shards with model.safetensors.index.json, as huggingface_hub writes a large model
+        from huggingface_hub import save_torch_state_dict
+
+        hf = shutil.copytree(hf, tmp_path / "hf", ignore=shutil.ignore_patterns("model.safetensors"))
+        save_torch_state_dict(load_file(exported[1] / "model.safetensors"), hf, max_shard_size="100KB")
+        assert len(list(hf.glob("*.safetensors"))) > 1
     cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, hf))
     spec, model_cfg = get_model_spec("llm"), cfg.model_config()
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
     materialize(model, torch.device("cpu"), seed=1234)
     assert load_hf_weights([model], spec.state_dict_adapters["hf"], check_hf_weights(hf, spec, model_cfg),
-                           model_cfg) == len(load_file(hf / "model.safetensors"))
+                           model_cfg) == len(load_file(exported[1] / "model.safetensors"))
     expected = saved_model(source).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
 
