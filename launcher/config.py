@@ -96,6 +96,8 @@ class CheckpointSection:
     every: int = 0  # save every N steps (0: only at the end)
     keep_last: int = 2
     enabled: bool = True
+    # A Hugging Face model directory (safetensors) whose weights a run without a checkpoint of its own starts from.
+    init_from: str = ""
 
 
 @dataclass

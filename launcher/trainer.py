@@ -28,6 +28,7 @@ from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
+from launcher.hf_import import check_hf_weights, load_hf_weights
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
 from models import get_model_spec
@@ -206,7 +207,7 @@ class TrainStep:
 def train(cfg: Config) -> dict:
     """Run (or resume) the training described by `cfg` in the current world; return a summary."""
     world = detect_world()
-    dims, resume_from, saved = preflight(cfg, world.world_size)
+    dims, resume_from, saved, hf_weights = preflight(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
     allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
@@ -247,6 +248,8 @@ def train(cfg: Config) -> dict:
         parts = [parallelize(model, spec.plan, dims, meshes, options)]
     for part in parts:
         materialize(part, device, t.seed)
+        if hf_weights is not None:
+            load_hf_weights([part], spec.state_dict_adapters["hf"], hf_weights, model_cfg)
         if spec.hooks.setup is not None:
             spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
@@ -268,6 +271,12 @@ def train(cfg: Config) -> dict:
         metrics.info(f"resumed from {resume_from} at step {start_step}"
                      + ("" if has_rng else " (it holds no RNG state of rank 0, e.g. a converted checkpoint: "
                                             "seed RNG kept)"))
+    if saved is not None and cfg.checkpoint.init_from:
+        metrics.info(f"checkpoint.init_from={cfg.checkpoint.init_from} ignored: the run resumes from its own "
+                     f"checkpoint")
+    elif hf_weights is not None:
+        metrics.info(f"initialized from the Hugging Face weights in {hf_weights.directory} "
+                     f"({len(hf_weights.files)} tensors); optimizer, schedule and data start fresh at step 0")
     if rank == 0:
         cfg.dump(run_dir / "config.yaml")
 
@@ -344,14 +353,17 @@ def train(cfg: Config) -> dict:
 
 def preflight(cfg: Config, world_size: int):
     """Everything that can be checked before a process group exists: the config, the layout, and
-    the checkpoint a run would resume from (complete, and made for this model)."""
+    the checkpoint a run would resume from (complete, and made for this model), or else the Hugging
+    Face weights it would start from (checkpoint.init_from: HFWeights, else None)."""
     dims = validate(cfg, world_size)
     resume_from = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).latest_dir()
-    saved = None
+    saved, hf_weights = None, None
     if resume_from is not None:
         saved = check_complete(resume_from)
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
-    return dims, resume_from, saved
+    elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights
+        hf_weights = check_hf_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family), cfg.model_config())
+    return dims, resume_from, saved, hf_weights
 
 
 def check_same_model(saved: dict, family: str, model: dict, path: Path) -> None:

@@ -85,6 +85,16 @@ class StateDictAdapter(Protocol):
 
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 
+    # One tensor at a time (an import streams them): the canonical name of the format's tensor `name`
+    # (ValueError: none), and the tensor in the native layout (same shape).
+    def native_name(self, name: str) -> str: ...
+
+    def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: Any) -> torch.Tensor: ...
+
+    # Why a model of the format's config (for "hf": config.json) cannot load into a model of model_cfg: one
+    # line per mismatch, naming the run's config key to change. Empty: it can.
+    def config_problems(self, config: dict[str, Any], model_cfg: Any) -> list[str]: ...
+
     # The format's model config (for "hf": the fields of config.json, with model_type and architectures) for
     # a model trained on sequences of max_position_embeddings tokens.
     def export_config(self, model_cfg: Any, max_position_embeddings: int) -> dict[str, Any]: ...

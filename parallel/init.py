@@ -62,8 +62,15 @@ def init_parameters(model: nn.Module, seed: int) -> None:
             generator = torch.Generator(device=param.device).manual_seed(_seed_for(seed, name))
             full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
             init(local_name, full, generator)
-            if isinstance(param, DTensor):
-                shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(full)
+            copy_full(param, full)
+
+
+@torch.no_grad()
+def copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Set `param` to the full tensor `full`, which every rank holds: a DTensor keeps its own shard
+    (src_data_rank=None: no communication)."""
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)

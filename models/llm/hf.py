@@ -35,7 +35,36 @@ _HF_TOP_NAMES = {hf: native for native, hf in _TOP_NAMES.items()}
 # Fields that only shape the initialization (or ffn_hidden_dim, which maps): the exported function does not
 # depend on them beyond what the mapped fields say.
 LLAMA_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-                  "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init"}
+                "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init"}
+
+
+# config.json fields an import must match -> (the run's config key that sets it, LlamaConfig's default when absent;
+# a callable takes the config). Checked for equality with what export_config writes for the run's model.
+_IMPORTED_FIELDS = {
+    "hidden_size": ("model.dim", 4096), "num_hidden_layers": ("model.n_layers", 32),
+    "num_attention_heads": ("model.n_heads", 32),
+    "num_key_value_heads": ("model.n_kv_heads", lambda c: c.get("num_attention_heads", 32)),
+    "head_dim": ("model.dim / model.n_heads", lambda c: c.get("hidden_size", 4096) // c.get("num_attention_heads", 32)),
+    "intermediate_size": ("model.multiple_of / model.ffn_dim_multiplier", 11008),
+    "vocab_size": ("data.vocab_size (the run's tokenizer)", 32000), "rms_norm_eps": ("model.norm_eps", 1e-6),
+    "rope_parameters": ("model.rope_theta (only unscaled, default RoPE imports)", None),
+    "tie_word_embeddings": ("model.tie_embeddings", False),
+    "hidden_act": ("(none: only silu imports)", "silu"), "attention_bias": ("(none: no biases import)", False),
+    "mlp_bias": ("(none: no biases import)", False),
+}
+
+
+def _hf_value(hf_config: dict, key: str, default):
+    """A config.json field as export_config writes it; rope_parameters also from transformers 4's rope_theta and
+    rope_scaling."""
+    if key == "rope_parameters" and key not in hf_config:
+        scaling = hf_config.get("rope_scaling") or {}
+        return {"rope_type": scaling.get("rope_type", scaling.get("type", "default")),
+                "rope_theta": hf_config.get("rope_theta", 10000.0), **{k: v for k, v in scaling.items()
+                                                                       if k not in ("type", "rope_type")}}
+    if key in hf_config:
+        return hf_config[key]
+    return default(hf_config) if callable(default) else default
 
 
 def _rename(name: str, layer_pattern: re.Pattern, layer_format: str, layer_names: dict[str, str],
@@ -66,11 +95,17 @@ class LlamaAdapter:
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
         for name, tensor in state_dict.items():
-            native_name = _rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
-            native[native_name] = self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
+            native_name = self.native_name(name)
+            native[native_name] = self.native_tensor(native_name, tensor, model_cfg)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]
         return native
+
+    def native_name(self, name: str) -> str:
+        return _rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
+
+    def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: LLMConfig) -> torch.Tensor:
+        return self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
 
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         hf = {}
@@ -88,6 +123,19 @@ class LlamaAdapter:
         if native_name.endswith("attention.wk.weight"):
             return permute(tensor, cfg.kv_heads)
         return tensor
+
+    def config_problems(self, config: dict, model_cfg: LLMConfig) -> list[str]:
+        try:
+            ours = self.export_config(model_cfg, max_position_embeddings=0)
+        except ValueError as e:
+            return [str(e)]
+        problems = [f"config.json has model_type {config.get('model_type')!r}; this model imports 'llama'"] \
+            if config.get("model_type") != "llama" else []
+        for hf_key, (config_key, default) in _IMPORTED_FIELDS.items():
+            theirs = _hf_value(config, hf_key, default)
+            if theirs != ours[hf_key]:
+                problems.append(f"config.json has {hf_key}={theirs} but the run has {ours[hf_key]}: set {config_key}")
+        return problems
 
     def export_config(self, model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
         check_mapped(model_cfg, LLAMA_FIELDS, "LlamaConfig")

@@ -96,6 +96,18 @@ class MoEAdapter:
                            for name, t in self._layer_to_native(tensors, form, model_cfg).items()})
         return native
 
+    # A run starts from HF weights one tensor at a time (launcher/hf_import.py), but each native expert
+    # tensor stacks E per-expert HF tensors: that import is not built yet, and config_problems says so
+    # before anything is read.
+    def config_problems(self, config: dict, model_cfg: MoEConfig) -> list[str]:
+        return ["a moe run cannot start from Hugging Face weights yet (exporting works: shardwright convert to-hf)"]
+
+    def native_name(self, name: str) -> str:
+        raise ValueError("a moe run cannot start from Hugging Face weights yet")
+
+    def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: MoEConfig) -> torch.Tensor:
+        raise ValueError("a moe run cannot start from Hugging Face weights yet")
+
     @staticmethod
     def _layer_from_native(native: dict[str, torch.Tensor], form: _Form, cfg: MoEConfig) -> dict[str, torch.Tensor]:
         gate = native["router.gate.weight"]

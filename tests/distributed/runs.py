@@ -24,6 +24,25 @@ def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = 
     return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "sample": summary["sample"]}
 
 
+def hf_directory(directory: Path, cache: Path, seed: int = 7) -> Path:
+    """A Hugging Face directory (fp32) of the tiny LLM of tiny_overrides initialized with `seed` (the runs use
+    another, so a run that starts from it shows in its losses), written in this process; returns it."""
+    import torch
+
+    from launcher.config import load_config
+    from launcher.convert import build_model
+    from launcher.hf_files import write_hf_directory
+    from models import get_model_spec
+
+    cfg = load_config(TINY, tiny_overrides(directory.parent / "unused", cache, f"train.seed={seed}"))
+    adapter, model_cfg = get_model_spec("llm").state_dict_adapters["hf"], cfg.model_config()
+    tensors = adapter.from_native(build_model(get_model_spec("llm"), cfg).state_dict(), model_cfg)
+    directory.mkdir(parents=True)
+    write_hf_directory(directory, tensors, adapter.export_config(model_cfg, cfg.train.seq_len),
+                       next(cache.rglob("tokenizer.model")), torch.float32)
+    return directory
+
+
 def train_check(run_dir: Path, cache: Path, *overrides: str, summary: bool = False,
                 config: Path | None = None) -> tuple[str, dict]:
     body = "train_summary" if summary else "train_losses"

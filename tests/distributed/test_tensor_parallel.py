@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, hf_directory, perturbed_lr, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_tensor_parallel"
@@ -122,6 +122,8 @@ def tp2_world(runs_dir, data_cache):
         run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
+        run("tp2_init_from", "tp2_init_from", "parallel.tp=2",
+            f"checkpoint.init_from={hf_directory(runs_dir / 'hf', data_cache)}"),
     ]
     results = iter(r.value() for r in run_world(2, _parity_checks(TP2_CASES + [PERTURBED_CASE]) + [c for c, _ in runs],
                                                 runs_dir / "world2"))
@@ -155,7 +157,9 @@ def after_four(runs_dir, data_cache, tp4_world):
 
 
 def one_process_checks(workdir: Path, cache: Path) -> dict:
-    return {"mqa": train_check(workdir / "mqa", cache, MQA)}
+    return {"mqa": train_check(workdir / "mqa", cache, MQA),
+            "init_from": train_check(workdir / "init_from", cache,
+                                     f"checkpoint.init_from={hf_directory(workdir / 'hf', cache)}")}
 
 
 def _beyond_tolerance(errors: dict[str, float]) -> dict[str, float]:
@@ -225,3 +229,11 @@ def test_replicated_kv_heads_match_one_process(tp2_world, tp4_world, one_process
     mqa = one_process["test_tensor_parallel:mqa"].value()
     assert_same_losses(tp2_world["runs"]["tp2_mqa"], mqa)
     assert_same_losses(tp4_world["runs"]["tp2_dp2_mqa"], mqa)
+
+
+def test_tp2_run_from_hugging_face_weights_matches_one_process(tp2_world, one_process, reference_losses):
+    """checkpoint.init_from loads into TP-sharded parameters as into whole ones; the seeded run differs (the import
+    took effect)."""
+    from_hf = one_process["test_tensor_parallel:init_from"].value()
+    assert_same_losses(tp2_world["runs"]["tp2_init_from"], from_hf)
+    assert_losses_differ(from_hf, reference_losses)

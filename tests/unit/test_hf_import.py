@@ -1,0 +1,170 @@
+"""checkpoint.init_from (launcher/hf_import.py): a run starts from a Hugging Face directory exported by
+`convert to-hf` with the source model's weights bit for bit and its loss on the first batch; its resume reads its own
+checkpoint, not the import; bad directories end with one line before any process group, and a pickle is never
+unpickled. Tiny models, fp32, one process (train() runs in the test process)."""
+import dataclasses
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import launcher.trainer
+from launcher.cli import USER_ERROR_EXIT, main
+from launcher.config import load_config
+from launcher.errors import UserError
+from launcher.hf_import import check_hf_weights, load_hf_weights
+from launcher.trainer import model_inputs, train
+from models import get_model_spec
+from parallel.init import materialize
+from tests.conftest import TINY, tiny_overrides
+from tests.unit.test_hf import SMALL, saved_model, to_hf, trained  # noqa: F401  (trained: the fixture)
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> tuple[Path, Path]:
+    """(the source run directory, its fp32 export)."""
+    run_dir = trained(False)
+    return run_dir, to_hf(run_dir, tmp_path_factory.mktemp("export") / "hf")
+
+
+def overrides(run_dir: Path, data_cache: Path, init_from: Path, *extra: str) -> list[str]:
+    return tiny_overrides(run_dir, data_cache, *SMALL, f"checkpoint.init_from={init_from}", *extra)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_imported_weights_are_the_source_checkpoints_bit_for_bit(exported, data_cache, tmp_path, sharded):
+    source, hf = exported
+    if sharded:  # shards with model.safetensors.index.json, as huggingface_hub writes a large model
+        from huggingface_hub import save_torch_state_dict
+
+        hf = shutil.copytree(hf, tmp_path / "hf", ignore=shutil.ignore_patterns("model.safetensors"))
+        save_torch_state_dict(load_file(exported[1] / "model.safetensors"), hf, max_shard_size="100KB")
+        assert len(list(hf.glob("*.safetensors"))) > 1
+    cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, hf))
+    spec, model_cfg = get_model_spec("llm"), cfg.model_config()
+    with torch.device("meta"):
+        model = spec.model_cls(model_cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    assert load_hf_weights([model], spec.state_dict_adapters["hf"], check_hf_weights(hf, spec, model_cfg),
+                           model_cfg) == len(load_file(exported[1] / "model.safetensors"))
+    expected = saved_model(source).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_run_starts_from_the_import_and_resumes_from_its_own_checkpoint(exported, data_cache, tmp_path, capsys):
+    source, hf = exported
+    hf_copy = tmp_path / "hf"
+    shutil.copytree(hf, hf_copy)
+    cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, hf_copy, "train.steps=2", "run.stop_at_step=1"))
+    first = train(cfg)["losses"]
+    assert "initialized from the Hugging Face weights" in capsys.readouterr().out
+
+    # The source model's loss on the run's first batch (the same data settings: the same batch).
+    spec = get_model_spec("llm")
+    _, loader, _ = spec.data.build_loaders(cfg.data, cfg.train.seq_len, cfg.train.global_batch_size,
+                                           cfg.train.micro_batch_size, 0, 1, cfg.train.seed, log=lambda _: None)
+    (batch,) = loader.micro_batches(0)
+    with torch.no_grad():
+        args, kwargs = model_inputs(spec.data.keys, batch)
+        terms = spec.loss.compute(saved_model(source)(*args, **kwargs), batch)
+    source_loss = (terms.loss_sum / spec.loss.count(batch)).item()
+    assert first == [pytest.approx(source_loss, rel=1e-6, abs=0)]
+
+    shutil.rmtree(hf_copy)  # a resume that re-imported would fail preflight on the missing directory
+    resumed = train(load_config(TINY, overrides(tmp_path / "run", data_cache, hf_copy, "train.steps=2")))["losses"]
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "init_from" in out and "ignored" in out
+    assert "initialized from the Hugging Face" not in out and len(resumed) == 1
+
+
+def train_error(capsys, run_dir: Path, data_cache: Path, init_from: Path, *extra: str) -> str:
+    argv = ["train", str(TINY)]
+    for override in overrides(run_dir, data_cache, init_from, *extra):
+        argv += ["--set", override]
+    assert main(argv) == USER_ERROR_EXIT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (run_dir / "checkpoints").exists()
+    return err
+
+
+class _CreatesMarker:
+    """Unpickling this creates the file `path` (what a malicious pytorch_model.bin could do instead)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_pickled_weights_are_refused_and_never_unpickled(exported, data_cache, tmp_path, capsys):
+    control = tmp_path / "control-marker"
+    pickle.loads(pickle.dumps(_CreatesMarker(control))).close()
+    assert control.exists()  # the pickle works: unpickling it would leave a marker
+
+    marker = tmp_path / "marker"
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(exported[1] / "config.json", hf)
+    (hf / "pytorch_model.bin").write_bytes(pickle.dumps(_CreatesMarker(marker)))
+    err = train_error(capsys, tmp_path / "run", data_cache, hf)
+    assert "pytorch_model.bin" in err and "never loaded" in err
+    assert not marker.exists()
+
+
+def test_a_config_mismatch_names_the_key(exported, data_cache, tmp_path, capsys):
+    err = train_error(capsys, tmp_path / "run", data_cache, exported[1], "model.dim=128")
+    assert "hidden_size=64" in err and "model.dim" in err
+
+
+def test_a_vocabulary_mismatch_is_named(exported, data_cache, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    shutil.copytree(exported[1], hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] * 2}))
+    err = train_error(capsys, tmp_path / "run", data_cache, hf)
+    assert f"vocab_size={config['vocab_size'] * 2}" in err and "tokenizer" in err
+
+
+def test_a_missing_tensor_is_named(exported, data_cache, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    shutil.copytree(exported[1], hf)
+    tensors = load_file(hf / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    assert "missing (no tensor for): norm.weight" in train_error(capsys, tmp_path / "run", data_cache, hf)
+
+
+def test_an_unexpected_tensor_and_a_wrong_shape_are_named(exported, data_cache, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    shutil.copytree(exported[1], hf)
+    tensors = load_file(hf / "model.safetensors")
+    save_file({**tensors, "model.layers.7.mlp.up_proj.weight": torch.zeros(4, 4)},
+              hf / "model.safetensors", metadata={"format": "pt"})
+    assert "unexpected tensors: model.layers.7.mlp.up_proj.weight" in train_error(capsys, tmp_path / "run",
+                                                                                 data_cache, hf)
+    save_file({**tensors, "model.norm.weight": torch.ones(65)}, hf / "model.safetensors", metadata={"format": "pt"})
+    assert "model.norm.weight has shape [65]" in train_error(capsys, tmp_path / "run", data_cache, hf)
+
+
+def test_a_family_without_a_hf_mapping_is_refused(exported, data_cache, tmp_path, capsys, monkeypatch):
+    spec = get_model_spec("llm")
+    monkeypatch.setattr(launcher.trainer, "get_model_spec",
+                        lambda family: dataclasses.replace(spec, state_dict_adapters={}))
+    assert "has no Hugging Face mapping" in train_error(capsys, tmp_path / "run", data_cache, exported[1])
+
+
+def test_a_moe_run_is_refused_until_its_import_exists(exported, data_cache, tmp_path, capsys):
+    """The moe adapter exports only: starting a moe run from a Hugging Face directory is one line, not a traceback."""
+    moe = load_config(TINY.parents[1] / "moe" / "tiny.yaml",
+                      tiny_overrides(tmp_path / "run", data_cache, f"checkpoint.init_from={exported[1]}"))
+    with pytest.raises(UserError, match="cannot start from Hugging Face weights yet"):
+        launcher.trainer.preflight(moe, 1)
