@@ -214,6 +214,6 @@ def test_growth_from_tp1_resumed_at_tp2_dp2_computes_the_same_function(four, one
 
 def test_reference_growth_changes_the_function(four, one):
     """Control: the same growth with tau = sqrt(new count), as the reference code grows, fails the same
-    comparison by far (measured 1.1e-3 relative, 1000x the tolerance)."""
+    comparison by far (measured 3.3e-3 relative, over 1000x the tolerance)."""
     resumed, want = four["grown_reference"], one["tied"]["losses"][5]
     assert len(resumed) == 5 and abs(resumed[0] - want) > 100 * GROWN_RTOL * want, (resumed[0], want)
