@@ -32,11 +32,15 @@ def llm_plan(tp: int, n_kv_heads: int, sequence_parallel: bool) -> dict:
 
 
 def assert_placed(placements: dict, plan: dict) -> None:
-    """Every parameter is placed over the tp mesh as `plan` says for its module's name: the plan did
-    shard the model (one that did nothing would still pass the parity checks)."""
+    """Every parameter is placed over the tp mesh as `plan` says for it: the plan did shard the model (one
+    that did nothing would still pass the parity checks). `plan` is keyed by a dotted suffix of the
+    parameter's name (the longest that is a key, e.g. "attention.wq.key_param_tokens") or else by the
+    name of its module (e.g. "wq")."""
     want = {}
     for name in placements:
-        placement = plan[name.split(".")[-2]]
+        parts = name.split(".")
+        key = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in plan), parts[-2])
+        placement = plan[key]
         want[name] = None if placement is None else (("tp",), (placement,))
     assert placements == want
 

@@ -12,6 +12,7 @@ from torch.distributed.tensor import Replicate, Shard
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
 from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.sharding import assert_placed
 
 THIS = "tests.distributed.test_tokenformer"
 TINY = REPO / "configs" / "tokenformer" / "tiny.yaml"
@@ -61,7 +62,7 @@ def tp_parity(qkv: str, sequence_parallel: bool, normalization: str, local_norm:
 
 
 def plan_of(qkv: str, sequence_parallel: bool) -> dict:
-    """Parameter name suffix -> placement over the tp mesh (None: a plain tensor)."""
+    """Parameter name suffix -> placement over the tp mesh (None: a plain tensor), for assert_placed."""
     qkv_key, qkv_value = (Shard(0), Shard(0)) if qkv == "tokens" else (Replicate(), Shard(1))
     plan = {"tok_embeddings.weight": Shard(0), "norm.weight": Replicate() if sequence_parallel else None,
             "norm.bias": Replicate() if sequence_parallel else None}
@@ -70,15 +71,6 @@ def plan_of(qkv: str, sequence_parallel: bool) -> dict:
     for name in ("attention.wo", "feed_forward"):
         plan[f"{name}.key_param_tokens"] = plan[f"{name}.value_param_tokens"] = Shard(0)
     return plan
-
-
-def assert_placed(placements: dict, plan: dict) -> None:
-    """Every parameter is placed as the plan says: the parameter tokens really are split."""
-    want = {}
-    for name in placements:
-        suffix = name if name in plan else ".".join(name.split(".")[2:])  # layers.<i>.<suffix>
-        want[name] = None if plan[suffix] is None else (("tp",), (plan[suffix],))
-    assert placements == want
 
 
 TP_CASES = {2: [("tokens", True, "l2_norm_gelu"), ("heads", True, "l2_norm_gelu"), ("tokens", False, "gelu_l2_norm"),
