@@ -116,16 +116,25 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions
         problems.append(f"model.n_heads={cfg.n_heads} is not divisible by model.n_kv_heads={cfg.kv_heads}")
     problems += decoder_layout_problems(cfg, dims, options)
     if dims.tp > 1:
-        def kv_fits(t: int) -> bool:  # kv heads are split over tp, or replicated when there are fewer
-            return cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0
+        def kv_misfit(t: int) -> str | None:  # kv heads are split over tp, or replicated when there are fewer
+            fits = cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0
+            return None if fits else f"n_kv_heads {cfg.kv_heads} (one of tp and n_kv_heads must divide the other)"
 
-        valid = [t for t in range(2, cfg.n_heads + 1) if cfg.n_heads % t == 0 and kv_fits(t)
-                 and cfg.ffn_hidden_dim % t == 0 and cfg.vocab_size % t == 0]
-        misfits = [f"{name} {size}" for name, size in (("n_heads", cfg.n_heads), ("ffn hidden size", cfg.ffn_hidden_dim),
-                                                        ("vocab_size", cfg.vocab_size)) if size % dims.tp]
-        if not kv_fits(dims.tp):
-            misfits.append(f"n_kv_heads {cfg.kv_heads} (one of tp and n_kv_heads must divide the other)")
-        if misfits:
-            problems.append(f"parallel.tp={dims.tp} does not divide model {', '.join(misfits)}; "
-                            f"tp values that work for this model: {valid or 'none above 1'}")
+        problems += tp_problems(dims.tp, {"n_heads": cfg.n_heads, "ffn hidden size": cfg.ffn_hidden_dim,
+                                          "vocab_size": cfg.vocab_size}, cfg.n_heads, kv_misfit)
     return problems
+
+
+def tp_problems(tp: int, sizes: dict[str, int], max_tp: int,
+                other_misfit: Callable[[int], str | None] = lambda t: None) -> list[str]:
+    """One line if `tp` does not divide every size (name -> size) or `other_misfit(tp)` names a misfit,
+    with the tp values from 2 to max_tp that would fit."""
+    def misfits(t: int) -> list[str]:
+        found = [f"{name} {size}" for name, size in sizes.items() if size % t]
+        return found + [other] if (other := other_misfit(t)) else found
+
+    if not (found := misfits(tp)):
+        return []
+    valid = [t for t in range(2, max_tp + 1) if not misfits(t)]
+    return [f"parallel.tp={tp} does not divide model {', '.join(found)}; "
+            f"tp values that work for this model: {valid or 'none above 1'}"]

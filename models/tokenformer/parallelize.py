@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from models.llm.parallelize import (apply_context_parallel_attention, decoder_layers, decoder_layout_problems,
-                                    tensor_parallel)
+                                    tensor_parallel, tp_problems)
 from models.tokenformer.model import NORMALIZATIONS, QKV_TENSOR_PARALLEL, TokenFormerConfig
 from parallel.mesh import ParallelDims
 from parallel.options import ParallelizeOptions
@@ -110,11 +110,7 @@ def check_layout(cfg: TokenFormerConfig, dims: ParallelDims, options: Paralleliz
         problems.append(f"model.rotary_fraction={cfg.rotary_fraction} rotates {cfg.rotary_dim} of the {cfg.head_dim} "
                         f"dims of a head; it must be an even number")
     if dims.tp > 1:
-        counts = {"n_heads": cfg.n_heads, "dim": cfg.dim, "vocab_size": cfg.vocab_size,
-                  "qkv_tokens": cfg.qkv_tokens, "proj_tokens": cfg.proj_tokens, "ffn_tokens": cfg.ffn_tokens}
-        misfits = [f"{name} {count}" for name, count in counts.items() if count % dims.tp]
-        if misfits:
-            valid = [t for t in range(2, cfg.n_heads + 1) if all(c % t == 0 for c in counts.values())]
-            problems.append(f"parallel.tp={dims.tp} does not divide model {', '.join(misfits)}; "
-                            f"tp values that work for this model: {valid or 'none above 1'}")
+        problems += tp_problems(dims.tp, {"n_heads": cfg.n_heads, "dim": cfg.dim, "vocab_size": cfg.vocab_size,
+                                          "qkv_tokens": cfg.qkv_tokens, "proj_tokens": cfg.proj_tokens,
+                                          "ffn_tokens": cfg.ffn_tokens}, cfg.n_heads)
     return problems + decoder_layout_problems(cfg, dims, options)
