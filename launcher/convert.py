@@ -119,9 +119,8 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
                         f"converts {', '.join(f for f in FAMILIES if 'hf' in get_model_spec(f).state_dict_adapters)} "
                         f"checkpoints")
     adapter = spec.state_dict_adapters["hf"]
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = source_config(run_dir, saved, checkpoint)
     model_cfg = cfg.model_config()
-    check_same_model(saved["meta"], family, architecture(model_cfg), checkpoint)
     try:
         hf_config = adapter.export_config(model_cfg, cfg.train.seq_len)
     except ValueError as e:
@@ -130,10 +129,7 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
         f"{args.dtype})")
 
     with one_process_world(cfg.run.timeout_s):
-        t = cfg.train
-        data, _, _ = spec.data.build_loaders(cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, 0, 1,
-                                             t.seed, log=log)
-        check_same_tokenizer(saved["meta"], {"tokenizer": data.tokenizer.fingerprint}, checkpoint)
+        data, _, _ = source_loaders(spec, cfg, saved, checkpoint, log)
         model = build_model(spec, cfg)
         state = {"model": ModelState([model])}  # weights only: DCP reads just these keys
         Checkpointer(run_dir, cfg.checkpoint.keep_last, rank=0).load(checkpoint, state)
@@ -151,8 +147,7 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
     if saved["meta"].get("family") != family:
         raise UserError(f"{checkpoint} holds a {saved['meta'].get('family')} model; `convert {name}` converts "
                         f"{family} checkpoints")
-    cfg = load_config(run_dir / "config.yaml")
-    check_same_model(saved["meta"], family, architecture(cfg.model_config()), checkpoint)
+    cfg = source_config(run_dir, saved, checkpoint)
     try:
         changes = command.model_changes(args, cfg.model_config())
     except ValueError as e:
@@ -166,10 +161,7 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
 
     spec = get_model_spec(family)
     with one_process_world(cfg.run.timeout_s):
-        t = cfg.train
-        data, train_loader, valid_loader = spec.data.build_loaders(
-            cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed, log=log)
-        check_same_tokenizer(saved["meta"], {"tokenizer": data.tokenizer.fingerprint}, checkpoint)
+        data, train_loader, valid_loader = source_loaders(spec, cfg, saved, checkpoint, log)
         source_model, source_optimizers = build_run(spec, cfg)
         source_state = training_state([source_model], source_optimizers, train_loader)
         Checkpointer(run_dir, cfg.checkpoint.keep_last, rank=0).load(checkpoint, source_state)
@@ -210,6 +202,23 @@ def open_source(args: argparse.Namespace) -> tuple[Path, Path, Path, dict]:
                         f"pass a path that does not exist")
     checkpoint, run_dir = find_checkpoint(Path(args.source))
     return out, checkpoint, run_dir, check_complete(checkpoint)
+
+
+def source_config(run_dir: Path, saved: dict, checkpoint: Path) -> Config:
+    """The source run's config (its config.yaml), checked to describe the model its checkpoint holds."""
+    cfg = load_config(run_dir / "config.yaml")
+    check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), checkpoint)
+    return cfg
+
+
+def source_loaders(spec: ModelSpec, cfg: Config, saved: dict, checkpoint: Path, log: Callable[[str], None]) -> tuple:
+    """(data, train loader, valid loader) of the source run on one process, its tokenizer checked to be the
+    checkpoint's."""
+    t = cfg.train
+    loaders = spec.data.build_loaders(cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, 0, 1, t.seed,
+                                      log=log)
+    check_same_tokenizer(saved["meta"], {"tokenizer": loaders[0].tokenizer.fingerprint}, checkpoint)
+    return loaders
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Path]:
