@@ -19,6 +19,12 @@ def data_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def cached_tokenizer(cache: Path) -> Path:
+    """The tokenizer tiny_overrides' runs use. The cache holds others (tests prepare their own corpora in it),
+    so never pick "the" tokenizer.model by searching."""
+    return cache / f"pydoc-v{TEST_VOCAB}" / "tokenizer.model"
+
+
 def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     """A few-second version of configs/llm/tiny.yaml for tests."""
     return [f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.vocab_size={TEST_VOCAB}",

@@ -2,7 +2,7 @@
 negative control."""
 from pathlib import Path
 
-from tests.conftest import TINY, tiny_overrides
+from tests.conftest import TINY, cached_tokenizer, tiny_overrides
 
 RTOL = 1e-5  # fp32 run-level parity: relative difference of per-step losses
 # A short greedy sample after training: equal weights under any layout give the same text.
@@ -39,7 +39,7 @@ def hf_directory(directory: Path, cache: Path, seed: int = 7) -> Path:
     tensors = adapter.from_native(build_model(get_model_spec("llm"), cfg).state_dict(), model_cfg)
     directory.mkdir(parents=True)
     write_hf_directory(directory, tensors, adapter.export_config(model_cfg, cfg.train.seq_len),
-                       next(cache.rglob("tokenizer.model")), torch.float32)
+                       cached_tokenizer(cache), torch.float32)
     return directory
 
 

@@ -22,7 +22,7 @@ from launcher.trainer import train
 from models import get_model_spec
 from models.llm.hf import LlamaAdapter
 from parallel.init import materialize
-from tests.conftest import TEST_VOCAB, TINY, tiny_overrides
+from tests.conftest import TEST_VOCAB, TINY, cached_tokenizer, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,7 +103,7 @@ def test_export_in_bf16(trained, tmp_path):
 
 def test_exported_tokenizer_encodes_as_ours(trained, tmp_path, data_cache):
     out = to_hf(trained(False), tmp_path / "hf")
-    ours = Tokenizer(next(data_cache.rglob("tokenizer.model")))
+    ours = Tokenizer(cached_tokenizer(data_cache))
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert theirs(TEXT, add_special_tokens=False).input_ids == ours.encode(TEXT)
     assert theirs.decode(ours.encode(TEXT)) == TEXT

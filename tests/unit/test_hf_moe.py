@@ -20,7 +20,7 @@ from launcher.trainer import train
 from models import get_model_spec
 from models.moe.hf import MoEAdapter
 from parallel.init import materialize
-from tests.conftest import REPO, TEST_VOCAB, tiny_overrides
+from tests.conftest import REPO, TEST_VOCAB, cached_tokenizer, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,7 +77,7 @@ def export(model, cfg, directory: Path, tokenizer_model: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_model(data_cache) -> Path:
-    return next(data_cache.rglob("tokenizer.model"))
+    return cached_tokenizer(data_cache)
 
 
 @pytest.mark.parametrize("architecture", FORMS)
