@@ -203,3 +203,37 @@ def check_complete(path: Path) -> dict:
             raise damaged(f"shard {name} should hold {size} bytes, has {have}")
     sizes = {key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
     return {"sizes": sizes, "meta": meta, "keys": set(metadata.state_dict_metadata)}
+
+
+def find_checkpoint(source: Path) -> tuple[Path, Path]:
+    """(checkpoint directory, run directory) of SOURCE: a run directory or one of its checkpoints/step-<N>."""
+    if (source / META_FILE).is_file():
+        checkpoint, run_dir = source, source.parent.parent
+    elif not source.is_dir():
+        raise UserError(f"{source} does not exist; pass a run directory or one of its checkpoints/step-<N>")
+    elif (checkpoint := Checkpointer(source, keep_last=0, rank=0).latest_dir()) is not None:
+        run_dir = source
+    else:
+        raise UserError(f"{source} is neither a run directory with a checkpoint (checkpoints/latest) nor a "
+                        f"checkpoints/step-<N> directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} has no config.yaml (train writes it there): pass the run directory of a "
+                        f"`shardwright train` run or one of its checkpoints/step-<N>")
+    return checkpoint, run_dir
+
+
+def check_same_model(saved: dict, family: str, model: dict, path: Path) -> None:
+    """Refuse a checkpoint of another family or architecture (execution fields may differ)."""
+    saved_model = saved.get("model", {})
+    diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
+    if saved.get("family") != family or diff:
+        raise UserError(f"{path} holds a {saved.get('family')} model with a different shape "
+                        f"({', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())}); "
+                        f"use a new run.dir or the checkpoint's model config")
+
+
+def check_same_tokenizer(saved: dict, current: dict, path: Path) -> None:
+    if saved.get("tokenizer") != current["tokenizer"]:
+        raise UserError(f"{path} was trained with tokenizer {saved.get('tokenizer')} but the current data settings "
+                        f"give tokenizer {current['tokenizer']}; restore the data section it was trained with "
+                        f"(checkpoint: {saved.get('data')}) or use a new run.dir")

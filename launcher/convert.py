@@ -31,14 +31,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from launcher.checkpoint import (META_FILE, Checkpointer, ModelState, check_complete, checkpoint_meta, fsync_dir,
-                                 training_state)
+from launcher.checkpoint import (Checkpointer, ModelState, check_complete, check_same_model, check_same_tokenizer,
+                                 checkpoint_meta, find_checkpoint, fsync_dir, training_state)
 from launcher.config import Config, load_config
 from launcher.distributed import World, init_distributed
 from launcher.errors import UserError
 from launcher.hf_files import write_hf_directory
 from launcher.optim import Optimizers
-from launcher.trainer import check_same_model, check_same_tokenizer, model_inputs
+from launcher.trainer import model_inputs
 from models import FAMILIES, get_model_spec
 from models.spec import CheckpointCommand, CheckpointContents, ModelSpec, architecture
 from parallel.init import materialize
@@ -219,23 +219,6 @@ def source_loaders(spec: ModelSpec, cfg: Config, saved: dict, checkpoint: Path, 
                                       log=log)
     check_same_tokenizer(saved["meta"], {"tokenizer": loaders[0].tokenizer.fingerprint}, checkpoint)
     return loaders
-
-
-def find_checkpoint(source: Path) -> tuple[Path, Path]:
-    """(checkpoint directory, run directory) of SOURCE: a run directory or one of its checkpoints/step-<N>."""
-    if (source / META_FILE).is_file():
-        checkpoint, run_dir = source, source.parent.parent
-    elif not source.is_dir():
-        raise UserError(f"{source} does not exist; pass a run directory or one of its checkpoints/step-<N>")
-    elif (checkpoint := Checkpointer(source, keep_last=0, rank=0).latest_dir()) is not None:
-        run_dir = source
-    else:
-        raise UserError(f"{source} is neither a run directory with a checkpoint (checkpoints/latest) nor a "
-                        f"checkpoints/step-<N> directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} has no config.yaml (train writes it there): pass the run directory of a "
-                        f"`shardwright train` run or one of its checkpoints/step-<N>")
-    return checkpoint, run_dir
 
 
 @contextmanager

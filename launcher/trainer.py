@@ -23,12 +23,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import Checkpointer, RNGState, check_complete, checkpoint_meta, training_state
+from launcher.checkpoint import (Checkpointer, RNGState, check_complete, check_same_model, check_same_tokenizer,
+                                 checkpoint_meta, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
-from launcher.hf_import import check_hf_weights, load_hf_weights
+from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
 from models import get_model_spec
@@ -207,7 +208,7 @@ class TrainStep:
 def train(cfg: Config) -> dict:
     """Run (or resume) the training described by `cfg` in the current world; return a summary."""
     world = detect_world()
-    dims, resume_from, saved, hf_weights = preflight(cfg, world.world_size)
+    dims, resume_from, saved, starting_weights = preflight(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
     allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
@@ -248,8 +249,12 @@ def train(cfg: Config) -> dict:
         parts = [parallelize(model, spec.plan, dims, meshes, options)]
     for part in parts:
         materialize(part, device, t.seed)
-        if hf_weights is not None:
-            load_hf_weights([part], spec.state_dict_adapters["hf"], hf_weights, model_cfg)
+    if starting_weights is not None:
+        if starting_weights.tokenizer is not None:
+            check_same_tokenizer({"tokenizer": starting_weights.tokenizer}, {"tokenizer": data.tokenizer.fingerprint},
+                                 Path(cfg.checkpoint.init_from))
+        starting_weights.load(parts)
+    for part in parts:
         if spec.hooks.setup is not None:
             spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
@@ -274,9 +279,9 @@ def train(cfg: Config) -> dict:
     if saved is not None and cfg.checkpoint.init_from:
         metrics.info(f"checkpoint.init_from={cfg.checkpoint.init_from} ignored: the run resumes from its own "
                      f"checkpoint")
-    elif hf_weights is not None:
-        metrics.info(f"initialized from the Hugging Face weights in {hf_weights.directory} "
-                     f"({len(hf_weights.files)} tensors); optimizer, schedule and data start fresh at step 0")
+    elif starting_weights is not None:
+        metrics.info(f"initialized from {starting_weights.description}; optimizer, schedule and data start fresh at "
+                     f"step 0")
     if rank == 0:
         cfg.dump(run_dir / "config.yaml")
 
@@ -353,34 +358,18 @@ def train(cfg: Config) -> dict:
 
 def preflight(cfg: Config, world_size: int):
     """Everything that can be checked before a process group exists: the config, the layout, and
-    the checkpoint a run would resume from (complete, and made for this model), or else the Hugging
-    Face weights it would start from (checkpoint.init_from: HFWeights, else None)."""
+    the checkpoint a run would resume from (complete, and made for this model), or else the weights it
+    would start from (checkpoint.init_from: StartingWeights, else None)."""
     dims = validate(cfg, world_size)
     resume_from = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).latest_dir()
-    saved, hf_weights = None, None
+    saved, starting_weights = None, None
     if resume_from is not None:
         saved = check_complete(resume_from)
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
     elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights
-        hf_weights = check_hf_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family), cfg.model_config())
-    return dims, resume_from, saved, hf_weights
-
-
-def check_same_model(saved: dict, family: str, model: dict, path: Path) -> None:
-    """Refuse a checkpoint of another family or architecture (execution fields may differ)."""
-    saved_model = saved.get("model", {})
-    diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
-    if saved.get("family") != family or diff:
-        raise UserError(f"{path} holds a {saved.get('family')} model with a different shape "
-                        f"({', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())}); "
-                        f"use a new run.dir or the checkpoint's model config")
-
-
-def check_same_tokenizer(saved: dict, current: dict, path: Path) -> None:
-    if saved.get("tokenizer") != current["tokenizer"]:
-        raise UserError(f"{path} was trained with tokenizer {saved.get('tokenizer')} but the current data settings "
-                        f"give tokenizer {current['tokenizer']}; restore the data section it was trained with "
-                        f"(checkpoint: {saved.get('data')}) or use a new run.dir")
+        starting_weights = open_starting_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family),
+                                                 cfg.model_config())
+    return dims, resume_from, saved, starting_weights
 
 
 def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> float:

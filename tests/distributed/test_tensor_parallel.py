@@ -141,6 +141,8 @@ def tp4_world(runs_dir, data_cache, tp2_world):
         "tp2_dp2_resumed": run("tp2_to_tp2dp2", "parallel.tp=2", "train.micro_batch_size=4"),
         "tp2dp2_stop": run("tp2dp2_to_tp2", "parallel.tp=2", "train.micro_batch_size=4", STOP),
         "tp2_dp2_mqa": run("tp2_dp2_mqa", "parallel.tp=2", "train.micro_batch_size=4", MQA),
+        "tp2_dp2_init_native": run("tp2_dp2_init_native", "parallel.tp=2", "train.micro_batch_size=4",
+                                   f"checkpoint.init_from={runs_dir / 'tp2_init_from'}"),
     }
     results = iter(r.value() for r in run_world(4, _parity_checks(TP4_CASES) + list(runs.values()),
                                                 runs_dir / "world4"))
@@ -149,11 +151,15 @@ def tp4_world(runs_dir, data_cache, tp2_world):
 
 @pytest.fixture(scope="module")
 def after_four(runs_dir, data_cache, tp4_world):
-    """Resumes that run after the 4-process world: tp=2 onto one process, tp2 x dp2 onto tp=2."""
-    resumed = run_world(1, [train_check(runs_dir / "tp2_to_tp1", data_cache)], runs_dir / "world1")[0].value()
+    """Resumes that run after the 4-process world: tp=2 onto one process, tp2 x dp2 onto tp=2; and a one-process
+    run started from the weights the tp=2 run from Hugging Face weights trained."""
+    resumed, init_native = (r.value() for r in run_world(1, [
+        train_check(runs_dir / "tp2_to_tp1", data_cache),
+        train_check(runs_dir / "tp1_init_native", data_cache, f"checkpoint.init_from={runs_dir / 'tp2_init_from'}")],
+        runs_dir / "world1"))
     two = run_world(2, [train_check(runs_dir / "tp2dp2_to_tp2", data_cache, "parallel.tp=2")],
                     runs_dir / "world2b")[0].value()
-    return {"tp1_resumed": resumed, "tp2_resumed": two}
+    return {"tp1_resumed": resumed, "tp2_resumed": two, "tp1_init_native": init_native}
 
 
 def one_process_checks(workdir: Path, cache: Path) -> dict:
@@ -237,3 +243,10 @@ def test_tp2_run_from_hugging_face_weights_matches_one_process(tp2_world, one_pr
     from_hf = one_process["test_tensor_parallel:init_from"].value()
     assert_same_losses(tp2_world["runs"]["tp2_init_from"], from_hf)
     assert_losses_differ(from_hf, reference_losses)
+
+
+def test_tp2_dp2_run_from_a_tp2_checkpoints_weights_matches_one_process(tp2_world, tp4_world, after_four):
+    """checkpoint.init_from a native run directory (its tp=2 checkpoint, resharded by DCP) at tp2 x dp2 and at one
+    process; the runs start from the trained weights, not the ones that run started from (its losses differ)."""
+    assert_same_losses(tp4_world["runs"]["tp2_dp2_init_native"], after_four["tp1_init_native"])
+    assert_losses_differ(after_four["tp1_init_native"], tp2_world["runs"]["tp2_init_from"])

@@ -1,4 +1,4 @@
-"""checkpoint.init_from (launcher/hf_import.py): a run starts from a Hugging Face directory exported by
+"""checkpoint.init_from (launcher/init_from.py): a run starts from a Hugging Face directory exported by
 `convert to-hf` with the source model's weights bit for bit and its loss on the first batch; its resume reads its own
 checkpoint, not the import; bad directories end with one line before any process group, and a pickle is never
 unpickled. Tiny models, fp32, one process (train() runs in the test process)."""
@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import launcher.trainer
+from launcher.checkpoint import Checkpointer
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config
 from launcher.errors import UserError
-from launcher.hf_import import check_hf_weights, load_hf_weights
+from launcher.init_from import open_starting_weights
 from launcher.trainer import model_inputs, train
 from models import get_model_spec
 from parallel.init import materialize
@@ -38,6 +39,41 @@ def overrides(run_dir: Path, data_cache: Path, init_from: Path, *extra: str) -> 
     return tiny_overrides(run_dir, data_cache, *SMALL, f"checkpoint.init_from={init_from}", *extra)
 
 
+@pytest.mark.parametrize("source", ["run directory", "step directory"])
+def test_a_native_checkpoints_weights_load_bit_for_bit(trained, data_cache, tmp_path, source):
+    """init_from another run (its checkpoints/latest, or a checkpoints/step-<N>): its model tensors only."""
+    run_dir = trained(False)
+    path = run_dir if source == "run directory" else Checkpointer(run_dir, 1, 0).latest_dir()
+    cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, path))
+    spec, model_cfg = get_model_spec("llm"), cfg.model_config()
+    weights = open_starting_weights(path, spec, model_cfg)
+    with torch.device("meta"):
+        model = spec.model_cls(model_cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    weights.load([model])
+    expected = saved_model(run_dir).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    assert weights.tokenizer == json.loads((Checkpointer(run_dir, 1, 0).latest_dir() / "meta.json").read_text())[
+        "tokenizer"]
+
+
+def test_a_native_checkpoint_of_another_shape_or_tokenizer_is_refused(trained, data_cache, tmp_path, capsys):
+    run_dir = trained(False)
+    err = train_error(capsys, tmp_path / "run", data_cache, run_dir, "model.dim=128")
+    assert "different shape" in err and "dim: checkpoint 64 vs config 128" in err
+    other = shutil.copytree(run_dir, tmp_path / "other-tokenizer")
+    meta_file = Checkpointer(other, 1, 0).latest_dir() / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "tokenizer": "0123456789abcdef"}))
+    err = train_error(capsys, tmp_path / "run2", data_cache, other)
+    assert "trained with tokenizer 0123456789abcdef" in err
+
+
+def test_a_directory_of_no_known_format_lists_the_formats(data_cache, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    err = train_error(capsys, tmp_path / "run", data_cache, tmp_path / "empty")
+    assert "none of the formats" in err and "Hugging Face model directory" in err and "checkpoints/step-<N>" in err
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 def test_imported_weights_are_the_source_checkpoints_bit_for_bit(exported, data_cache, tmp_path, sharded):
     source, hf = exported
@@ -52,8 +88,7 @@ def test_imported_weights_are_the_source_checkpoints_bit_for_bit(exported, data_
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
     materialize(model, torch.device("cpu"), seed=1234)
-    assert load_hf_weights([model], spec.state_dict_adapters["hf"], check_hf_weights(hf, spec, model_cfg),
-                           model_cfg) == len(load_file(exported[1] / "model.safetensors"))
+    open_starting_weights(hf, spec, model_cfg).load([model])
     expected = saved_model(source).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
 

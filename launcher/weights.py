@@ -1,0 +1,84 @@
+"""What every format a run can start from (`checkpoint.init_from`, launcher/init_from.py) shares: the checked
+weights a run starts from, and the checks and the streamed copy into a rank's model parts."""
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.errors import UserError
+from models.spec import ModelSpec
+from parallel.init import canonical_name, copy_full
+
+
+@dataclass(frozen=True)
+class StartingWeights:
+    """Weights checked against the run's model before any process group starts."""
+    description: str  # what the log says the run starts from, e.g. "the Hugging Face weights in DIR (12 tensors)"
+    # load(parts): fill this rank's materialized and initialized model parts (its shard of each DTensor; the
+    # parameters of other pipeline stages are not read). Every rank calls it at the same point: it may be collective.
+    load: Callable[[list[nn.Module]], None]
+    # The fingerprint of the tokenizer the weights were trained with, where the format records it (the run's data
+    # must then use the same one); None: the format's own checks (e.g. the vocabulary size) are all there is.
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A checkpoint format a run can start from."""
+    name: str  # e.g. "a Hugging Face model directory (config.json, *.safetensors)": what the refusal lists
+    recognizes: Callable[[Path], bool]  # cheap: file names only
+    # open(path, spec, model_cfg, where): the checked weights; UserError (one line, prefixed by `where`) otherwise
+    open: Callable[[Path, ModelSpec, Any, str], StartingWeights]
+
+
+def expected_shapes(spec: ModelSpec, model_cfg) -> dict[str, tuple[int, ...]]:
+    """The run's parameters (canonical names) and shapes, from the model built on the meta device."""
+    with torch.device("meta"):
+        return {canonical_name(name): tuple(p.shape) for name, p in spec.model_cls(model_cfg).named_parameters()}
+
+
+def check_tensors(where: str, found: dict[str, tuple[str | None, tuple[int, ...]]],
+                  expected: dict[str, tuple[int, ...]]) -> None:
+    """`found`: each tensor of the checkpoint by its own name -> (the parameter it fills, None for none; its shape
+    in the native layout). Every parameter must be filled once, with its shape (UserError naming each problem)."""
+    unexpected = sorted(name for name, (native, _) in found.items() if native not in expected)
+    filled: dict[str, str] = {}
+    for name, (native, _) in found.items():
+        if native in filled:
+            raise UserError(f"{where}: tensors {filled[native]} and {name} both fill {native}")
+        if native in expected:
+            filled[native] = name
+    missing = sorted(set(expected) - set(filled))
+    if missing or unexpected:
+        raise UserError(f"{where} does not hold the run's parameters: "
+                        + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                    (("missing (no tensor for)", missing), ("unexpected tensors", unexpected))
+                                    if names))
+    for native, name in filled.items():
+        if tuple(found[name][1]) != expected[native]:
+            raise UserError(f"{where}: tensor {name} has shape {list(found[name][1])} but the run's {native} has "
+                            f"{list(expected[native])}")
+
+
+@torch.no_grad()
+def copy_streamed(parts: list[nn.Module], read: Callable[[set[str]], Iterable[tuple[str, torch.Tensor]]]) -> int:
+    """Fill the parameters of this rank's `parts` from `read(wanted names)`, which yields (canonical name, full
+    tensor in the native layout) one at a time; each rank keeps its shard. Returns how many were copied."""
+    params = {canonical_name(name): p for part in parts for name, p in part.named_parameters()}
+    copied = 0
+    for name, full in read(set(params)):
+        copy_full(params[name], full.to(device=params[name].device, dtype=params[name].dtype))
+        copied += 1
+    if copied != len(params):
+        raise RuntimeError(f"{len(params) - copied} of this rank's {len(params)} parameters were not read: a bug in "
+                           f"the format's reader")
+    return copied
+
+
+def in_order(items: dict[str, Path]) -> Iterator[tuple[Path, list[str]]]:
+    """The names of `items` (name -> file) grouped by file, files in sorted order: each file opened once."""
+    for file in sorted(set(items.values())):
+        yield file, [name for name, name_file in items.items() if name_file == file]
