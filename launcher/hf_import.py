@@ -4,20 +4,24 @@ model.safetensors.index.json): one of the formats of `checkpoint.init_from` (lau
     preflight (no process group): the family's "hf" StateDictAdapter, config.json against the run's model config
     (adapter.config_problems), every tensor's name and shape (read from the safetensors headers) against the
     run's model built on the meta device
-    train, after every part is materialized and initialized: each rank copies, a tensor at a time, the tensors of
-    the parameters it holds (adapter.native_tensor), keeping its shard of a DTensor
+    train, after every part is materialized and initialized: each rank reads the HF tensors of one layer at a time,
+    maps them (adapter.to_native) and copies those of the parameters it holds, keeping its shard of a DTensor
 
 Only safetensors are read: a pickled checkpoint (pytorch_model.bin, *.pt) is refused, never unpickled. Each rank
-reads the full tensor of each parameter it holds (one at a time) and keeps its shard: simple, and the peak is one
-full parameter per rank; reading only the shard's rows (safetensors slices) would cut the reading under FSDP/TP.
+reads the full tensors of each layer it holds parameters of and keeps its shards: simple, and the peak is one
+layer per rank; reading only the shard's rows (safetensors slices) would cut the reading under FSDP/TP.
 """
 import json
+import re
 from pathlib import Path
+
+import torch
 
 from launcher.errors import UserError
 from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes, in_order
 from models.spec import ModelSpec
 
+_LAYER_PREFIX = re.compile(r"(.*\.layers\.\d+)\.")
 INDEX_FILE = "model.safetensors.index.json"
 # Formats torch.load would unpickle (arbitrary code): named so the refusal says what was found.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -45,26 +49,42 @@ def _open(directory: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWe
     if problems:
         raise UserError(f"{where} does not fit the run's model: {'; '.join(problems)}")
     shapes = _tensor_shapes(directory, where)
-    native_names = {}
+    # The adapter maps whole state dicts (a native expert tensor stacks many HF tensors): it is given one layer's
+    # tensors at a time, first on the meta device (names and shapes, from the headers), later read.
+    groups: dict[str, list[str]] = {}
     for name in shapes:
+        groups.setdefault(_group(name), []).append(name)
+    native_shapes, native_groups = {}, {}
+    for group, names in groups.items():
         try:
-            native_names[name] = adapter.native_name(name)
-        except ValueError:
-            native_names[name] = None
-    check_tensors(where, {name: (native_names[name], shape) for name, (_, shape) in shapes.items()},
-                  expected_shapes(spec, model_cfg))
-    files = {name: file for name, (file, _) in shapes.items()}
+            native = adapter.to_native({n: torch.empty(shapes[n][1], device="meta") for n in names}, model_cfg)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+        for native_name, tensor in native.items():
+            native_shapes[f"{native_name} (from {group})"] = (native_name, tuple(tensor.shape))
+            native_groups[native_name] = group
+    check_tensors(where, native_shapes, expected_shapes(spec, model_cfg))
 
     def read(wanted: set[str]):
-        for file, names in in_order(files):
-            with _safe_open()(file, framework="pt") as f:
-                for name in names:
-                    if native_names[name] in wanted:
-                        yield native_names[name], adapter.native_tensor(native_names[name], f.get_tensor(name),
-                                                                        model_cfg)
+        for group in dict.fromkeys(native_groups[name] for name in native_groups if name in wanted):
+            tensors = {}
+            for file, names in in_order({name: shapes[name][0] for name in groups[group]}):
+                with _safe_open()(file, framework="pt") as f:
+                    tensors.update({name: f.get_tensor(name) for name in names})
+            try:
+                native = adapter.to_native(tensors, model_cfg)
+            except ValueError as e:  # a value the shapes could not show (e.g. a gate that must be zero)
+                raise UserError(f"{where}: {e}") from None
+            yield from ((name, tensor) for name, tensor in native.items() if name in wanted)
 
     return StartingWeights(f"the Hugging Face weights in {directory} ({len(shapes)} tensors)",
                            lambda parts: copy_streamed(parts, read))
+
+
+def _group(name: str) -> str:
+    """The tensors the adapter maps together: a layer's ("model.layers.3"), or a tensor outside the layers alone."""
+    layer = _LAYER_PREFIX.match(name)
+    return layer[1] if layer else name
 
 
 HF_FORMAT = WeightFormat("a Hugging Face model directory (config.json, *.safetensors)", _recognizes, _open)

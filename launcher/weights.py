@@ -35,9 +35,11 @@ class WeightFormat:
 
 
 def expected_shapes(spec: ModelSpec, model_cfg) -> dict[str, tuple[int, ...]]:
-    """The run's parameters (canonical names) and shapes, from the model built on the meta device."""
+    """The run's parameters (canonical names, tied ones under each name) and shapes, from the model built on the
+    meta device."""
     with torch.device("meta"):
-        return {canonical_name(name): tuple(p.shape) for name, p in spec.model_cls(model_cfg).named_parameters()}
+        return {canonical_name(name): tuple(p.shape)
+                for name, p in spec.model_cls(model_cfg).named_parameters(remove_duplicate=False)}
 
 
 def check_tensors(where: str, found: dict[str, tuple[str | None, tuple[int, ...]]],
@@ -66,8 +68,9 @@ def check_tensors(where: str, found: dict[str, tuple[str | None, tuple[int, ...]
 @torch.no_grad()
 def copy_streamed(parts: list[nn.Module], read: Callable[[set[str]], Iterable[tuple[str, torch.Tensor]]]) -> int:
     """Fill the parameters of this rank's `parts` from `read(wanted names)`, which yields (canonical name, full
-    tensor in the native layout) one at a time; each rank keeps its shard. Returns how many were copied."""
-    params = {canonical_name(name): p for part in parts for name, p in part.named_parameters()}
+    tensor in the native layout) one at a time; each rank keeps its shard. Returns how many were copied (a tied
+    parameter under each of its names)."""
+    params = {canonical_name(name): p for part in parts for name, p in part.named_parameters(remove_duplicate=False)}
     copied = 0
     for name, full in read(set(params)):
         copy_full(params[name], full.to(device=params[name].device, dtype=params[name].dtype))

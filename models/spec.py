@@ -79,17 +79,13 @@ class TrainingHooks:
 class StateDictAdapter(Protocol):
     """Maps the checkpoint of another format (e.g. Hugging Face, keyed "hf") to and from the family's canonical
     parameter names and layouts (the names ModelState saves), and the family's model config to that format's.
-    A ValueError names what the other format cannot express (a tensor, a config field)."""
+    A ValueError names what the other format cannot express (a tensor, a config field). An import maps one layer's
+    tensors at a time (launcher/hf_import.py), first as meta tensors (names and shapes only): to_native must map
+    any such part of a state dict and check values only on tensors that hold data."""
 
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
-
-    # One tensor at a time (an import streams them): the canonical name of the format's tensor `name`
-    # (ValueError: none), and the tensor in the native layout (same shape).
-    def native_name(self, name: str) -> str: ...
-
-    def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: Any) -> torch.Tensor: ...
 
     # Why a model of the format's config (for "hf": config.json) cannot load into a model of model_cfg: one
     # line per mismatch, naming the run's config key to change. Empty: it can.

@@ -40,7 +40,7 @@ LLAMA_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
 
 # config.json fields an import must match -> (the run's config key that sets it, LlamaConfig's default when absent;
 # a callable takes the config). Checked for equality with what export_config writes for the run's model.
-_IMPORTED_FIELDS = {
+IMPORTED_FIELDS = {
     "hidden_size": ("model.dim", 4096), "num_hidden_layers": ("model.n_layers", 32),
     "num_attention_heads": ("model.n_heads", 32),
     "num_key_value_heads": ("model.n_kv_heads", lambda c: c.get("num_attention_heads", 32)),
@@ -56,8 +56,13 @@ _IMPORTED_FIELDS = {
 
 def _hf_value(hf_config: dict, key: str, default):
     """A config.json field as export_config writes it; rope_parameters also from transformers 4's rope_theta and
-    rope_scaling."""
-    if key == "rope_parameters" and key not in hf_config:
+    rope_scaling. transformers 5 keeps partial_rotary_factor (Glm4-MoE's) inside rope_parameters."""
+    rope = hf_config.get("rope_parameters") or {}
+    if key == "partial_rotary_factor" and key not in hf_config and key in rope:
+        return rope[key]
+    if key == "rope_parameters" and key in hf_config:
+        return {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
+    if key == "rope_parameters":
         scaling = hf_config.get("rope_scaling") or {}
         return {"rope_type": scaling.get("rope_type", scaling.get("type", "default")),
                 "rope_theta": hf_config.get("rope_theta", 10000.0), **{k: v for k, v in scaling.items()
@@ -95,17 +100,11 @@ class LlamaAdapter:
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
         for name, tensor in state_dict.items():
-            native_name = self.native_name(name)
-            native[native_name] = self.native_tensor(native_name, tensor, model_cfg)
+            native_name = _rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
+            native[native_name] = self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]
         return native
-
-    def native_name(self, name: str) -> str:
-        return _rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
-
-    def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: LLMConfig) -> torch.Tensor:
-        return self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
 
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         hf = {}
@@ -129,19 +128,27 @@ class LlamaAdapter:
             ours = self.export_config(model_cfg, max_position_embeddings=0)
         except ValueError as e:
             return [str(e)]
-        problems = [f"config.json has model_type {config.get('model_type')!r}; this model imports 'llama'"] \
-            if config.get("model_type") != "llama" else []
-        for hf_key, (config_key, default) in _IMPORTED_FIELDS.items():
-            theirs = _hf_value(config, hf_key, default)
-            if theirs != ours[hf_key]:
-                problems.append(f"config.json has {hf_key}={theirs} but the run has {ours[hf_key]}: set {config_key}")
-        return problems
+        return imported_field_problems(config, ours, IMPORTED_FIELDS)
 
     def export_config(self, model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
         check_mapped(model_cfg, LLAMA_FIELDS, "LlamaConfig")
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                 **decoder_config(model_cfg, max_position_embeddings), "intermediate_size": model_cfg.ffn_hidden_dim,
                 "attention_bias": False, "mlp_bias": False}
+
+
+def imported_field_problems(config: dict, ours: dict, fields: dict[str, tuple]) -> list[str]:
+    """config.json against what export_config writes for the run's model (`ours`): its model_type, then each of
+    `fields` (HF key -> (the run's config key that sets it, the HF default when absent))."""
+    if config.get("model_type") != ours["model_type"]:
+        return [f"config.json has model_type {config.get('model_type')!r}; this run's model imports "
+                f"{ours['model_type']!r}"]
+    problems = []
+    for hf_key, (config_key, default) in fields.items():
+        theirs = _hf_value(config, hf_key, default)
+        if theirs != ours[hf_key]:
+            problems.append(f"config.json has {hf_key}={theirs} but the run has {ours[hf_key]}: set {config_key}")
+    return problems
 
 
 def check_mapped(model_cfg: LLMConfig, mapped_fields: set[str], hf_config: str) -> None:

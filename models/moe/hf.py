@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.llm.hf import HF_LAYER, LLAMA_FIELDS, NATIVE_LAYER, LlamaAdapter, check_mapped, decoder_config
+from models.llm.hf import (IMPORTED_FIELDS, HF_LAYER, LLAMA_FIELDS, NATIVE_LAYER, LlamaAdapter, check_mapped,
+                           decoder_config, imported_field_problems)
 from models.moe.model import MoEConfig
 
 MOE_FIELDS = {"n_experts", "top_k", "moe_hidden_dim", "n_shared_experts", "n_dense_layers", "router", "renormalize",
@@ -75,6 +76,26 @@ def _split(state_dict: dict[str, torch.Tensor], layer_pattern: re.Pattern, block
     return layers, rest
 
 
+# config.json fields of the MoE classes an import must match -> the run's config key that sets it.
+_MOE_HINTS = {
+    "num_local_experts": "model.n_experts", "num_experts": "model.n_experts", "n_routed_experts": "model.n_experts",
+    "num_experts_per_tok": "model.top_k", "moe_intermediate_size": "model.moe_hidden_dim",
+    "intermediate_size": "model.multiple_of / model.ffn_dim_multiplier (the dense layers' width)",
+    "norm_topk_prob": "model.renormalize", "shared_expert_intermediate_size": "model.n_shared_experts",
+    "n_shared_experts": "model.n_shared_experts", "mlp_only_layers": "model.n_dense_layers",
+    "first_k_dense_replace": "model.n_dense_layers", "routed_scaling_factor": "model.route_scale",
+    "n_group": "model.n_groups", "topk_group": "model.topk_groups", "decoder_sparse_step": "(none: only 1 imports)",
+    "qkv_bias": "(none: no biases import)", "attention_bias": "(none: no biases import)",
+    "partial_rotary_factor": "(none: only 1.0 imports)", "use_qk_norm": "(none: only false imports)",
+}
+
+
+def _nonzero(tensor: torch.Tensor) -> bool:
+    """Whether a tensor that must be zero is not; a meta tensor (an import mapping shapes only) passes: its values
+    are checked when read."""
+    return not tensor.is_meta and bool(tensor.any())
+
+
 class MoEAdapter:
     """models.spec.StateDictAdapter for the HF class `hf_form` picks."""
 
@@ -96,17 +117,21 @@ class MoEAdapter:
                            for name, t in self._layer_to_native(tensors, form, model_cfg).items()})
         return native
 
-    # A run starts from HF weights one tensor at a time (launcher/hf_import.py), but each native expert
-    # tensor stacks E per-expert HF tensors: that import is not built yet, and config_problems says so
-    # before anything is read.
     def config_problems(self, config: dict, model_cfg: MoEConfig) -> list[str]:
-        return ["a moe run cannot start from Hugging Face weights yet (exporting works: shardwright convert to-hf)"]
+        try:
+            ours = self.export_config(model_cfg, max_position_embeddings=0)
+        except ValueError as e:
+            return [str(e)]
+        # config.json omits the class's defaults (transformers writes what differs from them).
+        from transformers import AutoConfig
 
-    def native_name(self, name: str) -> str:
-        raise ValueError("a moe run cannot start from Hugging Face weights yet")
-
-    def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: MoEConfig) -> torch.Tensor:
-        raise ValueError("a moe run cannot start from Hugging Face weights yet")
+        defaults = AutoConfig.for_model(ours["model_type"]).to_dict() if config.get("model_type") == ours[
+            "model_type"] else {}
+        fields = {key: hint for key, hint in IMPORTED_FIELDS.items() if key in ours and key not in _MOE_HINTS}
+        fields |= {key: (hint, defaults.get(key)) for key, hint in _MOE_HINTS.items() if key in ours}
+        if hf_form(model_cfg) is MIXTRAL:
+            fields["intermediate_size"] = ("model.moe_hidden_dim", defaults.get("intermediate_size"))
+        return imported_field_problems(config, ours, fields)
 
     @staticmethod
     def _layer_from_native(native: dict[str, torch.Tensor], form: _Form, cfg: MoEConfig) -> dict[str, torch.Tensor]:
@@ -142,7 +167,7 @@ class MoEAdapter:
         native = {"router.gate.weight": gate}
         bias = take("gate.e_score_correction_bias") if form.selection_bias else torch.zeros(cfg.n_experts,
                                                                                               dtype=gate.dtype)
-        if cfg.bias_update_rate == 0 and bias.any():
+        if cfg.bias_update_rate == 0 and _nonzero(bias):
             raise ValueError("the router's e_score_correction_bias is not zero but model field bias_update_rate is 0 "
                              "(a selection bias that is not trained)")
         native["router.expert_bias"] = bias
@@ -152,7 +177,7 @@ class MoEAdapter:
         if form.shared:
             shared = {ours: take(f"{form.shared}.{theirs}.weight") for ours, theirs in zip(_SWIGLU, form.expert)}
             if form.shared_gate:
-                if take("shared_expert_gate.weight").any():
+                if _nonzero(take("shared_expert_gate.weight")):
                     raise ValueError("shared_expert_gate is not zero: a gated shared expert has no counterpart in "
                                      "the moe model")
                 shared["w2"] = shared["w2"] / 2

@@ -141,6 +141,8 @@ def tp4_world(runs_dir, data_cache, tp2_world):
         "tp2_dp2_resumed": run("tp2_to_tp2dp2", "parallel.tp=2", "train.micro_batch_size=4"),
         "tp2dp2_stop": run("tp2dp2_to_tp2", "parallel.tp=2", "train.micro_batch_size=4", STOP),
         "tp2_dp2_mqa": run("tp2_dp2_mqa", "parallel.tp=2", "train.micro_batch_size=4", MQA),
+        "tp2_dp2_init_from": run("tp2_dp2_init_from", "parallel.tp=2", "train.micro_batch_size=4",
+                                 f"checkpoint.init_from={runs_dir / 'hf'}"),  # written for the tp=2 world
         "tp2_dp2_init_native": run("tp2_dp2_init_native", "parallel.tp=2", "train.micro_batch_size=4",
                                    f"checkpoint.init_from={runs_dir / 'tp2_init_from'}"),
     }
@@ -237,11 +239,12 @@ def test_replicated_kv_heads_match_one_process(tp2_world, tp4_world, one_process
     assert_same_losses(tp4_world["runs"]["tp2_dp2_mqa"], mqa)
 
 
-def test_tp2_run_from_hugging_face_weights_matches_one_process(tp2_world, one_process, reference_losses):
-    """checkpoint.init_from loads into TP-sharded parameters as into whole ones; the seeded run differs (the import
-    took effect)."""
+def test_runs_from_hugging_face_weights_match_one_process(tp2_world, tp4_world, one_process, reference_losses):
+    """checkpoint.init_from loads into TP- and FSDP-sharded parameters as into whole ones (tp2, tp2 x dp2); the
+    seeded run differs (the import took effect)."""
     from_hf = one_process["test_tensor_parallel:init_from"].value()
     assert_same_losses(tp2_world["runs"]["tp2_init_from"], from_hf)
+    assert_same_losses(tp4_world["runs"]["tp2_dp2_init_from"], from_hf)
     assert_losses_differ(from_hf, reference_losses)
 
 

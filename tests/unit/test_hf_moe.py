@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
 
 import models.moe.hf
 from launcher.checkpoint import Checkpointer, ModelState
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config
 from launcher.convert import convert
+from launcher.errors import UserError
 from launcher.hf_files import write_hf_directory
+from launcher.init_from import open_starting_weights
 from launcher.trainer import train
 from models import get_model_spec
 from models.moe.hf import MoEAdapter
@@ -156,3 +159,37 @@ def test_convert_to_hf_of_a_dropping_checkpoint_is_refused_in_one_line(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "model field capacity_factor > 0" in err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("architecture", FORMS)
+def test_each_form_imports_bit_for_bit(architecture, tmp_path, tokenizer_model):
+    """checkpoint.init_from a directory of each class: the layer-at-a-time import (experts stacked again) gives the
+    exported model's parameters bit for bit, under names and shapes checked before anything is read."""
+    cfg = moe_config(**FORMS[architecture])
+    source = random_model(cfg)
+    directory = export(source, cfg, tmp_path / "hf", tokenizer_model)
+    weights = open_starting_weights(directory, get_model_spec("moe"), cfg)
+    with torch.device("meta"):
+        model = get_model_spec("moe").model_cls(cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    weights.load([model])
+    expected = source.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_an_import_checks_values_the_shapes_cannot_show(tmp_path, tokenizer_model):
+    """Qwen2-MoE's shared-expert gate has no counterpart unless it is zero: found when read, one line; a config.json
+    of another expert count is named before."""
+    cfg = moe_config(**FORMS["Qwen2MoeForCausalLM"])
+    directory = export(random_model(cfg), cfg, tmp_path / "hf", tokenizer_model)
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.1.mlp.shared_expert_gate.weight"] += 1
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    weights = open_starting_weights(directory, get_model_spec("moe"), cfg)
+    with torch.device("meta"):
+        model = get_model_spec("moe").model_cls(cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    with pytest.raises(UserError, match="shared_expert_gate is not zero"):
+        weights.load([model])
+    with pytest.raises(UserError, match="num_experts=8 but the run has 4: set model.n_experts"):
+        open_starting_weights(directory, get_model_spec("moe"), dataclasses.replace(cfg, n_experts=4))
