@@ -182,7 +182,7 @@ def check_complete(path: Path) -> dict:
     """Read meta.json and the DCP metadata, and check every shard file holds the bytes it should.
 
     Catches a truncated or missing shard before any process group starts. Returns the DCP
-    metadata's per-key tensor sizes plus the meta.json contents under "meta".
+    metadata's per-key tensor sizes and dtypes plus the meta.json contents under "meta".
     """
     def damaged(why: str) -> UserError:
         return UserError(f"checkpoint {path} is damaged ({why}); point checkpoints/latest at an earlier "
@@ -201,8 +201,10 @@ def check_complete(path: Path) -> dict:
         if not file.exists() or file.stat().st_size < size:
             have = file.stat().st_size if file.exists() else "missing"
             raise damaged(f"shard {name} should hold {size} bytes, has {have}")
-    sizes = {key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
-    return {"sizes": sizes, "meta": meta, "keys": set(metadata.state_dict_metadata)}
+    tensors = {key: md for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
+    return {"sizes": {key: tuple(md.size) for key, md in tensors.items()},
+            "dtypes": {key: md.properties.dtype for key, md in tensors.items()},
+            "meta": meta, "keys": set(metadata.state_dict_metadata)}
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Path]:

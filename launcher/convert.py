@@ -16,12 +16,15 @@ Every registered family's `checkpoint_commands` (models/spec.py: CheckpointComma
 not carried over: the resumed ranks keep their seed RNG.
 
 `convert to-hf SOURCE OUT` is the same for every family whose spec has an "hf" StateDictAdapter: the
-source's model (weights only) loaded the same way, mapped by the adapter, written as a Hugging Face
-directory (launcher/hf_files.py) in a staging directory renamed to OUT when complete.
+source's model tensors read from DCP a layer at a time (any layout), mapped by the adapter, written as a
+Hugging Face directory a shard at a time (launcher/hf_files.py) in a staging directory renamed to OUT when
+complete.
 """
 import argparse
 import copy
+import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,25 +32,31 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch import nn
 
-from launcher.checkpoint import (Checkpointer, ModelState, check_complete, check_same_model, check_same_tokenizer,
+from launcher.checkpoint import (Checkpointer, check_complete, check_same_model, check_same_tokenizer,
                                  checkpoint_meta, find_checkpoint, fsync_dir, training_state)
 from launcher.config import Config, load_config
 from launcher.distributed import World, init_distributed
 from launcher.errors import UserError
-from launcher.hf_files import write_hf_directory
+from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
+from launcher.init_from import CONSOLIDATED_KEY
 from launcher.optim import Optimizers
 from launcher.trainer import model_inputs
 from models import FAMILIES, get_model_spec
 from models.spec import CheckpointCommand, CheckpointContents, ModelSpec, architecture
 from parallel.init import materialize
+
+NATIVE_LAYER_PREFIX = re.compile(r"(layers\.\d+)\.")
 from parallel.mesh import ParallelDims
 
 # A conversion that keeps the function must reproduce the old outputs to fp32 rounding; more is a bug.
 PRESERVED_RTOL = 1e-5
 TO_HF = "to-hf"  # the sub-command every family with an "hf" state-dict adapter has
-HF_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TO_FILE = "to-file"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:
@@ -55,7 +64,7 @@ def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:
     commands: dict[str, tuple[str, CheckpointCommand]] = {}
     for family in FAMILIES:
         for name, command in get_model_spec(family).checkpoint_commands.items():
-            if name in commands or name == TO_HF:
+            if name in commands or name in EXPORTS:
                 raise ValueError(f"model family {family} registers `convert {name}`, which "
                                  f"{commands[name][0] if name in commands else 'the launcher'} has already")
             commands[name] = (family, command)
@@ -64,7 +73,8 @@ def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     conversions = parser.add_subparsers(dest="conversion", required=True)
-    _add_to_hf_arguments(conversions.add_parser(TO_HF, help=TO_HF_HELP))
+    for name, (help_text, add_export_arguments, _) in EXPORTS.items():
+        add_export_arguments(conversions.add_parser(name, help=help_text))
     for name, (family, command) in checkpoint_commands().items():
         _add_command_arguments(conversions.add_parser(name, help=f"{command.help} ({family} checkpoints)"), command)
 
@@ -81,17 +91,20 @@ TO_HF_HELP = "a Hugging Face model directory (safetensors, config.json, tokenize
 
 
 def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (f"{TO_HF_HELP}, for model families with a Hugging Face mapping. Runs in one process and "
-                          f"holds the whole model (twice) in its memory; reads checkpoints of any layout.")
+    parser.description = (f"{TO_HF_HELP}, for model families with a Hugging Face mapping. Runs in one process, reads "
+                          f"checkpoints of any layout and holds one shard of the output in memory at a time.")
     parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
     parser.add_argument("out", help="the directory to write (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(HF_DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+    parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE,
+                        help=f"the largest safetensors file, also what the export holds in memory at once (default "
+                             f"{MAX_SHARD_SIZE}; e.g. 500MB, 5GB)")
 
 
 def convert_command(args: argparse.Namespace) -> int:
     log = lambda line: print(line, flush=True)  # noqa: E731
-    if args.conversion == TO_HF:
-        export_hf(args, log)
+    if args.conversion in EXPORTS:
+        EXPORTS[args.conversion][2](args, log)
     else:
         convert_run(args.conversion, args, log)
     return 0
@@ -102,9 +115,10 @@ def convert(name: str, source: Path | str, out: Path | str, *options: str,
     """`shardwright convert NAME SOURCE OUT OPTIONS...` in this process (e.g. from a test); returns OUT.
     Bad input raises UserError."""
     parser = argparse.ArgumentParser(prog=f"convert {name}")
-    if name == TO_HF:
-        _add_to_hf_arguments(parser)
-        return export_hf(parser.parse_args([str(source), str(out), *options]), log)
+    if name in EXPORTS:
+        _, add_export_arguments, export = EXPORTS[name]
+        add_export_arguments(parser)
+        return export(parser.parse_args([str(source), str(out), *options]), log)
     _add_command_arguments(parser, checkpoint_commands()[name][1])
     return convert_run(name, parser.parse_args([str(source), str(out), *options]), log)
 
@@ -128,17 +142,81 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     log(f"convert {TO_HF}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({hf_config['architectures'][0]}, "
         f"{args.dtype})")
 
-    with one_process_world(cfg.run.timeout_s):
-        data, _, _ = source_loaders(spec, cfg, saved, checkpoint, log)
-        model = build_model(spec, cfg)
-        state = {"model": ModelState([model])}  # weights only: DCP reads just these keys
-        Checkpointer(run_dir, cfg.checkpoint.keep_last, rank=0).load(checkpoint, state)
-        tensors = adapter.from_native(state["model"].state_dict(), model_cfg)
+    data, _, _ = source_loaders(spec, cfg, saved, checkpoint, log)
+    layout, read = checkpoint_reader(checkpoint, saved, lambda native: adapter.from_native(native, model_cfg))
     with staged(out) as staging:
-        write_hf_directory(staging, tensors, hf_config, data.tokenizer.model_path, HF_DTYPES[args.dtype])
-    log(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters; load it with "
+        write_hf_files(staging, layout, read, hf_config, data.tokenizer.model_path, DTYPES[args.dtype],
+                       args.max_shard_size)
+    log(f"wrote {out}: {len(layout)} tensors, {sum(t.numel() for t in layout.values()):,} parameters; load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
     return out
+
+
+def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], dict]):
+    """(layout, read) of a checkpoint's model tensors mapped by `mapping` (a state-dict adapter's from_native), for
+    writing them out a part at a time: `layout` names them (meta tensors), `read(names)` returns them. The
+    mapping is given one layer's tensors at a time, first as meta tensors; `read` loads the layers it needs
+    straight from DCP in this process (any layout: DCP reassembles each tensor), so the model is never whole in
+    memory."""
+    groups: dict[str, list[str]] = {}
+    for key in saved["sizes"]:
+        if key.startswith("model."):
+            name = key.removeprefix("model.")
+            layer = NATIVE_LAYER_PREFIX.match(name)
+            groups.setdefault(layer[1] if layer else name, []).append(name)
+    layout, group_of = {}, {}
+    for group, names in groups.items():
+        meta = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"], device="meta")
+                for n in names}
+        for name, tensor in mapping(meta).items():
+            layout[name], group_of[name] = tensor, group
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for group in dict.fromkeys(group_of[name] for name in names):
+            native = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"])
+                      for n in groups[group]}
+            dcp.load({"model": native}, checkpoint_id=checkpoint, no_dist=True)
+            tensors |= {name: t for name, t in mapping(native).items() if name in names}
+        return tensors
+
+    return layout, read
+
+
+TO_FILE_HELP = "one safetensors file of a checkpoint's weights (canonical names), which checkpoint.init_from reads"
+
+
+def _add_to_file_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (f"{TO_FILE_HELP}. The file's metadata records the family, architecture, tokenizer and step, "
+                          f"checked when a run starts from it. Runs in one process and holds the model once in memory; "
+                          f"reads checkpoints of any layout.")
+    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
+    parser.add_argument("out", help="the .safetensors file to write (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+
+
+def export_file(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    """`convert to-file`: OUT, one safetensors file of SOURCE's model tensors under their canonical names."""
+    out, checkpoint, run_dir, saved = open_source(args)
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: `convert {TO_FILE}` writes a .safetensors file; name it <something>.safetensors")
+    cfg = source_config(run_dir, saved, checkpoint)
+    log(f"convert {TO_FILE}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({args.dtype})")
+    layout, read = checkpoint_reader(checkpoint, saved, lambda native: native)
+    tensors = {name: t.to(DTYPES[args.dtype]) for name, t in read(list(layout)).items()}
+    record = {key: saved["meta"][key] for key in ("family", "model", "tokenizer", "step")}
+    staging = out.with_name(f".{out.name}.converting")
+    save_file(tensors, staging, metadata={"format": "pt", CONSOLIDATED_KEY: json.dumps(record)})
+    os.rename(staging, out)
+    fsync_dir(out.parent)
+    log(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values; start a run from "
+        f"it with checkpoint.init_from={out}")
+    return out
+
+
+# `convert` sub-commands the launcher owns: name -> (help, add_arguments(parser), run(args, log) -> OUT).
+EXPORTS = {TO_HF: (TO_HF_HELP, _add_to_hf_arguments, export_hf),
+           TO_FILE: (TO_FILE_HELP, _add_to_file_arguments, export_file)}
 
 
 def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> Path:

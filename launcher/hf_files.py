@@ -1,19 +1,26 @@
-"""The files of a Hugging Face model directory, written by transformers' and huggingface_hub's own code:
-safetensors weights (one file, or shards with model.safetensors.index.json), config.json,
-generation_config.json, and the tokenizer (tokenizer.json, tokenizer_config.json).
+"""The files of a Hugging Face model directory, written by transformers', huggingface_hub's and safetensors' own
+code: safetensors weights (one file, or shards with model.safetensors.index.json, split as huggingface_hub
+splits them), config.json, generation_config.json, and the tokenizer (tokenizer.json, tokenizer_config.json).
+
+The weights are written a shard at a time: the caller gives their names and shapes (meta tensors) and a reader
+of named tensors, so a process holds one shard, not the model.
 
 The tokenizer is this project's sentencepiece model converted by transformers' SpmConverter, which follows
 the model's own normalizer settings (no dummy prefix, spaces escaped, byte fallback), so
 AutoTokenizer.from_pretrained encodes text to the same ids. It adds no BOS/EOS (our data appends an EOS
 after each document itself), and it encodes "<s>" written in text as text, as sentencepiece does.
 """
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from launcher.errors import UserError
 
-MAX_SHARD_SIZE = "5GB"  # huggingface_hub's default: the size transformers writes and loaders expect
+# What one shard holds, so also what an export holds in memory at once; loaders take any size (transformers itself
+# writes 5GB shards by default).
+MAX_SHARD_SIZE = "2GB"
 
 
 def _transformers():
@@ -28,8 +35,18 @@ def write_hf_directory(directory: Path, tensors: dict[str, torch.Tensor], config
                        dtype: torch.dtype, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
     """Write the model `tensors` (HF names) in `dtype` with its `config` (config.json fields, model_type
     included) and the sentencepiece `tokenizer_model` into the existing `directory`."""
+    write_hf_files(directory, tensors, lambda names: {name: tensors[name] for name in names}, config, tokenizer_model,
+                   dtype, max_shard_size)
+
+
+def write_hf_files(directory: Path, layout: dict[str, torch.Tensor], read: Callable[[list[str]], dict[str, torch.Tensor]],
+                   config: dict, tokenizer_model: Path, dtype: torch.dtype,
+                   max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
+    """write_hf_directory of the tensors named and shaped by `layout` (meta tensors will do), read a shard at a
+    time: `read(names)` returns those tensors."""
     transformers = _transformers()
-    from huggingface_hub import save_torch_state_dict
+    from huggingface_hub import constants, split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
     from transformers.convert_slow_tokenizer import SpmConverter
@@ -44,8 +61,15 @@ def write_hf_directory(directory: Path, tensors: dict[str, torch.Tensor], config
     model_config = transformers.AutoConfig.for_model(**config, **token_ids, dtype=dtype)
     model_config.save_pretrained(directory)
     transformers.GenerationConfig.from_model_config(model_config).save_pretrained(directory)
-    save_torch_state_dict({name: t.to(dtype).contiguous() for name, t in tensors.items()}, directory,
-                          max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards({name: torch.empty(t.shape, dtype=dtype, device="meta")
+                                                for name, t in layout.items()}, max_shard_size=max_shard_size)
+    for file, names in split.filename_to_tensors.items():
+        shard = read(names)
+        save_file({name: shard[name].to(dtype).contiguous() for name in names}, directory / file,
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / constants.SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2))
 
     proto = model_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer_model).read_bytes())

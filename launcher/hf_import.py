@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from safetensors import safe_open
+
 from launcher.errors import UserError
 from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes, in_order
 from models.spec import ModelSpec
@@ -25,14 +27,6 @@ _LAYER_PREFIX = re.compile(r"(.*\.layers\.\d+)\.")
 INDEX_FILE = "model.safetensors.index.json"
 # Formats torch.load would unpickle (arbitrary code): named so the refusal says what was found.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def _safe_open():
-    try:
-        from safetensors import safe_open
-    except ImportError:
-        raise UserError("checkpoint.init_from reads safetensors: pip install 'shardwright[hf]'") from None
-    return safe_open
 
 
 def _recognizes(path: Path) -> bool:
@@ -69,7 +63,7 @@ def _open(directory: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWe
         for group in dict.fromkeys(native_groups[name] for name in native_groups if name in wanted):
             tensors = {}
             for file, names in in_order({name: shapes[name][0] for name in groups[group]}):
-                with _safe_open()(file, framework="pt") as f:
+                with safe_open(file, framework="pt") as f:
                     tensors.update({name: f.get_tensor(name) for name in names})
             try:
                 native = adapter.to_native(tensors, model_cfg)
@@ -109,7 +103,7 @@ def _tensor_shapes(directory: Path, where: str) -> dict[str, tuple[Path, list[in
                 f"code): convert them to safetensors first" if pickled else ""))
     shapes = {}
     for file in files:
-        with _safe_open()(file, framework="pt") as f:
+        with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # the index places it elsewhere (or nowhere): HF loaders read it from there

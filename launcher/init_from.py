@@ -6,12 +6,15 @@ PATH is recognized by its files as one of FORMATS (the first that recognizes it)
 model before any process group starts (one line on any problem), then read by every rank after its model parts
 are materialized and initialized (launcher/weights.py: StartingWeights).
 """
+import json
 from pathlib import Path
+
+from safetensors import safe_open
 
 from launcher.checkpoint import META_FILE, Checkpointer, ModelState, check_complete, check_same_model, find_checkpoint
 from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
-from launcher.weights import StartingWeights, WeightFormat
+from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes
 from models.spec import ModelSpec, architecture
 
 
@@ -33,14 +36,46 @@ def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str) -> Starting
 
 
 NATIVE_FORMAT = WeightFormat("a shardwright run directory or one of its checkpoints/step-<N>", _is_native, _open_native)
-FORMATS = (NATIVE_FORMAT, HF_FORMAT)
+
+# The safetensors metadata entry of a consolidated file (`convert to-file`): JSON of the checkpoint's meta.json
+# fields family, model (architecture), tokenizer and step.
+CONSOLIDATED_KEY = "shardwright"
+
+
+def _is_consolidated(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".safetensors"
+
+
+def _open_consolidated(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights:
+    """A consolidated file: canonical names, read a tensor at a time."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    if CONSOLIDATED_KEY not in metadata:
+        raise UserError(f"{where} is a safetensors file without shardwright's metadata (`convert to-file` writes it); "
+                        f"for a Hugging Face checkpoint pass its directory (with config.json)")
+    record = json.loads(metadata[CONSOLIDATED_KEY])
+    check_same_model(record, spec.name, architecture(model_cfg), path)
+    check_tensors(where, {name: (name, shape) for name, shape in shapes.items()}, expected_shapes(spec, model_cfg))
+
+    def read(wanted: set[str]):
+        with safe_open(path, framework="pt") as f:
+            yield from ((name, f.get_tensor(name)) for name in shapes if name in wanted)
+
+    return StartingWeights(f"the weights in {path} (step {record['step']})", lambda parts: copy_streamed(parts, read),
+                           tokenizer=record["tokenizer"])
+
+
+CONSOLIDATED_FORMAT = WeightFormat("a consolidated .safetensors file (`convert to-file`)", _is_consolidated,
+                                   _open_consolidated)
+FORMATS = (NATIVE_FORMAT, CONSOLIDATED_FORMAT, HF_FORMAT)
 
 
 def open_starting_weights(path: Path | str, spec: ModelSpec, model_cfg) -> StartingWeights:
     """The weights at `path` (checkpoint.init_from) checked against the run's model; UserError otherwise."""
     path = Path(path)
     where = f"checkpoint.init_from={path}"
-    if not path.is_dir():
+    if not path.exists():
         raise UserError(f"{where} does not exist; pass " + " or ".join(f.name for f in FORMATS))
     for weight_format in FORMATS:
         if weight_format.recognizes(path):

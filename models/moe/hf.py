@@ -123,7 +123,10 @@ class MoEAdapter:
         except ValueError as e:
             return [str(e)]
         # config.json omits the class's defaults (transformers writes what differs from them).
-        from transformers import AutoConfig
+        try:
+            from transformers import AutoConfig
+        except ImportError:
+            return ["checking a MoE class's config.json needs transformers: pip install 'shardwright[hf]'"]
 
         defaults = AutoConfig.for_model(ours["model_type"]).to_dict() if config.get("model_type") == ours[
             "model_type"] else {}

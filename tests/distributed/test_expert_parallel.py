@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
+from tests.distributed.hf_export import export_and_check
 from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 THIS = "tests.distributed.test_expert_parallel"
@@ -136,7 +137,7 @@ def world4(tmp_path_factory, data_cache):
                           MICRO4, config=MOE_TINY),
               train_check(workdir / "pp2ep2", data_cache, "parallel.pp=2", "parallel.ep=2", "parallel.dp_shard=2",
                           "train.micro_batch_size=2", config=MOE_TINY)]
-    return run_world(4, checks, workdir)
+    return {**dict(enumerate(run_world(4, checks, workdir))), "dir": workdir}
 
 
 def test_all_to_all_round_trip_is_identity(world4):
@@ -180,6 +181,15 @@ def test_perturbed_run_fails_the_comparison(world2, references):
 
 def test_tiny_moe_ep2_tp2_matches_one_process(world4, moe_reference):
     assert_same_losses(world4[3].value(), moe_reference)
+
+
+def test_hf_export_of_the_ep2_tp2_and_pp2_ep2_checkpoints_computes_their_logits(world4, tmp_path):
+    """`convert to-hf` of the tiny MoE trained 10 steps at ep2 x tp2 x dp2 and at pp2 x ep2 x dp2 (experts sharded
+    over ep, tp-sharded attention, stages): the exported tensors are the checkpoint's bit for bit, and transformers'
+    Qwen2MoeForCausalLM loaded from the export computes our logits."""
+    for run in ("ep2tp2", "pp2ep2"):
+        assert world4[{"ep2tp2": 3, "pp2ep2": 4}[run]].value()  # the run finished
+        export_and_check(world4["dir"] / run, tmp_path / run)
 
 
 def test_tiny_moe_tp2_without_fsdp_matches_one_process(world2, moe_reference):

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
+from tests.distributed.hf_export import checkpoint_as_hf, export_and_check
 from tests.distributed.runs import (RTOL, SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr,
                                     train_check)
 
@@ -111,32 +112,14 @@ def test_checkpoint_resumes_with_a_different_virtual_stage_count(two, reference_
     assert_same_losses(two["resume_v2"], reference_losses[5:])
 
 
-def test_hf_export_of_the_pp2_tp2_checkpoint_holds_its_tensors(four, runs_dir, tmp_path):
-    """`convert to-hf` of the pp2 x tp2 run's checkpoint loads it whole into one process (DCP reshards the
-    stage- and tp-sharded tensors) and writes exactly the checkpoint's tensors: read straight from DCP and
-    mapped by the same adapter, they are bit-identical to the export (fp32). Control: the pp2 x dp2 run's
-    tensors (the same training under another layout, equal to rounding) fail the bitwise comparison."""
+def test_hf_export_of_the_pp2_tp2_checkpoint_computes_its_logits(four, runs_dir, tmp_path):
+    """`convert to-hf` of the pp2 x tp2 run's checkpoint (10 steps) loads it whole into one process (DCP reshards
+    the stage- and tp-sharded tensors) and writes exactly the checkpoint's tensors (read straight from DCP and
+    mapped by the same adapter: bit-identical, fp32); transformers' LlamaForCausalLM loaded from it computes our
+    logits. Control: the pp2 x dp2 run's tensors (the same training under another layout, equal to rounding)
+    fail the bitwise comparison."""
     import torch
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file
 
-    from launcher.checkpoint import Checkpointer, check_complete
-    from launcher.config import load_config
-    from launcher.convert import convert
-    from models import get_model_spec
-
-    def raw_hf_tensors(run_dir):
-        checkpoint = Checkpointer(run_dir, 1, 0).latest_dir()
-        sizes = check_complete(checkpoint)["sizes"]
-        raw = {"model": {k.removeprefix("model."): torch.empty(s) for k, s in sizes.items() if k.startswith("model.")}}
-        dcp.load(raw, checkpoint_id=checkpoint, no_dist=True)
-        adapter = get_model_spec("llm").state_dict_adapters["hf"]
-        return adapter.from_native(raw["model"], load_config(run_dir / "config.yaml").model_config())
-
-    exported = load_file(convert("to-hf", runs_dir / "pp2_tp2", tmp_path / "hf", log=lambda _: None)
-                         / "model.safetensors")
-    want = raw_hf_tensors(runs_dir / "pp2_tp2")
-    assert exported.keys() == want.keys() and len(want) > 10
-    assert all(torch.equal(exported[name], tensor) for name, tensor in want.items())
-    other_layout = raw_hf_tensors(runs_dir / "pp2_dp2")
+    exported = export_and_check(runs_dir / "pp2_tp2", tmp_path / "hf")
+    other_layout = checkpoint_as_hf(runs_dir / "pp2_dp2")
     assert not all(torch.equal(exported[name], tensor) for name, tensor in other_layout.items())

@@ -58,7 +58,7 @@ def saved_model(run_dir: Path) -> torch.nn.Module:
     with torch.device("meta"):
         model = get_model_spec("llm").model_cls(cfg.model_config())
     materialize(model, torch.device("cpu"), cfg.train.seed)
-    dcp.load({"model": ModelState([model])}, checkpoint_id=Checkpointer(run_dir, 1, 0).latest_dir())
+    dcp.load({"model": ModelState([model])}, checkpoint_id=Checkpointer(run_dir, 1, 0).latest_dir(), no_dist=True)
     return model.eval()
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import launcher.convert
 import launcher.trainer
 from launcher.checkpoint import Checkpointer
 from launcher.cli import USER_ERROR_EXIT, main
@@ -196,3 +197,38 @@ def test_a_family_without_a_hf_mapping_is_refused(exported, data_cache, tmp_path
     monkeypatch.setattr(launcher.trainer, "get_model_spec",
                         lambda family: dataclasses.replace(spec, state_dict_adapters={}))
     assert "has no Hugging Face mapping" in train_error(capsys, tmp_path / "run", data_cache, exported[1])
+
+
+def test_a_consolidated_file_round_trips_bit_for_bit(trained, data_cache, tmp_path, capsys):
+    """`convert to-file`: one safetensors file of the checkpoint's tensors (canonical names, the run's record in its
+    metadata); checkpoint.init_from that file gives them back bit for bit. A file of another shape is refused, and
+    a safetensors file without the record (e.g. a Hugging Face one) is named as such."""
+    run_dir = trained(True)  # tied embeddings: both names in the file, one parameter
+    file = launcher.convert.convert("to-file", run_dir, tmp_path / "weights.safetensors", log=lambda _: None)
+    tensors = load_file(file)
+    expected = saved_model(run_dir).state_dict()
+    assert tensors.keys() == expected.keys() and all(torch.equal(tensors[n], expected[n]) for n in expected)
+
+    cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, file, "model.tie_embeddings=true"))
+    spec, model_cfg = get_model_spec("llm"), cfg.model_config()
+    with torch.device("meta"):
+        model = spec.model_cls(model_cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    open_starting_weights(file, spec, model_cfg).load([model])
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    assert model.output.weight is model.tok_embeddings.weight
+
+    err = train_error(capsys, tmp_path / "run2", data_cache, file, "model.tie_embeddings=true", "model.dim=128")
+    assert "different shape" in err
+    save_file(tensors, tmp_path / "plain.safetensors")
+    err = train_error(capsys, tmp_path / "run3", data_cache, tmp_path / "plain.safetensors")
+    assert "without shardwright's metadata" in err
+
+
+def test_to_file_refuses_an_existing_output_and_another_suffix(trained, tmp_path, capsys):
+    (tmp_path / "exists.safetensors").write_text("keep")
+    for out, message in ((tmp_path / "exists.safetensors", "exists"), (tmp_path / "weights.pt", ".safetensors")):
+        assert main(["convert", "to-file", str(trained(False)), str(out)]) == USER_ERROR_EXIT
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and message in err
+    assert (tmp_path / "exists.safetensors").read_text() == "keep" and not (tmp_path / "weights.pt").exists()
