@@ -2,8 +2,9 @@
 exported by `convert to-hf` holds exactly its tensors under fla's names and layouts with a config.json that does
 not depend on whether fla is installed; native -> fla -> native is bit-identical; what fla cannot express is
 refused in one line naming the field. With fla importable, its model builds on the meta device with the same
-names and shapes, and loads the export with no missing or unexpected tensors. fla's forward is Triton-only, so
-no test here runs it (see docs/checkpoints.md)."""
+names and shapes, and loads the export with no missing or unexpected tensors; and fla's model, its Triton kernels
+replaced by fla's reference ops (it has no CPU kernels), computes our logits (and not with the short-conv kernels
+reversed in time). The hybrid's softmax-attention layers are not run in fla (flash-attn has no CPU build)."""
 import dataclasses
 import json
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.conftest import REPO, TEST_VOCAB, cached_tokenizer, tiny_overrides
 transformers = pytest.importorskip("transformers")
 
 SPEC = get_model_spec("deltanet")
+FP32_TOLERANCE = 1e-5  # relative to the largest logit
 FORMS = {"deltanet": {}, "hybrid": dict(attention_layers=[1], use_gate=True, n_kv_heads=2, rope_theta=5e5)}
 
 # One block of each kind as fla 0.6.0 names and shapes it for dim 64, 4 heads, ffn 192, conv 4, read from
@@ -194,3 +196,70 @@ def test_fla_loads_the_export(form, tmp_path, data_cache):
     loaded = theirs.state_dict()
     assert loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[name], tensors[name]) for name in tensors)
+
+
+def delta_rule_reference(q, k, v, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+                         **_):
+    """fla's naive recurrence (fla/ops/delta_rule/naive.py) in the calling convention of its kernels: [B, T, H, D],
+    q and k L2-normalized first as its l2norm kernel does (x / sqrt(sum x^2 + 1e-6))."""
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+    if use_qk_l2norm_in_kernel:
+        q, k = (x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6) for x in (q, k))
+    o, state = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), initial_state, output_final_state)
+    return o.transpose(1, 2), state
+
+
+@pytest.fixture
+def fla_on_cpu(fla, monkeypatch):
+    """fla's model with each Triton kernel its DeltaNet forward calls replaced by fla's own reference (the naive
+    delta rule, rms_norm_ref for o_norm and the gated o_norm) or by torch's (nn.Conv1d's convolution, with the
+    causal padding fla's ShortConvolution sets; silu(gate) * up for swiglu). Block norms and the MLP take their
+    unfused torch paths (fuse_norm, fuse_swiglu off: the same function)."""
+    import torch.nn.functional as F
+
+    import fla.layers.delta_net
+    import fla.modules.mlp
+    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
+    from fla.modules.norm import layernorm, layernorm_gated
+
+    def convolution(self, x, **_):
+        y = self._conv_forward(x.transpose(1, 2), self.weight, self.bias)[..., :x.shape[1]].transpose(1, 2)
+        return (F.silu(y) if self.activation in ("silu", "swish") else y), None
+
+    monkeypatch.setattr(fla.layers.delta_net, "fused_recurrent_delta_rule", delta_rule_reference)
+    monkeypatch.setattr(fla.layers.delta_net, "chunk_delta_rule", delta_rule_reference)
+    monkeypatch.setattr(ShortConvolution, "forward", convolution)
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x, *_, **__: layernorm.rms_norm_ref(
+        x, self.weight, self.bias, eps=self.eps))
+    monkeypatch.setattr(FusedRMSNormGated, "forward", lambda self, x, g, *_, **__: layernorm_gated.rms_norm_ref(
+        x, self.weight, self.bias, z=g, eps=self.eps))
+    monkeypatch.setattr(fla.modules.mlp, "swiglu", lambda gate, up: F.silu(gate) * up)
+
+
+def fla_relative_difference(cfg, tensors) -> float:
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+    ours = random_model(cfg)
+    theirs = DeltaNetForCausalLM(DeltaNetConfig(**DeltaNetAdapter().export_config(cfg, 32), fuse_norm=False,
+                                                fuse_swiglu=False)).eval()
+    theirs.load_state_dict(tensors, strict=True)
+    tokens = torch.randint(0, TEST_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours_logits = ours(tokens)
+        return ((theirs(tokens, use_cache=False).logits - ours_logits).abs().max() / ours_logits.abs().max()).item()
+
+
+@pytest.mark.parametrize("use_gate", [False, True])
+@pytest.mark.usefixtures("fla_on_cpu")
+def test_fla_s_model_computes_our_logits_with_its_reference_ops(use_gate):
+    cfg = deltanet_config(use_gate=use_gate, norm_eps=1e-6)
+    assert fla_relative_difference(cfg, DeltaNetAdapter().from_native(random_model(cfg).state_dict(), cfg)) \
+        <= FP32_TOLERANCE
+
+
+@pytest.mark.usefixtures("fla_on_cpu")
+def test_conv_weights_reversed_in_time_differ():
+    """Negative control: the comparison above catches short-conv kernels laid out in the wrong time order."""
+    cfg = deltanet_config()
+    tensors = DeltaNetAdapter().from_native(random_model(cfg).state_dict(), cfg)
+    tensors = {name: t.flip(-1) if name.endswith("conv1d.weight") else t for name, t in tensors.items()}
+    assert fla_relative_difference(cfg, tensors) > 100 * FP32_TOLERANCE
