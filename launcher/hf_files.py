@@ -1,6 +1,7 @@
 """The files of a Hugging Face model directory, written by transformers', huggingface_hub's and safetensors' own
 code: safetensors weights (one file, or shards with model.safetensors.index.json, split as huggingface_hub
 splits them), config.json, generation_config.json, and the tokenizer (tokenizer.json, tokenizer_config.json).
+The one exception: the config.json of a model type whose class is not in transformers (write_config_json).
 
 The weights are written a shard at a time: the caller gives their names and shapes (meta tensors) and a reader
 of named tensors, so a process holds one shard, not the model.
@@ -31,6 +32,15 @@ def _transformers():
     return transformers
 
 
+def write_config_json(directory: Path, fields: dict, dtype: torch.dtype, transformers_version: str) -> None:
+    """config.json of a model type that transformers itself does not know (its class lives in another package,
+    e.g. flash-linear-attention's "delta_net"): `fields` as they are, laid out as save_pretrained lays them out.
+    Written whether or not that package is importable, so that the file does not depend on it (the package's
+    config class would add its defaults, and those change between its versions)."""
+    fields = {**fields, "dtype": str(dtype).removeprefix("torch."), "transformers_version": transformers_version}
+    (directory / "config.json").write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+
+
 def write_hf_directory(directory: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer_model: Path,
                        dtype: torch.dtype, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
     """Write the model `tensors` (HF names) in `dtype` with its `config` (config.json fields, model_type
@@ -50,6 +60,7 @@ def write_hf_files(directory: Path, layout: dict[str, torch.Tensor], read: Calla
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
     from transformers.convert_slow_tokenizer import SpmConverter
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     sp = SentencePieceProcessor(model_file=str(tokenizer_model))
     special = {f"{role}_token": sp.id_to_piece(token_id) for role, token_id in
@@ -58,9 +69,13 @@ def write_hf_files(directory: Path, layout: dict[str, torch.Tensor], read: Calla
     token_ids = {f"{role}_token_id": token_id for role, token_id in
                  (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id())) if token_id >= 0}
 
-    model_config = transformers.AutoConfig.for_model(**config, **token_ids, dtype=dtype)
-    model_config.save_pretrained(directory)
-    transformers.GenerationConfig.from_model_config(model_config).save_pretrained(directory)
+    if config["model_type"] in CONFIG_MAPPING_NAMES:
+        model_config = transformers.AutoConfig.for_model(**config, **token_ids, dtype=dtype)
+        model_config.save_pretrained(directory)
+        transformers.GenerationConfig.from_model_config(model_config).save_pretrained(directory)
+    else:
+        write_config_json(directory, {**config, **token_ids}, dtype, transformers.__version__)
+        transformers.GenerationConfig(**token_ids).save_pretrained(directory)
     split = split_torch_state_dict_into_shards({name: torch.empty(t.shape, dtype=dtype, device="meta")
                                                 for name, t in layout.items()}, max_shard_size=max_shard_size)
     for file, names in split.filename_to_tensors.items():

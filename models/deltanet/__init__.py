@@ -1,6 +1,7 @@
 """DeltaNet: linear attention with the delta rule (models/deltanet/model.py), its ops (ops/),
 and how to shard it (parallelize.py: TP by heads, CP by state passing, the LLM's pipeline split)."""
 from models.common.text import TEXT_DATA, TOKEN_LOSS
+from models.deltanet.hf import DeltaNetAdapter
 from models.deltanet.model import DeltaNet, DeltaNetConfig, flops_per_token
 from models.deltanet.parallelize import PLAN, check_layout
 from models.llm.parallelize import n_layers, split_stage
@@ -17,4 +18,5 @@ model_spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
+    state_dict_adapters={"hf": DeltaNetAdapter()},
 )

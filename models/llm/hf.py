@@ -72,7 +72,7 @@ def _hf_value(hf_config: dict, key: str, default):
     return default(hf_config) if callable(default) else default
 
 
-def _rename(name: str, layer_pattern: re.Pattern, layer_format: str, layer_names: dict[str, str],
+def rename(name: str, layer_pattern: re.Pattern, layer_format: str, layer_names: dict[str, str],
             top_names: dict[str, str], target: str) -> str:
     """`name` in the other format: a layer's parameter (layer_pattern: index, name in the layer) or a top one."""
     if (layer := layer_pattern.fullmatch(name)) and layer[2] in layer_names:
@@ -94,14 +94,23 @@ def half_to_interleaved_rotation(weight: torch.Tensor, n_heads: int) -> torch.Te
     return weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rope_rows(native_name: str, tensor: torch.Tensor, cfg: LLMConfig, permute) -> torch.Tensor:
+    """`tensor` with the rows of wq/wk permuted (one of the two functions above); any other tensor as it is."""
+    if native_name.endswith("attention.wq.weight"):
+        return permute(tensor, cfg.n_heads)
+    if native_name.endswith("attention.wk.weight"):
+        return permute(tensor, cfg.kv_heads)
+    return tensor
+
+
 class LlamaAdapter:
     """models.spec.StateDictAdapter for Hugging Face's LlamaForCausalLM."""
 
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
         for name, tensor in state_dict.items():
-            native_name = _rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
-            native[native_name] = self._rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
+            native_name = rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
+            native[native_name] = rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]
         return native
@@ -111,17 +120,9 @@ class LlamaAdapter:
         for name, tensor in state_dict.items():
             if name == "output.weight" and model_cfg.tie_embeddings:
                 continue  # HF ties lm_head to embed_tokens itself (tie_word_embeddings)
-            hf_name = _rename(name, NATIVE_LAYER, "model.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES, "LlamaForCausalLM")
-            hf[hf_name] = self._rope_rows(name, tensor, model_cfg, interleaved_to_half_rotation)
+            hf_name = rename(name, NATIVE_LAYER, "model.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES, "LlamaForCausalLM")
+            hf[hf_name] = rope_rows(name, tensor, model_cfg, interleaved_to_half_rotation)
         return hf
-
-    @staticmethod
-    def _rope_rows(native_name: str, tensor: torch.Tensor, cfg: LLMConfig, permute) -> torch.Tensor:
-        if native_name.endswith("attention.wq.weight"):
-            return permute(tensor, cfg.n_heads)
-        if native_name.endswith("attention.wk.weight"):
-            return permute(tensor, cfg.kv_heads)
-        return tensor
 
     def config_problems(self, config: dict, model_cfg: LLMConfig) -> list[str]:
         try:
