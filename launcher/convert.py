@@ -143,7 +143,8 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
         f"{args.dtype})")
 
     data, _, _ = source_loaders(spec, cfg, saved, checkpoint, log)
-    layout, read = checkpoint_reader(checkpoint, saved, lambda native: adapter.from_native(native, model_cfg))
+    layout, read = checkpoint_reader(checkpoint, saved, lambda native: adapter.from_native(native, model_cfg),
+                                     DTYPES[args.dtype])
     with staged(out) as staging:
         write_hf_files(staging, layout, read, hf_config, data.tokenizer.model_path, DTYPES[args.dtype],
                        args.max_shard_size)
@@ -152,9 +153,10 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     return out
 
 
-def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], dict]):
+def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], dict], dtype: torch.dtype):
     """(layout, read) of a checkpoint's model tensors mapped by `mapping` (a state-dict adapter's from_native), for
-    writing them out a part at a time: `layout` names them (meta tensors), `read(names)` returns them. The
+    writing them out a part at a time: `layout` names them (meta tensors), `read(names)` returns them in
+    `dtype`. The
     mapping is given one layer's tensors at a time, first as meta tensors; `read` loads the layers it needs
     straight from DCP in this process (any layout: DCP reassembles each tensor), so the model is never whole in
     memory."""
@@ -177,7 +179,7 @@ def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], d
             native = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"])
                       for n in groups[group]}
             dcp.load({"model": native}, checkpoint_id=checkpoint, no_dist=True)
-            tensors |= {name: t for name, t in mapping(native).items() if name in names}
+            tensors |= {name: t.to(dtype) for name, t in mapping(native).items() if name in names}
         return tensors
 
     return layout, read
@@ -202,8 +204,8 @@ def export_file(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
         raise UserError(f"{out}: `convert {TO_FILE}` writes a .safetensors file; name it <something>.safetensors")
     cfg = source_config(run_dir, saved, checkpoint)
     log(f"convert {TO_FILE}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({args.dtype})")
-    layout, read = checkpoint_reader(checkpoint, saved, lambda native: native)
-    tensors = {name: t.to(DTYPES[args.dtype]) for name, t in read(list(layout)).items()}
+    layout, read = checkpoint_reader(checkpoint, saved, lambda native: native, DTYPES[args.dtype])
+    tensors = read(list(layout))
     record = {key: saved["meta"][key] for key in ("family", "model", "tokenizer", "step")}
     staging = out.with_name(f".{out.name}.converting")
     save_file(tensors, staging, metadata={"format": "pt", CONSOLIDATED_KEY: json.dumps(record)})

@@ -53,7 +53,7 @@ def write_hf_files(directory: Path, layout: dict[str, torch.Tensor], read: Calla
                    config: dict, tokenizer_model: Path, dtype: torch.dtype,
                    max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
     """write_hf_directory of the tensors named and shaped by `layout` (meta tensors will do), read a shard at a
-    time: `read(names)` returns those tensors."""
+    time: `read(names)` returns those tensors (best already in `dtype`: a shard is held once in each dtype)."""
     transformers = _transformers()
     from huggingface_hub import constants, split_torch_state_dict_into_shards
     from safetensors.torch import save_file
@@ -78,9 +78,8 @@ def write_hf_files(directory: Path, layout: dict[str, torch.Tensor], read: Calla
         transformers.GenerationConfig(**token_ids).save_pretrained(directory)
     split = split_torch_state_dict_into_shards({name: torch.empty(t.shape, dtype=dtype, device="meta")
                                                 for name, t in layout.items()}, max_shard_size=max_shard_size)
-    for file, names in split.filename_to_tensors.items():
-        shard = read(names)
-        save_file({name: shard[name].to(dtype).contiguous() for name in names}, directory / file,
+    for file, names in split.filename_to_tensors.items():  # one shard alive at a time
+        save_file({name: tensor.to(dtype).contiguous() for name, tensor in read(names).items()}, directory / file,
                   metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

@@ -59,8 +59,9 @@ def _open_consolidated(path: Path, spec: ModelSpec, model_cfg, where: str) -> St
     check_tensors(where, {name: (name, shape) for name, shape in shapes.items()}, expected_shapes(spec, model_cfg))
 
     def read(wanted: set[str]):
-        with safe_open(path, framework="pt") as f:
-            yield from ((name, f.get_tensor(name)) for name in shapes if name in wanted)
+        for name in (name for name in shapes if name in wanted):
+            with safe_open(path, framework="pt") as f:  # reopened: the pages read are unmapped after each tensor
+                yield name, f.get_tensor(name)
 
     return StartingWeights(f"the weights in {path} (step {record['step']})", lambda parts: copy_streamed(parts, read),
                            tokenizer=record["tokenizer"])
