@@ -1,0 +1,218 @@
+"""Megatron-Core GPT checkpoints in and out (launcher/megatron_import.py, `convert to-megatron`, models/llm/megatron.py),
+against megatron-core's own GPTModel (local layer spec) and its own dist_checkpointing, on CPU in a gloo world of two
+processes: a checkpoint Megatron saved at tp=2 (and resharded by Megatron to pp=2) imports with Megatron's own tp=2
+logits; our export loads strictly into GPTModel at tp=2 and pp=2 and gives our logits. Controls: a contiguous
+q|k|v split fails the same comparison. Bad checkpoints end with one line. Tiny models, fp32.
+
+Megatron's forward on CPU needs three stand-ins, here only (the worker): torch.cuda.current_device (RoPE moves its
+frequencies there; its checkpoint saving broadcasts a flag from there), the tensor-parallel RNG tracker's fork
+(around attention dropout, which is 0 here) and torch.cuda.synchronize (its checkpoint writer); `convert to-megatron`
+patches the two torch.cuda ones around its save."""
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import models.llm.megatron
+from launcher.config import load_config
+from launcher.convert import convert, one_process_world, save_megatron
+from launcher.errors import UserError
+from launcher.init_from import open_starting_weights
+from models import get_model_spec
+from parallel.init import materialize
+from tests.conftest import TEST_VOCAB, TINY, tiny_overrides
+from tests.unit.test_hf import SMALL, saved_model, trained  # noqa: F401  (trained: the fixture)
+from tests.unit.test_hf_import import train_error
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
+TOLERANCE = 1e-5  # relative to the largest logit, fp32
+SEQ = 32
+# Megatron's model of the same architecture as SMALL's (ffn: swiglu_hidden_dim(64, multiple_of=64) = 192).
+GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=192)
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, TEST_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _megatron_on_cpu() -> None:
+    from megatron.core.tensor_parallel import random
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *_: None
+    random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+
+
+def _gpt_model(config: dict, tp: int, pp: int):
+    """Megatron's GPTModel (local spec) of `config`: GPT above, or a gpt_config.json written by the export."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model_args = {key: config.pop(key) for key in ("vocab_size", "max_sequence_length", "position_embedding_type",
+                                                    "rotary_base", "rotary_percent",
+                                                    "share_embeddings_and_output_weights") if key in config}
+    config.pop("activation_func", None)
+    transformer = TransformerConfig(
+        **{"gated_linear_unit": True, "normalization": "RMSNorm", "add_bias_linear": False, **config},
+        activation_func=F.silu, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
+        attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False)
+    return GPTModel(transformer, get_gpt_layer_local_spec(normalization="RMSNorm"),
+                    **{"vocab_size": TEST_VOCAB, "max_sequence_length": SEQ, "position_embedding_type": "rope",
+                       **model_args},
+                    pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage()).eval()
+
+
+@torch.no_grad()
+def _logits(model) -> torch.Tensor:
+    """Megatron's forward: [batch, seq, this tp rank's vocabulary shard]."""
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)  # its default mask is built on CUDA
+    return model(tokens(), torch.arange(SEQ).expand(2, SEQ), attention_mask=mask)
+
+
+def _worker(rank: int, port: int, work: Path, export: Path) -> None:
+    """Everything Megatron does, in a gloo world of 2: save at tp=2 (and its logits), reshard that to pp=2, load
+    the export strictly at tp=2 (its logits) and at pp=2."""
+    _megatron_on_cpu()
+    from megatron.core import dist_checkpointing, parallel_state
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    torch.manual_seed(0)
+    model = _gpt_model(dict(GPT), tp=2, pp=1)
+    torch.save(_logits(model), work / f"megatron-logits-{rank}.pt")
+    dist_checkpointing.save(model.sharded_state_dict(), str(work / "tp2"))
+    exported = _gpt_model(json.loads((export / "gpt_config.json").read_text()), tp=2, pp=1)
+    dist_checkpointing.load(exported.sharded_state_dict(), str(export), strict="raise_all")
+    torch.save(_logits(exported), work / f"export-logits-{rank}.pt")
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    resharded = _gpt_model(dict(GPT), tp=1, pp=2)
+    dist_checkpointing.load(resharded.sharded_state_dict(), str(work / "tp2"), strict="raise_all")
+    dist_checkpointing.save(resharded.sharded_state_dict(), str(work / "pp2"))
+    exported = _gpt_model(json.loads((export / "gpt_config.json").read_text()), tp=1, pp=2)
+    dist_checkpointing.load(exported.sharded_state_dict(), str(export), strict="raise_all")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def megatron(trained, tmp_path_factory) -> dict[str, Path]:
+    """The source run, its export, Megatron's own tp2 and pp2 checkpoints, and Megatron's logits (one world)."""
+    run_dir = trained(False)
+    work = tmp_path_factory.mktemp("megatron")
+    export = convert("to-megatron", run_dir, work / "export", log=lambda _: None)
+    (work / "tp2").mkdir()
+    (work / "pp2").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, work, export), nprocs=2)
+    return {"run": run_dir, "export": export, "tp2": work / "tp2", "pp2": work / "pp2", "work": work}
+
+
+def gathered(work: Path, what: str) -> torch.Tensor:
+    return torch.cat([torch.load(work / f"{what}-logits-{rank}.pt") for rank in range(2)], dim=-1)
+
+
+def imported_model(path: Path, data_cache: Path, tmp_path: Path, *extra: str) -> torch.nn.Module:
+    cfg = load_config(TINY, tiny_overrides(tmp_path / "run", data_cache, *SMALL, *extra))
+    spec, model_cfg = get_model_spec("llm"), cfg.model_config()
+    weights = open_starting_weights(path, spec, model_cfg)
+    with torch.device("meta"):
+        model = spec.model_cls(model_cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    weights.load([model])
+    return model.eval()
+
+
+def difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_megatrons_checkpoint_imports_with_megatrons_logits(megatron, data_cache, tmp_path, layout):
+    with torch.no_grad():
+        ours = imported_model(megatron[layout], data_cache, tmp_path)(tokens())
+    assert difference(ours, gathered(megatron["work"], "megatron")) < TOLERANCE
+
+
+def test_a_contiguous_qkv_split_fails_the_same_comparison(megatron, data_cache, tmp_path, monkeypatch):
+    def contiguous(qkv, cfg):  # q|k|v as three blocks instead of per query group
+        return qkv.split([cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim])
+
+    monkeypatch.setattr(models.llm.megatron, "split_qkv", contiguous)
+    with torch.no_grad():
+        ours = imported_model(megatron["tp2"], data_cache, tmp_path)(tokens())
+    assert difference(ours, gathered(megatron["work"], "megatron")) > 100 * TOLERANCE
+
+
+def test_the_export_loads_into_megatron_with_our_logits(megatron):
+    """GPTModel built from gpt_config.json loaded the export strictly at tp=2 and pp=2 (in the worker)."""
+    with torch.no_grad():
+        ours = saved_model(megatron["run"])(tokens())
+    assert difference(gathered(megatron["work"], "export"), ours) < TOLERANCE
+
+
+def test_the_export_imports_back_bit_for_bit(megatron, data_cache, tmp_path):
+    model = imported_model(megatron["export"], data_cache, tmp_path)
+    expected = saved_model(megatron["run"]).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_model_of_another_config_is_refused_by_gpt_config(megatron, data_cache, tmp_path):
+    with pytest.raises(UserError, match="gpt_config.json has layernorm_epsilon=1e-05 but the run has 1e-06"):
+        imported_model(megatron["export"], data_cache, tmp_path, "model.norm_eps=1e-6")
+
+
+def _save(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    directory.mkdir()
+    with one_process_world(60):
+        save_megatron(directory, tensors, n_layers=2)
+    return directory
+
+
+def bad_checkpoints(megatron, tmp_path) -> dict[str, tuple[Path, str]]:
+    """Each bad checkpoint and the line it must end with."""
+    cfg = load_config(megatron["run"] / "config.yaml")
+    tensors = models.llm.megatron.MegatronGPTAdapter().from_native(saved_model(megatron["run"]).state_dict(),
+                                                                    cfg.model_config())
+    missing = _save(tmp_path / "missing", {n: t for n, t in tensors.items() if n != "decoder.final_layernorm.weight"})
+    wide = _save(tmp_path / "wide", {**tensors, "output_layer.weight": torch.zeros(TEST_VOCAB, 65)})
+    zarr = shutil.copytree(megatron["export"], tmp_path / "zarr")
+    (zarr / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    hostile = shutil.copytree(megatron["export"], tmp_path / "hostile")
+    marker = tmp_path / "unpickled"
+    (hostile / ".metadata").write_bytes(pickle.dumps(_Hostile(str(marker))))
+    return {"missing": (missing, "missing (no tensor for): decoder.final_layernorm.weight"),
+            "wrong shape": (wide, "tensor output_layer.weight has shape [1024, 65] but the run's output_layer.weight "
+                                  "has [1024, 64]"),
+            "zarr": (zarr, "backend 'zarr'; only 'torch_dist' is read"),
+            "pickle": (hostile, "posix.system is not part of DCP's metadata")}
+
+
+class _Hostile:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_bad_checkpoints_end_with_one_line(megatron, data_cache, tmp_path, capsys):
+    for name, (path, line) in bad_checkpoints(megatron, tmp_path).items():
+        assert line in train_error(capsys, tmp_path / f"run-{name}", data_cache, path), name
+    assert not (tmp_path / "unpickled").exists()
