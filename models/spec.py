@@ -86,7 +86,8 @@ class StateDictAdapter(Protocol):
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 
     # One tensor at a time (an import streams them): the canonical name of the format's tensor `name`
-    # (ValueError: none), and the tensor in the native layout (same shape).
+    # (ValueError: none), and the tensor in the native layout (same shape). A format that fuses several
+    # parameters into one tensor ("megatron") has no such name: its import maps a layer at a time with to_native.
     def native_name(self, name: str) -> str: ...
 
     def native_tensor(self, native_name: str, tensor: torch.Tensor, model_cfg: Any) -> torch.Tensor: ...

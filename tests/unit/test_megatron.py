@@ -2,13 +2,8 @@
 against megatron-core's own GPTModel (local layer spec) and its own dist_checkpointing, on CPU in a gloo world of two
 processes: a checkpoint Megatron saved at tp=2 (and resharded by Megatron to pp=2) imports with Megatron's own tp=2
 logits; our export loads strictly into GPTModel at tp=2 and pp=2 and gives our logits. Controls: a contiguous
-q|k|v split fails the same comparison. Bad checkpoints end with one line. Tiny models, fp32.
-
-Megatron's forward on CPU needs three stand-ins, here only (the worker): torch.cuda.current_device (RoPE moves its
-frequencies there; its checkpoint saving broadcasts a flag from there), the tensor-parallel RNG tracker's fork
-(around attention dropout, which is 0 here) and torch.cuda.synchronize (its checkpoint writer); `convert to-megatron`
-patches the two torch.cuda ones around its save."""
-import contextlib
+q|k|v split fails the same comparison. Bad checkpoints end with one line. Tiny models, fp32. Megatron's side, and
+what its forward needs on CPU: tests/unit/megatron_reference.py."""
 import json
 import os
 import pickle
@@ -18,9 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import models.llm.megatron
 from launcher.config import load_config
@@ -30,83 +23,13 @@ from launcher.init_from import open_starting_weights
 from models import get_model_spec
 from parallel.init import materialize
 from tests.conftest import TEST_VOCAB, TINY, tiny_overrides
+from tests.unit.megatron_reference import megatron_world, tokens
 from tests.unit.test_hf import SMALL, saved_model, trained  # noqa: F401  (trained: the fixture)
 from tests.unit.test_hf_import import train_error
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
 TOLERANCE = 1e-5  # relative to the largest logit, fp32
-SEQ = 32
-# Megatron's model of the same architecture as SMALL's (ffn: swiglu_hidden_dim(64, multiple_of=64) = 192).
-GPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=192)
-
-
-def tokens() -> torch.Tensor:
-    return torch.randint(0, TEST_VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(0))
-
-
-def _megatron_on_cpu() -> None:
-    from megatron.core.tensor_parallel import random
-
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *_: None
-    random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-
-
-def _gpt_model(config: dict, tp: int, pp: int):
-    """Megatron's GPTModel (local spec) of `config`: GPT above, or a gpt_config.json written by the export."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    model_args = {key: config.pop(key) for key in ("vocab_size", "max_sequence_length", "position_embedding_type",
-                                                    "rotary_base", "rotary_percent",
-                                                    "share_embeddings_and_output_weights") if key in config}
-    config.pop("activation_func", None)
-    transformer = TransformerConfig(
-        **{"gated_linear_unit": True, "normalization": "RMSNorm", "add_bias_linear": False, **config},
-        activation_func=F.silu, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        pipeline_dtype=torch.float32, params_dtype=torch.float32, use_cpu_initialization=True, hidden_dropout=0.0,
-        attention_dropout=0.0, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False)
-    return GPTModel(transformer, get_gpt_layer_local_spec(normalization="RMSNorm"),
-                    **{"vocab_size": TEST_VOCAB, "max_sequence_length": SEQ, "position_embedding_type": "rope",
-                       **model_args},
-                    pre_process=parallel_state.is_pipeline_first_stage(),
-                    post_process=parallel_state.is_pipeline_last_stage()).eval()
-
-
-@torch.no_grad()
-def _logits(model) -> torch.Tensor:
-    """Megatron's forward: [batch, seq, this tp rank's vocabulary shard]."""
-    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)  # its default mask is built on CUDA
-    return model(tokens(), torch.arange(SEQ).expand(2, SEQ), attention_mask=mask)
-
-
-def _worker(rank: int, port: int, work: Path, export: Path) -> None:
-    """Everything Megatron does, in a gloo world of 2: save at tp=2 (and its logits), reshard that to pp=2, load
-    the export strictly at tp=2 (its logits) and at pp=2."""
-    _megatron_on_cpu()
-    from megatron.core import dist_checkpointing, parallel_state
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
-    torch.manual_seed(0)
-    model = _gpt_model(dict(GPT), tp=2, pp=1)
-    torch.save(_logits(model), work / f"megatron-logits-{rank}.pt")
-    dist_checkpointing.save(model.sharded_state_dict(), str(work / "tp2"))
-    exported = _gpt_model(json.loads((export / "gpt_config.json").read_text()), tp=2, pp=1)
-    dist_checkpointing.load(exported.sharded_state_dict(), str(export), strict="raise_all")
-    torch.save(_logits(exported), work / f"export-logits-{rank}.pt")
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
-    resharded = _gpt_model(dict(GPT), tp=1, pp=2)
-    dist_checkpointing.load(resharded.sharded_state_dict(), str(work / "tp2"), strict="raise_all")
-    dist_checkpointing.save(resharded.sharded_state_dict(), str(work / "pp2"))
-    exported = _gpt_model(json.loads((export / "gpt_config.json").read_text()), tp=1, pp=2)
-    dist_checkpointing.load(exported.sharded_state_dict(), str(export), strict="raise_all")
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +43,7 @@ def megatron(trained, tmp_path_factory) -> dict[str, Path]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, work, export), nprocs=2)
+    mp.spawn(megatron_world, args=(port, work, export), nprocs=2)
     return {"run": run_dir, "export": export, "tp2": work / "tp2", "pp2": work / "pp2", "work": work}
 
 
