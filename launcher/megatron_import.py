@@ -42,17 +42,21 @@ GPT_CONFIG = "gpt_config.json"  # written by `convert to-megatron`: the GPTModel
 STACKED_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
-def checkpoint_directory(path: Path) -> Path:
+def checkpoint_directory(path: Path, where: str) -> Path:
     """The dist checkpoint at `path`: itself, or the latest iteration of a Megatron-LM save directory."""
     latest = path / LATEST_ITERATION
-    if latest.is_file():
-        iteration = latest.read_text().strip()
-        return path / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
-    return path
+    if not latest.is_file():
+        return path
+    iteration = latest.read_text().strip()
+    if iteration == "release":
+        return path / "release"
+    if not iteration.isdigit():
+        raise UserError(f"{where}: {latest} holds {iteration[:40]!r}, not an iteration number")
+    return path / f"iter_{int(iteration):07d}"
 
 
 def _recognizes(path: Path) -> bool:
-    return (checkpoint_directory(path) / METADATA_JSON).is_file() or (path / LATEST_ITERATION).is_file()
+    return (path / METADATA_JSON).is_file() or (path / LATEST_ITERATION).is_file()
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -121,7 +125,7 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
     if adapter is None:
         raise UserError(f"{where}: model family {spec.name} has no Megatron-Core mapping, so it cannot start from a "
                         f"Megatron checkpoint; drop checkpoint.init_from")
-    directory = checkpoint_directory(path)
+    directory = checkpoint_directory(path, where)
     reader = _read_checkpoint(directory, where)
     if (directory / GPT_CONFIG).is_file():
         problems = adapter.config_problems(json.loads((directory / GPT_CONFIG).read_text()), model_cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint import FileSystemReader
 
 import models.llm.megatron
 from launcher.config import load_config
@@ -90,9 +91,26 @@ def test_the_export_loads_into_megatron_with_our_logits(megatron):
     assert difference(gathered(megatron["work"], "export"), ours) < TOLERANCE
 
 
-def test_the_export_imports_back_bit_for_bit(megatron, data_cache, tmp_path):
-    model = imported_model(megatron["export"], data_cache, tmp_path)
+@pytest.mark.parametrize("layout", ["dist checkpoint", "Megatron-LM save directory"])
+def test_the_export_imports_back_bit_for_bit(megatron, data_cache, tmp_path, layout):
+    path = megatron["export"]
+    if layout == "Megatron-LM save directory":  # latest_checkpointed_iteration.txt names iter_<N>/
+        path = tmp_path / "megatron-lm"
+        shutil.copytree(megatron["export"], path / "iter_0000003")
+        (path / "latest_checkpointed_iteration.txt").write_text("3\n")
+    model = imported_model(path, data_cache, tmp_path)
     expected = saved_model(megatron["run"]).state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_tied_embeddings_export_without_output_layer_and_import_back(trained, data_cache, tmp_path):
+    run_dir = trained(True)
+    export = convert("to-megatron", run_dir, tmp_path / "export", log=lambda _: None)
+    assert json.loads((export / "gpt_config.json").read_text())["share_embeddings_and_output_weights"]
+    assert "output_layer.weight" not in FileSystemReader(export).read_metadata().state_dict_metadata
+    model = imported_model(export, data_cache, tmp_path, "model.tie_embeddings=true")
+    assert model.output.weight is model.tok_embeddings.weight
+    expected = saved_model(run_dir).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
 
 
