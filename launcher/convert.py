@@ -211,6 +211,7 @@ def save_megatron(directory: Path, tensors: dict[str, torch.Tensor], n_layers: i
     """Megatron's per-layer tensors saved by Megatron's own dist_checkpointing as GPTModel keys them: a layer's
     tensor is its row of the stacked key (from_rank_offsets on a prepended layer axis), the rest whole. Collective
     over the (one-process) default group."""
+    # Imported here: megatron-core takes seconds to import and only this command saves with it.
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
