@@ -19,6 +19,11 @@ not carried over: the resumed ranks keep their seed RNG.
 source's model tensors read from DCP a layer at a time (any layout), mapped by the adapter, written as a
 Hugging Face directory a shard at a time (launcher/hf_files.py) in a staging directory renamed to OUT when
 complete.
+
+`convert to-megatron SOURCE OUT` likewise, through the family's "megatron" StateDictAdapter: a Megatron-Core dist
+checkpoint written by megatron.core.dist_checkpointing.save (global tensors, the layers stacked on a leading axis as
+GPTModel.sharded_state_dict keys them), which Megatron loads at any tp/pp, plus gpt_config.json: the GPTModel
+arguments of the same model.
 """
 import argparse
 import copy
@@ -27,8 +32,9 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -43,6 +49,7 @@ from launcher.distributed import World, init_distributed
 from launcher.errors import UserError
 from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
 from launcher.init_from import CONSOLIDATED_KEY
+from launcher.megatron_import import GPT_CONFIG, stacked_name
 from launcher.optim import Optimizers
 from launcher.trainer import model_inputs
 from models import FAMILIES, get_model_spec
@@ -55,6 +62,7 @@ from parallel.mesh import ParallelDims
 # A conversion that keeps the function must reproduce the old outputs to fp32 rounding; more is a bug.
 PRESERVED_RTOL = 1e-5
 TO_HF = "to-hf"  # the sub-command every family with an "hf" state-dict adapter has
+TO_MEGATRON = "to-megatron"  # ... and with a "megatron" one
 TO_FILE = "to-file"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -216,8 +224,84 @@ def export_file(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     return out
 
 
+TO_MEGATRON_HELP = "a Megatron-Core dist checkpoint (torch_dist, loadable by GPTModel at any tp/pp) of a checkpoint's weights"
+
+
+def _add_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (f"{TO_MEGATRON_HELP}, for model families with a Megatron-Core mapping. Runs in one process and "
+                          f"holds the model once in its memory; reads checkpoints of any layout.")
+    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
+    parser.add_argument("out", help="the directory to write (must not exist)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+
+
+def export_megatron(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
+    """`convert to-megatron`: OUT, a Megatron-Core dist checkpoint of SOURCE's weights and its gpt_config.json."""
+    out, checkpoint, run_dir, saved = open_source(args)
+    family = saved["meta"].get("family")
+    spec = get_model_spec(family)
+    if "megatron" not in spec.state_dict_adapters:
+        raise UserError(f"{checkpoint} holds a {family} model, which has no Megatron-Core mapping; `convert "
+                        f"{TO_MEGATRON}` converts "
+                        f"{', '.join(f for f in FAMILIES if 'megatron' in get_model_spec(f).state_dict_adapters)} "
+                        f"checkpoints")
+    adapter = spec.state_dict_adapters["megatron"]
+    cfg = source_config(run_dir, saved, checkpoint)
+    model_cfg = cfg.model_config()
+    try:
+        gpt_config = adapter.export_config(model_cfg, cfg.train.seq_len)
+    except ValueError as e:
+        raise UserError(f"convert {TO_MEGATRON}: {checkpoint} cannot be expressed as Megatron-Core's GPTModel: "
+                        f"{e}") from None
+    log(f"convert {TO_MEGATRON}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({args.dtype})")
+
+    source_loaders(spec, cfg, saved, checkpoint, log)  # checks the checkpoint's tokenizer is the config's
+    layout, read = checkpoint_reader(checkpoint, saved, lambda native: adapter.from_native(native, model_cfg),
+                                     DTYPES[args.dtype])
+    tensors = read(list(layout))  # dist_checkpointing.save takes the whole state dict
+    with one_process_world(cfg.run.timeout_s):
+        with staged(out) as staging:
+            save_megatron(staging, tensors, model_cfg.n_layers)
+            (staging / GPT_CONFIG).write_text(json.dumps(gpt_config, indent=2) + "\n")
+    log(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters; load it with "
+        f"megatron.core.dist_checkpointing.load(gpt_model.sharded_state_dict(), '{out}') (GPTModel arguments: "
+        f"{GPT_CONFIG})")
+    return out
+
+
+# The linear layers whose (empty) _extra_state GPTModel's sharded_state_dict lists: a strict load wants them.
+_EXTRA_STATES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+
+
+def save_megatron(directory: Path, tensors: dict[str, torch.Tensor], n_layers: int) -> None:
+    """Megatron's per-layer tensors saved by Megatron's own dist_checkpointing as GPTModel keys them: a layer's
+    tensor is its row of the stacked key (from_rank_offsets on a prepended layer axis), the rest whole. Collective
+    over the (one-process) default group."""
+    # Imported here: megatron-core takes seconds to import and only this command saves with it.
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    sharded = {}
+    for name, tensor in tensors.items():
+        key, layer = stacked_name(name)
+        sharded[name] = ShardedTensor.from_rank_offsets(key, tensor, (0, layer, n_layers), prepend_axis_num=1) \
+            if layer is not None else ShardedTensor.from_rank_offsets(key, tensor)
+    for i in range(n_layers):
+        for module in _EXTRA_STATES:
+            key = f"decoder.layers.{module}._extra_state"
+            sharded[f"decoder.layers.{i}.{module}._extra_state"] = ShardedObject(key, None, (n_layers,), (i,), 0)
+    # megatron-core 0.16's saving assumes a GPU even when every tensor is on the CPU: it waits for one after staging
+    # the tensors (torch.cuda.synchronize in FileSystemWriterAsync.preload_tensors) and broadcasts its success flag
+    # from torch.cuda.current_device(). Without CUDA there is nothing to wait for, and the CPU serves the flag.
+    no_cuda = mock.patch.multiple(torch.cuda, synchronize=lambda *_: None, current_device=lambda: "cpu") \
+        if not torch.cuda.is_available() else nullcontext()
+    with no_cuda:
+        dist_checkpointing.save(sharded, str(directory))
+
+
 # `convert` sub-commands the launcher owns: name -> (help, add_arguments(parser), run(args, log) -> OUT).
 EXPORTS = {TO_HF: (TO_HF_HELP, _add_to_hf_arguments, export_hf),
+           TO_MEGATRON: (TO_MEGATRON_HELP, _add_to_megatron_arguments, export_megatron),
            TO_FILE: (TO_FILE_HELP, _add_to_file_arguments, export_file)}
 
 

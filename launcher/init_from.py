@@ -14,6 +14,7 @@ from safetensors import safe_open
 from launcher.checkpoint import META_FILE, Checkpointer, ModelState, check_complete, check_same_model, find_checkpoint
 from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
+from launcher.megatron_import import MEGATRON_FORMAT
 from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes
 from models.spec import ModelSpec, architecture
 
@@ -69,7 +70,7 @@ def _open_consolidated(path: Path, spec: ModelSpec, model_cfg, where: str) -> St
 
 CONSOLIDATED_FORMAT = WeightFormat("a consolidated .safetensors file (`convert to-file`)", _is_consolidated,
                                    _open_consolidated)
-FORMATS = (NATIVE_FORMAT, CONSOLIDATED_FORMAT, HF_FORMAT)
+FORMATS = (NATIVE_FORMAT, CONSOLIDATED_FORMAT, HF_FORMAT, MEGATRON_FORMAT)
 
 
 def open_starting_weights(path: Path | str, spec: ModelSpec, model_cfg) -> StartingWeights:

@@ -1,5 +1,6 @@
 from models.common.text import TEXT_DATA, TOKEN_LOSS
 from models.llm.hf import LlamaAdapter
+from models.llm.megatron import MegatronGPTAdapter
 from models.llm.model import LLMConfig, Transformer, flops_per_token
 from models.llm.parallelize import PLAN, check_layout, n_layers, split_stage
 from models.spec import ModelSpec
@@ -15,5 +16,5 @@ model_spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
-    state_dict_adapters={"hf": LlamaAdapter()},
+    state_dict_adapters={"hf": LlamaAdapter(), "megatron": MegatronGPTAdapter()},
 )
