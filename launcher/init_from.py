@@ -9,6 +9,7 @@ are materialized and initialized (launcher/weights.py: StartingWeights).
 from pathlib import Path
 
 from launcher.checkpoint import META_FILE, Checkpointer, ModelState, check_complete, check_same_model, find_checkpoint
+from launcher.deepspeed_import import DEEPSPEED_FORMAT
 from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
 from launcher.weights import StartingWeights, WeightFormat
@@ -33,7 +34,7 @@ def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str) -> Starting
 
 
 NATIVE_FORMAT = WeightFormat("a shardwright run directory or one of its checkpoints/step-<N>", _is_native, _open_native)
-FORMATS = (NATIVE_FORMAT, HF_FORMAT)
+FORMATS = (NATIVE_FORMAT, HF_FORMAT, DEEPSPEED_FORMAT)
 
 
 def open_starting_weights(path: Path | str, spec: ModelSpec, model_cfg) -> StartingWeights:
