@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from launcher.config import load_config
 from launcher.convert import build_model
+from launcher.deepspeed_import import weights_only_torch_load
 from launcher.init_from import open_starting_weights
 from launcher.trainer import model_inputs, train
 from models import get_model_spec
@@ -162,6 +163,22 @@ def test_a_pickle_that_runs_code_is_refused_unread(saved, data_cache, tmp_path, 
     err = train_error(capsys, tmp_path / "run", data_cache, checkpoint)
     assert "io.open" in err and "not unpickled" in err  # open pickles as io.open
     assert not marker.exists()
+
+
+def test_an_fp16_loss_scaler_is_read_weights_only(tmp_path):
+    """fp16 ZeRO checkpoints pickle a DynamicLossScaler, allow-listed; DeepSpeed's fp16 does not run on this CPU
+    ("Type fp16 is not supported on your device"), so it is saved here as ZeRO's state_dict saves it."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
+                               consecutive_hysteresis=False)
+    torch.save({"loss_scaler": scaler}, tmp_path / "optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError, match="DynamicLossScaler"):  # admitted by the allow-list only
+        torch.load(tmp_path / "optim_states.pt", weights_only=True)
+    with weights_only_torch_load():
+        loaded = torch.load(tmp_path / "optim_states.pt", weights_only=False)["loss_scaler"]
+    assert type(loaded) is DynamicLossScaler and vars(loaded) == vars(scaler)
 
 
 def test_a_checkpoint_missing_a_ranks_partition_is_one_line(saved, data_cache, tmp_path, capsys):
