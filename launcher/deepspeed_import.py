@@ -101,7 +101,8 @@ def consolidate(tag_dir: Path, where: str) -> dict:
         raise UserError(f"{where}: {tag_dir} pickles {refused.group(1) if refused else 'an object'}, which is not "
                         f"among the plain types a DeepSpeed checkpoint is read with; it was not unpickled "
                         f"(unpickling runs arbitrary code)") from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    # zero_to_fp32's own checks of the files: exceptions, and asserts on the partitions' sizes
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AssertionError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{where}: DeepSpeed could not consolidate {tag_dir}: {first_line}") from None
 
