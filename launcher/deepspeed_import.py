@@ -11,7 +11,7 @@ its global_step<N>/) or one global_step<N>/ itself.
 
 DeepSpeed's files are torch.save pickles, and zero_to_fp32 unpickles them with weights_only=False. Here every
 torch.load it makes is forced to torch's weights-only unpickler, which builds tensors and plain containers and,
-of classes, only those allow-listed in WEIGHTS_ONLY_GLOBALS: a pickle that would call anything else is refused
+of classes, only those of weights_only_globals(): a pickle that would call anything else is refused
 before it runs. Memory: ZeRO-1/2 consolidation concatenates the fp32 partitions into a full fp32 copy of the
 model in each process (held from preflight until the copy); ZeRO-3's lazy tensors are assembled one at a time
 from the memory-mapped partition files.
