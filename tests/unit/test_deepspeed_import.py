@@ -1,6 +1,6 @@
 """checkpoint.init_from a DeepSpeed ZeRO checkpoint (launcher/deepspeed_import.py): checkpoints saved by a real
 DeepSpeed engine on CPU (DS_ACCELERATOR=cpu, gloo, 2 data-parallel processes, ZeRO stages 1-3) wrapping this
-project's tiny llm model or transformers' LlamaForCausalLM load with the engine's module weights bit for bit and
+project's tiny llm model (also tied and `module.`-prefixed) or transformers' LlamaForCausalLM load with the engine's module weights bit for bit and
 compute its logits; a pickle that would run code is refused unread, and bad input ends with one line. Tiny models,
 fp32; the imports run in the test process."""
 import importlib
@@ -29,12 +29,30 @@ from tests.unit.test_hf_import import _CreatesMarker, train_error
 pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
 
 WORLD = 2
-# (name, ZeRO stage, the wrapped model: this project's or transformers' Llama built from our export config)
-CASES = (("zero1", 1, "ours"), ("zero2", 2, "ours"), ("zero3", 3, "ours"), ("zero3-hf", 3, "hf"))
+# (name, ZeRO stage, the wrapped model: this project's; ours with tied embeddings inside a wrapper that prefixes
+# its names with `module.`; transformers' Llama built from our export config)
+CASES = (("zero1", 1, "ours"), ("zero2", 2, "ours"), ("zero2-tied", 2, "ours-tied"), ("zero3", 3, "ours"),
+         ("zero3-hf", 3, "hf"))
 
 
-def model_config():
-    return load_config(TINY, [f"data.vocab_size={TEST_VOCAB}", *SMALL]).model_config()
+def config(kind: str = "ours"):
+    tied = kind == "ours-tied"
+    return load_config(TINY, [f"data.vocab_size={TEST_VOCAB}", *SMALL, f"model.tie_embeddings={tied}"])
+
+
+def model_config(kind: str = "ours"):
+    return config(kind).model_config()
+
+
+class _Wrapper(torch.nn.Module):
+    """Prefixes its module's parameter names with `module.`, as DDP does."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
 
 
 def tokens() -> torch.Tensor:
@@ -43,7 +61,9 @@ def tokens() -> torch.Tensor:
 
 def _wrapped_model(kind: str) -> torch.nn.Module:
     if kind == "ours":
-        return build_model(get_model_spec("llm"), load_config(TINY, [f"data.vocab_size={TEST_VOCAB}", *SMALL]))
+        return build_model(get_model_spec("llm"), config())
+    if kind == "ours-tied":
+        return _Wrapper(build_model(get_model_spec("llm"), config(kind)))
     import transformers
 
     torch.manual_seed(0)  # the same initial weights on both ranks
@@ -52,7 +72,7 @@ def _wrapped_model(kind: str) -> torch.nn.Module:
 
 
 def _logits(model: torch.nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
-    return model(x) if kind == "ours" else model(input_ids=x).logits
+    return model(input_ids=x).logits if kind == "hf" else model(x)
 
 
 def _train_and_save(rank: int, port: int, out: Path) -> None:
@@ -101,21 +121,21 @@ def saved(tmp_path_factory) -> Path:
     return out
 
 
-def imported(path: Path) -> torch.nn.Module:
+def imported(path: Path, kind: str = "ours") -> torch.nn.Module:
     """The run's model started from `path` as train starts it: built, initialized, then loaded."""
     spec = get_model_spec("llm")
-    model = build_model(spec, load_config(TINY, [f"data.vocab_size={TEST_VOCAB}", *SMALL]))
-    open_starting_weights(path, spec, model_config()).load([model])
+    model = build_model(spec, config(kind))
+    open_starting_weights(path, spec, model_config(kind)).load([model])
     return model.eval()
 
 
 @pytest.mark.parametrize("name,stage,kind", CASES)
 def test_imported_weights_are_the_engines_and_compute_its_logits(saved, name, stage, kind):
     engine = load_file(saved / f"{name}.safetensors")
-    model = imported(saved / name)
-    ours = {n: p.detach() for n, p in model.named_parameters()}
-    if kind == "ours":
-        theirs = {n.removeprefix("weight."): t for n, t in engine.items() if n != "logits"}
+    model = imported(saved / name, kind)
+    ours = {n: p.detach() for n, p in model.named_parameters()}  # tied: output.weight is tok_embeddings.weight
+    if kind != "hf":
+        theirs = {n.removeprefix("weight.").removeprefix("module."): t for n, t in engine.items() if n != "logits"}
     else:  # the same tensors in our layout (the RoPE rows permuted)
         theirs = get_model_spec("llm").state_dict_adapters["hf"].to_native(
             {n.removeprefix("weight."): t for n, t in engine.items() if n != "logits"}, model_config())
@@ -123,13 +143,13 @@ def test_imported_weights_are_the_engines_and_compute_its_logits(saved, name, st
     with torch.no_grad():
         logits = model(tokens())
     # Our attention and RoPE are not transformers' kernels: equal to fp32 rounding, not bit for bit.
-    torch.testing.assert_close(logits, engine["logits"], rtol=0, atol=0 if kind == "ours" else 1e-5)
+    torch.testing.assert_close(logits, engine["logits"], rtol=0, atol=1e-5 if kind == "hf" else 0)
 
     # Negative controls: one perturbed parameter fails the comparison; the initialized model's logits differ.
     perturbed = dict(theirs, **{"norm.weight": theirs["norm.weight"] + 1e-6})
     assert not all(torch.equal(ours[n], perturbed[n]) for n in ours)
     with torch.no_grad():
-        fresh = build_model(get_model_spec("llm"), load_config(TINY, [f"data.vocab_size={TEST_VOCAB}", *SMALL]))
+        fresh = build_model(get_model_spec("llm"), config(kind))
         assert not torch.allclose(fresh.eval()(tokens()), engine["logits"], atol=1e-3)
 
 
