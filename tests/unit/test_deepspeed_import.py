@@ -1,8 +1,8 @@
 """checkpoint.init_from a DeepSpeed ZeRO checkpoint (launcher/deepspeed_import.py): checkpoints saved by a real
 DeepSpeed engine on CPU (DS_ACCELERATOR=cpu, gloo, 2 data-parallel processes, ZeRO stages 1-3) wrapping this
-project's tiny llm model (also tied and `module.`-prefixed) or transformers' LlamaForCausalLM load with the engine's module weights bit for bit and
-compute its logits; a pickle that would run code is refused unread, and bad input ends with one line. Tiny models,
-fp32; the imports run in the test process."""
+project's tiny llm model (also tied and `module.`-prefixed) or transformers' LlamaForCausalLM load with the
+engine's module weights bit for bit and compute its logits; a pickle that would run code is refused unread, and
+bad input ends with one line. Tiny models, fp32; the imports run in the test process."""
 import importlib
 import os
 import pickle
