@@ -12,18 +12,15 @@ reads the full tensors of each layer it holds parameters of and keeps its shards
 layer per rank; reading only the shard's rows (safetensors slices) would cut the reading under FSDP/TP.
 """
 import json
-import re
 from pathlib import Path
-
-import torch
 
 from safetensors import safe_open
 
 from launcher.errors import UserError
-from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes, in_order
+from launcher.weights import (LayerwiseMapping, StartingWeights, WeightFormat, check_tensors, copy_streamed,
+                             expected_shapes, in_order)
 from models.spec import ModelSpec
 
-_LAYER_PREFIX = re.compile(r"(.*\.layers\.\d+)\.")
 INDEX_FILE = "model.safetensors.index.json"
 # Formats torch.load would unpickle (arbitrary code): named so the refusal says what was found.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -43,42 +40,19 @@ def _open(directory: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWe
     if problems:
         raise UserError(f"{where} does not fit the run's model: {'; '.join(problems)}")
     shapes = _tensor_shapes(directory, where)
-    # The adapter maps whole state dicts (a native expert tensor stacks many HF tensors): it is given one layer's
-    # tensors at a time, first on the meta device (names and shapes, from the headers), later read.
-    groups: dict[str, list[str]] = {}
-    for name in shapes:
-        groups.setdefault(_group(name), []).append(name)
-    native_shapes, native_groups = {}, {}
-    for group, names in groups.items():
-        try:
-            native = adapter.to_native({n: torch.empty(shapes[n][1], device="meta") for n in names}, model_cfg)
-        except ValueError as e:
-            raise UserError(f"{where}: {e}") from None
-        for native_name, tensor in native.items():
-            native_shapes[f"{native_name} (from {group})"] = (native_name, tuple(tensor.shape))
-            native_groups[native_name] = group
-    check_tensors(where, native_shapes, expected_shapes(spec, model_cfg))
+    mapping = LayerwiseMapping({name: shape for name, (_, shape) in shapes.items()},
+                               lambda tensors: adapter.to_native(tensors, model_cfg), where)
+    check_tensors(where, mapping.found, expected_shapes(spec, model_cfg))
 
-    def read(wanted: set[str]):
-        for group in dict.fromkeys(native_groups[name] for name in native_groups if name in wanted):
-            tensors = {}
-            for file, names in in_order({name: shapes[name][0] for name in groups[group]}):
-                with safe_open(file, framework="pt") as f:
-                    tensors.update({name: f.get_tensor(name) for name in names})
-            try:
-                native = adapter.to_native(tensors, model_cfg)
-            except ValueError as e:  # a value the shapes could not show (e.g. a gate that must be zero)
-                raise UserError(f"{where}: {e}") from None
-            yield from ((name, tensor) for name, tensor in native.items() if name in wanted)
+    def load(names: list[str]) -> dict:
+        tensors = {}
+        for file, in_file in in_order({name: shapes[name][0] for name in names}):
+            with safe_open(file, framework="pt") as f:
+                tensors |= {name: f.get_tensor(name) for name in in_file}
+        return tensors
 
     return StartingWeights(f"the Hugging Face weights in {directory} ({len(shapes)} tensors)",
-                           lambda parts: copy_streamed(parts, read))
-
-
-def _group(name: str) -> str:
-    """The tensors the adapter maps together: a layer's ("model.layers.3"), or a tensor outside the layers alone."""
-    layer = _LAYER_PREFIX.match(name)
-    return layer[1] if layer else name
+                           lambda parts: copy_streamed(parts, lambda wanted: mapping.read(wanted, load)))
 
 
 HF_FORMAT = WeightFormat("a Hugging Face model directory (config.json, *.safetensors)", _recognizes, _open)

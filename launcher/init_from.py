@@ -12,6 +12,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from launcher.checkpoint import META_FILE, Checkpointer, ModelState, check_complete, check_same_model, find_checkpoint
+from launcher.deepspeed_import import DEEPSPEED_FORMAT
 from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
 from launcher.megatron_import import MEGATRON_FORMAT
@@ -70,7 +71,7 @@ def _open_consolidated(path: Path, spec: ModelSpec, model_cfg, where: str) -> St
 
 CONSOLIDATED_FORMAT = WeightFormat("a consolidated .safetensors file (`convert to-file`)", _is_consolidated,
                                    _open_consolidated)
-FORMATS = (NATIVE_FORMAT, CONSOLIDATED_FORMAT, HF_FORMAT, MEGATRON_FORMAT)
+FORMATS = (NATIVE_FORMAT, CONSOLIDATED_FORMAT, HF_FORMAT, MEGATRON_FORMAT, DEEPSPEED_FORMAT)
 
 
 def open_starting_weights(path: Path | str, spec: ModelSpec, model_cfg) -> StartingWeights:

@@ -1,5 +1,6 @@
 """What every format a run can start from (`checkpoint.init_from`, launcher/init_from.py) shares: the checked
 weights a run starts from, and the checks and the streamed copy into a rank's model parts."""
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,46 @@ def copy_streamed(parts: list[nn.Module], read: Callable[[set[str]], Iterable[tu
         raise RuntimeError(f"{len(params) - copied} of this rank's {len(params)} parameters were not read: a bug in "
                            f"the format's reader")
     return copied
+
+
+_LAYER_PREFIX = re.compile(r"(.*\.layers\.\d+)\.")
+
+
+def layer_group(name: str) -> str:
+    """The tensors an adapter maps together: a layer's ("model.layers.3"), or a tensor outside the layers alone."""
+    layer = _LAYER_PREFIX.match(name)
+    return layer[1] if layer else name
+
+
+class LayerwiseMapping:
+    """A checkpoint in another format's names, mapped to the run's parameters by a state-dict adapter's to_native
+    one layer's tensors at a time (a native tensor may stack or split several of the format's), so that neither
+    the check nor the reading ever holds more than a layer: `check` maps the shapes on the meta device,
+    `read` the tensors."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], to_native: Callable[[dict], dict], where: str):
+        self.to_native, self.where = to_native, where
+        self.groups: dict[str, list[str]] = {}
+        for name in shapes:
+            self.groups.setdefault(layer_group(name), []).append(name)
+        self.found: dict[str, tuple[str, tuple[int, ...]]] = {}  # for check_tensors
+        self.group_of: dict[str, str] = {}  # native name -> its group
+        for group, names in self.groups.items():
+            for native, tensor in self._map({n: torch.empty(shapes[n], device="meta") for n in names}).items():
+                self.found[f"{native} (from {group})"] = (native, tuple(tensor.shape))
+                self.group_of[native] = group
+
+    def _map(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return self.to_native(tensors)
+        except ValueError as e:  # named by the adapter; when reading, a value the shapes could not show
+            raise UserError(f"{self.where}: {e}") from None
+
+    def read(self, wanted: set[str], load: Callable[[list[str]], dict[str, torch.Tensor]]):
+        """(native name, tensor) of the `wanted` parameters, the groups that hold them loaded by `load(names)` one
+        at a time."""
+        for group in dict.fromkeys(self.group_of[name] for name in self.group_of if name in wanted):
+            yield from ((n, t) for n, t in self._map(load(self.groups[group])).items() if n in wanted)
 
 
 def in_order(items: dict[str, Path]) -> Iterator[tuple[Path, list[str]]]:
