@@ -70,9 +70,11 @@ print(json.dumps(result))
 
 def child(step: str, config: Path, *args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run([sys.executable, "-c", CHILD, step, str(config), *args], env=env, check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, "-c", CHILD, step, str(config), *args], env=env, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise SystemExit(f"{step} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_source(work: Path) -> tuple[Path, int]:

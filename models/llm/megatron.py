@@ -55,9 +55,8 @@ def fuse_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, cfg: LLMConfi
 
 
 class MegatronGPTAdapter:
-    """models.spec.StateDictAdapter for Megatron-Core's GPTModel, keyed "megatron". Fused tensors have no one-to-one
-    name, so it maps whole state dicts (any subset of layers: an import maps one layer at a time) and has no
-    native_name/native_tensor."""
+    """models.spec.StateDictAdapter for Megatron-Core's GPTModel, keyed "megatron". It maps any subset of layers
+    (an import maps one layer at a time); fused tensors split into several native ones."""
 
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
