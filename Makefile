@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: train test venv clean
+.PHONY: train test test-deepspeed venv clean
 
 $(PY):
 	python3 -m venv .venv
@@ -20,5 +20,17 @@ train: $(PY)
 test: $(PY)
 	$(PY) -m pytest -q --durations=20 tests
 
+# DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU)
+# skip in `make test` and run here, in their own environment.
+DS_PY := .venv-deepspeed/bin/python
+$(DS_PY):
+	python3 -m venv .venv-deepspeed
+	$(DS_PY) -m pip install -q --upgrade pip
+	$(DS_PY) -m pip install -q $(TORCH)
+	$(DS_PY) -m pip install -q -e '.[dev,deepspeed]'
+
+test-deepspeed: $(DS_PY)
+	DS_ACCELERATOR=cpu $(DS_PY) -m pytest -q tests/unit/test_deepspeed_import.py
+
 clean:
-	rm -rf .venv runs
+	rm -rf .venv .venv-deepspeed runs

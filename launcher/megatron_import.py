@@ -9,7 +9,7 @@ on a leading axis (`decoder.layers.self_attention.linear_qkv.weight` [n_layers, 
     preflight (no process group): every model tensor's name and shape (DCP's metadata) against the run's model built
     on the meta device, mapped to Megatron's layout by the adapter; gpt_config.json, where `convert to-megatron`
     wrote one, against the run's model config (adapter.config_problems). A checkpoint saved by Megatron itself
-    records no architecture: its head count, norm eps and RoPE base cannot be checked (docs/checkpoints.md).
+    records no architecture: its head count, norm eps and RoPE base cannot be checked (docs/conversion.md).
     train: each rank reads, a layer at a time, only the regions of the layers whose parameters it holds (DCP reads
     one row of a stacked tensor), maps them, and keeps its shard.
 
