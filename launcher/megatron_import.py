@@ -1,7 +1,7 @@
 """Starting a run from a Megatron-Core dist checkpoint ("torch_dist": metadata.json, .metadata, *.distcp), as
 megatron.core.dist_checkpointing.save writes it at any tp/pp, or a Megatron-LM save directory
 (latest_checkpointed_iteration.txt -> its iter_<N>/): one of the formats of `checkpoint.init_from`
-(launcher/init_from.py). The family's "megatron" StateDictAdapter maps the tensors (models/llm/megatron.py).
+(launcher/init_from.py). The family's "megatron" StateDictAdapter maps the tensors.
 
 The checkpoint holds global tensors (DCP reshards them at any tp/pp): each layer parameter stacked over the layers
 on a leading axis (`decoder.layers.self_attention.linear_qkv.weight` [n_layers, rows, cols]), the rest as is.
