@@ -185,6 +185,20 @@ def _write_error(error: BaseException) -> OSError | None:
     return None
 
 
+class _ErrnoKeepingWriter(dcp.FileSystemWriter):
+    """FileSystemWriter that raises a failed write's OSError itself. torch.save reports a failed file write as
+    RuntimeError("unexpected pos ..."), the OSError only as its __context__, which DCP loses when it gathers
+    every rank's exception; the errno tells a full disk from other failures."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:
+            if (cause := _write_error(e)) is None:
+                raise
+            raise cause from None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, rank: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -247,7 +261,8 @@ class Checkpointer:
             staging.mkdir()
         dist.barrier()
         try:
-            dcp.save(state, checkpoint_id=staging)  # raises on every rank if any rank's write failed
+            # Raises on every rank if any rank's write failed.
+            dcp.save(state, checkpoint_id=staging, storage_writer=_ErrnoKeepingWriter(staging))
         except (Exception, CheckpointException) as e:
             self._refuse_failed_write(step, staging, e)
         # Each rank hashes a share of the files (read back while still in the page cache) for rank 0's meta.json.
@@ -282,8 +297,9 @@ class Checkpointer:
             raise error
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        what = "no space left" if cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "write failed"
-        raise UserError(f"{what} on {_mount_point(self.root)} while saving step {step} "
+        what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file size limit reached"}.get(cause.errno, "write failed")
+        raise UserError(f"{what} on the file system at {_mount_point(self.root)} while saving step {step} "
                         f"({errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}); the last complete "
                         f"checkpoint is {self.last_complete()}, and the partial one was removed: free space "
                         f"and rerun to resume from it") from None
@@ -300,8 +316,8 @@ class Checkpointer:
 
 
 def check_complete(path: Path) -> dict:
-    """Verify a checkpoint before anything reads its tensors: meta.json, the DCP metadata (restricted unpickling),
-    every shard holding the bytes the metadata says, and the SHA-256 of every file recorded at save.
+    """Verify a checkpoint before anything reads its tensors: meta.json (its fields' checksum), the SHA-256 of every
+    file recorded at save, the DCP metadata (restricted unpickling), and every shard holding the bytes it says.
 
     Returns the DCP metadata's per-key tensor sizes and dtypes, the meta.json contents under "meta", the keys, and
     "verified": whether checksums were recorded (checkpoints saved before they were are loaded unverified).
@@ -316,6 +332,12 @@ def check_complete(path: Path) -> dict:
         raise damaged(f"{META_FILE}: {type(e).__name__}: {e}") from None
     if not isinstance(meta, dict) or (META_SHA256 in meta and meta[META_SHA256] != _fields_sha256(meta)):
         raise damaged(f"{META_FILE} does not match its checksum")
+    recorded = meta.get(FILES_SHA256)
+    for name, digest in (recorded or {}).items():  # first: a damaged .metadata is named before it is unpickled
+        if not (path / name).is_file():
+            raise damaged(f"{name} is missing")
+        if file_sha256(path / name) != digest:
+            raise damaged(f"{name} does not match its checksum")
     metadata = read_metadata(path)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -325,12 +347,6 @@ def check_complete(path: Path) -> dict:
         if not file.exists() or file.stat().st_size < size:
             have = file.stat().st_size if file.exists() else "missing"
             raise damaged(f"shard {name} should hold {size} bytes, has {have}")
-    recorded = meta.get(FILES_SHA256)
-    for name, digest in (recorded or {}).items():
-        if not (path / name).is_file():
-            raise damaged(f"{name} is missing")
-        if file_sha256(path / name) != digest:
-            raise damaged(f"{name} does not match its checksum")
     tensors = {key: md for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
     return {"sizes": {key: tuple(md.size) for key, md in tensors.items()},
             "dtypes": {key: md.properties.dtype for key, md in tensors.items()},
