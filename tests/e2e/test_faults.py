@@ -321,7 +321,8 @@ def test_rng_state_round_trips_as_tensors():
     random.gauss(0, 1), np.random.standard_normal()  # both keep a cached second gaussian
 
     def draws():
-        return random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(), torch.rand(3).tolist()
+        return (random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(),
+                torch.rand(3).tolist())
 
     state = RNGState(0, with_cuda=False)
     saved = copy.deepcopy(state.state_dict())
