@@ -39,10 +39,9 @@ FAULTS: collections.Counter = collections.Counter()
 @pytest.fixture(scope="module", autouse=True)
 def report_fault_counts(request):
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     line = "faults injected: " + ", ".join(f"{kind} {n}" for kind, n in sorted(FAULTS.items()))
-    if reporter is not None:
-        reporter.write_line(f"\n{line} (total {sum(FAULTS.values())})")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n{line} (total {sum(FAULTS.values())})")
 
 
 def sets(run_dir: Path, cache: Path, *extra: str) -> list[str]:
@@ -131,6 +130,18 @@ def test_fallback_resumes_from_the_newest_verified_checkpoint(tmp_path, data_cac
     assert "failed verification" in output and f"resumed from {run_dir}/checkpoints/step-2 at step 2" in output
     assert losses_of(run_dir) == reference_losses  # bit-identical
     assert check_complete(run_dir / "checkpoints" / "step-4")["verified"]  # saved again, whole
+
+
+def test_a_checkpoint_without_checksums_loads_unverified(tmp_path, data_cache, base_run, reference_losses, capsys):
+    """As saved before checksums were recorded: resumed, and the log says it was not verified."""
+    run_dir = copy_of(base_run, tmp_path)
+    meta_file = run_dir / "checkpoints" / "step-4" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("files_sha256", "meta_sha256")}))
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache))
+    assert code == 0, output[-3000:]
+    assert "step-4 at step 4 unverified (it has no checksums" in output
+    assert losses_of(run_dir) == reference_losses
 
 
 class _CreatesMarker:
