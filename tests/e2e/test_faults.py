@@ -111,13 +111,16 @@ def file_of_kind(checkpoint: Path, kind: str) -> Path:
 def test_random_bytes_in_a_checkpoint_file_are_refused_naming_it(tmp_path, data_cache, base_run, capsys, kind):
     run_dir = copy_of(base_run, tmp_path)
     damaged = file_of_kind(run_dir / "checkpoints" / "step-4", kind)
-    overwrite_random_bytes(damaged, random.Random(kind))
-    FAULTS[f"random bytes in {kind}"] += 1
-    before = tree_digest(run_dir)
-    line = error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), damaged.name,
-                      "step-4", "checkpoint.fallback=true")
-    assert "damaged" in line
-    assert tree_digest(run_dir) == before  # nothing written, nothing deleted
+    original = damaged.read_bytes()
+    for seed in range(5):  # 16 random bytes at a random place, each time in the intact file
+        damaged.write_bytes(original)
+        overwrite_random_bytes(damaged, random.Random(f"{kind}-{seed}"))
+        FAULTS[f"random bytes in {kind}"] += 1
+        before = tree_digest(run_dir)
+        line = error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), damaged.name,
+                          "step-4", "checkpoint.fallback=true")
+        assert "damaged" in line
+        assert tree_digest(run_dir) == before  # nothing written, nothing deleted
 
 
 def test_fallback_resumes_from_the_newest_verified_checkpoint(tmp_path, data_cache, base_run, reference_losses,
@@ -268,6 +271,7 @@ def test_skip_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, data_cac
         assert model_is_finite(run_dir / "checkpoints" / f"step-{step}")
 
     run_dir = tmp_path / "run-too-many"
+    monkeypatch.undo()  # a fresh count of steps
     inject_nonfinite(monkeypatch, {2, 3, 4})
     error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache, "train.steps=4",
                                                               "train.nonfinite=skip")),
