@@ -6,10 +6,16 @@
 Every rank writes into checkpoints/.staging-step-<N>/; only after all ranks are done does rank 0
 rename it to step-<N> and then repoint `latest`. A crash at any moment leaves `latest` at the
 previous complete checkpoint; staging leftovers are never read and are cleared on the next save.
+
+meta.json, written last, records the SHA-256 of every other file of the checkpoint (and its own
+fields'), so a checkpoint is verified before it is loaded: damaged bytes anywhere are refused with
+one line naming the file. Nothing in a checkpoint is unpickled beyond DCP's own metadata classes
+and plain values (launcher/safe_dcp.py): RNG states are tensors.
 """
+import errno
+import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
 from dataclasses import asdict
@@ -20,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -28,10 +35,16 @@ from torch.distributed.checkpoint.stateful import Stateful
 from launcher.config import Config
 from launcher.errors import UserError
 from launcher.optim import Optimizers
+from launcher.safe_dcp import load as safe_load
+from launcher.safe_dcp import read_metadata
 from models.spec import architecture
 from parallel.mesh import ParallelDims
 
 META_FILE = "meta.json"
+# meta.json fields: the SHA-256 of each file of the checkpoint, and of meta.json's other fields (canonical JSON).
+FILES_SHA256 = "files_sha256"
+META_SHA256 = "meta_sha256"
+_HASH_CHUNK = 4 << 20
 
 
 class ModelState(Stateful):
@@ -68,23 +81,38 @@ class OptimizerState(Stateful):
 
 
 class RNGState(Stateful):
-    """This rank's generators, stored under its own rank so every rank gets its own stream back."""
+    """This rank's generators as tensors (never pickled), stored under its own rank so every rank gets its own
+    stream back. Python's Mersenne Twister state is 625 ints below 2**32 and an optional cached gaussian;
+    numpy's legacy state 624 uint32 keys, a position and a cached gaussian; torch's a byte tensor per device.
+    `with_cuda`: save (and expect on load) the CUDA generators too."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, with_cuda: bool):
         self.key = f"rank{rank}"
+        self.with_cuda = with_cuda
 
     def state_dict(self):
-        states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        return {self.key: pickle.dumps(states)}
+        _version, python_words, python_gauss = random.getstate()
+        _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state(legacy=True)
+        states = {"python_words": torch.tensor(python_words, dtype=torch.int64),
+                  "python_gauss": torch.tensor([python_gauss is not None, python_gauss or 0.0], dtype=torch.float64),
+                  "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+                  "numpy_pos": torch.tensor([numpy_pos, numpy_has_gauss], dtype=torch.int64),
+                  "numpy_gauss": torch.tensor(numpy_gauss, dtype=torch.float64),
+                  "torch": torch.get_rng_state()}
+        if self.with_cuda:
+            states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        return {self.key: states}
 
     def load_state_dict(self, state_dict):
-        states = pickle.loads(state_dict[self.key])
-        random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
+        states = state_dict[self.key]
+        has_gauss, gauss = states["python_gauss"].tolist()
+        random.setstate((random.getstate()[0], tuple(states["python_words"].tolist()), gauss if has_gauss else None))
+        pos, numpy_has_gauss = states["numpy_pos"].tolist()
+        np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), pos, numpy_has_gauss,
+                             states["numpy_gauss"].item()))
         torch.set_rng_state(states["torch"])
-        if states["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        if self.with_cuda:
+            torch.cuda.set_rng_state_all(list(states["cuda"]))
 
 
 def training_state(parts: list[nn.Module], optimizers: Optimizers, loader: Stateful) -> dict[str, Stateful]:
@@ -123,6 +151,54 @@ def _step_of(name: str) -> int | None:
     return int(number) if prefix == "step" and number.isdigit() else None
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (about 0.2 s per 100 MB on one core: docs/reliability.md)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fields_sha256(meta: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != META_SHA256}, sort_keys=True).encode()
+                          ).hexdigest()
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def _write_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed save (DCP wraps each rank's error in a CheckpointException), if any."""
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, CheckpointException):
+            pending += [exc for exc, _trace in e.failures.values()]
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return None
+
+
+class _ErrnoKeepingWriter(dcp.FileSystemWriter):
+    """FileSystemWriter that raises a failed write's OSError itself. torch.save reports a failed file write as
+    RuntimeError("unexpected pos ..."), the OSError only as its __context__, which DCP loses when it gathers
+    every rank's exception; the errno tells a full disk from other failures."""
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)
+        except Exception as e:
+            if (cause := _write_error(e)) is None:
+                raise
+            raise cause from None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, rank: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -130,7 +206,7 @@ class Checkpointer:
         self.rank = rank
 
     def latest_dir(self) -> Path | None:
-        """The checkpoint `latest` points at, checked for completeness; None for a fresh run."""
+        """The checkpoint directory `latest` points at (not yet verified: check_complete); None for a fresh run."""
         pointer = self.root / "latest"
         if not pointer.exists():
             return None
@@ -139,10 +215,43 @@ class Checkpointer:
         if _step_of(name) is None or not path.is_dir():
             raise UserError(f"{pointer} points at '{name}', which is not a checkpoint directory; "
                             f"point it at an existing checkpoints/step-<N> or delete it to start fresh")
-        check_complete(path)
         return path
 
+    def last_complete(self) -> str:
+        """The checkpoint `latest` names, for messages."""
+        pointer = self.root / "latest"
+        return f"{pointer.read_text().strip()} (checkpoints/latest)" if pointer.exists() else "none (none saved yet)"
+
+    def resume_point(self, fallback: bool) -> tuple[Path | None, dict | None]:
+        """(checkpoint, check_complete of it) a run resumes from: the one `latest` names, verified. If it fails
+        verification and `fallback`, the newest earlier checkpoint that passes (checksums recorded and matching),
+        its record noting under "fallback" what was skipped and why; otherwise the refusal."""
+        latest = self.latest_dir()
+        if latest is None:
+            return None, None
+        try:
+            return latest, check_complete(latest)
+        except UserError as refusal:
+            if not fallback:
+                raise UserError(f"{refusal}; or set checkpoint.fallback=true to resume from the newest verified "
+                                f"earlier checkpoint") from None
+            earlier = sorted(((s, p) for p in self.root.iterdir()
+                              if (s := _step_of(p.name)) is not None and s < _step_of(latest.name) and p.is_dir()),
+                             reverse=True)
+            for _, path in earlier:
+                try:
+                    saved = check_complete(path)
+                except UserError:
+                    continue
+                if saved["verified"]:
+                    return path, {**saved, "fallback": f"{latest} failed verification ({refusal})"}
+            raise UserError(f"{refusal}; checkpoint.fallback=true found no verified earlier checkpoint in "
+                            f"{self.root}") from None
+
     def save(self, step: int, state: dict, meta: dict) -> Path:
+        """Write `state` as checkpoints/step-<step> with meta.json (plus the files' checksums), publish it and
+        prune. Every rank calls it; a failed write (a full disk) removes the staging directory and raises the
+        same UserError on every rank."""
         staging = self.root / f".staging-step-{step}"
         final = self.root / f"step-{step}"
         if self.rank == 0:
@@ -151,27 +260,55 @@ class Checkpointer:
                 shutil.rmtree(leftover)
             staging.mkdir()
         dist.barrier()
-        dcp.save(state, checkpoint_id=staging)
-        dist.barrier()  # every rank's shards are on disk
+        try:
+            # Raises on every rank if any rank's write failed.
+            dcp.save(state, checkpoint_id=staging, storage_writer=_ErrnoKeepingWriter(staging))
+        except (Exception, CheckpointException) as e:
+            self._refuse_failed_write(step, staging, e)
+        # Each rank hashes a share of the files (read back while still in the page cache) for rank 0's meta.json.
+        files = sorted(p.name for p in staging.iterdir())
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, {name: file_sha256(staging / name)
+                                        for name in files[self.rank::dist.get_world_size()]})
+        failure = [None]
         if self.rank == 0:
-            _write_atomically(staging / META_FILE, json.dumps({"step": step, **meta}, indent=1))
-            if final.exists():  # left by a crash after publish but before `latest` moved: never current
-                shutil.rmtree(final)
-            os.rename(staging, final)
-            fsync_dir(self.root)
-            _write_atomically(self.root / "latest", final.name)
+            record = {"step": step, **meta, FILES_SHA256: {k: v for share in shares for k, v in sorted(share.items())}}
+            try:
+                _write_atomically(staging / META_FILE, json.dumps({**record, META_SHA256: _fields_sha256(record)},
+                                                                  indent=1))
+                if final.exists():  # left by a crash after publish but before `latest` moved: never current
+                    shutil.rmtree(final)
+                os.rename(staging, final)
+                fsync_dir(self.root)
+                _write_atomically(self.root / "latest", final.name)
+            except OSError as e:
+                failure = [e]
+        dist.broadcast_object_list(failure, src=0)  # every rank fails alike when rank 0 could not publish
+        if failure[0] is not None:
+            self._refuse_failed_write(step, staging, failure[0])
+        if self.rank == 0:
             self._prune(keep=final.name)
         dist.barrier()
         return final
 
+    def _refuse_failed_write(self, step: int, staging: Path, error: BaseException) -> None:
+        cause = _write_error(error)
+        if cause is None:
+            raise error
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file size limit reached"}.get(cause.errno, "write failed")
+        raise UserError(f"{what} on the file system at {_mount_point(self.root)} while saving step {step} "
+                        f"({errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}); the last complete "
+                        f"checkpoint is {self.last_complete()}, and the partial one was removed: free space "
+                        f"and rerun to resume from it") from None
+
     def load(self, path: Path, state: dict) -> None:
-        try:
-            dcp.load(state, checkpoint_id=path)
-        except Exception as e:  # DCP wraps read errors of any kind
-            raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                            f"it is damaged: point checkpoints/latest at an earlier step-<N> or delete it") from e
+        safe_load(state, path)
 
     def _prune(self, keep: str) -> None:
+        """Delete all but the newest keep_last checkpoints; never `keep`, the one just saved and verified."""
         steps = sorted((s, p) for p in self.root.iterdir() if (s := _step_of(p.name)) is not None)
         for _, path in steps[:-self.keep_last] if self.keep_last > 0 else []:
             if path.name != keep:
@@ -179,20 +316,29 @@ class Checkpointer:
 
 
 def check_complete(path: Path) -> dict:
-    """Read meta.json and the DCP metadata, and check every shard file holds the bytes it should.
+    """Verify a checkpoint before anything reads its tensors: meta.json (its fields' checksum), the SHA-256 of every
+    file recorded at save, the DCP metadata (restricted unpickling), and every shard holding the bytes it says.
 
-    Catches a truncated or missing shard before any process group starts. Returns the DCP
-    metadata's per-key tensor sizes and dtypes plus the meta.json contents under "meta".
+    Returns the DCP metadata's per-key tensor sizes and dtypes, the meta.json contents under "meta", the keys, and
+    "verified": whether checksums were recorded (checkpoints saved before they were are loaded unverified).
     """
     def damaged(why: str) -> UserError:
         return UserError(f"checkpoint {path} is damaged ({why}); point checkpoints/latest at an earlier "
                          f"step-<N> or delete it to start fresh")
 
     try:
-        meta = json.loads((path / META_FILE).read_text())
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
-        raise damaged(f"{type(e).__name__}: {e}") from None
+        meta = json.loads((path / META_FILE).read_bytes().decode())
+    except (OSError, ValueError) as e:
+        raise damaged(f"{META_FILE}: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or (META_SHA256 in meta and meta[META_SHA256] != _fields_sha256(meta)):
+        raise damaged(f"{META_FILE} does not match its checksum")
+    recorded = meta.get(FILES_SHA256)
+    for name, digest in (recorded or {}).items():  # first: a damaged .metadata is named before it is unpickled
+        if not (path / name).is_file():
+            raise damaged(f"{name} is missing")
+        if file_sha256(path / name) != digest:
+            raise damaged(f"{name} does not match its checksum")
+    metadata = read_metadata(path)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -204,7 +350,7 @@ def check_complete(path: Path) -> dict:
     tensors = {key: md for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
     return {"sizes": {key: tuple(md.size) for key, md in tensors.items()},
             "dtypes": {key: md.properties.dtype for key, md in tensors.items()},
-            "meta": meta, "keys": set(metadata.state_dict_metadata)}
+            "meta": meta, "keys": set(metadata.state_dict_metadata), "verified": recorded is not None}
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Path]:

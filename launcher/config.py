@@ -69,6 +69,8 @@ class TrainSection:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    nonfinite: str = "stop"  # a step with a NaN/inf loss or grad norm: stop (exit) | skip (no optimizer step)
+    max_nonfinite_steps: int = 3  # skip: stop once this many steps in a row were non-finite
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpoint: str = "none"  # none | full | selective
     compile: bool = False
@@ -98,6 +100,8 @@ class CheckpointSection:
     enabled: bool = True
     # A Hugging Face model directory (safetensors) whose weights a run without a checkpoint of its own starts from.
     init_from: str = ""
+    # Resume from the newest verified checkpoint when the latest fails verification (else refuse, naming the file).
+    fallback: bool = False
 
 
 @dataclass
@@ -288,12 +292,14 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
         if getattr(t, name) < 1:
             raise UserError(f"train.{name}={getattr(t, name)} must be >= 1")
+    if t.max_nonfinite_steps < 1:
+        raise UserError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 1")
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise UserError(
             f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size x dp "
             f"= {t.micro_batch_size} x {dims.dp}; adjust one of them")
     choices = {"lr_schedule": ("cosine", "wsd", "constant"), "mixed_precision": ("auto", "bf16", "fp32"),
-               "activation_checkpoint": AC_MODES}
+               "activation_checkpoint": AC_MODES, "nonfinite": ("stop", "skip")}
     for name, options in choices.items():
         if getattr(t, name) not in options:
             raise UserError(f"train.{name}='{getattr(t, name)}' is not one of {', '.join(options)}"

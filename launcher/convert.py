@@ -38,7 +38,6 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import nn
 
@@ -51,6 +50,7 @@ from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
 from launcher.init_from import CONSOLIDATED_KEY
 from launcher.megatron_import import GPT_CONFIG, stacked_name
 from launcher.optim import Optimizers
+from launcher.safe_dcp import load as safe_load
 from launcher.trainer import model_inputs
 from models import FAMILIES, get_model_spec
 from models.spec import CheckpointCommand, CheckpointContents, ModelSpec, architecture
@@ -133,7 +133,7 @@ def convert(name: str, source: Path | str, out: Path | str, *options: str,
 
 def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-hf`: OUT, a Hugging Face model directory of SOURCE's weights."""
-    out, checkpoint, run_dir, saved = open_source(args)
+    out, checkpoint, run_dir, saved = open_source(args, log)
     family = saved["meta"].get("family")
     spec = get_model_spec(family)
     if "hf" not in spec.state_dict_adapters:
@@ -186,7 +186,7 @@ def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], d
         for group in dict.fromkeys(group_of[name] for name in names):
             native = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"])
                       for n in groups[group]}
-            dcp.load({"model": native}, checkpoint_id=checkpoint, no_dist=True)
+            safe_load({"model": native}, checkpoint, no_dist=True)
             tensors |= {name: t.to(dtype) for name, t in mapping(native).items() if name in names}
         return tensors
 
@@ -207,7 +207,7 @@ def _add_to_file_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_file(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-file`: OUT, one safetensors file of SOURCE's model tensors under their canonical names."""
-    out, checkpoint, run_dir, saved = open_source(args)
+    out, checkpoint, run_dir, saved = open_source(args, log)
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: `convert {TO_FILE}` writes a .safetensors file; name it <something>.safetensors")
     cfg = source_config(run_dir, saved, checkpoint)
@@ -237,7 +237,7 @@ def _add_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_megatron(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-megatron`: OUT, a Megatron-Core dist checkpoint of SOURCE's weights and its gpt_config.json."""
-    out, checkpoint, run_dir, saved = open_source(args)
+    out, checkpoint, run_dir, saved = open_source(args, log)
     family = saved["meta"].get("family")
     spec = get_model_spec(family)
     if "megatron" not in spec.state_dict_adapters:
@@ -307,7 +307,7 @@ EXPORTS = {TO_HF: (TO_HF_HELP, _add_to_hf_arguments, export_hf),
 
 def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     family, command = checkpoint_commands()[name]
-    out, checkpoint, run_dir, saved = open_source(args)
+    out, checkpoint, run_dir, saved = open_source(args, log)
     if saved["meta"].get("family") != family:
         raise UserError(f"{checkpoint} holds a {saved['meta'].get('family')} model; `convert {name}` converts "
                         f"{family} checkpoints")
@@ -358,14 +358,17 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
     return out
 
 
-def open_source(args: argparse.Namespace) -> tuple[Path, Path, Path, dict]:
+def open_source(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[Path, Path, Path, dict]:
     """(OUT, SOURCE's checkpoint, its run directory, check_complete of the checkpoint); OUT must not exist."""
     out = Path(args.out)
     if out.exists():
         raise UserError(f"{out} exists; convert writes a new directory and never overwrites one: "
                         f"pass a path that does not exist")
     checkpoint, run_dir = find_checkpoint(Path(args.source))
-    return out, checkpoint, run_dir, check_complete(checkpoint)
+    saved = check_complete(checkpoint)
+    if not saved["verified"]:
+        log(f"{checkpoint} has no checksums (saved by an older version): read unverified")
+    return out, checkpoint, run_dir, saved
 
 
 def source_config(run_dir: Path, saved: dict, checkpoint: Path) -> Config:

@@ -33,7 +33,8 @@ def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str) -> Starting
     def load(parts):  # collective: every rank reads its shards of its parts' parameters, nothing else
         Checkpointer(checkpoint.parent.parent, keep_last=0, rank=0).load(checkpoint, {"model": ModelState(parts)})
 
-    return StartingWeights(f"the weights of {checkpoint} (step {saved['meta']['step']})", load,
+    unverified = "" if saved["verified"] else ", unverified: it has no checksums (saved by an older version)"
+    return StartingWeights(f"the weights of {checkpoint} (step {saved['meta']['step']}{unverified})", load,
                            tokenizer=saved["meta"].get("tokenizer"))
 
 

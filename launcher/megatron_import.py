@@ -14,12 +14,10 @@ on a leading axis (`decoder.layers.self_attention.linear_qkv.weight` [n_layers, 
     one row of a stacked tensor), maps them, and keeps its shard.
 
 Never unpickled: common.pt (a pickle of the non-tensor state), the layers' _extra_state entries and the optimizer's
-entries (Megatron-LM) are not read; DCP's .metadata is a pickle, read by an unpickler that builds nothing but
-DCP's own metadata classes, torch.Size and dtypes.
+entries (Megatron-LM) are not read; DCP's .metadata is a pickle, read as every checkpoint's is (launcher/safe_dcp.py:
+nothing but DCP's own metadata classes is built).
 """
-import inspect
 import json
-import pickle
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -27,12 +25,12 @@ from pathlib import Path
 import torch
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from launcher.errors import UserError
+from launcher.safe_dcp import SafeReader, read_metadata
 from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes
 from models.spec import ModelSpec
 
@@ -57,35 +55,6 @@ def checkpoint_directory(path: Path, where: str) -> Path:
 
 def _recognizes(path: Path) -> bool:
     return (path / METADATA_JSON).is_file() or (path / LATEST_ITERATION).is_file()
-
-
-class _DCPMetadataUnpickler(pickle.Unpickler):
-    """Builds only DCP's metadata classes (and torch.Size, dtypes): nothing else a pickle names is ever called."""
-    ALLOWED = {(c.__module__, c.__name__): c for module in (dcp_metadata, dcp_filesystem, dcp_planner)
-               for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__}
-    ALLOWED |= {("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED:
-            return self.ALLOWED[module, name]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's metadata")
-
-
-class _Reader(dcp.FileSystemReader):
-    """DCP's reader with its metadata read once, by _DCPMetadataUnpickler."""
-
-    def __init__(self, directory: Path):
-        super().__init__(directory)
-        with open(directory / ".metadata", "rb") as f:
-            self.metadata = _DCPMetadataUnpickler(f).load()
-        if self.metadata.storage_meta is None:
-            self.metadata.storage_meta = dcp_metadata.StorageMeta()
-        self.metadata.storage_meta.load_id = self.load_id
-
-    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
-        return self.metadata
 
 
 class _RegionPlanner(DefaultLoadPlanner):
@@ -126,7 +95,7 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
         raise UserError(f"{where}: model family {spec.name} has no Megatron-Core mapping, so it cannot start from a "
                         f"Megatron checkpoint; drop checkpoint.init_from")
     directory = checkpoint_directory(path, where)
-    reader = _read_checkpoint(directory, where)
+    metadata = _read_checkpoint(directory, where)
     if (directory / GPT_CONFIG).is_file():
         problems = adapter.config_problems(json.loads((directory / GPT_CONFIG).read_text()), model_cfg)
         if problems:
@@ -144,11 +113,11 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
         key, layer = stacked_name(name)
         layers[key] = max(layers[key], layer + 1) if layer is not None else 0
         expected[key] = ((layers[key],) if layer is not None else ()) + tuple(tensor.shape)
-    found = model_tensors(reader.metadata)
+    found = model_tensors(metadata)
     check_tensors(where, {key: (key, shape) for key, shape in found.items()}, expected)
 
     def read(wanted: set[str]):
-        reader = _Reader(directory)
+        reader = SafeReader(directory)
         by_layer: dict[int | None, list[str]] = defaultdict(list)
         for name, filled in fills.items():
             if filled & wanted:
@@ -170,8 +139,9 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
                            lambda parts: copy_streamed(parts, read))
 
 
-def _read_checkpoint(directory: Path, where: str) -> _Reader:
-    """DCP's reader of the dist checkpoint `directory`, checked to be Megatron's torch_dist format."""
+def _read_checkpoint(directory: Path, where: str) -> dcp_metadata.Metadata:
+    """The DCP metadata of the dist checkpoint `directory` (launcher/safe_dcp.py: nothing in it runs), checked to be
+    Megatron's torch_dist format."""
     if not (directory / METADATA_JSON).is_file():
         raise UserError(f"{where}: {directory} has no {METADATA_JSON}; is it a Megatron-Core dist checkpoint?")
     try:
@@ -184,9 +154,9 @@ def _read_checkpoint(directory: Path, where: str) -> _Reader:
     if not (directory / ".metadata").is_file():
         raise UserError(f"{where}: {directory} has no .metadata (DCP's index): the checkpoint is incomplete")
     try:
-        return _Reader(directory)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise UserError(f"{where}: {directory}/.metadata is not DCP metadata ({e})") from None
+        return read_metadata(directory)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 MEGATRON_FORMAT = WeightFormat("a Megatron-Core dist checkpoint (metadata.json, .metadata, *.distcp) or a Megatron-LM "

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from launcher.errors import UserError
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device name fragment.
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -69,6 +71,24 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def read_records(path: Path) -> tuple[list[dict], bytes | None]:
+    """(records, the last line if it was cut short) of a metrics.jsonl. A process killed while writing leaves an
+    unterminated last line; an unreadable line before it is damage, refused with its line number."""
+    lines = path.read_bytes().split(b"\n")
+    records, torn = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # also UnicodeDecodeError
+            if number != len(lines):  # only the last line lacks its newline when cut short
+                raise UserError(f"{path} line {number} is not a JSON record; repair or delete that line (the "
+                                f"records after the step a run resumes from are written again)") from None
+            torn = line
+    return records, torn
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, tensorboard: bool):
         self.enabled = rank == 0
@@ -76,9 +96,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.jsonl_path = run_dir / "metrics.jsonl"
+        self.bar = None
+        self.log_file = open(run_dir / "train.log", "a")
         self._drop_records_after(start_step)  # a resumed run re-logs the steps after its checkpoint
         self.jsonl = open(self.jsonl_path, "a")
-        self.log_file = open(run_dir / "train.log", "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -87,11 +108,16 @@ class MetricsWriter:
             if sys.stderr.isatty() else None
 
     def _drop_records_after(self, step: int) -> None:
+        """Keep the records up to `step`; a last line cut short is dropped with a log line."""
         if not self.jsonl_path.exists():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        records, torn = read_records(self.jsonl_path)
+        if torn is not None:
+            self.info(f"{self.jsonl_path}: dropped its last line, cut short when the run stopped ({len(torn)} bytes, "
+                      f"no newline)")
+        tmp = self.jsonl_path.with_name(f".{self.jsonl_path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+        os.replace(tmp, self.jsonl_path)  # a crash here leaves the old file, not part of it
 
     def info(self, message: str) -> None:
         if not self.enabled:

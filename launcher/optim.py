@@ -70,6 +70,10 @@ class Optimizers:
             opt.step()
         for scheduler in self.schedulers:
             scheduler.step()
+        self.skip()
+
+    def skip(self) -> None:
+        """Drop this step's gradients without an update; the schedule counts only the steps taken."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 

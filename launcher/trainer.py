@@ -11,6 +11,7 @@ global number of its terms, so it does not depend on how the batch is split over
 ranks, context-parallel ranks or micro-batches: the same config under any layout gives the same
 loss curve.
 """
+import math
 import signal
 import sys
 import threading
@@ -23,14 +24,14 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import (Checkpointer, RNGState, check_complete, check_same_model, check_same_tokenizer,
-                                 checkpoint_meta, training_state)
+from launcher.checkpoint import (Checkpointer, RNGState, check_same_model, check_same_tokenizer, checkpoint_meta,
+                                 training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
 from launcher.init_from import open_starting_weights
-from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
+from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib, read_records
 from launcher.optim import Optimizers
 from models import get_model_spec
 from models.spec import BatchKey, ModelSpec, StepContext, architecture
@@ -153,6 +154,9 @@ class TrainStep:
         record.update(self.run_hook(self.spec.hooks.after_backward))
         record["grad_norm"] = clip_grad_norm(self.parts, self.grad_clip, self.pp_group)
         record["lr"] = self.optimizers.lr
+        if not all_finite(record["loss"], record["grad_norm"]):
+            self.optimizers.skip()  # the weights stay those of the last finite step
+            return {**record, "skipped_nonfinite": True}
         self.optimizers.step()
         record.update(self.run_hook(self.spec.hooks.after_optimizer_step))
         return record
@@ -262,20 +266,28 @@ def train(cfg: Config) -> dict:
     optimizers = Optimizers(parts, t)
     steps.bind(parts, pipeline, optimizers, precision)
 
-    state = {**training_state(parts, optimizers, train_loader), "rng": RNGState(rank)}
+    # CUDA generators are saved when there are any, and restored when the checkpoint has them.
+    cuda_rng = torch.cuda.is_available() and (saved is None or f"rng.rank{rank}.cuda" in saved["keys"])
+    rng = RNGState(rank, with_cuda=cuda_rng)
+    state = {**training_state(parts, optimizers, train_loader), "rng": rng}
     meta = checkpoint_meta(cfg, data.tokenizer.fingerprint, dims)
     if saved is not None:
         check_same_tokenizer(saved["meta"], meta, resume_from)
         # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks, a converted
-        # one (launcher/convert.py) none at all.
-        has_rng = f"rng.{state['rng'].key}" in saved["keys"]
+        # one (launcher/convert.py) none at all, one saved before RNG states were tensors a pickle (not read).
+        has_rng = f"rng.{rng.key}.torch" in saved["keys"]
         checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"})
+        rng.with_cuda = torch.cuda.is_available()  # from here on every save holds them
     # Everything is checked: from here on the run directory is written to.
     metrics = MetricsWriter(run_dir, rank, t.steps, start_step, tensorboard=cfg.run.tensorboard)
     if saved is not None:
+        if "fallback" in saved:
+            metrics.info(f"{saved['fallback']}; checkpoint.fallback=true: resuming from {resume_from}, the newest "
+                         f"verified checkpoint")
         metrics.info(f"resumed from {resume_from} at step {start_step}"
-                     + ("" if has_rng else " (it holds no RNG state of rank 0, e.g. a converted checkpoint: "
-                                            "seed RNG kept)"))
+                     + ("" if saved["verified"] else " unverified (it has no checksums: saved by an older version)")
+                     + ("" if has_rng else " (it holds no RNG state of rank 0 as tensors, e.g. a converted or older "
+                                            "checkpoint: seed RNG kept)"))
     if saved is not None and cfg.checkpoint.init_from:
         metrics.info(f"checkpoint.init_from={cfg.checkpoint.init_from} ignored: the run resumes from its own "
                      f"checkpoint")
@@ -303,6 +315,7 @@ def train(cfg: Config) -> dict:
 
     tokens_per_step = t.global_batch_size * t.seq_len
     losses, throughput = [], []
+    nonfinite_in_a_row = 0
     eval_record: dict[str, float] = {}
     # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
     last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
@@ -316,12 +329,24 @@ def train(cfg: Config) -> dict:
         train_loader.step += 1
         elapsed = time.perf_counter() - started
         tokens_per_s = tokens_per_step / elapsed
-        losses.append(record["loss"])
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if record.get("skipped_nonfinite") else 0
+        if not nonfinite_in_a_row:
+            losses.append(record["loss"])
         throughput.append(tokens_per_s)
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
                   "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
+        if nonfinite_in_a_row:
+            what = f"step {step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite"
+            if t.nonfinite == "stop" or nonfinite_in_a_row >= t.max_nonfinite_steps:
+                metrics.close()
+                raise UserError(f"{what} ({nonfinite_in_a_row} step(s) in a row, train.nonfinite={t.nonfinite}, "
+                                f"max_nonfinite_steps={t.max_nonfinite_steps}); no update of it was applied or saved: "
+                                f"the last checkpoint is {checkpointer.last_complete()}; lower train.lr or raise "
+                                f"train.warmup_steps and rerun, or set train.nonfinite=skip")
+            metrics.info(f"{what}: optimizer step skipped ({nonfinite_in_a_row} of at most "
+                         f"{t.max_nonfinite_steps - 1} in a row, train.nonfinite=skip)")
         if t.eval_every and step % t.eval_every == 0 and step != last_step:
             eval_record = steps.evaluate(valid_loader, t.eval_batches)
             metrics.log({"step": step, **eval_record}, show=True)
@@ -359,13 +384,16 @@ def train(cfg: Config) -> dict:
 def preflight(cfg: Config, world_size: int):
     """Everything that can be checked before a process group exists: the config, the layout, and
     the checkpoint a run would resume from (complete, and made for this model), or else the weights it
-    would start from (checkpoint.init_from: StartingWeights, else None)."""
+    would start from (checkpoint.init_from: StartingWeights, else None). The checkpoint is verified against its
+    checksums; with checkpoint.fallback, a damaged latest one gives way to the newest verified one."""
     dims = validate(cfg, world_size)
-    resume_from = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).latest_dir()
-    saved, starting_weights = None, None
+    resume_from, saved = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).resume_point(
+        cfg.checkpoint.fallback)
+    starting_weights = None
     if resume_from is not None:
-        saved = check_complete(resume_from)
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
+        if (Path(cfg.run.dir) / "metrics.jsonl").exists():  # damage (other than a torn last line) stops every rank
+            read_records(Path(cfg.run.dir) / "metrics.jsonl")
     elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights
         starting_weights = open_starting_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family),
                                                  cfg.model_config())
@@ -434,6 +462,13 @@ def catch_stop_signals() -> list[int]:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, lambda signum, _frame: received.append(signum))
     return received
+
+
+def all_finite(*values: float) -> bool:
+    """Whether every rank has only finite values: one tiny all-reduce, so that all ranks skip a step alike."""
+    bad = torch.tensor(float(not all(math.isfinite(v) for v in values)))
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
 
 
 def stop_signal(received: list[int]) -> int:

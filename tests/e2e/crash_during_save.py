@@ -22,13 +22,13 @@ def die():
 def patch(point: str, kill_step: int) -> None:
     real_save, real_write = dcp.save, checkpoint._write_atomically
 
-    def save(state, checkpoint_id):
+    def save(state, checkpoint_id, **options):
         if checkpoint_id.name != f".staging-step-{kill_step}":
-            return real_save(state, checkpoint_id=checkpoint_id)
+            return real_save(state, checkpoint_id=checkpoint_id, **options)
         if point == "mid-write":
             (checkpoint_id / "__0_0.distcp").write_bytes(b"\0" * 1000)
             die()
-        real_save(state, checkpoint_id=checkpoint_id)
+        real_save(state, checkpoint_id=checkpoint_id, **options)
         if point == "before-publish":
             die()
 

@@ -64,7 +64,9 @@ def test_a_native_checkpoint_of_another_shape_or_tokenizer_is_refused(trained, d
     assert "different shape" in err and "dim: checkpoint 64 vs config 128" in err
     other = shutil.copytree(run_dir, tmp_path / "other-tokenizer")
     meta_file = Checkpointer(other, 1, 0).latest_dir() / "meta.json"
-    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "tokenizer": "0123456789abcdef"}))
+    meta = {**json.loads(meta_file.read_text()), "tokenizer": "0123456789abcdef"}
+    meta.pop("meta_sha256")  # an edited meta.json fails its checksum; without one it is read as written
+    meta_file.write_text(json.dumps(meta))
     err = train_error(capsys, tmp_path / "run2", data_cache, other)
     assert "trained with tokenizer 0123456789abcdef" in err
 

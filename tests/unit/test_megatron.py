@@ -142,7 +142,7 @@ def bad_checkpoints(megatron, tmp_path) -> dict[str, tuple[Path, str]]:
             "wrong shape": (wide, "tensor output_layer.weight has shape [1024, 65] but the run's output_layer.weight "
                                   "has [1024, 64]"),
             "zarr": (zarr, "backend 'zarr'; only 'torch_dist' is read"),
-            "pickle": (hostile, "posix.system is not part of DCP's metadata")}
+            "pickle": (hostile, "it refers to posix.system, which DCP metadata never holds")}
 
 
 class _Hostile:

@@ -137,6 +137,7 @@ def edited_copy(source: Path, destination: Path, **model_changes) -> Path:
     meta = json.loads(meta_file.read_text())
     meta["family"] = model_changes.pop("family", meta["family"])
     meta["model"].update(model_changes)
+    meta.pop("meta_sha256")  # an edited meta.json fails its checksum; without one it is read as written
     meta_file.write_text(json.dumps(meta))
     cfg = load_config(destination / "config.yaml")
     cfg.model.args.update(model_changes)

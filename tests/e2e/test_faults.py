@@ -1,0 +1,347 @@
+"""Fault injection into real (tiny, one-process, in this process) runs: random bytes in each kind of checkpoint
+file, crafted pickles in `.metadata` and in a state entry, non-finite losses, a full disk during a save, a torn
+metrics.jsonl. Each fault ends with one `error:` line naming what is wrong (exit 2) or is survived with the
+losses of an uninterrupted run; no payload ever runs. The faults injected per kind are counted and printed at
+the end of the module (the issue's closing note quotes them)."""
+import collections
+import copy
+import hashlib
+import json
+import pickle
+import random
+import resource
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+import launcher.checkpoint
+from launcher.checkpoint import RNGState, check_complete
+from launcher.cli import USER_ERROR_EXIT, main
+from launcher.config import load_config
+from launcher.safe_dcp import load as safe_load
+from launcher.trainer import TrainStep, train
+from tests.conftest import TINY, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
+
+# Six steps, checkpoints at 2 and 4 (a base run stops at 4), so a resume has an earlier checkpoint to fall back to.
+RUN = ("train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3")
+FAULTS: collections.Counter = collections.Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_fault_counts(request):
+    yield
+    line = "faults injected: " + ", ".join(f"{kind} {n}" for kind, n in sorted(FAULTS.items()))
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n{line} (total {sum(FAULTS.values())})")
+
+
+def sets(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return [a for o in tiny_overrides(run_dir, cache, *RUN, *extra) for a in ("--set", o)]
+
+
+def shardwright(capsys, *args: str) -> tuple[int, str]:
+    """`shardwright ARGS` in this process: (exit code, stdout + stderr)."""
+    capsys.readouterr()
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def error_line(code: int, output: str, *fragments: str) -> str:
+    assert code == USER_ERROR_EXIT, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def losses_of(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory, data_cache) -> dict[int, float]:
+    """The losses of an uninterrupted six-step run."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN)))
+    return losses_of(run_dir)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, data_cache) -> Path:
+    """The same run stopped after step 4: checkpoints step-2 and step-4 (each test damages a copy)."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN, "run.stop_at_step=4")))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-2", "step-4"]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def overwrite_random_bytes(path: Path, rng: random.Random, count: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    start = rng.randrange(len(data) // 4, len(data) - count)
+    data[start:start + count] = bytes(rng.randrange(256) for _ in range(count))
+    path.write_bytes(bytes(data))
+
+
+def file_of_kind(checkpoint: Path, kind: str) -> Path:
+    return next(checkpoint.glob("*.distcp")) if kind == "shard" else checkpoint / kind
+
+
+@pytest.mark.parametrize("kind", ["shard", ".metadata", "meta.json"])
+def test_random_bytes_in_a_checkpoint_file_are_refused_naming_it(tmp_path, data_cache, base_run, capsys, kind):
+    run_dir = copy_of(base_run, tmp_path)
+    damaged = file_of_kind(run_dir / "checkpoints" / "step-4", kind)
+    original = damaged.read_bytes()
+    for seed in range(5):  # 16 random bytes at a random place, each time in the intact file
+        damaged.write_bytes(original)
+        overwrite_random_bytes(damaged, random.Random(f"{kind}-{seed}"))
+        FAULTS[f"random bytes in {kind}"] += 1
+        before = tree_digest(run_dir)
+        line = error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), damaged.name,
+                          "step-4", "checkpoint.fallback=true")
+        assert "damaged" in line
+        assert tree_digest(run_dir) == before  # nothing written, nothing deleted
+
+
+def test_fallback_resumes_from_the_newest_verified_checkpoint(tmp_path, data_cache, base_run, reference_losses,
+                                                              capsys):
+    run_dir = copy_of(base_run, tmp_path)
+    overwrite_random_bytes(file_of_kind(run_dir / "checkpoints" / "step-4", "shard"), random.Random(0))
+    FAULTS["random bytes in shard (fallback)"] += 1
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache, "checkpoint.fallback=true"))
+    assert code == 0, output[-3000:]
+    assert "failed verification" in output and f"resumed from {run_dir}/checkpoints/step-2 at step 2" in output
+    assert losses_of(run_dir) == reference_losses  # bit-identical
+    assert check_complete(run_dir / "checkpoints" / "step-4")["verified"]  # saved again, whole
+
+
+def test_a_checkpoint_without_checksums_loads_unverified(tmp_path, data_cache, base_run, reference_losses, capsys):
+    """As saved before checksums were recorded: resumed, and the log says it was not verified."""
+    run_dir = copy_of(base_run, tmp_path)
+    meta_file = run_dir / "checkpoints" / "step-4" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("files_sha256", "meta_sha256")}))
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache))
+    assert code == 0, output[-3000:]
+    assert "step-4 at step 4 unverified (it has no checksums" in output
+    assert losses_of(run_dir) == reference_losses
+
+
+class _CreatesMarker:
+    """Unpickling this creates the file `path`: a stand-in for any code a crafted pickle would run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def payload(marker: Path) -> bytes:
+    return pickle.dumps(_CreatesMarker(marker))
+
+
+def test_the_payload_works(tmp_path):
+    """The control: unpickling the crafted bytes does create the marker."""
+    pickle.loads(payload(tmp_path / "marker")).close()
+    assert (tmp_path / "marker").exists()
+
+
+def record_checksums(checkpoint: Path) -> None:
+    """What a tamperer can do: rewrite meta.json's checksums to match the crafted files (they guard against
+    damage, not attacks; the restricted reading does)."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["files_sha256"] = {name: hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
+                            for name in meta["files_sha256"]}
+    fields = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    meta["meta_sha256"] = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_crafted_metadata_pickle_never_runs(tmp_path, data_cache, base_run, capsys):
+    run_dir = copy_of(base_run, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step-4"
+    marker = tmp_path / "marker"
+    (checkpoint / ".metadata").write_bytes(payload(marker))
+    record_checksums(checkpoint)
+    entry_points = {
+        "train": ["train", str(TINY), *sets(run_dir, data_cache)],
+        "submit --dry-run": ["submit", str(TINY), "--nodes", "1", "--gpus-per-node", "1", "--device", "cpu",
+                             "--dry-run", *sets(run_dir, data_cache)],
+        "convert to-file": ["convert", "to-file", str(run_dir), str(tmp_path / "out.safetensors")],
+        "checkpoint.init_from": ["train", str(TINY), *sets(tmp_path / "new", data_cache,
+                                                            f"checkpoint.init_from={checkpoint}")],
+    }
+    for name, args in entry_points.items():
+        FAULTS[f"crafted .metadata pickle ({name})"] += 1
+        error_line(*shardwright(capsys, *args), str(checkpoint / ".metadata"), "not DCP metadata")
+        assert not marker.exists(), name
+
+
+def test_a_crafted_state_entry_never_runs(tmp_path, data_cache, base_run, capsys):
+    """A non-tensor entry (the loader's step) replaced by a pickle with a payload, the checkpoint otherwise whole and
+    its checksums rewritten: refused when read, naming the entry."""
+    run_dir = copy_of(base_run, tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step-4"
+    state: dict = {}
+    # torch's own reader reads our own good checkpoint whole (dcp.load would want the entries named beforehand).
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(checkpoint), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    marker = tmp_path / "marker"
+    state["data"]["step"] = _CreatesMarker(marker)
+    crafted = tmp_path / "crafted"
+    dcp.save(state, checkpoint_id=crafted, no_dist=True)
+    for file in crafted.iterdir():
+        shutil.copy(file, checkpoint / file.name)
+    record_checksums(checkpoint)
+    FAULTS["crafted state entry pickle"] += 1
+    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), "entry data.step",
+               "tampered")
+    assert not marker.exists()
+
+
+def inject_nonfinite(monkeypatch, steps: set[int]) -> None:
+    """NaN loss and gradients on the given steps of a fresh run (counted by backward passes)."""
+    real = TrainStep.forward_backward
+    done = [0]
+
+    def forward_backward(self, micro_batches, backward=True):
+        record = real(self, micro_batches, backward)
+        if backward:
+            done[0] += 1
+            if done[0] in steps:
+                for part in self.parts:
+                    for p in part.parameters():
+                        p.grad.fill_(float("nan"))
+                record["loss"] = float("nan")
+        return record
+
+    monkeypatch.setattr(TrainStep, "forward_backward", forward_backward)
+    FAULTS["non-finite step"] += len(steps)
+
+
+def model_is_finite(checkpoint: Path) -> bool:
+    saved = check_complete(checkpoint)
+    state = {key: torch.empty(size, dtype=saved["dtypes"][key]) for key, size in saved["sizes"].items()
+             if key.startswith("model.")}
+    safe_load(state, checkpoint, no_dist=True)
+    return all(bool(t.isfinite().all()) for t in state.values())
+
+
+def test_a_nonfinite_step_stops_the_run_by_default(tmp_path, data_cache, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    inject_nonfinite(monkeypatch, {3})
+    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), "step 3", "not finite",
+               "step-2 (checkpoints/latest)", "train.nonfinite=skip")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-2"]
+    assert model_is_finite(run_dir / "checkpoints" / "step-2")
+
+
+def test_skip_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, data_cache, capsys, monkeypatch):
+    run_dir = tmp_path / "run"
+    inject_nonfinite(monkeypatch, {2, 3})  # 2 in a row: below max_nonfinite_steps=3
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache, "train.steps=4",
+                                                                 "train.nonfinite=skip"))
+    assert code == 0, output[-3000:]
+    assert "step 2: loss nan / grad norm nan not finite: optimizer step skipped (1 of at most 2" in output
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r}
+    assert [s for s, r in records.items() if r.get("skipped_nonfinite")] == [2, 3]
+    for step in (2, 4):  # step-2 holds the weights of step 1
+        assert model_is_finite(run_dir / "checkpoints" / f"step-{step}")
+
+    run_dir = tmp_path / "run-too-many"
+    monkeypatch.undo()  # a fresh count of steps
+    inject_nonfinite(monkeypatch, {2, 3, 4})
+    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache, "train.steps=4",
+                                                              "train.nonfinite=skip")),
+               "step 4", "3 step(s) in a row", "step-2 (checkpoints/latest)")
+    assert model_is_finite(run_dir / "checkpoints" / "step-2")
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_resumes(tmp_path, data_cache, base_run, reference_losses,
+                                                            capsys, monkeypatch):
+    """The final save (step 6) hits a file size limit (RLIMIT_FSIZE: the kernel fails the write with EFBIG, as a
+    full disk does with ENOSPC, through the real DCP writer); the rerun resumes from step 4."""
+    run_dir = copy_of(base_run, tmp_path)
+    real_save = dcp.save
+
+    def save_into_a_full_disk(state, checkpoint_id, **options):
+        if checkpoint_id.name != ".staging-step-6":
+            return real_save(state, checkpoint_id=checkpoint_id, **options)
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))
+        try:
+            return real_save(state, checkpoint_id=checkpoint_id, **options)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, previous)
+
+    monkeypatch.setattr(launcher.checkpoint.dcp, "save", save_into_a_full_disk)
+    FAULTS["full disk during a save"] += 1
+    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), "while saving step 6",
+               "EFBIG", "the last complete checkpoint is step-4")
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2", "step-4"]  # staging removed
+    monkeypatch.undo()
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache))
+    assert code == 0, output[-3000:]
+    assert losses_of(run_dir) == reference_losses
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, data_cache, base_run, reference_losses, capsys):
+    run_dir = copy_of(base_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 5, "loss": 6.1')  # the process died while writing step 5's record
+    FAULTS["torn metrics.jsonl"] += 1
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache))
+    assert code == 0, output[-3000:]
+    assert "metrics.jsonl: dropped its last line, cut short" in output
+    assert losses_of(run_dir) == reference_losses
+
+
+def test_a_damaged_metrics_line_is_refused(tmp_path, data_cache, base_run, capsys):
+    run_dir = copy_of(base_run, tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_bytes().split(b"\n")
+    (run_dir / "metrics.jsonl").write_bytes(b"\n".join([lines[0], b"\x00garbage\xff", *lines[1:]]))
+    FAULTS["damaged metrics.jsonl line"] += 1
+    before = tree_digest(run_dir)
+    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), "metrics.jsonl line 2")
+    assert tree_digest(run_dir) == before
+
+
+def test_rng_state_round_trips_as_tensors():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # both keep a cached second gaussian
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), np.random.standard_normal(), np.random.rand(),
+                torch.rand(3).tolist())
+
+    state = RNGState(0, with_cuda=False)
+    saved = copy.deepcopy(state.state_dict())
+    assert all(isinstance(v, torch.Tensor) for v in saved["rank0"].values())
+    expected = draws()
+    state.load_state_dict(saved)
+    assert draws() == expected
