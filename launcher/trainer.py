@@ -28,10 +28,11 @@ from launcher.checkpoint import (Checkpointer, RNGState, check_complete, check_s
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
-from launcher.errors import UserError
+from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
 from launcher.optim import Optimizers
+from launcher.run_lock import lock_for_world
 from models import get_model_spec
 from models.spec import BatchKey, ModelSpec, StepContext, architecture
 from parallel.context import SequenceLayout
@@ -42,10 +43,6 @@ from parallel.mesh import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from parallel.pipeline import Pipeline, build_pipeline, stages_per_rank
 from parallel.tensor_parallel import full_tensor, reduce_partial_grads
-
-# Exit code after SIGUSR1/SIGTERM (Slurm's time-limit warning, preemption): the last finished step
-# is checkpointed, and the job script requeues itself to resume from it (EX_TEMPFAIL).
-PREEMPTED_EXIT = 75
 
 
 def model_inputs(keys: dict[str, BatchKey], batch: dict) -> tuple[tuple, dict]:
@@ -210,6 +207,7 @@ def train(cfg: Config) -> dict:
     world = detect_world()
     dims, resume_from, saved, starting_weights = preflight(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
+    lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
     allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
