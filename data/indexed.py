@@ -113,10 +113,11 @@ def _check_index(idx_path: Path, num_sequences: int, num_documents: int, itemsiz
 
 
 def _check_token_ids(bin_path: Path, dtype: type[np.number], vocab_size: int, fix: str) -> None:
-    """Every token id in [0, vocab_size), vectorized over the mapped file (a min and a max: about
-    one read of the file; docs/reliability.md gives the cost)."""
+    """Every token id in [0, vocab_size), vectorized over the mapped file: a max (and a min for signed
+    ids), one pass over it; docs/reliability.md gives the cost."""
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    low, high = int(tokens.min()), int(tokens.max())
+    high = int(tokens.max())
+    low = int(tokens.min()) if np.issubdtype(dtype, np.signedinteger) else 0  # uint16 ids cannot be negative
     if low < 0 or high >= vocab_size:
         first = int(np.argmax((tokens < 0) | (tokens >= vocab_size)))
         raise DataError(f"{bin_path} is corrupt or from another tokenizer: token {first} has id {tokens[first]}, "
