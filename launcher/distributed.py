@@ -47,12 +47,20 @@ def init_distributed(world: World, timeout_s: int) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if world.launcher == "single":
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            # torchrun keeps one store for every restart of its world, and a restarted world's gloo then reads
+            # the dead attempt's addresses from it and hangs (torch 2.13): each attempt gets keys of its own.
+            env = os.environ
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size, timeout=timeout,
+                                  is_master=env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and world.rank == 0)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store),
+                                    rank=world.rank, world_size=world.world_size, timeout=timeout)
         else:
-            init_method = "env://"  # torchrun, or the sbatch script, sets MASTER_ADDR / MASTER_PORT
-        dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+            # A single process, or srun: the sbatch script sets MASTER_ADDR / MASTER_PORT.
+            init_method = f"tcp://127.0.0.1:{_free_port()}" if world.launcher == "single" else "env://"
+            dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size,
+                                    timeout=timeout)
     return device
 
 

@@ -22,14 +22,14 @@ from launcher.processes import AGENT_PID_ENV, LAUNCHER_PID_ENV, die_with_parent
 
 
 def world_exit_code(failures: dict[int, ProcessFailure], max_restarts: int) -> int:
-    """The exit code for a world whose ranks failed as `failures` say; one line unless the ranks said it."""
-    codes = {failure.exitcode for failure in failures.values()}
-    if codes == {PREEMPTED_EXIT}:  # rank 0 logged the signal and the step it stopped after
-        return PREEMPTED_EXIT
-    if codes == {USER_ERROR_EXIT}:  # rank 0 printed the error line
-        return USER_ERROR_EXIT
+    """The exit code of a world whose ranks failed as `failures` say, from the first failure: once one rank
+    exits, torchrun stops the others (they are recorded as killed by SIGTERM). One line unless a rank said it."""
     rank = min(failures, key=lambda r: failures[r].timestamp)
     failure = failures[rank]
+    if failure.exitcode == PREEMPTED_EXIT:  # every rank stopped after the same step; rank 0 logged it
+        return PREEMPTED_EXIT
+    if failure.exitcode == USER_ERROR_EXIT:  # rank 0 printed the error line
+        return USER_ERROR_EXIT
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
     print(f"error: rank {rank} (pid {failure.pid}) {how}"
           f"{f' after {max_restarts} restart(s) of the world' if max_restarts else ''}; its output is above; "
