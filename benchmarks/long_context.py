@@ -13,7 +13,7 @@ CPU tensors in torch):
   trainer logs as mem_peak_gib). This is what the budget limits. It includes torch's own
   footprint (~0.3-0.5 GiB), gloo, the tokenizer, the data and the model.
 - activation estimate: the high-water mark of the training loop (steps + final eval) minus the
-  RSS at its start. The check wraps the trainer's `measure_peak_flops` (the last call before the
+  RSS at its start. The check wraps the trainer's `PeakFlops` (the last call before the
   loop) to record VmRSS there and reset the high-water mark (`/proc/self/clear_refs` 5). It
   also holds the gradients and AdamW moments allocated in the first step (3 x the rank's
   parameter bytes: settings.grads_adam_gib_per_rank), 10 MiB at cp=1 for this model.
@@ -86,21 +86,21 @@ def train_and_measure(config: str, overrides: list[str], threads: int) -> dict:
 
     torch.set_num_threads(threads)
     marks = {}
-    measure_peak_flops = trainer.measure_peak_flops
+    peak_flops = trainer.PeakFlops
 
-    def mark_loop_start(device, dtype):  # the trainer's last call before its loop
-        result = measure_peak_flops(device, dtype)
+    def mark_loop_start(*args, **kwargs):  # the trainer's last call before its loop
+        result = peak_flops(*args, **kwargs)
         marks["setup_peak"] = _status_kib("VmHWM") * 1024
         marks["loop_start_rss"] = _status_kib("VmRSS") * 1024
         marks["hwm_reset"] = _reset_peak_rss()
         return result
 
     cfg = load_config(config, overrides)
-    trainer.measure_peak_flops = mark_loop_start
+    trainer.PeakFlops = mark_loop_start
     try:
         summary = trainer.train(cfg)
     finally:
-        trainer.measure_peak_flops = measure_peak_flops
+        trainer.PeakFlops = peak_flops
     loop_peak = _status_kib("VmHWM") * 1024
     result = {"rank": dist.get_rank(), "setup_peak": marks["setup_peak"], "loop_start_rss": marks["loop_start_rss"],
               "loop_peak": loop_peak, "peak": max(loop_peak, marks["setup_peak"]), "hwm_reset": marks["hwm_reset"],

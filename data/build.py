@@ -137,7 +137,7 @@ def build_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_si
                                 data_cfg.valid_fraction, log=log)
 
         def loader(prefix):
-            return GlobalBatchLoader(PackedTokens(open_indexed(prefix), seq_len), global_batch_size,
+            return GlobalBatchLoader(PackedTokens(open_indexed(prefix, data.tokenizer.vocab_size), seq_len), global_batch_size,
                                      micro_batch_size, dp_rank, dp_size, seed)
         return data, loader(data.train_prefix), loader(data.valid_prefix)
 

@@ -41,9 +41,11 @@ def write_indexed(prefix: Path, documents: Iterable[list[int]], dtype: type[np.n
     return num_tokens
 
 
-def open_indexed(prefix: Path):
+def open_indexed(prefix: Path, vocab_size: int | None):
     """Open prefix.bin/.idx as a megatron IndexedDataset, after checking that the pair is
-    whole and belongs together (megatron itself would read garbage or crash)."""
+    whole and belongs together, that the index is consistent (pointers, document boundaries) and,
+    given the tokenizer's vocab_size (None: not known), that every token id is below it. Megatron
+    itself would read garbage, fail mid-run, or feed the embedding an id it does not have."""
     idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     fix = f"delete {Path(prefix).parent} and run prepare again"
     for path in (idx_path, bin_path):
@@ -76,4 +78,47 @@ def open_indexed(prefix: Path):
         )
     if bin_bytes == 0:
         raise DataError(f"{bin_path} holds no tokens: {fix}")
+    _check_index(idx_path, num_sequences, num_documents, itemsize, fix)
+    if vocab_size is not None:
+        _check_token_ids(bin_path, indexed_dataset.DType.dtype_from_code(dtype_code), vocab_size, fix)
     return indexed_dataset.IndexedDataset(str(prefix))
+
+
+def _check_index(idx_path: Path, num_sequences: int, num_documents: int, itemsize: int, fix: str) -> None:
+    """Every sequence length >= 0, every pointer the byte offset where the lengths before it end, and
+    document boundaries rising strictly from sequence 0 to the last: vectorized over the mapped file."""
+    index = np.memmap(idx_path, dtype=np.uint8, mode="r")
+    lengths = np.frombuffer(index, dtype=np.int32, count=num_sequences, offset=_HEADER_BYTES)
+    pointers = np.frombuffer(index, dtype=np.int64, count=num_sequences, offset=_HEADER_BYTES + 4 * num_sequences)
+    documents = np.frombuffer(index, dtype=np.int64, count=num_documents, offset=_HEADER_BYTES + 12 * num_sequences)
+    if num_sequences and lengths.min() < 0:
+        first = int(np.argmax(lengths < 0))
+        raise DataError(f"{idx_path} is corrupt: sequence {first} has length {lengths[first]}: {fix}")
+    expected = np.zeros(num_sequences, dtype=np.int64)
+    np.cumsum(lengths[:-1], dtype=np.int64, out=expected[1:])
+    expected *= itemsize
+    wrong = pointers != expected
+    if wrong.any():
+        first = int(np.argmax(wrong))
+        raise DataError(f"{idx_path} is corrupt: the pointer of sequence {first} is {pointers[first]}, but the lengths "
+                        f"before it end at byte {expected[first]}: {fix}")
+    if num_documents < 2 or documents[0] != 0 or documents[-1] != num_sequences:
+        raise DataError(f"{idx_path} is corrupt: its document index should run from sequence 0 to {num_sequences}, "
+                        f"but it is {documents[:1].tolist()} ... {documents[-1:].tolist()}: {fix}")
+    falling = np.diff(documents) <= 0
+    if falling.any():
+        first = int(np.argmax(falling))
+        raise DataError(f"{idx_path} is corrupt: document {first + 1} starts at sequence {documents[first + 1]}, not "
+                        f"after document {first} (sequence {documents[first]}): {fix}")
+
+
+def _check_token_ids(bin_path: Path, dtype: type[np.number], vocab_size: int, fix: str) -> None:
+    """Every token id in [0, vocab_size), vectorized over the mapped file: a max (and a min for signed
+    ids), one pass over it; docs/reliability.md gives the cost."""
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    high = int(tokens.max())
+    low = int(tokens.min()) if np.issubdtype(dtype, np.signedinteger) else 0  # uint16 ids cannot be negative
+    if low < 0 or high >= vocab_size:
+        first = int(np.argmax((tokens < 0) | (tokens >= vocab_size)))
+        raise DataError(f"{bin_path} is corrupt or from another tokenizer: token {first} has id {tokens[first]}, "
+                        f"outside the tokenizer's vocabulary of {vocab_size}: {fix}")

@@ -17,7 +17,7 @@ class PackedTokens:
 
     def __init__(self, dataset, seq_len: int):
         if isinstance(dataset, (str, Path)):
-            dataset = open_indexed(Path(dataset))
+            dataset = open_indexed(Path(dataset), vocab_size=None)
         self.dataset = dataset
         self.seq_len = seq_len
         # Stream offset where each megatron sequence starts, plus the end of the stream.

@@ -52,6 +52,10 @@ def prepare(inputs: list[str], output: str | Path, tokenizer: str | Path, *, tex
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     output = Path(output).expanduser()
+    nearest = next(parent for parent in output.absolute().parents if parent.exists())
+    if not nearest.is_dir():
+        raise DataError(f"--output {output} is under {nearest}, which is a file, not a directory: choose an --output "
+                        f"whose parents are directories")
     files = resolve_inputs(list(inputs), fmt)
     tok = Tokenizer(Path(tokenizer).expanduser())
     if tok.eos_id < 0:

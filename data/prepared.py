@@ -50,7 +50,7 @@ class PreparedDataset:
         fix = f"prepare {self.path} again with --force"
         for shard in self.manifest["shards"]:
             prefix = self.path / shard["name"]
-            dataset = open_indexed(prefix)
+            dataset = open_indexed(prefix, self.vocab_size)
             documents = len(dataset.document_indices) - 1
             tokens = int(dataset.sequence_lengths.sum(dtype=np.int64))
             if (documents, tokens) != (shard["documents"], shard["tokens"]):

@@ -12,9 +12,13 @@ Formats by extension (compressed .gz/.bz2/.xz/.zst variants of the text formats 
                          file ("document"), each blank-line separated paragraph, or each line
 """
 
+import bz2
+import codecs
 import contextlib
 import glob
+import gzip
 import logging
+import lzma
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,8 +180,45 @@ def _read_error(path: Path, builder: str, error: BaseException) -> DataError:
         return DataError(f"{path} is not valid UTF-8 ({decode.reason}, byte 0x{decode.object[decode.start]:02x}): "
                          "convert it to UTF-8")
     first = next((str(e).strip().splitlines()[0] for e in chain if str(e).strip()), type(error).__name__)
-    if "utf8" in first.lower() or "utf-8" in first.lower() or "invalid encoding" in first.lower():
-        return DataError(f"{path} is not valid UTF-8 ({first}): convert it to UTF-8")
+    if any(word in first.lower() for word in ("utf8", "utf-8", "invalid encoding")):
+        # pyarrow's JSON reader says "Invalid encoding" of an unterminated string too: look at the bytes.
+        bad = _first_non_utf8(path)
+        if bad is not None:
+            return DataError(f"{path} is not valid UTF-8 ({bad}): convert it to UTF-8")
     what = {"json": "is not valid JSON lines or JSON", "parquet": "is not a valid parquet file",
             "arrow": "is not a valid Arrow IPC file", "text": "cannot be read as text"}[builder]
     return DataError(f"{path} {what} ({first}): check what it holds or rename it")
+
+
+def _first_non_utf8(path: Path) -> str | None:
+    """Where the file's (decompressed) bytes stop being UTF-8, or None when they are UTF-8 throughout;
+    read in blocks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with _open_decompressed(path) as f:
+        while block := f.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return f"{e.reason} at byte {offset + e.start}"
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        return f"{e.reason} at the end"
+    return None
+
+
+def _open_decompressed(path: Path):
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix == ".xz":
+        return lzma.open(path, "rb")
+    if suffix == ".zst":
+        import zstandard  # datasets reads .zst with it
+
+        return zstandard.open(path, "rb")
+    return open(path, "rb")

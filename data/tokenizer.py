@@ -54,6 +54,9 @@ def train_tokenizer(documents: list[str], model_prefix: Path, vocab_size: int, m
                     user_defined_symbols: list[str] = (), max_sentences: int = MAX_TRAINING_SENTENCES) -> Path:
     """Train a byte-fallback BPE (or unigram) tokenizer; returns the path of the .model file.
     user_defined_symbols always encode as one piece each (e.g. "<image>")."""
+    if vocab_size < 1:  # sentencepiece gives no reason for this one
+        raise DataError(f"cannot train a tokenizer of {vocab_size} pieces: set a vocab size of a few thousand, "
+                        f"e.g. 4096")
     sentences = _training_sentences(documents, max_sentences)
     extra = {"user_defined_symbols": list(user_defined_symbols)} if user_defined_symbols else {}
     try:

@@ -1,5 +1,7 @@
 """`shardwright` command line. Bad input ends with one line `error: ...` and exit code 2."""
 import argparse
+import os
+import signal
 import sys
 
 from data.errors import DataError
@@ -7,10 +9,10 @@ from launcher.config import load_config
 from launcher.convert import add_arguments as add_convert_arguments, convert_command
 from launcher.data_commands import add_prepare_arguments, add_tokenizer_arguments, prepare_command, tokenizer_command
 from launcher.distributed import detect_world, launch_local_world
-from launcher.errors import UserError
+from launcher.errors import USER_ERROR_EXIT, UserError
+from launcher.processes import AGENT_PID_ENV, die_with_parent
+from launcher.run_lock import hold_run_lock
 from launcher.submit import add_arguments as add_submit_arguments, submit
-
-USER_ERROR_EXIT = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,12 +37,15 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from launcher.trainer import preflight, train  # torch-heavy: only once the arguments are known good
 
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1")
     cfg = load_config(args.config, args.overrides)
     world = detect_world()
     if world.launcher == "single" and args.nproc_per_node > 1:
         preflight(cfg, args.nproc_per_node)  # fail here, once, rather than in every worker
+        lock_fd = hold_run_lock(cfg.run.dir) if cfg.run.lock else None  # for the world's life, restarts included
         worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
-        return launch_local_world(args.nproc_per_node, worker_args)
+        return launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd)
     if world.launcher != "single" and args.nproc_per_node > 1:
         raise UserError(f"--nproc-per-node is for starting a local world, but this process is already rank "
                         f"{world.rank} of a {world.launcher} world of {world.world_size}; drop the flag")
@@ -49,6 +54,8 @@ def _train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if AGENT_PID_ENV in os.environ:  # a worker of a local world: it must not outlive its torchrun
+        die_with_parent(signal.SIGKILL, int(os.environ[AGENT_PID_ENV]))
     args = _parser().parse_args(argv)
     try:
         if args.command in ("prepare", "tokenizer"):

@@ -111,6 +111,11 @@ class RunSection:
     stop_at_step: int = 0  # end this invocation (with a checkpoint) after this step; 0: run to train.steps
     tensorboard: bool = True
     timeout_s: int = 300  # collective timeout: a deadlock fails instead of hanging
+    # --nproc-per-node worlds: restarts of the whole world from its last checkpoint after a rank fails (a
+    # lost process); 0 because a failure that is a bug would only repeat (docs/reliability.md).
+    max_restarts: int = 0
+    lock: bool = True  # hold <run.dir>/.lock while running: a second run on the directory is refused
+    peak_flops: float = 0.0  # per process, for MFU; 0: a known GPU's datasheet figure, else measured once and cached
 
 
 @dataclass
@@ -154,7 +159,18 @@ _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads 1e-4 as a string; accept exponent floats without a dot (YAML 1.2 style)."""
+    """YAML 1.1 reads 1e-4 as a string; accept exponent floats without a dot (YAML 1.2 style). A key given
+    twice in one mapping is refused (SafeLoader silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping; "
+                                                        f"keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -211,7 +227,10 @@ def _model_section(values: dict) -> ModelSection:
         raise UserError(f"model.family '{family}' is not known{_suggest(family, FAMILIES)}; "
                         f"known families: {', '.join(FAMILIES)}")
     spec = get_model_spec(family)
-    typed = _fill_dataclass(spec.config_cls, "model", values)  # checks keys and types
+    try:
+        typed = _fill_dataclass(spec.config_cls, "model", values)  # checks keys and types, and the family its values
+    except ValueError as e:
+        raise UserError(f"model section: {e}") from None
     return ModelSection(family=family, args={k: getattr(typed, k) for k in values})
 
 
@@ -225,7 +244,11 @@ def _apply_override(raw: dict, assignment: str) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise UserError(f"section '{section}' should be a mapping")
-    raw[section][name] = _parse_yaml(text) if text else ""
+    try:
+        raw[section][name] = _parse_yaml(text) if text else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set '{assignment}': the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                        f"it or complete it, e.g. train.steps=20 or data.splits=[98,2,0]") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -236,7 +259,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise UserError(f"config file '{path}' does not exist; pass a YAML file such as one of the tiny.yaml files under configs/")
         try:
-            raw = _parse_yaml(path.read_text()) or {}
+            raw = _parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                            f"save it as UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -280,6 +306,23 @@ def cp_layout(p: ParallelSection, cp: int) -> SequenceLayout:
     return sequence_layout(p.cp_mode, p.cp_layout, cp, p.cp_ulysses)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """run.dir is a directory (or not there yet) whose checkpoints/latest, if any, is a UTF-8 text file."""
+    run_dir = run_dir.expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.dir={run_dir} is a file, not a directory: set run.dir to a directory (new or a run's)")
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_dir():
+        raise UserError(f"{latest} is a directory; it should be a text file naming a checkpoint (step-<N>): "
+                        f"remove it, then write the name of a complete checkpoints/step-<N> into it or start fresh")
+    if latest.is_file():
+        try:
+            latest.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{latest} is not text (not UTF-8); it should name a checkpoint (step-<N>): write the "
+                            f"name of a complete checkpoints/step-<N> into it, or delete it to start fresh") from None
+
+
 def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Check the config against itself and the world; return the resolved layout."""
     try:
@@ -289,11 +332,15 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     except LayoutError as e:
         raise UserError(str(e)) from None
     t = cfg.train
-    for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
-        if getattr(t, name) < 1:
-            raise UserError(f"train.{name}={getattr(t, name)} must be >= 1")
-    if t.max_nonfinite_steps < 1:
-        raise UserError(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 1")
+    at_least = {"train.steps": 1, "train.global_batch_size": 1, "train.micro_batch_size": 1, "train.seq_len": 1,
+                "train.max_nonfinite_steps": 1,
+                "data.vocab_size": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0, "run.max_restarts": 0,
+                "run.timeout_s": 1, "run.log_every": 1, "run.stop_at_step": 0, "run.peak_flops": 0}
+    for name, least in at_least.items():
+        section, key = name.split(".")
+        if getattr(getattr(cfg, section), key) < least:
+            raise UserError(f"{name}={getattr(getattr(cfg, section), key)} must be >= {least}")
+    check_run_dir(Path(cfg.run.dir))
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise UserError(
             f"train.global_batch_size={t.global_batch_size} must be a multiple of micro_batch_size x dp "

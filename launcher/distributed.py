@@ -2,6 +2,7 @@
 torchrun world that the launcher starts itself."""
 import datetime
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -9,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from launcher.processes import LAUNCHER_PID_ENV
+from launcher.run_lock import HOLDER_ENV
 
 
 @dataclass(frozen=True)
@@ -43,20 +47,52 @@ def init_distributed(world: World, timeout_s: int) -> torch.device:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        if world.launcher == "single":
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            # torchrun keeps one store for every restart of its world, and a restarted world's gloo then reads
+            # the dead attempt's addresses from it and hangs (torch 2.13): each attempt gets keys of its own.
+            env = os.environ
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.world_size, timeout=timeout,
+                                  is_master=env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and world.rank == 0)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{env['TORCHELASTIC_RESTART_COUNT']}", store),
+                                    rank=world.rank, world_size=world.world_size, timeout=timeout)
         else:
-            init_method = "env://"  # torchrun, or the sbatch script, sets MASTER_ADDR / MASTER_PORT
-        dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+            # A single process, or srun: the sbatch script sets MASTER_ADDR / MASTER_PORT.
+            init_method = f"tcp://127.0.0.1:{_free_port()}" if world.launcher == "single" else "env://"
+            dist.init_process_group(backend, init_method=init_method, rank=world.rank, world_size=world.world_size,
+                                    timeout=timeout)
     return device
 
 
-def launch_local_world(nproc: int, launcher_args: list[str]) -> int:
-    """Re-run this command under torchrun with `nproc` local processes; return its exit code."""
+def launch_local_world(nproc: int, launcher_args: list[str], max_restarts: int, shutdown_timeout_s: int,
+                       lock_fd: int | None) -> int:
+    """Re-run this command under torchrun (launcher/torchrun.py) with `nproc` local processes; return the
+    world's exit code (0, 75 after a stop signal, 2 for bad input, 1 for a failure, each said in one line).
+
+    SIGTERM, SIGINT and SIGUSR1 to this process are forwarded to torchrun (SIGINT as SIGTERM), which hands
+    them to the workers: they checkpoint after their step and exit 75. torchrun runs in a session of its
+    own, so a Ctrl-C reaches it once, through here. The run directory's lock (`lock_fd`) is inherited by
+    torchrun: it stays held while either process lives."""
     env = dict(os.environ)
     # Split the cores between workers instead of letting each one oversubscribe all of them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "launcher", *launcher_args]
-    return subprocess.run(cmd, env=env).returncode
+    env[LAUNCHER_PID_ENV] = str(os.getpid())
+    if lock_fd is not None:
+        env[HOLDER_ENV] = str(os.getpid())
+    cmd = [sys.executable, "-m", "launcher.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", f"--shutdown-timeout={shutdown_timeout_s}",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "launcher", *launcher_args]
+    agent = subprocess.Popen(cmd, env=env, pass_fds=() if lock_fd is None else (lock_fd,), start_new_session=True)
+    forwarded = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1}
+    previous = {sig: signal.signal(sig, lambda signum, _frame: agent.send_signal(forwarded[signum]))
+                for sig in forwarded}
+    try:
+        code = agent.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code < 0:  # torchrun itself was killed: its workers died with it (launcher/processes.py)
+        print(f"error: torchrun (pid {agent.pid}) was killed by {signal.Signals(-code).name}, and its workers with "
+              f"it; run the same command to resume from the last checkpoint", file=sys.stderr, flush=True)
+        return 1
+    return code

@@ -1,9 +1,8 @@
 """What a run reports: metrics.jsonl, TensorBoard, a progress bar or plain log lines, a summary.
 
 Only rank 0 writes. MFU needs a peak FLOP/s: on CPU there is no datasheet number, so it is
-measured once with a matmul and the log says so.
+measured once per machine, cached, and the log says so (PeakFlops).
 """
-import functools
 import json
 import os
 import platform
@@ -21,31 +20,98 @@ from launcher.errors import UserError
 _GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
-@functools.cache
-def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """Peak FLOP/s of one process on this device and how it was obtained (for the log); measured once
-    per process (about half a second on a CPU), however many runs it starts."""
+class PeakFlops:
+    """Peak FLOP/s of one process, the denominator of MFU: run.peak_flops when configured, else a known
+    GPU's datasheet figure, else measured: the best of several short matmul timings, made once per device,
+    dtype and thread count and kept in peak_flops.json under the user's cache dir, so every run on a
+    machine divides by the same figure. A measurement on a busy machine comes out low; a step that then
+    achieves more proves it: the measured peak is raised to that rate (and cached), said once, so MFU from a
+    measured peak never exceeds 100%. A configured or datasheet peak is kept as given."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, configured: float, log=print):
+        self.log = log
+        self.measured = False
+        if configured > 0:
+            self.value, self.how = configured, "run.peak_flops"
+            return
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak = next((peak for fragment, peak in _GPU_PEAKS.items() if fragment in name), None)
+            if peak is not None:
+                self.value, self.how = peak, f"datasheet bf16 peak of {name}"
+                return
+        self.measured = True
+        self.key = _machine_key(device, dtype)
+        cached = _read_peak_cache().get(self.key)
+        if cached is not None:
+            self.value, self.how = cached, f"{self.key}, measured earlier ({peak_cache_file()})"
+        else:
+            self.value = _measure_matmul_flops(device, dtype)
+            self.how = f"{self.key}, measured now (best of {_TIMINGS} timings) and cached in {peak_cache_file()}"
+            _write_peak_cache(self.key, self.value)
+
+    def mfu(self, achieved_flops: float) -> float:
+        """achieved / peak, raising a measured peak that `achieved_flops` (one process's) exceeds."""
+        if self.measured and achieved_flops > self.value:
+            self.log(f"MFU baseline raised from {self.value / 1e9:.1f} to {achieved_flops / 1e9:.1f} GFLOP/s: a step ran "
+                     f"faster than the measured peak (measured on a busy machine); cached for later runs")
+            self.value = achieved_flops
+            _write_peak_cache(self.key, self.value)
+        return achieved_flops / self.value
+
+
+_TIMINGS = 5
+
+
+def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, peak in _GPU_PEAKS.items():
-            if fragment in name:
-                return peak, f"datasheet bf16 peak of {name}"
-    n, reps = 1024, 8
+        return f"{torch.cuda.get_device_name(device)} {dtype_name}"
+    return f"{describe_machine()['cpu']} {dtype_name} with {torch.get_num_threads()} thread(s)"
+
+
+def _measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of the fastest of _TIMINGS timings of 1024x1024 matmuls: the fastest is the one least slowed
+    by other processes."""
+    n, reps = 1024, 4
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    peak = 2 * n**3 * reps / (time.perf_counter() - start)
-    how = f"measured {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device.type}"
-    if device.type == "cpu":
-        how += f" with {torch.get_num_threads()} thread(s)"
-    return peak, how
+    best = float("inf")
+    for _ in range(_TIMINGS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * reps / best
+
+
+def peak_cache_file() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "shardwright" / "peak_flops.json"
+
+
+def _read_peak_cache() -> dict[str, float]:
+    path = peak_cache_file()
+    try:
+        cache = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):  # none yet, or damaged: measured again and rewritten
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_peak_cache(key: str, value: float) -> None:
+    """Write atomically (ranks of one machine may write at once); the best figure wins."""
+    path = peak_cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache = _read_peak_cache()
+    cache[key] = max(value, cache.get(key, 0.0))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def describe_machine() -> dict:

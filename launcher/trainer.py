@@ -29,10 +29,11 @@ from launcher.checkpoint import (Checkpointer, RNGState, check_same_model, check
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
-from launcher.errors import UserError
+from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
-from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib, read_records
+from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_records
 from launcher.optim import Optimizers
+from launcher.run_lock import lock_for_world
 from models import get_model_spec
 from models.spec import BatchKey, ModelSpec, StepContext, architecture
 from parallel.context import SequenceLayout
@@ -43,10 +44,6 @@ from parallel.mesh import Meshes, ParallelDims
 from parallel.parallelize import parallelize
 from parallel.pipeline import Pipeline, build_pipeline, stages_per_rank
 from parallel.tensor_parallel import full_tensor, reduce_partial_grads
-
-# Exit code after SIGUSR1/SIGTERM (Slurm's time-limit warning, preemption): the last finished step
-# is checkpointed, and the job script requeues itself to resume from it (EX_TEMPFAIL).
-PREEMPTED_EXIT = 75
 
 
 def model_inputs(keys: dict[str, BatchKey], batch: dict) -> tuple[tuple, dict]:
@@ -214,6 +211,7 @@ def train(cfg: Config) -> dict:
     world = detect_world()
     dims, resume_from, saved, starting_weights = preflight(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
+    lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
     allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
@@ -298,14 +296,14 @@ def train(cfg: Config) -> dict:
         cfg.dump(run_dir / "config.yaml")
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
-    peak_flops, peak_how = measure_peak_flops(device, torch.bfloat16 if bf16 else torch.float32)
+    peak = PeakFlops(device, torch.bfloat16 if bf16 else torch.float32, cfg.run.peak_flops, log=metrics.info)
     n_params = torch.tensor(float(sum(w.numel() for part in parts for w in part.parameters())))
     dist.all_reduce(n_params, group=meshes.pp.get_group())  # each stage counts its own
     n_params = n_params.item()
     metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()} "
                  f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
-    metrics.info(f"MFU baseline: {peak_flops / 1e9:.1f} GFLOP/s per process ({peak_how})")
+    metrics.info(f"MFU baseline: {peak.value / 1e9:.1f} GFLOP/s per process ({peak.how})")
     if allocator_note:
         metrics.info(allocator_note)
 
@@ -335,7 +333,7 @@ def train(cfg: Config) -> dict:
         throughput.append(tokens_per_s)
         tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
         record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
-                  "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
+                  "mfu": peak.mfu(tflops * 1e12), "mem_peak_gib": peak_memory_gib(device)}
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
         if nonfinite_in_a_row:
             what = f"step {step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite"
@@ -373,7 +371,7 @@ def train(cfg: Config) -> dict:
         for part in parts:
             part.eval()
         sample = greedy_sample(steps.next_token, data.tokenizer, t.sample_prompt, t.sample_tokens, t.seq_len)
-    summary = summarize(losses, throughput, eval_record, flops_per_token, peak_flops, dims.world_size, sample)
+    summary = summarize(losses, throughput, eval_record, flops_per_token, peak.value, dims.world_size, sample)
     for line in summary["lines"]:
         metrics.info(line)
     metrics.close()

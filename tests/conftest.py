@@ -1,3 +1,4 @@
+import os
 import signal
 from pathlib import Path
 
@@ -7,6 +8,19 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "llm" / "tiny.yaml"
 TEST_VOCAB = 1024  # smaller than the tiny config's 4096: the tokenizer trains faster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """The user's cache dir (the MFU peak's cache, launcher/metrics.py) in a temporary directory, for every
+    run a test starts, in process or not."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

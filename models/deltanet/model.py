@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from models.common.linear import Linear
 from models.common.norms import RMSNorm
+from models.common.sizes import check_sizes
 from models.deltanet.ops import apply_mixer_rule
 from models.llm.model import LLMConfig, Transformer
 from models.llm.model import flops_per_token as llm_flops_per_token
@@ -47,6 +48,8 @@ class DeltaNetConfig(LLMConfig):
     attention_layers: list[int] = field(default_factory=list)  # hybrid: these layers keep softmax attention
 
     def __post_init__(self):
+        super().__post_init__()
+        check_sizes(self, positive=("chunk_size",), non_negative=("conv_size",))
         self.attention_layers = list(self.attention_layers)
 
 

@@ -10,6 +10,7 @@ from models.common.linear import Embedding, Linear, Projection
 from models.common.mlp import SwiGLU, swiglu_hidden_dim
 from models.common.norms import RMSNorm
 from models.common.rope import apply_rope, rope_angles
+from models.common.sizes import check_sizes
 
 
 @dataclass
@@ -26,6 +27,10 @@ class LLMConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     scaled_residual_init: bool = True  # output projections get std / sqrt(2 * n_layers) (GPT-2)
+
+    def __post_init__(self):
+        check_sizes(self, positive=("dim", "n_layers", "n_heads", "multiple_of"),
+                    non_negative=("n_kv_heads", "vocab_size"))
 
     @property
     def kv_heads(self) -> int:

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from models.common.linear import Linear
 from models.common.mlp import SwiGLU
+from models.common.sizes import check_sizes
 from models.llm.model import LLMConfig, Transformer
 from models.llm.model import flops_per_token as llm_flops_per_token
 
@@ -60,6 +61,11 @@ class MoEConfig(LLMConfig):
     aux_loss_coef: float = 1e-2
     z_loss_coef: float = 1e-3
     bias_update_rate: float = 0.0  # aux-loss-free balancing step gamma (DeepSeek-V3: 1e-3); 0: off
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_sizes(self, positive=("n_experts", "top_k", "n_groups", "topk_groups"),
+                    non_negative=("moe_hidden_dim", "n_shared_experts", "n_dense_layers"))
 
     @property
     def expert_hidden_dim(self) -> int:

@@ -32,6 +32,7 @@ from torch import nn
 from models.common.decoder import Decoder, TransformerBlock
 from models.common.linear import Embedding, Linear, Projection
 from models.common.norms import LayerNorm
+from models.common.sizes import check_sizes
 from models.llm.model import Attention
 from models.spec import execution_field
 
@@ -67,6 +68,8 @@ class TokenFormerConfig:
     qkv_tensor_parallel: str = execution_field("tokens")
 
     def __post_init__(self):
+        check_sizes(self, positive=("dim", "n_layers", "n_heads"),
+                    non_negative=("vocab_size", "qkv_tokens", "proj_tokens", "ffn_tokens"))
         self.qkv_tokens = self.qkv_tokens or self.dim
         self.proj_tokens = self.proj_tokens or self.dim
         self.ffn_tokens = self.ffn_tokens or 4 * self.dim

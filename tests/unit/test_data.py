@@ -33,7 +33,7 @@ def documents():
 
 def split_documents(prefix, tokenizer):
     """The texts stored under prefix, one per megatron document."""
-    dataset = open_indexed(prefix)
+    dataset = open_indexed(prefix, tokenizer.vocab_size)
     texts = []
     for i in range(len(dataset)):
         tokens = dataset[i].tolist()
@@ -94,7 +94,7 @@ def test_mismatching_cache_is_rebuilt(prepared, tmp_path, damage):
     assert lines[0].startswith(f"rebuilding {target}")
     assert json.loads((target / "manifest.json").read_text())["valid_fraction"] == VALID_FRACTION
     assert rebuilt.num_valid_tokens == prepared.num_valid_tokens
-    open_indexed(rebuilt.valid_prefix)
+    open_indexed(rebuilt.valid_prefix, rebuilt.tokenizer.vocab_size)
 
 
 def test_concurrent_prepares_build_once(tmp_path):
@@ -231,7 +231,7 @@ def test_truncated_or_missing_files_are_reported(prepared, tmp_path):
     bin_path = tmp_path / "train.bin"
     bin_path.write_bytes(bin_path.read_bytes()[:1000])
     with pytest.raises(DataError, match=str(bin_path)):
-        open_indexed(prefix)
+        open_indexed(prefix, vocab_size=None)
     (tmp_path / "train.idx").unlink()
     with pytest.raises(DataError, match=str(tmp_path / "train.idx")):
         PackedTokens(prefix, 16)

@@ -42,7 +42,7 @@ def stored_documents(out, manifest):
     """Token lists of every document, over all shards in order."""
     docs = []
     for shard in manifest["shards"]:
-        dataset = open_indexed(out / shard["name"])
+        dataset = open_indexed(out / shard["name"], manifest["vocab_size"])
         docs += [dataset[i].tolist() for i in range(len(dataset))]
     return docs
 
