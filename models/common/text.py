@@ -10,6 +10,9 @@ TEXT_KEYS = {
     "tokens": BatchKey(sequence_dim=1, consumer="inputs"),
     "positions": BatchKey(sequence_dim=1, consumer="every_stage"),  # RoPE positions: every layer needs them
     "targets": BatchKey(sequence_dim=1, consumer="loss"),
+    # With data.document_mask: 0, 1, 2, ... for the documents of each row (positions then restart at
+    # each document); every mixing layer keeps to its document.
+    "document_ids": BatchKey(sequence_dim=1, consumer="every_stage"),
 }
 
 

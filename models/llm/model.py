@@ -62,7 +62,8 @@ class Attention(nn.Module):
         self.wo = (output_projection or projection)(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.out_std)
         self.core_attention = CoreAttention()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # -1 instead of a head count: under tensor parallelism each rank holds a slice of heads.
         q = self.wq(x).unflatten(-1, (-1, self.head_dim))
         k = self.wk(x).unflatten(-1, (-1, self.head_dim))
@@ -73,7 +74,7 @@ class Attention(nn.Module):
             positions = torch.arange(q.shape[1], device=q.device).unsqueeze(0)
         cos, sin = rope_angles(positions, self.rotary_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(self.core_attention(q, k, v).flatten(-2))
+        return self.wo(self.core_attention(q, k, v, document_ids=document_ids).flatten(-2))
 
 
 class Transformer(Decoder):
