@@ -68,9 +68,9 @@ class _Ring:
         """Every ring rank's `tensor`, stacked in ring-rank order ([size, *tensor.shape])."""
         if self.group is None:
             return tensor.unsqueeze(0)
-        gathered = tensor.new_empty((self.size, *tensor.shape))
+        gathered = tensor.new_empty((self.size * tensor.shape[0], *tensor.shape[1:]))  # gloo wants dim 0 stacked
         dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=self.group)
-        return gathered
+        return gathered.view(self.size, *tensor.shape)
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,9 @@ def _gather_sequence(document_ids: Tensor, group: dist.ProcessGroup) -> Tensor:
     """[B, T/U] ids of each Ulysses rank's tokens -> [B, T] of the whole part, in sequence order
     (rank u holds part u): what every rank sees after the all-to-all."""
     size = dist.get_world_size(group)
-    gathered = document_ids.new_empty((size, *document_ids.shape))
+    gathered = document_ids.new_empty((size * document_ids.shape[0], document_ids.shape[1]))  # gloo: dim 0 stacked
     dist.all_gather_into_tensor(gathered, document_ids.contiguous(), group=group)
-    return gathered.permute(1, 0, 2).flatten(1)
+    return gathered.view(size, *document_ids.shape).permute(1, 0, 2).flatten(1)
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *,

@@ -10,6 +10,11 @@ from tests.distributed.harness import run_world
 from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
 
 STOP = "run.stop_at_step=5"
+DOCUMENTS = "data.document_mask=true"  # attention and positions inside each packed document
+
+
+def one_process_checks(workdir: Path, cache: Path) -> dict:
+    return {"documents": train_check(workdir / "documents", cache, DOCUMENTS)}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,10 @@ def two(runs_dir, data_cache):
         "ulysses": ("ulysses", ["parallel.cp=2", "parallel.cp_mode=ulysses"]),
         "cp2_stop": ("cp2_to_cp1", ["parallel.cp=2", STOP]),
         "cp2_stop_for_4": ("cp2_to_dp2", ["parallel.cp=2", STOP]),
+        "documents_dp2": ("documents_dp2", [DOCUMENTS, "train.micro_batch_size=4"]),
+        "documents_tp2": ("documents_tp2", [DOCUMENTS, "parallel.tp=2"]),
+        "documents_ring": ("documents_ring", [DOCUMENTS, "parallel.cp=2"]),
+        "documents_ulysses": ("documents_ulysses", [DOCUMENTS, "parallel.cp=2", "parallel.cp_mode=ulysses"]),
     })
 
 
@@ -44,6 +53,9 @@ def four(runs_dir, data_cache, two):
         "ring4": ("ring4", ["parallel.cp=4"]),
         "hybrid_2x2": ("hybrid_2x2", ["parallel.cp=4", "parallel.cp_mode=hybrid", "parallel.cp_ulysses=2", *SAMPLE]),
         "ulysses2_dp2_resume": ("cp2_to_dp2", ["parallel.cp=2", "parallel.cp_mode=ulysses", "train.micro_batch_size=4"]),
+        "documents_hybrid_2x2": ("documents_hybrid_2x2", [DOCUMENTS, "parallel.cp=4", "parallel.cp_mode=hybrid",
+                                                          "parallel.cp_ulysses=2"]),
+        "documents_pp2": ("documents_pp2", [DOCUMENTS, "parallel.pp=2", "train.micro_batch_size=2"]),
     })
 
 
@@ -83,3 +95,22 @@ def test_greedy_sample_through_cp_ranks_matches_one_process(request, reference, 
     alone would not catch misordered logits: test_context_parallel compares the logits themselves."""
     sample = request.getfixturevalue(world)[run]["sample"]
     assert sample and sample.startswith("The with statement") and sample == reference["sample"]
+
+
+@pytest.fixture(scope="module")
+def documents_losses(one_process) -> list[float]:
+    """The tiny config with data.document_mask on, on one process (attention per document there is
+    CoreAttention's per-segment SDPA; under cp the ring/Ulysses block kernels)."""
+    return one_process["test_context_training:documents"].value()
+
+
+def test_document_mask_changes_the_run(documents_losses, reference_losses):
+    """Control: masking across documents changes the losses, so the parity below is not vacuous."""
+    assert_losses_differ(documents_losses, reference_losses)
+
+
+@pytest.mark.parametrize("world, run", [("two", "documents_dp2"), ("two", "documents_tp2"), ("two", "documents_ring"),
+                                        ("two", "documents_ulysses"), ("four", "documents_hybrid_2x2"),
+                                        ("four", "documents_pp2")])
+def test_document_mask_matches_one_process(request, documents_losses, world, run):
+    assert_same_losses(request.getfixturevalue(world)[run]["losses"], documents_losses)
