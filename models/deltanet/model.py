@@ -29,6 +29,7 @@ from models.common.norms import RMSNorm
 from models.common.sizes import check_sizes
 from models.deltanet.ops import apply_mixer_rule
 from models.llm.model import LLMConfig, Transformer
+from models.llm.model import flops_per_attention_pair as llm_flops_per_attention_pair
 from models.llm.model import flops_per_token as llm_flops_per_token
 from models.spec import execution_field
 
@@ -126,7 +127,12 @@ class DeltaNetLayer(nn.Module):
         self.o_proj = Linear(H * hd, d, cfg.out_std)
         self.core_mixer = MixerRule(cfg.mixer_rule, cfg.backend, cfg.chunk_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if document_ids is not None:  # the state reset at document boundaries is not built yet (issue 18)
+            raise ValueError("DeltaNet layers do not reset their state at document boundaries yet; set "
+                             "data.document_mask=false for the deltanet family")
+
         def branch(proj, conv):
             y = proj(x)
             return conv(y) if conv is not None else F.silu(y)
@@ -175,6 +181,11 @@ def mixer_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
     else:
         per_chunk = 8 * C * C * D + 2 * C * (C - 1) * D + 6 * C * D * D + 2 * D ** 3
     return n_chunks * per_chunk / seq_len
+
+
+def flops_per_attention_pair(cfg: DeltaNetConfig) -> float:
+    """The LLM's count over the softmax attention layers only (a hybrid's); DeltaNet layers attend no pairs."""
+    return llm_flops_per_attention_pair(cfg) * len(cfg.attention_layers) / cfg.n_layers
 
 
 def flops_per_token(cfg: DeltaNetConfig, seq_len: int) -> float:

@@ -102,6 +102,58 @@ def parity(mode: str, layout: str, cp: int, shape, kernel: str, dtype: str, head
     return errors
 
 
+def _document_ids(pattern: str, seq: int, chunk: int) -> torch.Tensor:
+    """[2, seq] ids: "chunks": every document one layout chunk (every off-diagonal ring block is skipped);
+    "spanning": row 0 has a document across most chunks, row 1 documents of 3 tokens (blocks partly masked)."""
+    if pattern == "chunks":
+        return (torch.arange(seq) // chunk).expand(2, seq)
+    lengths = [[3, seq - 8, 5], [3] * (seq // 3) + [seq % 3] * (seq % 3 > 0)]
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths])
+
+
+def document_parity(mode: str, layout: str, cp: int, shape, kernel: str, dtype: str, pattern: str,
+                    without_documents: bool = False) -> dict[str, float]:
+    """Max abs error of this rank's out, lse, dq, dk, dv with packed documents (causal inside each) against
+    plain softmax over the whole sequence with the documents' mask and autograd (fp64). without_documents (a
+    negative control) runs the distributed attention plain causal."""
+    rank = dist.get_rank()
+    seq = 8 * cp
+    q, k, v, dout = _full_inputs((8, 2), dtype, seq)
+    sequence_layout = _layout(mode, layout, cp, shape)
+    ids = _document_ids(pattern, seq, seq // (sequence_layout.chunks_per_ring_rank * sequence_layout.ring_size))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    k_full, v_full = (t.repeat_interleave(4, dim=2) for t in leaves[1:])  # 8 query heads read 2 kv heads
+    scores = torch.einsum("bqhd,bkhd->bhqk", leaves[0], k_full) * 8 ** -0.5
+    visible = (ids.unsqueeze(2) == ids.unsqueeze(1)) & torch.ones(seq, seq, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    want_out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v_full)
+    want_out.backward(dout)
+    want = (want_out.detach(), torch.logsumexp(scores, -1).detach(), *(t.grad for t in leaves))
+    local = [sequence_layout.shard(t.to(getattr(torch, dtype)), rank) for t in (q, k, v, dout)]
+    group = _hybrid_mesh(*shape) if mode == "hybrid" else dist.group.WORLD
+    local_leaves = [t.clone().requires_grad_() for t in local[:3]]
+    attention = {"ring": ring_attention, "ulysses": ulysses_attention, "hybrid": hybrid_attention}[mode]
+    out, lse = attention(*local_leaves, group, causal=True, layout=layout, kernel=kernel,
+                         document_ids=None if without_documents else sequence_layout.shard(ids, rank))
+    out.backward(local[3])
+    got = (out.detach(), lse, *(t.grad for t in local_leaves))
+    return {name: (g.double() - sequence_layout.shard(w, rank, dim=2 if name == "lse" else 1)).abs().max().item()
+            for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+
+
+# world size -> (mode, layout, shape) of the packed-document parity cases run in that world
+DOCUMENT_MODES = {2: [("ring", "zigzag", None), ("ulysses", "contiguous", None)],
+                  4: [("ring", "zigzag", None), ("hybrid", "zigzag", (2, 2))]}
+DOCUMENT_CASES = [(nproc, dict(mode=mode, layout=layout, cp=nproc, shape=shape, kernel=kernel, dtype=dtype,
+                               pattern=pattern))
+                  for nproc, modes in DOCUMENT_MODES.items() for mode, layout, shape in modes
+                  for kernel, dtype in KERNEL_DTYPES for pattern in ("chunks", "spanning")]
+
+
+def document_case_id(case: dict) -> str:
+    return f"documents-{case['mode']}-cp{case['cp']}-{case['kernel']}-{case['dtype']}-{case['pattern']}"
+
+
 def bitwise_repeatable(mode: str, cp: int, shape=None) -> bool:
     """Two fp32 runs of the same case give bitwise equal out, lse and gradients."""
     layout = _layout(mode, "zigzag", cp, shape)
@@ -239,6 +291,12 @@ def _checks(nproc: int) -> dict[str, tuple[str, dict]]:
         checks["wrong-layout"] = (f"{THIS}:parity", dict(mode="ring", layout="zigzag", cp=nproc, shape=None,
                                                          kernel="math", dtype="float64", heads=(8, 8), causal=True,
                                                          shard_layout="contiguous"))
+    checks.update({document_case_id(case): (f"{THIS}:document_parity", case)
+                   for n, case in DOCUMENT_CASES if n == nproc})
+    if nproc in DOCUMENT_MODES:  # negative control: the same documents, attention left plain causal
+        checks["documents-ignored"] = (f"{THIS}:document_parity", dict(
+            mode="ring", layout="zigzag", cp=nproc, shape=None, kernel="math", dtype="float64", pattern="spanning",
+            without_documents=True))
     checks["mixer"] = (f"{THIS}:mixer_parity", {})
     if nproc != 3:
         checks["whole-sequence"] = (f"{THIS}:whole_sequence_logits", dict(mode="ring", layout="zigzag"))
@@ -284,6 +342,18 @@ def test_matches_full_attention(worlds, nproc, case):
         assert set(errors) == {"out", "lse", "dq", "dk", "dv"}
         worst = max(errors, key=errors.get)
         assert errors[worst] <= TOLERANCE[case["dtype"]], f"rank {rank}: {worst} off by {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("nproc, case", DOCUMENT_CASES, ids=[document_case_id(c) for _, c in DOCUMENT_CASES])
+def test_packed_documents_match_masked_full_attention(worlds, nproc, case):
+    for rank, errors in enumerate(worlds(nproc)[document_case_id(case)].values()):
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= TOLERANCE[case["dtype"]], f"rank {rank}: {worst} off by {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("nproc", DOCUMENT_MODES)
+def test_ignoring_the_documents_is_caught(worlds, nproc):
+    assert max(max(errors.values()) for errors in worlds(nproc)["documents-ignored"].values()) > 1e-2
 
 
 @pytest.mark.parametrize("nproc, mode", [(n, m) for n, modes in MODULE_MODES.items() for m in modes])
