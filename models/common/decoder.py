@@ -17,8 +17,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm, self.attention = attention_norm, attention
         self.ffn_norm, self.feed_forward = ffn_norm, feed_forward
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # A keyword, and only when there are documents: mixers without document masks keep their
+        # signature (softmax attention takes them on the packed-attention branch).
+        documents = {} if document_ids is None else {"document_ids": document_ids}
+        h = x + self.attention(self.attention_norm(x), positions, **documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -35,15 +39,17 @@ class Decoder(nn.Module):
         if tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1).
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for tokens [B, T] at positions [B, T] (default 0..T-1). With
+        document_ids [B, T] (0, 1, 2, ... per row) every token mixes only with its own document.
 
         A pipeline stage that lacks the embedding takes hidden states [B, T, dim] instead, and one
         that lacks the head returns them (see models/llm/parallelize.py: split_stage).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, positions)
+            h = layer(h, positions, document_ids=document_ids)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
