@@ -1,7 +1,7 @@
 """DeltaNet sharded: TP by heads and CP by state passing (with the short convs' halo) against one
-device at the layer level, the hybrid stack of configs/deltanet/hybrid-tiny.yaml (DeltaNet and
-softmax-attention layers on one contiguous layout) under cp 2 and 4 against one device at the model
-level (fp64), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at the run
+device at the layer level (packed documents too: state maps cut at boundaries, the halo kept inside
+documents), the hybrid stack of configs/deltanet/hybrid-tiny.yaml (DeltaNet and softmax-attention
+layers on one contiguous layout) under cp 2 and 4 against one device at the model level (fp64), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at the run
 level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, and the hybrid config at cp=2."""
 import copy
 from pathlib import Path
@@ -53,12 +53,28 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool, perturb: fl
     return {"errors": errors, "placements": placements(sharded)}
 
 
-def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False) -> dict[str, float]:
+def packed_document_ids(T: int):
+    """Two rows of T = 6 * world tokens. Row 0 starts documents at T/4 and T/2 (rank edges at cp 4 and
+    2), at T/2 + 1 (inside the next rank's conv halo) and at T - 2; row 1 at 1 and T - 3, so its
+    second document's state passes through every rank edge before a boundary cuts the last chunk."""
+    import torch
+
+    ids = torch.zeros(2, T, dtype=torch.long)
+    for row, starts in enumerate(((T // 4, T // 2, T // 2 + 1, T - 2), (1, T - 3))):
+        for t in starts:
+            ids[row, t:] += 1
+    return ids
+
+
+def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False,
+              documents: str | None = None) -> dict[str, float]:
     """Check body: one DeltaNet layer (convs, gate, negative eigenvalues; with rule="linear" plain
     linear attention instead of the delta rule) with the sequence split contiguously over the world,
     state passing + conv halo, vs the whole sequence on one device: output, input gradient and every
     parameter gradient (max abs error). `sum_states` is the negative control: ranks start from the sum
-    of the earlier ranks' S_ext (LASP-2's linear-attention shortcut)."""
+    of the earlier ranks' S_ext (LASP-2's linear-attention shortcut). `documents`: "packed" runs both
+    with `packed_document_ids` (each rank gets its chunk of them); "edge_missed" is its negative
+    control, the state passing told that every rank continues the previous rank's document."""
     import torch
     import torch.distributed as dist
 
@@ -90,21 +106,28 @@ def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = 
         import parallel.context.mixer as mixer_module
         original = mixer_module.incoming_state
         mixer_module.incoming_state = summed
+    if documents == "edge_missed":  # the previous rank's last id read as this rank's first one
+        import parallel.context.mixer as mixer_module
+        original_halo = mixer_module.previous_halo
+        mixer_module.previous_halo = lambda x, n, group: x[:, :n]
     for conv in (layer.q_conv, layer.k_conv, layer.v_conv):
         conv.halo = lambda x, conv=conv: previous_halo(x, conv.kernel_size - 1, group)
     T = 6 * world  # several chunks of 4 per rank for cp 2, partial chunks for cp 4
     x = torch.randn(2, T, cfg.dim, dtype=dt, generator=torch.Generator().manual_seed(1), requires_grad=True)
     dout = torch.randn(2, T, cfg.dim, dtype=dt, generator=torch.Generator().manual_seed(2))
-    want = reference(x)
+    ids = packed_document_ids(T) if documents else None
+    want = reference(x, document_ids=ids)
     want.backward(dout)
     lo, hi = rank * T // world, (rank + 1) * T // world
     x_local = x.detach()[:, lo:hi].clone().requires_grad_(True)
     try:
-        got = layer(x_local)
+        got = layer(x_local, document_ids=None if ids is None else ids[:, lo:hi])
         got.backward(dout[:, lo:hi])
     finally:
         if sum_states:
             mixer_module.incoming_state = original
+        if documents == "edge_missed":
+            mixer_module.previous_halo = original_halo
     pairs = {"out": (got, want[:, lo:hi]), "dx": (x_local.grad, x.grad[:, lo:hi])}
     ref_params = dict(reference.named_parameters())
     for name, p in layer.named_parameters():
@@ -186,11 +209,15 @@ def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str,
 CP_CHECKS = [(f"{THIS}:cp_parity", {"dtype": d, "backend": b}) for d, b in
              (("fp64", "recurrent"), ("fp64", "chunked"), ("fp32", "chunked"))]
 CP_CHECKS.append((f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "rule": "linear"}))
+# Packed documents: boundaries at rank edges, inside a rank's chunk and inside the conv halo.
+CP_CHECKS += [(f"{THIS}:cp_parity", {"dtype": "fp64", "backend": b, "rule": r, "documents": "packed"})
+              for b, r in (("recurrent", "delta"), ("chunked", "delta"), ("chunked", "linear"))]
 HYBRID_CP_MODES = {2: ["ring", "ulysses"], 4: ["ring", "ulysses", "hybrid"]}
 HYBRID_CP_CHECKS = {cp: [(f"{THIS}:hybrid_cp_parity", {"cp_mode": mode}) for mode in modes]
                     for cp, modes in HYBRID_CP_MODES.items()}
 HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout": "zigzag"})
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
+DOCUMENTS_NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "documents": "edge_missed"})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
              for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
 # Negative control: one rank's shard of layer 0's q_conv off by 3e-5 (relative), the smallest step of
@@ -227,9 +254,9 @@ def two(runs_dir, data_cache):
 
 @pytest.fixture(scope="module")
 def four(runs_dir, two):
-    results = iter(r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE] + HYBRID_CP_CHECKS[4] + [HYBRID_NEGATIVE],
-                                                runs_dir / "world4"))
-    return {"cp": [next(results) for _ in CP_CHECKS], "negative": next(results),
+    results = iter(r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE, DOCUMENTS_NEGATIVE] + HYBRID_CP_CHECKS[4]
+                                                + [HYBRID_NEGATIVE], runs_dir / "world4"))
+    return {"cp": [next(results) for _ in CP_CHECKS], "negative": next(results), "documents_negative": next(results),
             "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results)}
 
 
@@ -286,6 +313,12 @@ def test_summed_states_negative_control(four):
     """Summing the earlier ranks' S_ext instead of folding the maps is wrong from rank 2 on (at cp=2
     the fold from zero is the sum), so the same cp=4 test fails by far."""
     assert four["negative"]["abs:out"] > 1e-3
+
+
+def test_documents_missed_at_rank_edges_negative_control(four):
+    """Packed documents at cp=4 with the state passing blind to documents that start at a rank's first
+    token (it takes the previous rank's state there): far off."""
+    assert four["documents_negative"]["abs:out"] > 1e-3
 
 
 @pytest.mark.parametrize("cp,mode", [(cp, mode) for cp, modes in HYBRID_CP_MODES.items() for mode in modes])
