@@ -138,7 +138,7 @@ def build_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_si
 
         def loader(prefix):
             return GlobalBatchLoader(PackedTokens(open_indexed(prefix), seq_len), global_batch_size,
-                                     micro_batch_size, dp_rank, dp_size, seed)
+                                     micro_batch_size, dp_rank, dp_size, seed, documents=data_cfg.document_mask)
         return data, loader(data.train_prefix), loader(data.valid_prefix)
 
     blend = open_blend(data_cfg, seed)
@@ -150,5 +150,5 @@ def build_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_si
         log(f"  {entry.path}: weight {entry.weight / total:.3f}, train {t.num_samples} samples "
             f"({t.num_tokens} tokens), valid {v.num_samples} samples")
     return (blend,
-            BlendedLoader(train, global_batch_size, micro_batch_size, dp_rank, dp_size, seed),
-            BlendedLoader(valid, global_batch_size, micro_batch_size, dp_rank, dp_size, seed))
+            BlendedLoader(train, global_batch_size, micro_batch_size, dp_rank, dp_size, seed, data_cfg.document_mask),
+            BlendedLoader(valid, global_batch_size, micro_batch_size, dp_rank, dp_size, seed, data_cfg.document_mask))

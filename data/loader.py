@@ -93,6 +93,7 @@ class GlobalBatchLoader:
         dp_rank: int,
         dp_size: int,
         seed: int,
+        documents: bool = False,
     ):
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank {dp_rank} is outside dp_size {dp_size}")
@@ -109,15 +110,18 @@ class GlobalBatchLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.seed = seed
+        self.documents = documents  # serve document structure (data.document_mask)
         self.step = 0  # the next step next() serves
         self._epoch = -1
         self._permutation = None
 
-    def micro_batches(self, step: int, documents: bool = False) -> list[dict[str, torch.Tensor]]:
+    def micro_batches(self, step: int, documents: bool | None = None) -> list[dict[str, torch.Tensor]]:
         """This rank's rows of step's global batch, as micro-batches of micro_batch_size rows: dicts of
         `tokens`, `targets` (tokens shifted by one) and `positions` (0 .. seq_len - 1), each
-        [micro_batch_size, seq_len]. With documents=True also `document_ids` and `document_positions`
-        (see DocumentInfo)."""
+        [micro_batch_size, seq_len]. With documents (default: the loader's `documents`) `positions`
+        restart at 0 at every document and `document_ids` numbers the documents of each row (see
+        DocumentInfo), so attention can stay inside each document."""
+        documents = self.documents if documents is None else documents
         rows_per_rank = self.global_batch_size // self.dp_size
         first = step * self.global_batch_size + self.dp_rank * rows_per_rank
         located = self._locate(np.arange(first, first + rows_per_rank, dtype=np.int64))
@@ -130,7 +134,7 @@ class GlobalBatchLoader:
             starts = [samples.document_starts(i) for samples, i in located]
             for k, batch in enumerate(batches):
                 info = document_info(starts[k * mbs:(k + 1) * mbs], batch["tokens"].shape[1])
-                batch.update(document_ids=info.document_ids, document_positions=info.positions)
+                batch.update(document_ids=info.document_ids, positions=info.positions)
         return batches
 
     def next(self) -> list[dict[str, torch.Tensor]]:

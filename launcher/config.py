@@ -89,6 +89,9 @@ class DataSection:
     prepared: list = field(default_factory=list)
     tokenizer: str = ""  # with `prepared`: the .model file (default: the first dataset's copy)
     splits: list = field(default_factory=lambda: [98, 2, 0])  # with `prepared`: train, valid, test shares
+    # Attention (and RoPE positions) stay inside each packed document: batches carry document_ids.
+    # Off by default so existing configs and checkpoints keep their meaning (docs/config.md).
+    document_mask: bool = False
 
 
 @dataclass

@@ -46,6 +46,20 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float,
     return peak, how
 
 
+def training_flops(flops_per_token: float, flops_per_attention_pair: float | None, seq_len: int, rows: int,
+                   attention_pairs: int) -> float:
+    """Training FLOPs of `rows` sequences of seq_len tokens whose attention computes `attention_pairs`
+    (query, key) pairs per layer and head. flops_per_token counts whole-row causal attention,
+    seq_len (seq_len + 1) / 2 pairs a row; packed documents attend fewer, and the difference is
+    taken off at flops_per_attention_pair, so MFU counts only the attention that is computed."""
+    whole_rows = rows * seq_len * (seq_len + 1) // 2
+    if attention_pairs != whole_rows and flops_per_attention_pair is None:
+        raise ValueError(f"a batch attends {attention_pairs} pairs, not {whole_rows}, and the model family gives no "
+                         "flops_per_attention_pair to count them")
+    correction = 0.0 if attention_pairs == whole_rows else flops_per_attention_pair * (attention_pairs - whole_rows)
+    return flops_per_token * rows * seq_len + correction
+
+
 def describe_machine() -> dict:
     """What a measurement ran on (benchmarks put it in their JSON): CPU model, usable cores, RAM,
     OS, Python, torch and its intra-op threads, the load average, and the GPU if there is one."""

@@ -30,7 +30,7 @@ from launcher.cpu_memory import keep_freed_memory
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import UserError
 from launcher.init_from import open_starting_weights
-from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib
+from launcher.metrics import MetricsWriter, measure_peak_flops, peak_memory_gib, training_flops
 from launcher.optim import Optimizers
 from models import get_model_spec
 from models.spec import BatchKey, ModelSpec, StepContext, architecture
@@ -75,6 +75,7 @@ class TrainStep:
         self.batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
         self.pp_group = meshes.pp.get_group()
         self.loss_sums: list[torch.Tensor] = []  # [loss, *metrics] of each micro-batch, filled by `loss_terms`
+        self.attention_pairs = 0  # (query, key) pairs the last step's global batch attends, for FLOPs
         self.whole_batch: dict[str, torch.Tensor] = {}  # under pp: the step's micro-batches stacked, for pipeline_loss
         self.parts: list[torch.nn.Module] = []
         self.pipeline: Pipeline | None = None
@@ -111,10 +112,15 @@ class TrainStep:
     def forward_backward(self, micro_batches: list[dict], backward: bool = True) -> dict[str, float]:
         """Forward (+ backward) of this rank's micro-batches of a step; the step's global loss and loss
         metrics, each divided by the global count of loss terms."""
+        # Whole rows, before the cp split: every cp rank of a dp rank counts the same micro-batches.
+        pairs = sum(int(self.spec.data.attention_pairs(batch)) for batch in micro_batches) \
+            if self.spec.data.attention_pairs is not None else 0
         batches = [self.prepare(batch) for batch in micro_batches]
         # Summed as counted (int64 for token counts: exact beyond fp32's 2^24 of a large global batch).
         n_terms = torch.stack([torch.as_tensor(self.spec.loss.count(batch)) for batch in batches]).sum()
-        dist.all_reduce(n_terms, group=self.batch_group)
+        counts = torch.stack([n_terms.to(torch.int64), torch.tensor(pairs, device=n_terms.device)])
+        dist.all_reduce(counts, group=self.batch_group)  # one collective for both
+        n_terms, self.attention_pairs = counts[0], int(counts[1]) // self.dims.cp
         # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
         self.loss_scale.copy_(self.dims.dp * self.dims.cp / n_terms)
         self.loss_sums = []
@@ -302,7 +308,9 @@ def train(cfg: Config) -> dict:
         metrics.info(f"saved checkpoint {path}")
 
     tokens_per_step = t.global_batch_size * t.seq_len
-    losses, throughput = [], []
+    whole_row_pairs = t.global_batch_size * t.seq_len * (t.seq_len + 1) // 2  # causal attention over whole rows
+    pair_flops = spec.flops_per_attention_pair(model_cfg) if spec.flops_per_attention_pair is not None else None
+    losses, throughput, step_flops_per_token = [], [], []
     eval_record: dict[str, float] = {}
     # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
     last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
@@ -318,7 +326,10 @@ def train(cfg: Config) -> dict:
         tokens_per_s = tokens_per_step / elapsed
         losses.append(record["loss"])
         throughput.append(tokens_per_s)
-        tflops = flops_per_token * tokens_per_s / dims.world_size / 1e12
+        step_flops_per_token.append(training_flops(
+            flops_per_token, pair_flops, t.seq_len, t.global_batch_size,
+            steps.attention_pairs if spec.data.attention_pairs is not None else whole_row_pairs) / tokens_per_step)
+        tflops = step_flops_per_token[-1] * tokens_per_s / dims.world_size / 1e12
         record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
                   "mfu": tflops * 1e12 / peak_flops, "mem_peak_gib": peak_memory_gib(device)}
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
@@ -348,7 +359,9 @@ def train(cfg: Config) -> dict:
         for part in parts:
             part.eval()
         sample = greedy_sample(steps.next_token, data.tokenizer, t.sample_prompt, t.sample_tokens, t.seq_len)
-    summary = summarize(losses, throughput, eval_record, flops_per_token, peak_flops, dims.world_size, sample)
+    mean_flops_per_token = sum(step_flops_per_token) / len(step_flops_per_token) if step_flops_per_token \
+        else flops_per_token
+    summary = summarize(losses, throughput, eval_record, mean_flops_per_token, peak_flops, dims.world_size, sample)
     for line in summary["lines"]:
         metrics.info(line)
     metrics.close()

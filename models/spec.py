@@ -41,6 +41,9 @@ class DataSpec:
     # The model inputs for greedy sampling from token ids [1, T] (keys of `keys` minus the loss's); the
     # model's output must then be logits [1, T, vocab]. None: the family does not sample.
     prompt_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+    # The (query, key) pairs a micro-batch's causal attention computes per layer and head (whole rows,
+    # before any cp split), for FLOPs; None: T (T + 1) / 2 per row.
+    attention_pairs: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,9 @@ class ModelSpec:
     # split_stage(model, layer_ids, is_first, is_last), which keeps one stage's part in place. None: no pp.
     n_layers: Callable[[Any], int] | None = None
     split_stage: Callable[[nn.Module, list[int], bool, bool], None] | None = None
+    # flops_per_attention_pair(config): training FLOPs of one attended (query, key) pair over all layers,
+    # which corrects flops_per_token's causal count for batches that attend fewer pairs (packed documents).
+    flops_per_attention_pair: Callable[[Any], float] | None = None
     hooks: TrainingHooks = TrainingHooks()
     state_dict_adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
     checkpoint_commands: dict[str, CheckpointCommand] = field(default_factory=dict)  # by `convert` sub-command name

@@ -9,8 +9,9 @@ from torch import nn
 
 
 class TransformerBlock(nn.Module):
-    """A pre-norm residual block: h = x + attention(attention_norm(x), positions), then
-    h + feed_forward(ffn_norm(h))."""
+    """A pre-norm residual block: h = x + attention(attention_norm(x), positions, document_ids=...), then
+    h + feed_forward(ffn_norm(h)). document_ids travel as a keyword, so tensor-parallel input plans
+    (which lay out the positional inputs) leave them as they are."""
 
     def __init__(self, attention_norm: nn.Module, attention: nn.Module, ffn_norm: nn.Module, feed_forward: nn.Module):
         super().__init__()
@@ -19,10 +20,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # A keyword, and only when there are documents: mixers without document masks keep their
-        # signature (softmax attention takes them on the packed-attention branch).
-        documents = {} if document_ids is None else {"document_ids": document_ids}
-        h = x + self.attention(self.attention_norm(x), positions, **documents)
+        h = x + self.attention(self.attention_norm(x), positions, document_ids=document_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -10,6 +10,9 @@ TEXT_KEYS = {
     "tokens": BatchKey(sequence_dim=1, consumer="inputs"),
     "positions": BatchKey(sequence_dim=1, consumer="every_stage"),  # RoPE positions: every layer needs them
     "targets": BatchKey(sequence_dim=1, consumer="loss"),
+    # With data.document_mask: 0, 1, 2, ... for the documents of each row (positions then restart at
+    # each document); every mixing layer keeps to its document.
+    "document_ids": BatchKey(sequence_dim=1, consumer="every_stage"),
 }
 
 
@@ -25,5 +28,17 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["targets"] != IGNORE_INDEX).sum()
 
 
-TEXT_DATA = DataSpec(keys=TEXT_KEYS, build_loaders=build_loaders, prompt_batch=prompt_batch)
+def attention_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Causal (query, key) pairs of a micro-batch's whole rows: L (L + 1) / 2 per document of L tokens
+    (a row is one document without document_ids)."""
+    tokens = batch["tokens"]
+    if "document_ids" not in batch:
+        return torch.tensor(tokens.shape[0] * tokens.shape[1] * (tokens.shape[1] + 1) // 2)
+    offsets = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1) * tokens.shape[1]
+    _, lengths = torch.unique_consecutive((batch["document_ids"] + offsets).flatten(), return_counts=True)
+    return (lengths * (lengths + 1) // 2).sum()
+
+
+TEXT_DATA = DataSpec(keys=TEXT_KEYS, build_loaders=build_loaders, prompt_batch=prompt_batch,
+                     attention_pairs=attention_pairs)
 TOKEN_LOSS = LossSpec(compute=token_cross_entropy, count=count_targets)

@@ -28,6 +28,7 @@ from models.common.linear import Linear
 from models.common.norms import RMSNorm
 from models.deltanet.ops import apply_mixer_rule
 from models.llm.model import LLMConfig, Transformer
+from models.llm.model import flops_per_attention_pair as llm_flops_per_attention_pair
 from models.llm.model import flops_per_token as llm_flops_per_token
 from models.spec import execution_field
 
@@ -183,6 +184,11 @@ def mixer_rule_flops(cfg: DeltaNetConfig, seq_len: int) -> float:
     else:
         per_chunk = 8 * C * C * D + 2 * C * (C - 1) * D + 6 * C * D * D + 2 * D ** 3
     return n_chunks * per_chunk / seq_len
+
+
+def flops_per_attention_pair(cfg: DeltaNetConfig) -> float:
+    """The LLM's count over the softmax attention layers only (a hybrid's); DeltaNet layers attend no pairs."""
+    return llm_flops_per_attention_pair(cfg) * len(cfg.attention_layers) / cfg.n_layers
 
 
 def flops_per_token(cfg: DeltaNetConfig, seq_len: int) -> float:

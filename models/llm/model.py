@@ -62,7 +62,8 @@ class Attention(nn.Module):
         self.wo = (output_projection or projection)(cfg.n_heads * cfg.head_dim, cfg.dim, cfg.out_std)
         self.core_attention = CoreAttention()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # -1 instead of a head count: under tensor parallelism each rank holds a slice of heads.
         q = self.wq(x).unflatten(-1, (-1, self.head_dim))
         k = self.wk(x).unflatten(-1, (-1, self.head_dim))
@@ -73,7 +74,7 @@ class Attention(nn.Module):
             positions = torch.arange(q.shape[1], device=q.device).unsqueeze(0)
         cos, sin = rope_angles(positions, self.rotary_dim, self.rope_theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.wo(self.core_attention(q, k, v).flatten(-2))
+        return self.wo(self.core_attention(q, k, v, document_ids=document_ids).flatten(-2))
 
 
 class Transformer(Decoder):
@@ -91,16 +92,22 @@ class Transformer(Decoder):
                          cfg.tie_embeddings)
 
 
+def flops_per_attention_pair(cfg: LLMConfig) -> float:
+    """Training FLOPs (3x forward) of one attended (query, key) pair in every layer: the score and the
+    value mix, 2 * 2 * n_heads * head_dim forward."""
+    return 3 * cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim
+
+
 def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward = 3x forward) per token, counted exactly.
 
     Matmuls: 2 FLOPs per weight per token (embedding lookup is free, the output head is not).
-    Attention scores and the value mix: 2 * 2 * n_heads * head_dim per (query, key) pair, and a
-    causal query at position t sees t + 1 keys, so the mean context is (seq_len + 1) / 2.
+    Attention: flops_per_attention_pair per (query, key) pair, and a causal query at position t sees
+    t + 1 keys, so the mean context is (seq_len + 1) / 2 (packed documents see fewer: the trainer
+    corrects by the pairs a batch really attends, launcher/metrics.py: training_flops).
     """
     d, hd, ffn = cfg.dim, cfg.head_dim, cfg.ffn_hidden_dim
     attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
     layer_weights = attn_weights + 3 * d * ffn
     matmul_weights = cfg.n_layers * layer_weights + d * cfg.vocab_size
-    attention_pairs = cfg.n_layers * 4 * cfg.n_heads * hd * (seq_len + 1) / 2
-    return 3 * (2 * matmul_weights + attention_pairs)
+    return 3 * 2 * matmul_weights + flops_per_attention_pair(cfg) * (seq_len + 1) / 2

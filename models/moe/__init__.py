@@ -1,4 +1,5 @@
 from models.common.text import TEXT_DATA, TOKEN_LOSS
+from models.llm.model import flops_per_attention_pair
 from models.llm.parallelize import n_layers, split_stage
 from models.moe.hf import MoEAdapter
 from models.moe.model import MoEConfig, MoETransformer, flops_per_token
@@ -21,6 +22,7 @@ model_spec = ModelSpec(
     loss=TOKEN_LOSS,
     plan=PLAN,
     flops_per_token=flops_per_token,
+    flops_per_attention_pair=flops_per_attention_pair,  # the LLM's attention
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,

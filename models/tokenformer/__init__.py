@@ -1,6 +1,7 @@
 """TokenFormer: projections as attention over parameter tokens (model.py), tensor parallelism over
 those tokens (parallelize.py), and growth by adding tokens (grow.py: `shardwright convert grow`)."""
 from models.common.text import TEXT_DATA, TOKEN_LOSS
+from models.llm.model import flops_per_attention_pair
 from models.llm.parallelize import n_layers, split_stage
 from models.spec import ModelSpec
 from models.tokenformer.grow import GROW
@@ -15,6 +16,7 @@ model_spec = ModelSpec(
     loss=TOKEN_LOSS,
     plan=PLAN,
     flops_per_token=flops_per_token,
+    flops_per_attention_pair=flops_per_attention_pair,  # the LLM's attention
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,

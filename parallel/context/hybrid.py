@@ -19,9 +19,10 @@ def hybrid_groups(mesh: DeviceMesh) -> tuple[dist.ProcessGroup, dist.ProcessGrou
 
 
 def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, mesh: DeviceMesh, *, causal: bool = True,
-                     layout: str = "zigzag", kernel: str = "auto", scale: float | None = None) -> tuple[Tensor, Tensor]:
+                     layout: str = "zigzag", kernel: str = "auto", scale: float | None = None,
+                     document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same contract as ring_attention, over the cp mesh; the sequence follows
     SequenceLayout(layout, ring_size=mesh["cp_ring"].size(), ulysses_size=mesh["cp_ulysses"].size())."""
     ring_group, ulysses_group = hybrid_groups(mesh)
     return ulysses_attention(q, k, v, ulysses_group, ring_group=ring_group, causal=causal, layout=layout,
-                             kernel=kernel, scale=scale)
+                             kernel=kernel, scale=scale, document_ids=document_ids)

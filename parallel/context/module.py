@@ -13,7 +13,7 @@ MODES = ("ring", "ulysses", "hybrid")
 
 
 class ContextParallelAttention(nn.Module):
-    """Drop-in for models.common.attention.CoreAttention: forward(q, k, v) with q [B, T_local, Hq, D]
+    """Drop-in for models.common.attention.CoreAttention: forward(q, k, v, document_ids=None) with q [B, T_local, Hq, D]
     and k, v [B, T_local, Hkv, D] returns [B, T_local, Hq, D], where T_local is this rank's share of
     the sequence in `self.layout` (shard the batch and the RoPE positions with it).
 
@@ -41,10 +41,11 @@ class ContextParallelAttention(nn.Module):
         self.mode, self.group, self.kernel, self.causal, self.scale = mode, group, kernel, causal, scale
         self.layout = SequenceLayout(layout, ring_size, ulysses_size)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        """document_ids [B, T_local]: this rank's share (in the layout) of the batch's document ids."""
         attention = {"ring": ring_attention, "ulysses": ulysses_attention, "hybrid": hybrid_attention}[self.mode]
         out, _ = attention(q, k, v, self.group, causal=self.causal, layout=self.layout.kind, kernel=self.kernel,
-                           scale=self.scale)
+                           scale=self.scale, document_ids=document_ids)
         return out
 
     def extra_repr(self) -> str:

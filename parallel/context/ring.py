@@ -14,6 +14,11 @@ Which part of a block is computed (causal; non-causal blocks are always whole):
 The backward replays the ring with the global out and lse (so each block's probabilities are
 final), accumulates dq locally and sends each block's dk/dv accumulator along with the block;
 one extra hop brings it home. Sums run in fp32, or fp64 for fp64 inputs.
+
+Packed documents: every rank's document ids are all-gathered once per call (int64, B x T in all,
+small next to one K,V block), so each step knows the ids of the block it holds. A block part
+whose queries share no document with its keys is skipped (forward and backward alike, no
+compute, the block still travels); otherwise the kernel gets the part's ids (documents.py).
 """
 from dataclasses import dataclass
 
@@ -21,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.context.documents import check_document_ids, shares_a_document
 from parallel.context.kernel_choice import get_kernel
 from parallel.context.kernels import BlockKernel, accumulation_dtype, default_scale
 from parallel.context.layout import LAYOUT_KINDS
@@ -58,6 +64,14 @@ class _Ring:
                                         dist.P2POp(dist.irecv, received, previous_rank, self.group, tag)])
         return _PendingReceive(works, received, tensor)
 
+    def gather(self, tensor: Tensor) -> Tensor:
+        """Every ring rank's `tensor`, stacked in ring-rank order ([size, *tensor.shape])."""
+        if self.group is None:
+            return tensor.unsqueeze(0)
+        gathered = tensor.new_empty((self.size, *tensor.shape))
+        dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=self.group)
+        return gathered
+
 
 @dataclass(frozen=True)
 class _Block:
@@ -83,19 +97,43 @@ def _block_at(rank: int, source: int, local_len: int, causal: bool, zigzag: bool
     return _Block(slice(half, None), _ALL, False)
 
 
-def _forward(q, k, v, ring: _Ring, causal: bool, zigzag: bool, kernel: BlockKernel, scale: float):
+@dataclass(frozen=True)
+class _Documents:
+    """Document ids of this rank's queries [B, T_local] and of every ring rank's keys [N, B, T_local]."""
+    queries: Tensor
+    keys_by_rank: Tensor
+
+    def of_block(self, block: _Block, source: int) -> dict:
+        """The kernel's document arguments for `block` of ring rank `source`'s keys."""
+        return dict(q_documents=self.queries[:, block.queries], k_documents=self.keys_by_rank[source][:, block.keys])
+
+
+def _visible_block_at(rank: int, source: int, local_len: int, causal: bool, zigzag: bool,
+                      documents: _Documents | None) -> tuple[_Block | None, dict]:
+    """_block_at, and None as well when no query of the block shares a document with its keys; with
+    the kernel's document arguments of the block."""
+    block = _block_at(rank, source, local_len, causal, zigzag)
+    if block is None or documents is None:
+        return block, {}
+    block_documents = documents.of_block(block, source)
+    return (block, block_documents) if shares_a_document(*block_documents.values()) else (None, {})
+
+
+def _forward(q, k, v, ring: _Ring, causal: bool, zigzag: bool, kernel: BlockKernel, scale: float,
+             documents: _Documents | None):
     acc = accumulation_dtype(q.dtype)
     kv = torch.stack([k, v])
     out = lse = None
     for step in range(ring.size):
         if step + 1 < ring.size:
             incoming = ring.pass_on(kv, KV_TAG)
-        block = _block_at(ring.rank, (ring.rank - step) % ring.size, q.shape[1], causal, zigzag)
+        block, block_documents = _visible_block_at(ring.rank, (ring.rank - step) % ring.size, q.shape[1], causal,
+                                                   zigzag, documents)
         if block is not None:
             rows = block.queries
             block_out, block_lse = kernel.fwd(q[:, rows], kv[0][:, block.keys], kv[1][:, block.keys],
-                                              block.causal, scale)
-            if out is None:  # step 0: the own, diagonal block covers every row
+                                              block.causal, scale, **block_documents)
+            if out is None:  # step 0: the own, diagonal block covers every row (a token sees itself)
                 out, lse = block_out.to(acc), block_lse.to(acc)
             else:
                 out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], block_out, block_lse)
@@ -104,7 +142,8 @@ def _forward(q, k, v, ring: _Ring, causal: bool, zigzag: bool, kernel: BlockKern
     return out.to(q.dtype), lse
 
 
-def _backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, zigzag: bool, kernel: BlockKernel, scale: float):
+def _backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, zigzag: bool, kernel: BlockKernel, scale: float,
+              documents: _Documents | None):
     acc = accumulation_dtype(q.dtype)
     kv = torch.stack([k, v])  # replayed from the saved local block, never from the forward's last one
     dq = torch.zeros_like(q, dtype=acc)
@@ -112,11 +151,13 @@ def _backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, zigzag: bool, 
     for step in range(ring.size):
         if step + 1 < ring.size:
             incoming_kv = ring.pass_on(kv, KV_TAG)
-        block = _block_at(ring.rank, (ring.rank - step) % ring.size, q.shape[1], causal, zigzag)
+        block, block_documents = _visible_block_at(ring.rank, (ring.rank - step) % ring.size, q.shape[1], causal,
+                                                   zigzag, documents)
         if block is not None:
             rows, keys = block.queries, block.keys
             block_dq, block_dk, block_dv = kernel.bwd(dout[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys],
-                                                      out[:, rows], lse[:, :, rows], block.causal, scale)
+                                                      out[:, rows], lse[:, :, rows], block.causal, scale,
+                                                      **block_documents)
         if step > 0:  # the block's accumulator, from the ranks that held it before
             dkv = incoming_dkv.wait()
         if block is not None:
@@ -134,17 +175,17 @@ def _backward(dout, q, k, v, out, lse, ring: _Ring, causal: bool, zigzag: bool, 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, causal, zigzag, kernel, scale):
-        out, lse = _forward(q, k, v, ring, causal, zigzag, kernel, scale)
+    def forward(ctx, q, k, v, ring, causal, zigzag, kernel, scale, documents):
+        out, lse = _forward(q, k, v, ring, causal, zigzag, kernel, scale, documents)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.settings = (ring, causal, zigzag, kernel, scale)
+        ctx.settings = (ring, causal, zigzag, kernel, scale, documents)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
         dq, dk, dv = _backward(dout, *ctx.saved_tensors, *ctx.settings)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -156,12 +197,15 @@ def check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, *, causal: bool = True,
-                   layout: str = "zigzag", kernel: str = "auto", scale: float | None = None) -> tuple[Tensor, Tensor]:
+                   layout: str = "zigzag", kernel: str = "auto", scale: float | None = None,
+                   document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention of this rank's queries over the whole sequence spread over `group` in `layout`.
 
     q [B, T_local, Hq, D], k and v [B, T_local, Hkv, D] (Hkv divides Hq) -> (out [B, T_local, Hq, D],
     lse [B, Hq, T_local] in fp32, fp64 for fp64 inputs). Differentiable in q, k, v; the lse is not.
-    group None is a ring of one: plain blockwise attention through the kernel.
+    group None is a ring of one: plain blockwise attention through the kernel. document_ids
+    [B, T_local] (this rank's tokens' documents, nondecreasing in the local order, which every
+    layout keeps global) confine each query to its own document.
     """
     if layout not in LAYOUT_KINDS:
         raise ValueError(f"unknown context-parallel layout {layout!r}; valid layouts: {', '.join(LAYOUT_KINDS)}")
@@ -172,4 +216,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
         raise ValueError(f"zigzag layout needs the sequence length ({q.shape[1] * ring.size}) divisible by "
                          f"2 x cp = {2 * ring.size}; each rank holds two equal chunks")
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, ring, causal, zigzag, get_kernel(kernel, q.device), scale)
+    documents = None
+    if document_ids is not None:
+        check_document_ids(document_ids, q)
+        documents = _Documents(document_ids, ring.gather(document_ids))
+    return _RingAttention.apply(q, k, v, ring, causal, zigzag, get_kernel(kernel, q.device), scale, documents)

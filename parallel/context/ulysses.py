@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
+from parallel.context.documents import check_document_ids
 from parallel.context.ring import check_qkv_shapes, ring_attention
 
 
@@ -43,14 +44,25 @@ def check_ulysses_heads(q_heads: int, ulysses_size: int) -> None:
                          f"({ulysses_size}); use a ulysses size that divides {q_heads}, or the ring mode")
 
 
+def _gather_sequence(document_ids: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """[B, T/U] ids of each Ulysses rank's tokens -> [B, T] of the whole part, in sequence order
+    (rank u holds part u): what every rank sees after the all-to-all."""
+    size = dist.get_world_size(group)
+    gathered = document_ids.new_empty((size, *document_ids.shape))
+    dist.all_gather_into_tensor(gathered, document_ids.contiguous(), group=group)
+    return gathered.permute(1, 0, 2).flatten(1)
+
+
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, *,
                       ring_group: dist.ProcessGroup | None = None, causal: bool = True, layout: str = "zigzag",
-                      kernel: str = "auto", scale: float | None = None) -> tuple[Tensor, Tensor]:
+                      kernel: str = "auto", scale: float | None = None,
+                      document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Ulysses attention over `group` (and, with ring_group, ring attention across such groups).
 
     Same contract as ring_attention: q [B, T_local, Hq, D], k, v [B, T_local, Hkv, D] ->
     (out [B, T_local, Hq, D], lse [B, Hq, T_local]); `layout` is the ring's (see layout.py) and
-    does not matter without a ring.
+    does not matter without a ring. document_ids [B, T_local] are all-gathered over the group (ints,
+    1/(H D) of q's exchange) to match the gathered sequence.
     """
     check_qkv_shapes(q, k, v)
     size = dist.get_world_size(group)
@@ -58,8 +70,12 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup,
     replicas = math.lcm(k.shape[2], size) // k.shape[2]
     if replicas > 1:
         k, v = k.repeat_interleave(replicas, dim=2), v.repeat_interleave(replicas, dim=2)
+    if document_ids is not None:
+        check_document_ids(document_ids, q)
+        document_ids = _gather_sequence(document_ids, group)
     q, k, v = (_sequence_to_heads(t, group) for t in (q, k, v))
-    out, lse = ring_attention(q, k, v, ring_group, causal=causal, layout=layout, kernel=kernel, scale=scale)
+    out, lse = ring_attention(q, k, v, ring_group, causal=causal, layout=layout, kernel=kernel, scale=scale,
+                              document_ids=document_ids)
     # The lse goes back too (its exchange costs 1/D of the output's): callers merge or test with it.
     lse = _heads_to_sequence(lse.transpose(1, 2).unsqueeze(-1), group).squeeze(-1).transpose(1, 2)
     return _heads_to_sequence(out, group), lse

@@ -40,7 +40,7 @@ def root(tmp_path_factory):
 
 def data_cfg(root, prepared, **changes):
     cfg = dict(source="pydoc", vocab_size=VOCAB, valid_fraction=0.05, cache_dir="", prepared=prepared, tokenizer="",
-               splits=[90, 10, 0])
+               splits=[90, 10, 0], document_mask=False)
     return SimpleNamespace(**(cfg | changes))
 
 
@@ -98,7 +98,7 @@ def test_document_info_restarts_positions_after_each_eos(root):
     seen_boundary = False
     for step in range(5):
         for batch in loader.micro_batches(step, documents=True):
-            inputs, positions, document_ids = batch["tokens"], batch["document_positions"], batch["document_ids"]
+            inputs, positions, document_ids = batch["tokens"], batch["positions"], batch["document_ids"]
             assert positions.shape == document_ids.shape == inputs.shape
             new_document = torch.zeros_like(inputs, dtype=torch.bool)
             new_document[:, 1:] = inputs[:, :-1] == eos
@@ -116,7 +116,7 @@ def test_single_dataset_loader_reports_documents_too(root):
         new_document = torch.zeros_like(inputs, dtype=torch.bool)
         new_document[:, 1:] = inputs[:, :-1] == eos
         assert torch.equal(batch["document_ids"], new_document.long().cumsum(1))
-        assert torch.equal(batch["document_positions"] == 0, new_document | (torch.arange(SEQ_LEN) == 0))
+        assert torch.equal(batch["positions"] == 0, new_document | (torch.arange(SEQ_LEN) == 0))
 
 
 def test_blend_weights_are_honoured(root):
@@ -149,7 +149,7 @@ def global_batch(loaders, step):
     for loader in loaders:
         for batch in loader.micro_batches(step, documents=True):
             rows.append(torch.cat([batch["tokens"], batch["targets"][:, -1:]], dim=1))
-            positions.append(batch["document_positions"])
+            positions.append(batch["positions"])
             ids.append(batch["document_ids"])
     return torch.cat(rows), torch.cat(positions), torch.cat(ids)
 

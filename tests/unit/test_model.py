@@ -380,7 +380,7 @@ def test_model_spec_registry():
     assert spec.name == "llm"
     assert spec.config_cls is LLMConfig and spec.model_cls is Transformer
     assert spec.flops_per_token is flops_per_token
-    assert set(spec.data.keys) == {"tokens", "positions", "targets"}
+    assert set(spec.data.keys) == {"tokens", "positions", "targets", "document_ids"}
     assert "llm" in models.FAMILIES
     with pytest.raises(KeyError):
         models.get_model_spec("no-such-family")
