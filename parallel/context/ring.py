@@ -69,7 +69,7 @@ class _Ring:
         if self.group is None:
             return tensor.unsqueeze(0)
         gathered = tensor.new_empty((self.size, *tensor.shape))
-        dist.all_gather_into_tensor(gathered, tensor.contiguous(), group=self.group)
+        dist.all_gather_into_tensor(gathered.flatten(0, 1), tensor.contiguous(), group=self.group)
         return gathered
 
 

@@ -49,7 +49,7 @@ def _gather_sequence(document_ids: Tensor, group: dist.ProcessGroup) -> Tensor:
     (rank u holds part u): what every rank sees after the all-to-all."""
     size = dist.get_world_size(group)
     gathered = document_ids.new_empty((size, *document_ids.shape))
-    dist.all_gather_into_tensor(gathered, document_ids.contiguous(), group=group)
+    dist.all_gather_into_tensor(gathered.flatten(0, 1), document_ids.contiguous(), group=group)
     return gathered.permute(1, 0, 2).flatten(1)
 
 
