@@ -66,6 +66,15 @@ def packed_document_ids(T: int):
     return ids
 
 
+def document_positions(ids):
+    """Positions restarting at 0 at each document of ids [B, T] (what batches carry with documents)."""
+    import torch
+
+    T = ids.shape[1]
+    starts = torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], dim=1)
+    return torch.arange(T) - torch.cummax(torch.where(starts, torch.arange(T), 0), dim=1).values
+
+
 def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False,
               documents: str | None = None) -> dict[str, float]:
     """Check body: one DeltaNet layer (convs, gate, negative eigenvalues; with rule="linear" plain
@@ -143,14 +152,16 @@ def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = 
     return {k: v.item() for k, v in errors.items()}
 
 
-def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str, float]:
+def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None, documents: bool = False) -> dict[str, float]:
     """Check body: the model of configs/deltanet/hybrid-tiny.yaml (DeltaNet layers 0 and 2, softmax
     attention at 1 and 3), with a small vocabulary, chunk 4 (several and partial chunks per rank),
     init std 0.1 (so attention is not near-uniform) in fp64, made context-parallel over the world as
     the trainer does it — `apply_context_parallel_deltanet` with the config's parallel options (its
     contiguous layout) and the batch cut by `launcher.config.cp_layout` — vs the whole sequence on
     one device: logits and every parameter gradient (summed over cp), max abs and relative error.
-    `token_layout` is the negative control: the tokens cut by another layout than the model's."""
+    `token_layout` is the negative control: the tokens cut by another layout than the model's.
+    `documents`: rows packed with `packed_document_ids(24)` and their per-document positions, cut
+    like the tokens."""
     import torch
     import torch.distributed as dist
 
@@ -186,9 +197,15 @@ def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str,
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 64, (2, 24), generator=generator)
     dlogits = torch.randn(2, 24, 64, generator=generator, dtype=torch.float64)
-    want = reference(tokens)
+    ids = packed_document_ids(24) if documents else None
+    positions = document_positions(ids) if documents else None
+    want = reference(tokens, positions, document_ids=ids)
     want.backward(dlogits)
-    got = model(layout.shard(tokens, cp_rank))
+    if documents:
+        got = model(layout.shard(tokens, cp_rank), layout.shard(positions, cp_rank),
+                    document_ids=layout.shard(ids, cp_rank))
+    else:
+        got = model(layout.shard(tokens, cp_rank))
     got.backward(layout.shard(dlogits, cp_rank))
 
     pairs = {"logits": (got, layout.shard(want.detach(), cp_rank))}
@@ -216,6 +233,9 @@ HYBRID_CP_MODES = {2: ["ring", "ulysses"], 4: ["ring", "ulysses", "hybrid"]}
 HYBRID_CP_CHECKS = {cp: [(f"{THIS}:hybrid_cp_parity", {"cp_mode": mode}) for mode in modes]
                     for cp, modes in HYBRID_CP_MODES.items()}
 HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout": "zigzag"})
+# The hybrid stack with packed documents: ring attention at cp 2, Ulysses x ring 2x2 at cp 4.
+HYBRID_DOCUMENTS = {2: (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "documents": True}),
+                    4: (f"{THIS}:hybrid_cp_parity", {"cp_mode": "hybrid", "documents": True})}
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
 DOCUMENTS_NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "documents": "edge_missed"})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
@@ -242,22 +262,23 @@ def two(runs_dir, data_cache):
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2", *SAMPLE],
             "cp2_lr_perturbed": ["parallel.cp=2", perturbed_lr(TINY)],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4", *SAMPLE]}
-    checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [
+    checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [HYBRID_DOCUMENTS[2]] + [
         train_check(runs_dir / name, data_cache, *o, config=TINY, summary=True) for name, o in runs.items()]
     runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
     checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
     results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
     return {"tp": [next(results) for _ in TP_CHECKS], "tp_perturbed": next(results),
             "cp": [next(results) for _ in CP_CHECKS], "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]],
-            "runs": dict(zip(runs, results))}
+            "hybrid_documents": next(results), "runs": dict(zip(runs, results))}
 
 
 @pytest.fixture(scope="module")
 def four(runs_dir, two):
     results = iter(r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE, DOCUMENTS_NEGATIVE] + HYBRID_CP_CHECKS[4]
-                                                + [HYBRID_NEGATIVE], runs_dir / "world4"))
+                                                + [HYBRID_NEGATIVE, HYBRID_DOCUMENTS[4]], runs_dir / "world4"))
     return {"cp": [next(results) for _ in CP_CHECKS], "negative": next(results), "documents_negative": next(results),
-            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results)}
+            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results),
+            "hybrid_documents": next(results)}
 
 
 def one_process_checks(workdir: Path, cache: Path) -> dict:
@@ -329,6 +350,13 @@ def test_hybrid_stack_cp_matches_one_device(two, four, cp, mode):
     assert any(k.startswith("abs:grad:") and "conv" in k for k in errors)
     assert any(k.startswith("abs:grad:") and ".wq." in k for k in errors)
     _assert_cp(errors, "fp64")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_hybrid_stack_with_documents_cp_matches_one_device(two, four, cp):
+    """The hybrid stack on rows of packed documents (boundaries at rank edges, inside chunks, in the
+    conv halo), per-document positions: cp 2 ring and cp 4 Ulysses x ring against one device (fp64)."""
+    _assert_cp((two if cp == 2 else four)["hybrid_documents"], "fp64")
 
 
 def test_hybrid_stack_on_the_wrong_layout_negative_control(four):

@@ -103,30 +103,37 @@ def test_short_conv_stays_inside_documents():
     assert (y - conv(x)).abs().max() > 1e-2  # control: without the ids the taps cross the boundaries
 
 
-@pytest.mark.parametrize("rule", ["delta", "linear"])
-def test_each_document_equals_the_document_alone(rule):
-    """A pure DeltaNet model (short convs, gate, negative eigenvalues; or linear attention) in fp64:
-    the logits of every document of a packed row equal that document run alone; the same rows
-    without document_ids (mask off) differ after the first document."""
-    model = _model(use_gate=True, allow_neg_eigval=rule == "delta", mixer_rule=rule).double()
+@pytest.mark.parametrize("rule,attention_layers", [("delta", []), ("linear", []), ("delta", [1])],
+                         ids=["delta", "linear", "hybrid"])
+def test_each_document_equals_the_document_alone(rule, attention_layers):
+    """A DeltaNet model (short convs, gate, negative eigenvalues; or linear attention; or the hybrid
+    with softmax attention at layer 1) in fp64: the logits of every document of a packed row, with
+    positions restarting at each document, equal that document run alone; the same rows without
+    document_ids (mask off, positions still per document) differ after the first document."""
+    model = _model(use_gate=True, allow_neg_eigval=rule == "delta", mixer_rule=rule,
+                   attention_layers=attention_layers).double()
     tokens = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(2))
+    ids = _packed_row_ids()
+    starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], dim=1)
+    first = torch.cummax(torch.where(starts, torch.arange(23), 0), dim=1).values  # each token's document start
+    positions = torch.arange(23) - first
     with torch.no_grad():
-        packed, unmasked = model(tokens, document_ids=_packed_row_ids()), model(tokens)
+        packed, unmasked = model(tokens, positions, document_ids=ids), model(tokens, positions)
         for row, lengths in enumerate(PACKED_LENGTHS):
             edges = torch.tensor((0, *lengths)).cumsum(0).tolist()
             for lo, hi in zip(edges, edges[1:]):
                 alone = model(tokens[row:row + 1, lo:hi])
-                assert (packed[row:row + 1, lo:hi] - alone).abs().max() <= 1e-12, (rule, row, lo, hi)
+                assert (packed[row:row + 1, lo:hi] - alone).abs().max() <= 1e-12, (row, lo, hi)
                 if lo > 0:  # mask-off control
-                    assert (unmasked[row:row + 1, lo:hi] - alone).abs().max() > 1e-3, (rule, row, lo, hi)
+                    assert (unmasked[row:row + 1, lo:hi] - alone).abs().max() > 1e-3, (row, lo, hi)
 
 
 def test_document_ids_reach_the_mixer_of_every_layer():
-    model = _model()
+    model = _model(attention_layers=[1])
     seen = []
     for block in model.layers.values():
-        block.attention.core_mixer.register_forward_hook(lambda _m, _a, kwargs, _o: seen.append(kwargs["document_ids"]),
-                                                         with_kwargs=True)
+        mixer = getattr(block.attention, "core_mixer", None) or block.attention.core_attention
+        mixer.register_forward_hook(lambda _m, _a, kwargs, _o: seen.append(kwargs["document_ids"]), with_kwargs=True)
     ids = _packed_row_ids()
     with torch.no_grad():
         model(torch.zeros(2, 23, dtype=torch.long), document_ids=ids)
