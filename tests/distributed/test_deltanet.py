@@ -1,8 +1,10 @@
 """DeltaNet sharded: TP by heads and CP by state passing (with the short convs' halo) against one
 device at the layer level (packed documents too: state maps cut at boundaries, the halo kept inside
 documents), the hybrid stack of configs/deltanet/hybrid-tiny.yaml (DeltaNet and softmax-attention
-layers on one contiguous layout) under cp 2 and 4 against one device at the model level (fp64), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at the run
-level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, and the hybrid config at cp=2."""
+layers on one contiguous layout) under cp 2 and 4 against one device at the model level (fp64, with
+packed documents too), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at
+the run level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, the hybrid config at cp=2, and tiny.yaml
+with document masks at cp=2."""
 import copy
 from pathlib import Path
 
@@ -261,6 +263,7 @@ def two(runs_dir, data_cache):
     # cp2 and pp2 also sample: the prompt goes through the halo of the short convs and through the pipeline.
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2", *SAMPLE],
             "cp2_lr_perturbed": ["parallel.cp=2", perturbed_lr(TINY)],
+            "cp2_documents": ["parallel.cp=2", "data.document_mask=true"],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4", *SAMPLE]}
     checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [HYBRID_DOCUMENTS[2]] + [
         train_check(runs_dir / name, data_cache, *o, config=TINY, summary=True) for name, o in runs.items()]
@@ -283,12 +286,13 @@ def four(runs_dir, two):
 
 def one_process_checks(workdir: Path, cache: Path) -> dict:
     return {"tiny": train_check(workdir / "one", cache, *SAMPLE, config=TINY, summary=True),
-            "hybrid": train_check(workdir / "hybrid_one", cache, config=HYBRID)}
+            "hybrid": train_check(workdir / "hybrid_one", cache, config=HYBRID),
+            "tiny_documents": train_check(workdir / "one_documents", cache, "data.document_mask=true", config=TINY)}
 
 
 @pytest.fixture(scope="module")
 def one(one_process):
-    return {name: one_process[f"test_deltanet:{name}"].value() for name in ("tiny", "hybrid")}
+    return {name: one_process[f"test_deltanet:{name}"].value() for name in ("tiny", "hybrid", "tiny_documents")}
 
 
 def _beyond_tp_tolerance(errors: dict[str, float]) -> dict[str, float]:
@@ -378,6 +382,14 @@ def test_greedy_sample_matches_one_process(two, one, run):
 def test_perturbed_run_fails_the_comparison(two, one):
     """Negative control: cp=2 with the learning rate off by LR_PERTURBATION does not match."""
     assert_losses_differ(two["runs"]["cp2_lr_perturbed"]["losses"], one["tiny"]["losses"])
+
+
+def test_documents_cp2_run_matches_one_process(two, one):
+    """configs/deltanet/tiny.yaml with data.document_mask=true (state, convs, halo and state passing
+    reset at documents) at cp=2 gives the one-process losses with the same masks; control: those
+    differ from the unmasked run's, so the batches' documents reach the model."""
+    assert_same_losses(two["runs"]["cp2_documents"]["losses"], one["tiny_documents"])
+    assert_losses_differ(one["tiny_documents"], one["tiny"]["losses"])
 
 
 def test_hybrid_cp2_run_matches_one_process(two, one):
