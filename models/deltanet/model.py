@@ -59,8 +59,10 @@ class ShortConvolution(nn.Module):
 
     weight [C, K]: channel c at token t sees tokens t-K+1 .. t. The tokens before the first come
     from `halo(x)` ([B, K-1, C], the previous context-parallel rank's last tokens) when a parallel
-    plan sets it, else zeros. The weight starts uniform(+-1/sqrt(K)), nn.Conv1d's default bound for a
-    depthwise kernel.
+    plan sets it, else zeros. With document_ids [B, T] a tap counts only where it reads a token of
+    the same document (ids are distinct per document in a row, and global across cp ranks: the halo
+    brings the previous rank's last ids along with its tokens). The weight starts uniform(+-1/sqrt(K)),
+    nn.Conv1d's default bound for a depthwise kernel.
     """
 
     def __init__(self, channels: int, kernel_size: int):
@@ -73,15 +75,21 @@ class ShortConvolution(nn.Module):
         bound = self.kernel_size ** -0.5
         full.uniform_(-bound, bound, generator=generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # Under tensor parallelism the weight is a DTensor sharded on channels like x (see
         # parallelize.py); its local shard is what this rank's channels use.
         weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
         K, T = self.kernel_size, x.shape[1]
         before = self.halo(x) if self.halo is not None else x.new_zeros(x.shape[0], K - 1, x.shape[2])
         padded = torch.cat([before.to(x.dtype), x], dim=1)  # [B, T + K - 1, C]
-        out = sum(padded[:, i:i + T] * weight[:, i] for i in range(K))
-        return F.silu(out)
+        if document_ids is None:
+            return F.silu(sum(padded[:, i:i + T] * weight[:, i] for i in range(K)))
+        # Ids of the K-1 tokens before the first; without a halo those tokens are zeros, any id will do.
+        before_ids = (self.halo(document_ids.unsqueeze(-1)).squeeze(-1) if self.halo is not None
+                      else document_ids[:, :1].expand(-1, K - 1))
+        ids = torch.cat([before_ids, document_ids], dim=1)
+        return F.silu(sum(padded[:, i:i + T] * weight[:, i] * (ids[:, i:i + T] == document_ids).unsqueeze(-1)
+                          for i in range(K)))
 
 
 class MixerRule(nn.Module):
@@ -92,9 +100,9 @@ class MixerRule(nn.Module):
         super().__init__()
         self.rule, self.backend, self.chunk_size = rule, backend, chunk_size
 
-    def forward(self, q, k, v, beta, initial_state=None):
+    def forward(self, q, k, v, beta, initial_state=None, document_ids=None):
         return apply_mixer_rule(self.rule, q, k, v, beta, initial_state, chunk_size=self.chunk_size,
-                                backend=self.backend)[0]
+                                backend=self.backend, document_ids=document_ids)[0]
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, backend={self.backend}, chunk_size={self.chunk_size}"
@@ -106,7 +114,9 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class DeltaNetLayer(nn.Module):
-    """The DeltaNet token mixer; forward(x, positions) like the LLM's Attention (positions unused).
+    """The DeltaNet token mixer; forward(x, positions, document_ids) like the LLM's Attention
+    (positions unused). document_ids [B, T] (None: one document per row) keep every document to
+    itself: the short convs do not reach across a boundary and the mixer rule restarts its state.
     With mixer_rule "linear" the same layer without beta (b_proj is None)."""
 
     def __init__(self, cfg: DeltaNetConfig):
@@ -129,13 +139,9 @@ class DeltaNetLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if document_ids is not None:  # the state reset at document boundaries is not built yet (issue 18)
-            raise ValueError("DeltaNet layers do not reset their state at document boundaries yet; set "
-                             "data.document_mask=false for the deltanet family")
-
         def branch(proj, conv):
             y = proj(x)
-            return conv(y) if conv is not None else F.silu(y)
+            return conv(y, document_ids) if conv is not None else F.silu(y)
 
         # -1 instead of a head count: under tensor parallelism each rank holds a slice of heads.
         q = l2_normalize(branch(self.q_proj, self.q_conv).unflatten(-1, (-1, self.head_dim)))
@@ -144,7 +150,7 @@ class DeltaNetLayer(nn.Module):
         beta = self.b_proj(x).sigmoid() if self.b_proj is not None else None
         if self.allow_neg_eigval:
             beta = beta * 2
-        o = self.o_norm(self.core_mixer(q, k, v, beta))
+        o = self.o_norm(self.core_mixer(q, k, v, beta, document_ids=document_ids))
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(x).unflatten(-1, (-1, self.head_dim)))
         return self.o_proj(o.flatten(-2))

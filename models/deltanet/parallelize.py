@@ -10,7 +10,9 @@ CP by state passing (parallel/context/mixer.py): each DeltaNet layer's mixer rul
 or linear attention) becomes `StatePassingMixerRule` — the rank's chunk as the affine map
 S -> M S + S_ext (fp32, fp64 for fp64; M = I for linear attention), all-gathered and folded in rank
 order into the rank's initial state — and each short conv takes its (kernel - 1)-token halo from
-the previous cp rank (parallel/context/halo.py). That needs the
+the previous cp rank (parallel/context/halo.py). With document ids (each rank gets its chunk of
+them, like the tokens) the maps are cut at document starts and the halo never reaches into another
+document (parallel/context/mixer.py, ShortConvolution). That needs the
 chunks in sequence order: the contiguous layout. A hybrid's attention layers then run ring
 attention on the same contiguous layout (or Ulysses, whose ring of one is in order for any kind).
 Pipeline parallelism reuses the LLM's split_stage.
@@ -81,14 +83,14 @@ class StatePassingMixerRule(MixerRule, StatePassingMixer):
         super().__init__(rule, backend, chunk_size)
         self.group = group
 
-    def chunk_map(self, q, k, v, beta):
-        return mixer_rule_state_map(self.rule, k, v, beta, chunk_size=self.chunk_size)
+    def chunk_map(self, q, k, v, beta, document_ids=None):
+        return mixer_rule_state_map(self.rule, k, v, beta, chunk_size=self.chunk_size, document_ids=document_ids)
 
-    def mix(self, initial_state, q, k, v, beta):
-        return super().forward(q, k, v, beta, initial_state)
+    def mix(self, initial_state, q, k, v, beta, document_ids=None):
+        return super().forward(q, k, v, beta, initial_state, document_ids)
 
-    def forward(self, q, k, v, beta, initial_state=None):
-        return context_parallel_mix(self, self.group, q, k, v, beta)
+    def forward(self, q, k, v, beta, initial_state=None, document_ids=None):
+        return context_parallel_mix(self, self.group, q, k, v, beta, document_ids=document_ids)
 
 
 def contiguous_problem(options: ParallelizeOptions, cp: int) -> str | None:

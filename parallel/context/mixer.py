@@ -13,6 +13,12 @@ M = prod(I - beta k k^T)), so they are folded in order, never summed. In the bac
 sends its state gradient back through M_j^T over the earlier maps, and one reduce-scatter sums
 every map's gradient over the ranks that used it.
 
+Packed documents (document_ids [B, T], this rank's chunk of the row's global ids): the mixer's map
+already resets at the boundaries inside the chunk (M = 0 past the first one, S_ext from the last
+document). A boundary at the chunk's first token is seen here: the previous rank's last id comes
+over (one tiny all-gather, parallel/context/halo.py), and where it differs the chunk takes no state
+from the ranks before it and passes none of it on, i.e. both its incoming state and its M are zeroed.
+
 Chunks must be in sequence order over the cp ranks: the contiguous layout, not zigzag.
 """
 from abc import ABC, abstractmethod
@@ -21,17 +27,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from parallel.context.halo import previous_halo
+
 
 class StatePassingMixer(ABC):
     """What a non-softmax mixer provides for context parallelism; `context_parallel_mix` does the rest."""
 
     @abstractmethod
-    def chunk_map(self, *inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """(M, S_ext) of this rank's chunk, in fp32 or wider (long products of M drift in bf16)."""
+    def chunk_map(self, *inputs: Tensor, **document_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(M, S_ext) of this rank's chunk, in fp32 or wider (long products of M drift in bf16),
+        batch first. A mixer that packs documents also takes document_ids= [B, T] (only passed when
+        there are some) and resets at the documents that start inside the chunk."""
 
     @abstractmethod
-    def mix(self, initial_state: Tensor, *inputs: Tensor) -> Tensor:
-        """The mixer's output over this rank's chunk, its recurrence starting from initial_state."""
+    def mix(self, initial_state: Tensor, *inputs: Tensor, **document_ids: Tensor) -> Tensor:
+        """The mixer's output over this rank's chunk, its recurrence starting from initial_state (and,
+        given document_ids=, restarting at the documents that start inside the chunk)."""
 
 
 def _fold(maps: Tensor, key_dim: int, start: Tensor) -> list[Tensor]:
@@ -77,7 +88,16 @@ def incoming_state(transition: Tensor, state: Tensor, group: dist.ProcessGroup) 
     return _IncomingState.apply(torch.cat([transition, state], dim=-1), transition.shape[-1], group)
 
 
-def context_parallel_mix(mixer: StatePassingMixer, group: dist.ProcessGroup, *inputs: Tensor) -> Tensor:
-    """The mixer's output over this rank's chunk of a sequence spread contiguously over `group`."""
-    transition, state = mixer.chunk_map(*inputs)
-    return mixer.mix(incoming_state(transition, state, group), *inputs)
+def context_parallel_mix(mixer: StatePassingMixer, group: dist.ProcessGroup, *inputs: Tensor,
+                         document_ids: Tensor | None = None) -> Tensor:
+    """The mixer's output over this rank's chunk of a sequence spread contiguously over `group`
+    (document_ids [B, T]: this rank's chunk of the rows' document ids, None: one document a row)."""
+    if document_ids is None:
+        transition, state = mixer.chunk_map(*inputs)
+        return mixer.mix(incoming_state(transition, state, group), *inputs)
+    transition, state = mixer.chunk_map(*inputs, document_ids=document_ids)
+    previous_id = previous_halo(document_ids.unsqueeze(-1), 1, group)[:, 0, 0]  # rank 0: its state is 0 anyway
+    continues = (document_ids[:, 0] == previous_id).to(transition.dtype)
+    continues = continues.reshape(-1, *[1] * (transition.dim() - 1))
+    start = continues * incoming_state(continues * transition, state, group)
+    return mixer.mix(start, *inputs, document_ids=document_ids)

@@ -1,8 +1,10 @@
 """DeltaNet sharded: TP by heads and CP by state passing (with the short convs' halo) against one
-device at the layer level, the hybrid stack of configs/deltanet/hybrid-tiny.yaml (DeltaNet and
-softmax-attention layers on one contiguous layout) under cp 2 and 4 against one device at the model
-level (fp64), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at the run
-level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, and the hybrid config at cp=2."""
+device at the layer level (packed documents too: state maps cut at boundaries, the halo kept inside
+documents), the hybrid stack of configs/deltanet/hybrid-tiny.yaml (DeltaNet and softmax-attention
+layers on one contiguous layout) under cp 2 and 4 against one device at the model level (fp64, with
+packed documents too), and configs/deltanet/tiny.yaml at tp=2, cp=2 and pp=2 against one process at
+the run level (fp32, relative 1e-5); dp_shard=2 (FSDP) too, the hybrid config at cp=2, and tiny.yaml
+with document masks at cp=2."""
 import copy
 from pathlib import Path
 
@@ -53,12 +55,37 @@ def tp_parity(use_gate: bool, sequence_parallel: bool, hybrid: bool, perturb: fl
     return {"errors": errors, "placements": placements(sharded)}
 
 
-def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False) -> dict[str, float]:
+def packed_document_ids(T: int):
+    """Two rows of T = 6 * world tokens. Row 0 starts documents at T/4 and T/2 (rank edges at cp 4 and
+    2), at T/2 + 1 (inside the next rank's conv halo) and at T - 2; row 1 at 1 and T - 3, so its
+    second document's state passes through every rank edge before a boundary cuts the last chunk."""
+    import torch
+
+    ids = torch.zeros(2, T, dtype=torch.long)
+    for row, starts in enumerate(((T // 4, T // 2, T // 2 + 1, T - 2), (1, T - 3))):
+        for t in starts:
+            ids[row, t:] += 1
+    return ids
+
+
+def document_positions(ids):
+    """Positions restarting at 0 at each document of ids [B, T] (what batches carry with documents)."""
+    import torch
+
+    T = ids.shape[1]
+    starts = torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], dim=1)
+    return torch.arange(T) - torch.cummax(torch.where(starts, torch.arange(T), 0), dim=1).values
+
+
+def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = False,
+              documents: str | None = None) -> dict[str, float]:
     """Check body: one DeltaNet layer (convs, gate, negative eigenvalues; with rule="linear" plain
     linear attention instead of the delta rule) with the sequence split contiguously over the world,
     state passing + conv halo, vs the whole sequence on one device: output, input gradient and every
     parameter gradient (max abs error). `sum_states` is the negative control: ranks start from the sum
-    of the earlier ranks' S_ext (LASP-2's linear-attention shortcut)."""
+    of the earlier ranks' S_ext (LASP-2's linear-attention shortcut). `documents`: "packed" runs both
+    with `packed_document_ids` (each rank gets its chunk of them); "edge_missed" is its negative
+    control, the state passing told that every rank continues the previous rank's document."""
     import torch
     import torch.distributed as dist
 
@@ -90,21 +117,28 @@ def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = 
         import parallel.context.mixer as mixer_module
         original = mixer_module.incoming_state
         mixer_module.incoming_state = summed
+    if documents == "edge_missed":  # the previous rank's last id read as this rank's first one
+        import parallel.context.mixer as mixer_module
+        original_halo = mixer_module.previous_halo
+        mixer_module.previous_halo = lambda x, n, group: x[:, :n]
     for conv in (layer.q_conv, layer.k_conv, layer.v_conv):
         conv.halo = lambda x, conv=conv: previous_halo(x, conv.kernel_size - 1, group)
     T = 6 * world  # several chunks of 4 per rank for cp 2, partial chunks for cp 4
     x = torch.randn(2, T, cfg.dim, dtype=dt, generator=torch.Generator().manual_seed(1), requires_grad=True)
     dout = torch.randn(2, T, cfg.dim, dtype=dt, generator=torch.Generator().manual_seed(2))
-    want = reference(x)
+    ids = packed_document_ids(T) if documents else None
+    want = reference(x, document_ids=ids)
     want.backward(dout)
     lo, hi = rank * T // world, (rank + 1) * T // world
     x_local = x.detach()[:, lo:hi].clone().requires_grad_(True)
     try:
-        got = layer(x_local)
+        got = layer(x_local, document_ids=None if ids is None else ids[:, lo:hi])
         got.backward(dout[:, lo:hi])
     finally:
         if sum_states:
             mixer_module.incoming_state = original
+        if documents == "edge_missed":
+            mixer_module.previous_halo = original_halo
     pairs = {"out": (got, want[:, lo:hi]), "dx": (x_local.grad, x.grad[:, lo:hi])}
     ref_params = dict(reference.named_parameters())
     for name, p in layer.named_parameters():
@@ -120,14 +154,16 @@ def cp_parity(dtype: str, backend: str, rule: str = "delta", sum_states: bool = 
     return {k: v.item() for k, v in errors.items()}
 
 
-def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str, float]:
+def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None, documents: bool = False) -> dict[str, float]:
     """Check body: the model of configs/deltanet/hybrid-tiny.yaml (DeltaNet layers 0 and 2, softmax
     attention at 1 and 3), with a small vocabulary, chunk 4 (several and partial chunks per rank),
     init std 0.1 (so attention is not near-uniform) in fp64, made context-parallel over the world as
     the trainer does it — `apply_context_parallel_deltanet` with the config's parallel options (its
     contiguous layout) and the batch cut by `launcher.config.cp_layout` — vs the whole sequence on
     one device: logits and every parameter gradient (summed over cp), max abs and relative error.
-    `token_layout` is the negative control: the tokens cut by another layout than the model's."""
+    `token_layout` is the negative control: the tokens cut by another layout than the model's.
+    `documents`: rows packed with `packed_document_ids(24)` and their per-document positions, cut
+    like the tokens."""
     import torch
     import torch.distributed as dist
 
@@ -163,9 +199,15 @@ def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str,
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 64, (2, 24), generator=generator)
     dlogits = torch.randn(2, 24, 64, generator=generator, dtype=torch.float64)
-    want = reference(tokens)
+    ids = packed_document_ids(24) if documents else None
+    positions = document_positions(ids) if documents else None
+    want = reference(tokens, positions, document_ids=ids)
     want.backward(dlogits)
-    got = model(layout.shard(tokens, cp_rank))
+    if documents:
+        got = model(layout.shard(tokens, cp_rank), layout.shard(positions, cp_rank),
+                    document_ids=layout.shard(ids, cp_rank))
+    else:
+        got = model(layout.shard(tokens, cp_rank))
     got.backward(layout.shard(dlogits, cp_rank))
 
     pairs = {"logits": (got, layout.shard(want.detach(), cp_rank))}
@@ -186,11 +228,18 @@ def hybrid_cp_parity(cp_mode: str, token_layout: str | None = None) -> dict[str,
 CP_CHECKS = [(f"{THIS}:cp_parity", {"dtype": d, "backend": b}) for d, b in
              (("fp64", "recurrent"), ("fp64", "chunked"), ("fp32", "chunked"))]
 CP_CHECKS.append((f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "rule": "linear"}))
+# Packed documents: boundaries at rank edges, inside a rank's chunk and inside the conv halo.
+CP_CHECKS += [(f"{THIS}:cp_parity", {"dtype": "fp64", "backend": b, "rule": r, "documents": "packed"})
+              for b, r in (("recurrent", "delta"), ("chunked", "delta"), ("chunked", "linear"))]
 HYBRID_CP_MODES = {2: ["ring", "ulysses"], 4: ["ring", "ulysses", "hybrid"]}
 HYBRID_CP_CHECKS = {cp: [(f"{THIS}:hybrid_cp_parity", {"cp_mode": mode}) for mode in modes]
                     for cp, modes in HYBRID_CP_MODES.items()}
 HYBRID_NEGATIVE = (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "token_layout": "zigzag"})
+# The hybrid stack with packed documents: ring attention at cp 2, Ulysses x ring 2x2 at cp 4.
+HYBRID_DOCUMENTS = {2: (f"{THIS}:hybrid_cp_parity", {"cp_mode": "ring", "documents": True}),
+                    4: (f"{THIS}:hybrid_cp_parity", {"cp_mode": "hybrid", "documents": True})}
 NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "sum_states": True})
+DOCUMENTS_NEGATIVE = (f"{THIS}:cp_parity", {"dtype": "fp64", "backend": "chunked", "documents": "edge_missed"})
 TP_CHECKS = [(f"{THIS}:tp_parity", {"use_gate": g, "sequence_parallel": sp, "hybrid": h})
              for g, sp, h in ((False, True, False), (True, False, False), (True, True, True))]
 # Negative control: one rank's shard of layer 0's q_conv off by 3e-5 (relative), the smallest step of
@@ -214,33 +263,36 @@ def two(runs_dir, data_cache):
     # cp2 and pp2 also sample: the prompt goes through the halo of the short convs and through the pipeline.
     runs = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2"], "cp2": ["parallel.cp=2", *SAMPLE],
             "cp2_lr_perturbed": ["parallel.cp=2", perturbed_lr(TINY)],
+            "cp2_documents": ["parallel.cp=2", "data.document_mask=true"],
             "pp2": ["parallel.pp=2", "train.micro_batch_size=4", *SAMPLE]}
-    checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [
+    checks = TP_CHECKS + [TP_PERTURBED] + CP_CHECKS + HYBRID_CP_CHECKS[2] + [HYBRID_DOCUMENTS[2]] + [
         train_check(runs_dir / name, data_cache, *o, config=TINY, summary=True) for name, o in runs.items()]
     runs["hybrid_cp2"] = None  # ring attention and state passing on one contiguous layout
     checks.append(train_check(runs_dir / "hybrid_cp2", data_cache, "parallel.cp=2", config=HYBRID))
     results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
     return {"tp": [next(results) for _ in TP_CHECKS], "tp_perturbed": next(results),
             "cp": [next(results) for _ in CP_CHECKS], "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[2]],
-            "runs": dict(zip(runs, results))}
+            "hybrid_documents": next(results), "runs": dict(zip(runs, results))}
 
 
 @pytest.fixture(scope="module")
 def four(runs_dir, two):
-    results = iter(r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE] + HYBRID_CP_CHECKS[4] + [HYBRID_NEGATIVE],
-                                                runs_dir / "world4"))
-    return {"cp": [next(results) for _ in CP_CHECKS], "negative": next(results),
-            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results)}
+    results = iter(r.value() for r in run_world(4, CP_CHECKS + [NEGATIVE, DOCUMENTS_NEGATIVE] + HYBRID_CP_CHECKS[4]
+                                                + [HYBRID_NEGATIVE, HYBRID_DOCUMENTS[4]], runs_dir / "world4"))
+    return {"cp": [next(results) for _ in CP_CHECKS], "negative": next(results), "documents_negative": next(results),
+            "hybrid": [next(results) for _ in HYBRID_CP_CHECKS[4]], "hybrid_negative": next(results),
+            "hybrid_documents": next(results)}
 
 
 def one_process_checks(workdir: Path, cache: Path) -> dict:
     return {"tiny": train_check(workdir / "one", cache, *SAMPLE, config=TINY, summary=True),
-            "hybrid": train_check(workdir / "hybrid_one", cache, config=HYBRID)}
+            "hybrid": train_check(workdir / "hybrid_one", cache, config=HYBRID),
+            "tiny_documents": train_check(workdir / "one_documents", cache, "data.document_mask=true", config=TINY)}
 
 
 @pytest.fixture(scope="module")
 def one(one_process):
-    return {name: one_process[f"test_deltanet:{name}"].value() for name in ("tiny", "hybrid")}
+    return {name: one_process[f"test_deltanet:{name}"].value() for name in ("tiny", "hybrid", "tiny_documents")}
 
 
 def _beyond_tp_tolerance(errors: dict[str, float]) -> dict[str, float]:
@@ -288,6 +340,12 @@ def test_summed_states_negative_control(four):
     assert four["negative"]["abs:out"] > 1e-3
 
 
+def test_documents_missed_at_rank_edges_negative_control(four):
+    """Packed documents at cp=4 with the state passing blind to documents that start at a rank's first
+    token (it takes the previous rank's state there): far off."""
+    assert four["documents_negative"]["abs:out"] > 1e-3
+
+
 @pytest.mark.parametrize("cp,mode", [(cp, mode) for cp, modes in HYBRID_CP_MODES.items() for mode in modes])
 def test_hybrid_stack_cp_matches_one_device(two, four, cp, mode):
     """The hybrid model (DeltaNet + softmax layers, one contiguous layout) split over cp ranks: logits
@@ -296,6 +354,13 @@ def test_hybrid_stack_cp_matches_one_device(two, four, cp, mode):
     assert any(k.startswith("abs:grad:") and "conv" in k for k in errors)
     assert any(k.startswith("abs:grad:") and ".wq." in k for k in errors)
     _assert_cp(errors, "fp64")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_hybrid_stack_with_documents_cp_matches_one_device(two, four, cp):
+    """The hybrid stack on rows of packed documents (boundaries at rank edges, inside chunks, in the
+    conv halo), per-document positions: cp 2 ring and cp 4 Ulysses x ring against one device (fp64)."""
+    _assert_cp((two if cp == 2 else four)["hybrid_documents"], "fp64")
 
 
 def test_hybrid_stack_on_the_wrong_layout_negative_control(four):
@@ -317,6 +382,14 @@ def test_greedy_sample_matches_one_process(two, one, run):
 def test_perturbed_run_fails_the_comparison(two, one):
     """Negative control: cp=2 with the learning rate off by LR_PERTURBATION does not match."""
     assert_losses_differ(two["runs"]["cp2_lr_perturbed"]["losses"], one["tiny"]["losses"])
+
+
+def test_documents_cp2_run_matches_one_process(two, one):
+    """configs/deltanet/tiny.yaml with data.document_mask=true (state, convs, halo and state passing
+    reset at documents) at cp=2 gives the one-process losses with the same masks; control: those
+    differ from the unmasked run's, so the batches' documents reach the model."""
+    assert_same_losses(two["runs"]["cp2_documents"]["losses"], one["tiny_documents"])
+    assert_losses_differ(one["tiny_documents"], one["tiny"]["losses"])
 
 
 def test_hybrid_cp2_run_matches_one_process(two, one):

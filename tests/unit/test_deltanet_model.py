@@ -1,5 +1,6 @@
-"""The DeltaNet model on one process: causality (convs included), the hybrid layout, init, the
-linear-attention baseline (mixer_rule), and the refusal of the zigzag cp layout (FLOPs: test_flops.py)."""
+"""The DeltaNet model on one process: causality (convs included), packed documents (each document as if
+alone), the hybrid layout, init, the linear-attention baseline (mixer_rule), and the refusal of the
+zigzag cp layout (FLOPs: test_flops.py)."""
 import pytest
 import torch
 
@@ -77,3 +78,63 @@ def test_zigzag_refused_for_state_passing():
     assert "cp_layout=contiguous" in contiguous_problem(ParallelizeOptions(cp_layout="zigzag"), 2)
     assert contiguous_problem(ParallelizeOptions(cp_layout="contiguous"), 2) is None
     assert contiguous_problem(ParallelizeOptions(cp_mode="ulysses"), 2) is None  # a ring of one: in order
+
+
+# Two rows of 23 tokens: documents of 6, 1, 9, 7 and of 3, 4, 16 tokens (a one-token document; a
+# boundary 1 token after another, inside the conv's reach; chunk 4 puts boundaries on and off chunk edges).
+PACKED_LENGTHS = [(6, 1, 9, 7), (3, 4, 16)]
+
+
+def _packed_row_ids() -> torch.Tensor:
+    return torch.stack([torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+                        for lengths in PACKED_LENGTHS])
+
+
+def test_short_conv_stays_inside_documents():
+    """With document_ids each document is convolved as if alone (zeros before its first token)."""
+    conv = ShortConvolution(3, 4).double()
+    torch.nn.init.normal_(conv.weight, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 23, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = conv(x, _packed_row_ids())
+    for row, lengths in enumerate(PACKED_LENGTHS):
+        edges = torch.tensor((0, *lengths)).cumsum(0).tolist()
+        for lo, hi in zip(edges, edges[1:]):
+            torch.testing.assert_close(y[row:row + 1, lo:hi], conv(x[row:row + 1, lo:hi]), rtol=0, atol=1e-14)
+    assert (y - conv(x)).abs().max() > 1e-2  # control: without the ids the taps cross the boundaries
+
+
+@pytest.mark.parametrize("rule,attention_layers", [("delta", []), ("linear", []), ("delta", [1])],
+                         ids=["delta", "linear", "hybrid"])
+def test_each_document_equals_the_document_alone(rule, attention_layers):
+    """A DeltaNet model (short convs, gate, negative eigenvalues; or linear attention; or the hybrid
+    with softmax attention at layer 1) in fp64: the logits of every document of a packed row, with
+    positions restarting at each document, equal that document run alone; the same rows without
+    document_ids (mask off, positions still per document) differ after the first document."""
+    model = _model(use_gate=True, allow_neg_eigval=rule == "delta", mixer_rule=rule,
+                   attention_layers=attention_layers).double()
+    tokens = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(2))
+    ids = _packed_row_ids()
+    starts = torch.cat([torch.ones(2, 1, dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], dim=1)
+    first = torch.cummax(torch.where(starts, torch.arange(23), 0), dim=1).values  # each token's document start
+    positions = torch.arange(23) - first
+    with torch.no_grad():
+        packed, unmasked = model(tokens, positions, document_ids=ids), model(tokens, positions)
+        for row, lengths in enumerate(PACKED_LENGTHS):
+            edges = torch.tensor((0, *lengths)).cumsum(0).tolist()
+            for lo, hi in zip(edges, edges[1:]):
+                alone = model(tokens[row:row + 1, lo:hi])
+                assert (packed[row:row + 1, lo:hi] - alone).abs().max() <= 1e-12, (row, lo, hi)
+                if lo > 0:  # mask-off control
+                    assert (unmasked[row:row + 1, lo:hi] - alone).abs().max() > 1e-3, (row, lo, hi)
+
+
+def test_document_ids_reach_the_mixer_of_every_layer():
+    model = _model(attention_layers=[1])
+    seen = []
+    for block in model.layers.values():
+        mixer = getattr(block.attention, "core_mixer", None) or block.attention.core_attention
+        mixer.register_forward_hook(lambda _m, _a, kwargs, _o: seen.append(kwargs["document_ids"]), with_kwargs=True)
+    ids = _packed_row_ids()
+    with torch.no_grad():
+        model(torch.zeros(2, 23, dtype=torch.long), document_ids=ids)
+    assert len(seen) == 3 and all(s is ids for s in seen)

@@ -1,6 +1,6 @@
 """models/deltanet/ops: chunkwise == recurrence (values and gradients), the affine state map CP folds,
-closed-form properties of the delta rule, the plain-linear-attention baseline (the same checks, and
-its closed form), and the dispatchers."""
+packed documents (resets in the ops and cuts of the state maps), closed-form properties of the delta
+rule, the plain-linear-attention baseline (the same checks, and its closed form), and the dispatchers."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,6 +187,120 @@ def test_state_map_is_kept_in_fp32_or_fp64(dtype, map_dtype):
     M, S_ext = delta_rule_state_map(k, v, beta)
     assert M.dtype == map_dtype and S_ext.dtype == map_dtype
     assert M.shape == (B, H, DK, DK) and S_ext.shape == (B, H, DK, DV)
+
+
+# ---------------------------------------------------------------- packed documents
+
+def document_ids(T: int, *rows: tuple[int, ...]) -> torch.Tensor:
+    """[len(rows), T] ids 0, 1, 2, ...: row i starts a new document at each offset in rows[i]."""
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    for row, starts in zip(ids, rows):
+        for t in starts:
+            row[t:] += 1
+    return ids
+
+
+# Chunk 8 over T = 40: boundaries on chunk edges (8, 16, 32), inside chunks (3, 21, 37), several in
+# one chunk (17, 19, 21, 22), a one-token document (19 -> 21 has two tokens, 21 one, 37..39 the tail)
+DOCUMENTS = document_ids(40, (3, 8, 16, 32, 37), (17, 19, 21, 22, 32))
+PACKED = {"delta": (make_inputs, delta_rule_recurrent, delta_rule_chunked, NAMES),
+          "linear": (linear_inputs, linear_attention_recurrent, linear_attention_chunked, LINEAR_NAMES)}
+
+
+@pytest.mark.parametrize("rule", PACKED)
+@pytest.mark.parametrize("chunk", [4, 8, 16, 64])
+def test_documents_chunked_matches_recurrence(rule, chunk):
+    """Values and gradients of the chunked op with document resets against the token-by-token
+    reference (fp64); with a chunk of 8 the boundaries fall on chunk edges, inside chunks and
+    several in one chunk, and 64 puts them all in one chunk."""
+    inputs_fn, reference, chunked, names = PACKED[rule]
+    inputs = inputs_fn(40, seed=21, **({"beta_max": 2.0} if rule == "delta" else {}))
+    ref = values_and_grads(reference, inputs, document_ids=DOCUMENTS)
+    assert_all_close(values_and_grads(chunked, inputs, chunk_size=chunk, document_ids=DOCUMENTS), ref, 1e-10, names)
+    # mask-off control: the same op without the document ids is far off
+    assert err(values_and_grads(chunked, inputs, chunk_size=chunk)[0], ref[0]) > 0.1
+
+
+def test_documents_chunked_fp32_matches_fp64_reference():
+    inputs = make_inputs(40, seed=22)
+    o_ref, s_ref = delta_rule_recurrent(*inputs, document_ids=DOCUMENTS)
+    o, s = delta_rule_chunked(*[x.float() for x in inputs], chunk_size=8, document_ids=DOCUMENTS)
+    assert err(o, o_ref) <= 1e-5 and err(s, s_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("fn", [delta_rule_recurrent, lambda *a, **kw: delta_rule_chunked(*a, chunk_size=8, **kw)],
+                         ids=["recurrent", "chunked"])
+def test_each_document_equals_the_document_alone(fn):
+    """Each document of a packed row gives the outputs of that document run alone from a zero state
+    (the first one from the initial state), and the final state is the last document's."""
+    q, k, v, beta, s0 = make_inputs(40, seed=23)
+    o, s = fn(q, k, v, beta, s0, document_ids=DOCUMENTS)
+    for row in range(B):
+        edges = [0, *document_starts_of(DOCUMENTS[row]), 40]
+        for index, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            alone = [x[row:row + 1, lo:hi] for x in (q, k, v, beta)]
+            o_alone, s_alone = delta_rule_recurrent(*alone, s0[row:row + 1] if index == 0 else None)
+            assert err(o[row:row + 1, lo:hi], o_alone) <= 1e-12, (row, lo, hi)
+        assert err(s[row:row + 1], s_alone) <= 1e-12
+
+
+def document_starts_of(ids: torch.Tensor) -> list[int]:
+    return (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()
+
+
+def test_documents_chunked_backward_gradcheck():
+    g = torch.Generator().manual_seed(24)
+    q = F.normalize(torch.randn(1, 9, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(1, 9, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
+    v = torch.randn(1, 9, 1, 2, generator=g, dtype=F64, requires_grad=True)
+    beta = torch.rand(1, 9, 1, generator=g, dtype=F64, requires_grad=True)
+    s0 = torch.randn(1, 1, 3, 2, generator=g, dtype=F64, requires_grad=True)
+    ids = document_ids(9, (2, 3, 7))
+    assert torch.autograd.gradcheck(lambda *x: delta_rule_chunked(*x, chunk_size=3, document_ids=ids),
+                                    (q, k, v, beta, s0))
+
+
+@pytest.mark.parametrize("rule", PACKED)
+@pytest.mark.parametrize("pieces", [[11, 5, 16, 8], [8, 8, 16, 8]], ids=["cut", "aligned"])
+def test_documents_cut_the_state_maps(rule, pieces):
+    """What context parallelism does with documents, on one device: each piece's map resets at its
+    documents (M = 0 past a boundary), and where a piece starts a new document its incoming state and
+    its M are zeroed; folded in order this gives the whole sequence's outputs, final state and
+    gradients. "cut": pieces of 11, 5, 16, 8 tokens (the piece at 11 starts inside a document, the
+    one at 16 at a boundary); "aligned": piece edges on boundaries."""
+    inputs_fn, reference, chunked, names = PACKED[rule]
+    inputs = inputs_fn(40, seed=25)
+    ref = values_and_grads(reference, inputs, document_ids=DOCUMENTS)
+    ids = list(torch.split(DOCUMENTS, pieces, dim=1))
+
+    def cp_like(*xs):
+        *tensors, s0 = xs
+        beta = tensors[3] if rule == "delta" else None
+        parts = [list(torch.split(x, pieces, dim=1)) for x in tensors[:3]]
+        betas = list(torch.split(beta, pieces, dim=1)) if beta is not None else [None] * len(pieces)
+        maps, continues = [], []
+        for j, (kp, vp, bp, ip) in enumerate(zip(parts[1], parts[2], betas, ids)):
+            same = torch.ones(B, dtype=F64) if j == 0 else (ip[:, 0] == ids[j - 1][:, -1]).to(F64)
+            continues.append(same[:, None, None, None])
+            M, S_ext = mixer_rule_state_map(rule, kp, vp, bp, chunk_size=4, document_ids=ip)
+            maps.append((continues[-1] * M, S_ext))
+        incoming, final = fold_state_maps(maps, s0)
+        outs = [apply_mixer_rule(rule, qp, kp, vp, bp, keep * s_in, chunk_size=4, document_ids=ip)[0]
+                for qp, kp, vp, bp, s_in, keep, ip in zip(*parts, betas, incoming, continues, ids)]
+        return torch.cat(outs, dim=1), final
+
+    assert_all_close(values_and_grads(cp_like, inputs), ref, 1e-10, names)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, ids: delta_rule(*x, document_ids=ids[:, :5]), "document_ids must be"),
+    (lambda x, ids: delta_rule(*x, document_ids=ids.double()), "document_ids must be"),
+    (lambda x, ids: delta_rule_state_map(*x[1:4], document_ids=ids[:1]), "document_ids must be"),
+    (lambda x, ids: delta_rule(*x, document_ids=ids, backend="fla"), "not wired for document_ids")])
+def test_document_id_errors(call, message):
+    inputs = make_inputs(6)
+    with pytest.raises(ValueError, match=message):
+        call(inputs, document_ids(6, (2,), (4,)))
 
 
 # ---------------------------------------------------------------- closed forms

@@ -68,7 +68,7 @@ def test_llm_packed_documents_equal_each_document_alone():
 
 def test_hybrid_attention_layers_keep_to_their_document():
     """The DeltaNet hybrid's softmax layers: each document's output equals the layer on it alone (DeltaNet's
-    own layers reset their state in a separate change, and refuse documents until then)."""
+    own layers reset their state: tests/unit/test_deltanet_model.py)."""
     cfg = DeltaNetConfig(dim=32, n_layers=3, n_heads=2, vocab_size=50, multiple_of=16, chunk_size=4, init_std=0.3,
                          attention_layers=[1])
     model = DeltaNet(cfg).double()
@@ -84,8 +84,6 @@ def test_hybrid_attention_layers_keep_to_their_document():
             worst = max(worst, (packed[0, start:start + length] - alone[0]).abs().max().item())
             start += length
         assert check(worst), (with_documents, worst)
-    with pytest.raises(ValueError, match="data.document_mask=false"):
-        model(torch.zeros(1, SEQ, dtype=torch.long), document_ids=ids[:1])
 
 
 def test_decreasing_document_ids_are_refused():

@@ -32,6 +32,11 @@ Backends of `delta_rule`: "recurrent", "chunked", "fla" (flash-linear-attention'
 and "auto": fla for CUDA fp16/bf16 inputs when the `fla` package imports, else "chunked".
 The fla path is NOT exercised by this repo's CPU tests (fla is a `gpu` extra).
 
+Packed documents: every op and state map takes `document_ids` [B, T] (integers, None: one
+document) and resets the state to zero before each token whose id differs from the previous
+token's; the first token continues `initial_state` (recurrent.py, chunked.py, state_map.py). The
+fla backend takes no document ids here ("auto" picks the chunked op when they are given).
+
 Dtypes: fp64 inputs are computed in fp64, all others in fp32; o comes back in v's dtype, the final
 state in fp32 (fp64 for fp64 inputs) — as fla returns it.
 """
@@ -105,32 +110,36 @@ def _delta_rule_fla(q, k, v, beta, initial_state, scale):  # pragma: no cover - 
 
 def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
                initial_state: torch.Tensor | None = None, scale: float | None = None,
-               chunk_size: int = 64, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+               chunk_size: int = 64, backend: str = "auto",
+               document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, Dv], final_state [B, H, Dk, Dv]) of the delta rule; see the module docstring."""
     if backend not in BACKENDS:
         raise ValueError(f"delta rule: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    check_inputs(q, k, v, beta, initial_state)
+    check_inputs(q, k, v, beta, initial_state, document_ids=document_ids)
     if backend == "auto":
-        backend = "fla" if q.is_cuda and q.dtype in FLA_DTYPES and fla_available() else "chunked"
+        backend = "fla" if (q.is_cuda and q.dtype in FLA_DTYPES and fla_available()
+                            and document_ids is None) else "chunked"
     if backend == "fla":
-        problem = _fla_problem(q)
+        problem = _fla_problem(q) if document_ids is None else \
+            "the fla backend is not wired for document_ids (packed documents); use backend='chunked'"
         if problem is not None:
             raise ValueError(f"delta rule: {problem}")
         return _delta_rule_fla(q, k, v, beta, initial_state, scale)
     if backend == "recurrent":
-        return delta_rule_recurrent(q, k, v, beta, initial_state, scale)
-    return delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size)
+        return delta_rule_recurrent(q, k, v, beta, initial_state, scale, document_ids)
+    return delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size, document_ids)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None = None,
                      scale: float | None = None, chunk_size: int = 64,
-                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     backend: str = "auto",
+                     document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T, H, Dv], final_state [B, H, Dk, Dv]) of plain linear attention; "auto" is "chunked"."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"linear attention: unknown backend {backend!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
     if backend == "recurrent":
-        return linear_attention_recurrent(q, k, v, initial_state, scale)
-    return linear_attention_chunked(q, k, v, initial_state, scale, chunk_size)
+        return linear_attention_recurrent(q, k, v, initial_state, scale, document_ids)
+    return linear_attention_chunked(q, k, v, initial_state, scale, chunk_size, document_ids)
 
 
 def _check_rule(rule: str, beta: torch.Tensor | None) -> None:
@@ -142,18 +151,22 @@ def _check_rule(rule: str, beta: torch.Tensor | None) -> None:
 
 def apply_mixer_rule(rule: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
                      initial_state: torch.Tensor | None = None, chunk_size: int = 64,
-                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                     backend: str = "auto",
+                     document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(o, final_state) of `rule` ("delta" with beta, "linear" with beta=None); default scale."""
     _check_rule(rule, beta)
     if rule == "delta":
-        return delta_rule(q, k, v, beta, initial_state, chunk_size=chunk_size, backend=backend)
-    return linear_attention(q, k, v, initial_state, chunk_size=chunk_size, backend=backend)
+        return delta_rule(q, k, v, beta, initial_state, chunk_size=chunk_size, backend=backend,
+                          document_ids=document_ids)
+    return linear_attention(q, k, v, initial_state, chunk_size=chunk_size, backend=backend,
+                            document_ids=document_ids)
 
 
 def mixer_rule_state_map(rule: str, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | None,
-                         chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_size: int = 64,
+                         document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, S_ext) of a stretch of tokens under `rule`, for context parallelism's fold."""
     _check_rule(rule, beta)
     if rule == "delta":
-        return delta_rule_state_map(k, v, beta, chunk_size=chunk_size)
-    return linear_attention_state_map(k, v)
+        return delta_rule_state_map(k, v, beta, chunk_size=chunk_size, document_ids=document_ids)
+    return linear_attention_state_map(k, v, document_ids)

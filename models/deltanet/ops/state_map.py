@@ -18,6 +18,12 @@ all-gathered, and rank r's incoming state is the *ordered* fold over ranks j < r
 linear attention) is wrong. Rank r then runs `delta_rule(..., initial_state=S_in_r)` on its chunk.
 In backward, the gradient of S_in_r flows right to left through M_j^T; autograd through these
 functions gives exactly that on one device (tested), a distributed hook has to do it by hand.
+Packed documents (`document_ids`): a boundary inside the stretch cuts the map. S_in reaches only
+the tokens before the first boundary, so M = 0 (per batch row) when there is one, and S_ext is the
+state of the stretch's last document alone (built from the chunk maps, which reset; chunked.py).
+The stretch's first token continues S_in's document; whether it does across cp ranks is the CP
+hook's call (parallel/context/mixer.py), which zeroes M and S_in where it does not.
+
 Cost: the map redoes the chunk solves that the rank's `delta_rule` call does again; a fused
 version can share `chunk_pieces` between the two.
 """
@@ -25,13 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from models.deltanet.ops._inputs import check_inputs, compute_dtype
-from models.deltanet.ops.chunked import chunk_pieces
+from models.deltanet.ops.chunked import chunk_documents, chunk_pieces
 
 
-def delta_rule_state_map(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
-                         chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M [B, H, Dk, Dk], S_ext [B, H, Dk, Dv]) of the tokens k, v [B, T, H, D], beta [B, T, H]."""
-    B, T, H, Dk, Dv = check_inputs(None, k, v, beta)
+def delta_rule_state_map(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, chunk_size: int = 64,
+                         document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M [B, H, Dk, Dk], S_ext [B, H, Dk, Dv]) of the tokens k, v [B, T, H, D], beta [B, T, H]
+    (document_ids [B, T]: reset at each document start)."""
+    B, T, H, Dk, Dv = check_inputs(None, k, v, beta, document_ids=document_ids)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"delta rule: chunk_size must be a positive int, got {chunk_size!r}")
     dt = compute_dtype(k.dtype)
@@ -39,7 +46,9 @@ def delta_rule_state_map(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     X = torch.cat([torch.eye(Dk, dtype=dt, device=k.device).expand(B * H, Dk, Dk),
                    k.new_zeros(B * H, Dk, Dv, dtype=dt)], dim=-1)
     if T > 0:
-        _, _, _, M, E = chunk_pieces(k, v, beta, min(chunk_size, T), dt)
+        chunk = min(chunk_size, T)
+        docs = chunk_documents(document_ids, chunk, -(-T // chunk), dt) if document_ids is not None else None
+        _, _, _, M, E = chunk_pieces(k, v, beta, chunk, dt, docs)
         Ms = M.permute(2, 0, 1, 3, 4).flatten(1, 2).unbind(0)
         Es = F.pad(E, (Dk, 0)).permute(2, 0, 1, 3, 4).flatten(1, 2).unbind(0)
         for M_n, E_n in zip(Ms, Es):
