@@ -133,20 +133,9 @@ def convert(name: str, source: Path | str, out: Path | str, *options: str,
 
 def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-hf`: OUT, a Hugging Face model directory of SOURCE's weights."""
-    out, checkpoint, run_dir, saved = open_source(args, log)
-    family = saved["meta"].get("family")
-    spec = get_model_spec(family)
-    if "hf" not in spec.state_dict_adapters:
-        raise UserError(f"{checkpoint} holds a {family} model, which has no Hugging Face mapping; `convert {TO_HF}` "
-                        f"converts {', '.join(f for f in FAMILIES if 'hf' in get_model_spec(f).state_dict_adapters)} "
-                        f"checkpoints")
-    adapter = spec.state_dict_adapters["hf"]
-    cfg = source_config(run_dir, saved, checkpoint)
-    model_cfg = cfg.model_config()
-    try:
-        hf_config = adapter.export_config(model_cfg, cfg.train.seq_len)
-    except ValueError as e:
-        raise UserError(f"convert {TO_HF}: {checkpoint} cannot be expressed in Hugging Face's format: {e}") from None
+    out, checkpoint, run_dir, saved, spec, cfg, hf_config = open_export(args, log, "hf", TO_HF,
+                                                                        "Hugging Face's format")
+    adapter, model_cfg = spec.state_dict_adapters["hf"], cfg.model_config()
     log(f"convert {TO_HF}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({hf_config['architectures'][0]}, "
         f"{args.dtype})")
 
@@ -159,6 +148,24 @@ def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     log(f"wrote {out}: {len(layout)} tensors, {sum(t.numel() for t in layout.values()):,} parameters; load it with "
         f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
     return out
+
+
+def open_export(args: argparse.Namespace, log: Callable[[str], None], adapter_key: str, command: str, target: str):
+    """(OUT, SOURCE's checkpoint, its run directory, check_complete of it, its family's spec, its run's config, the
+    target format's model config) for an export through the family's `adapter_key` state-dict adapter."""
+    out, checkpoint, run_dir, saved = open_source(args, log)
+    family = saved["meta"].get("family")
+    spec = get_model_spec(family)
+    if adapter_key not in spec.state_dict_adapters:
+        able = [f for f in FAMILIES if adapter_key in get_model_spec(f).state_dict_adapters]
+        raise UserError(f"{checkpoint} holds a {family} model, which has no mapping to {target}; `convert {command}` "
+                        f"converts {', '.join(able)} checkpoints")
+    cfg = source_config(run_dir, saved, checkpoint)
+    try:
+        exported_config = spec.state_dict_adapters[adapter_key].export_config(cfg.model_config(), cfg.train.seq_len)
+    except ValueError as e:
+        raise UserError(f"convert {command}: {checkpoint} cannot be expressed as {target}: {e}") from None
+    return out, checkpoint, run_dir, saved, spec, cfg, exported_config
 
 
 def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], dict], dtype: torch.dtype):
@@ -237,22 +244,9 @@ def _add_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
 
 def export_megatron(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-megatron`: OUT, a Megatron-Core dist checkpoint of SOURCE's weights and its gpt_config.json."""
-    out, checkpoint, run_dir, saved = open_source(args, log)
-    family = saved["meta"].get("family")
-    spec = get_model_spec(family)
-    if "megatron" not in spec.state_dict_adapters:
-        raise UserError(f"{checkpoint} holds a {family} model, which has no Megatron-Core mapping; `convert "
-                        f"{TO_MEGATRON}` converts "
-                        f"{', '.join(f for f in FAMILIES if 'megatron' in get_model_spec(f).state_dict_adapters)} "
-                        f"checkpoints")
-    adapter = spec.state_dict_adapters["megatron"]
-    cfg = source_config(run_dir, saved, checkpoint)
-    model_cfg = cfg.model_config()
-    try:
-        gpt_config = adapter.export_config(model_cfg, cfg.train.seq_len)
-    except ValueError as e:
-        raise UserError(f"convert {TO_MEGATRON}: {checkpoint} cannot be expressed as Megatron-Core's GPTModel: "
-                        f"{e}") from None
+    out, checkpoint, run_dir, saved, spec, cfg, gpt_config = open_export(args, log, "megatron", TO_MEGATRON,
+                                                                         "Megatron-Core's GPTModel")
+    adapter, model_cfg = spec.state_dict_adapters["megatron"], cfg.model_config()
     log(f"convert {TO_MEGATRON}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({args.dtype})")
 
     source_loaders(spec, cfg, saved, checkpoint, log)  # checks the checkpoint's tokenizer is the config's

@@ -5,6 +5,7 @@ tp=2 alone, and under pipeline parallelism against one process.
 The aux and z losses are functions of each forward's batch (all ranks of the batch group), so a
 run equals one process only when its forwards see the same sequences: the references use the
 micro-batch size that gives that."""
+import json
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,8 @@ def layer_parity(ep: int) -> dict[str, float]:
 
 MICRO4 = "train.micro_batch_size=4"
 
+# Mixtral's form: every layer MoE, renormalized top-k, no shared experts (the tiny config is Qwen2-MoE's).
+MIXTRAL = ("model.n_dense_layers=0", "model.n_shared_experts=0", "model.renormalize=true")
 # DeepSeek-V3-style routing: sigmoid scores, group-limited, a shared expert, aux-loss-free bias updates.
 DEEPSEEK = ("model.router=sigmoid", "model.bias_update_rate=0.01", "model.n_groups=4", "model.topk_groups=2",
             "model.n_shared_experts=1")
@@ -136,7 +139,12 @@ def world4(tmp_path_factory, data_cache):
               train_check(workdir / "ep2tp2", data_cache, "parallel.ep=2", "parallel.tp=2", "parallel.dp_shard=2",
                           MICRO4, config=MOE_TINY),
               train_check(workdir / "pp2ep2", data_cache, "parallel.pp=2", "parallel.ep=2", "parallel.dp_shard=2",
-                          "train.micro_batch_size=2", config=MOE_TINY)]
+                          "train.micro_batch_size=2", config=MOE_TINY),
+              # The other two Hugging Face forms, trained under ep2 x tp2 to be exported (see HF_FORMS).
+              train_check(workdir / "ep2tp2_mixtral", data_cache, "parallel.ep=2", "parallel.tp=2",
+                          "parallel.dp_shard=2", MICRO4, *MIXTRAL, config=MOE_TINY),
+              train_check(workdir / "ep2tp2_glm4", data_cache, "parallel.ep=2", "parallel.tp=2", "parallel.dp_shard=2",
+                          MICRO4, *DEEPSEEK, config=MOE_TINY)]
     return {**dict(enumerate(run_world(4, checks, workdir))), "dir": workdir}
 
 
@@ -183,13 +191,20 @@ def test_tiny_moe_ep2_tp2_matches_one_process(world4, moe_reference):
     assert_same_losses(world4[3].value(), moe_reference)
 
 
-def test_hf_export_of_the_ep2_tp2_and_pp2_ep2_checkpoints_computes_their_logits(world4, tmp_path):
-    """`convert to-hf` of the tiny MoE trained 10 steps at ep2 x tp2 x dp2 and at pp2 x ep2 x dp2 (experts sharded
-    over ep, tp-sharded attention, stages): the exported tensors are the checkpoint's bit for bit, and transformers'
-    Qwen2MoeForCausalLM loaded from the export computes our logits."""
-    for run in ("ep2tp2", "pp2ep2"):
-        assert world4[{"ep2tp2": 3, "pp2ep2": 4}[run]].value()  # the run finished
-        export_and_check(world4["dir"] / run, tmp_path / run)
+# Runs of world4 exported to Hugging Face: run name -> (its index in world4, the class the export must be).
+HF_FORMS = {"ep2tp2": (3, "Qwen2MoeForCausalLM"), "pp2ep2": (4, "Qwen2MoeForCausalLM"),
+            "ep2tp2_mixtral": (5, "MixtralForCausalLM"), "ep2tp2_glm4": (6, "Glm4MoeForCausalLM")}
+
+
+@pytest.mark.parametrize("run", HF_FORMS)
+def test_hf_export_of_checkpoints_trained_under_ep_tp_pp_computes_their_logits(world4, tmp_path, run):
+    """`convert to-hf` of the tiny MoE trained 10 steps at ep2 x tp2 x dp2 (each of the three HF forms) and at
+    pp2 x ep2 x dp2 (experts sharded over ep, tp-sharded attention, stages): the exported tensors are the
+    checkpoint's bit for bit, and transformers' class loaded from the export computes our logits."""
+    index, architecture = HF_FORMS[run]
+    assert world4[index].value()  # the run finished
+    export_and_check(world4["dir"] / run, tmp_path / run)
+    assert json.loads((tmp_path / run / "config.json").read_text())["architectures"] == [architecture]
 
 
 def test_tiny_moe_tp2_without_fsdp_matches_one_process(world2, moe_reference):
@@ -216,8 +231,6 @@ def test_tiny_moe_pp2_ep2_matches_ep2(world2, world4):
 
 def test_moe_metrics_under_pp_cover_every_stage(world2):
     """Per-layer loads come from the stage that holds the layer; the aux loss is their sum."""
-    import json
-
     world2["pp2_1f1b"].value()
     records = [json.loads(line) for line in (world2["dir"] / "pp2_1f1b" / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in records if "moe_aux_loss" in r)

@@ -20,11 +20,11 @@ from launcher.config import load_config
 from launcher.convert import build_model
 from launcher.deepspeed_import import weights_only_torch_load
 from launcher.init_from import open_starting_weights
-from launcher.trainer import model_inputs, train
+from launcher.trainer import train
 from models import get_model_spec
 from tests.conftest import TEST_VOCAB, TINY, tiny_overrides
 from tests.unit.test_hf import SMALL
-from tests.unit.test_init_from import _CreatesMarker, train_error
+from tests.unit.test_init_from import _CreatesMarker, first_batch_loss, train_error
 
 pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
 
@@ -160,14 +160,7 @@ def test_a_run_starts_from_a_step_directory(saved, data_cache, tmp_path, capsys)
                                            "train.steps=1"))
     first = train(cfg)["losses"]
     assert "initialized from the DeepSpeed ZeRO weights" in capsys.readouterr().out
-    spec = get_model_spec("llm")
-    _, loader, _ = spec.data.build_loaders(cfg.data, cfg.train.seq_len, cfg.train.global_batch_size,
-                                           cfg.train.micro_batch_size, 0, 1, cfg.train.seed, log=lambda _: None)
-    (batch,) = loader.micro_batches(0)
-    with torch.no_grad():
-        args, kwargs = model_inputs(spec.data.keys, batch)
-        terms = spec.loss.compute(imported(step_dir)(*args, **kwargs), batch)
-    assert first == [pytest.approx((terms.loss_sum / spec.loss.count(batch)).item(), rel=1e-6, abs=0)]
+    assert first == [pytest.approx(first_batch_loss(cfg, imported(step_dir)), rel=1e-6, abs=0)]
 
 
 @pytest.mark.parametrize("file", ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"])

@@ -157,5 +157,5 @@ def test_a_family_without_a_hf_mapping_is_refused(trained, tmp_path, capsys, mon
     spec = get_model_spec("llm")
     monkeypatch.setattr(launcher.convert, "get_model_spec",
                         lambda family: dataclasses.replace(spec, state_dict_adapters={}))
-    assert "has no Hugging Face mapping" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"))
+    assert "has no mapping to Hugging Face's format" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"))
     assert not any(tmp_path.iterdir())

@@ -17,7 +17,6 @@ import launcher.trainer
 from launcher.checkpoint import Checkpointer
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config
-from launcher.errors import UserError
 from launcher.init_from import open_starting_weights
 from launcher.trainer import model_inputs, train
 from models import get_model_spec
@@ -36,6 +35,29 @@ def exported(trained, tmp_path_factory) -> tuple[Path, Path]:
     return run_dir, to_hf(run_dir, tmp_path_factory.mktemp("export") / "hf")
 
 
+def loaded(path: Path, spec, model_cfg):
+    """(a model initialized with another seed and then filled from `path` by checkpoint.init_from's reader, the
+    StartingWeights that filled it)."""
+    weights = open_starting_weights(path, spec, model_cfg)
+    with torch.device("meta"):
+        model = spec.model_cls(model_cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    weights.load([model])
+    return model, weights
+
+
+def first_batch_loss(cfg, model: torch.nn.Module) -> float:
+    """`model`'s loss on the first micro-batch a one-process run of `cfg` trains on."""
+    spec = get_model_spec(cfg.model.family)
+    _, loader, _ = spec.data.build_loaders(cfg.data, cfg.train.seq_len, cfg.train.global_batch_size,
+                                           cfg.train.micro_batch_size, 0, 1, cfg.train.seed, log=lambda _: None)
+    (batch,) = loader.micro_batches(0)
+    with torch.no_grad():
+        args, kwargs = model_inputs(spec.data.keys, batch)
+        terms = spec.loss.compute(model(*args, **kwargs), batch)
+    return (terms.loss_sum / spec.loss.count(batch)).item()
+
+
 def overrides(run_dir: Path, data_cache: Path, init_from: Path, *extra: str) -> list[str]:
     return tiny_overrides(run_dir, data_cache, *SMALL, f"checkpoint.init_from={init_from}", *extra)
 
@@ -47,11 +69,7 @@ def test_a_native_checkpoints_weights_load_bit_for_bit(trained, data_cache, tmp_
     path = run_dir if source == "run directory" else Checkpointer(run_dir, 1, 0).latest_dir()
     cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, path))
     spec, model_cfg = get_model_spec("llm"), cfg.model_config()
-    weights = open_starting_weights(path, spec, model_cfg)
-    with torch.device("meta"):
-        model = spec.model_cls(model_cfg)
-    materialize(model, torch.device("cpu"), seed=1234)
-    weights.load([model])
+    model, weights = loaded(path, spec, model_cfg)
     expected = saved_model(run_dir).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
     assert weights.tokenizer == json.loads((Checkpointer(run_dir, 1, 0).latest_dir() / "meta.json").read_text())[
@@ -88,10 +106,7 @@ def test_imported_weights_are_the_source_checkpoints_bit_for_bit(exported, data_
         assert len(list(hf.glob("*.safetensors"))) > 1
     cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, hf))
     spec, model_cfg = get_model_spec("llm"), cfg.model_config()
-    with torch.device("meta"):
-        model = spec.model_cls(model_cfg)
-    materialize(model, torch.device("cpu"), seed=1234)
-    open_starting_weights(hf, spec, model_cfg).load([model])
+    model, _ = loaded(hf, spec, model_cfg)
     expected = saved_model(source).state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
 
@@ -105,15 +120,7 @@ def test_a_run_starts_from_the_import_and_resumes_from_its_own_checkpoint(export
     assert "initialized from the Hugging Face weights" in capsys.readouterr().out
 
     # The source model's loss on the run's first batch (the same data settings: the same batch).
-    spec = get_model_spec("llm")
-    _, loader, _ = spec.data.build_loaders(cfg.data, cfg.train.seq_len, cfg.train.global_batch_size,
-                                           cfg.train.micro_batch_size, 0, 1, cfg.train.seed, log=lambda _: None)
-    (batch,) = loader.micro_batches(0)
-    with torch.no_grad():
-        args, kwargs = model_inputs(spec.data.keys, batch)
-        terms = spec.loss.compute(saved_model(source)(*args, **kwargs), batch)
-    source_loss = (terms.loss_sum / spec.loss.count(batch)).item()
-    assert first == [pytest.approx(source_loss, rel=1e-6, abs=0)]
+    assert first == [pytest.approx(first_batch_loss(cfg, saved_model(source)), rel=1e-6, abs=0)]
 
     shutil.rmtree(hf_copy)  # a resume that re-imported would fail preflight on the missing directory
     resumed = train(load_config(TINY, overrides(tmp_path / "run", data_cache, hf_copy, "train.steps=2")))["losses"]
@@ -213,10 +220,7 @@ def test_a_consolidated_file_round_trips_bit_for_bit(trained, data_cache, tmp_pa
 
     cfg = load_config(TINY, overrides(tmp_path / "run", data_cache, file, "model.tie_embeddings=true"))
     spec, model_cfg = get_model_spec("llm"), cfg.model_config()
-    with torch.device("meta"):
-        model = spec.model_cls(model_cfg)
-    materialize(model, torch.device("cpu"), seed=1234)
-    open_starting_weights(file, spec, model_cfg).load([model])
+    model, _ = loaded(file, spec, model_cfg)
     assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
     assert model.output.weight is model.tok_embeddings.weight
 

@@ -20,13 +20,11 @@ import models.llm.megatron
 from launcher.config import load_config
 from launcher.convert import convert, one_process_world, save_megatron
 from launcher.errors import UserError
-from launcher.init_from import open_starting_weights
 from models import get_model_spec
-from parallel.init import materialize
 from tests.conftest import TEST_VOCAB, TINY, tiny_overrides
 from tests.unit.megatron_reference import megatron_world, tokens
 from tests.unit.test_hf import SMALL, saved_model, trained  # noqa: F401  (trained: the fixture)
-from tests.unit.test_init_from import train_error
+from tests.unit.test_init_from import loaded, train_error
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
@@ -54,13 +52,7 @@ def gathered(work: Path, what: str) -> torch.Tensor:
 
 def imported_model(path: Path, data_cache: Path, tmp_path: Path, *extra: str) -> torch.nn.Module:
     cfg = load_config(TINY, tiny_overrides(tmp_path / "run", data_cache, *SMALL, *extra))
-    spec, model_cfg = get_model_spec("llm"), cfg.model_config()
-    weights = open_starting_weights(path, spec, model_cfg)
-    with torch.device("meta"):
-        model = spec.model_cls(model_cfg)
-    materialize(model, torch.device("cpu"), seed=1234)
-    weights.load([model])
-    return model.eval()
+    return loaded(path, get_model_spec("llm"), cfg.model_config())[0].eval()
 
 
 def difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
