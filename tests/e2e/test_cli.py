@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.run_lock import LOCK_FILE
 from tests.conftest import REPO, TINY, tiny_overrides
 
 REQUIRED_METRICS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "mem_peak_gib"}
@@ -26,8 +27,9 @@ def sets(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def tree_digest(path: Path) -> dict[str, str]:
+    """Every file of a run directory but its lock, which each run that starts there takes and names itself in."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 def losses_of(run_dir: Path) -> dict[int, float]:

@@ -28,6 +28,7 @@ from launcher.config import load_config
 from launcher.safe_dcp import load as safe_load
 from launcher.trainer import TrainStep, train
 from tests.conftest import TINY, tiny_overrides
+from tests.e2e.test_cli import losses_of, tree_digest
 
 pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
 
@@ -63,16 +64,6 @@ def error_line(code: int, output: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     return errors[0]
-
-
-def losses_of(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
