@@ -17,7 +17,8 @@ import re
 
 import torch
 
-from models.llm.hf import LLAMA_FIELDS, check_mapped, half_to_interleaved_rotation, interleaved_to_half_rotation
+from models.llm.hf import (LLAMA_FIELDS, NATIVE_LAYER, check_mapped, half_to_interleaved_rotation,
+                           interleaved_to_half_rotation, rename)
 from models.llm.model import LLMConfig
 
 # native name in a layer -> Megatron's, for the tensors that are not fused.
@@ -34,7 +35,6 @@ _FUSED = {QKV: ("attention.wq.weight", "attention.wk.weight", "attention.wv.weig
           FC1: ("feed_forward.w1.weight", "feed_forward.w3.weight")}
 _MEGATRON_LAYER_NAMES = {megatron: native for native, megatron in _LAYER_NAMES.items()}
 _MEGATRON_TOP_NAMES = {megatron: native for native, megatron in _TOP_NAMES.items()}
-_NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 MEGATRON_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
@@ -69,12 +69,9 @@ class MegatronGPTAdapter:
                                    half_to_interleaved_rotation(wk, model_cfg.kv_heads), wv)))
             elif layer and layer[2] == FC1:
                 native.update(zip((f"layers.{layer[1]}.{n}" for n in _FUSED[FC1]), tensor.chunk(2)))
-            elif layer and layer[2] in _MEGATRON_LAYER_NAMES:
-                native[f"layers.{layer[1]}.{_MEGATRON_LAYER_NAMES[layer[2]]}"] = tensor
-            elif name in _MEGATRON_TOP_NAMES:
-                native[_MEGATRON_TOP_NAMES[name]] = tensor
             else:
-                raise ValueError(f"tensor {name} has no counterpart in the llm model")
+                native[rename(name, MEGATRON_LAYER, "layers.{}.{}", _MEGATRON_LAYER_NAMES, _MEGATRON_TOP_NAMES,
+                              "the llm model")] = tensor
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]
         return native
@@ -82,17 +79,13 @@ class MegatronGPTAdapter:
     def from_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         megatron = {}
         for name, tensor in state_dict.items():
-            layer = _NATIVE_LAYER.fullmatch(name)
+            layer = NATIVE_LAYER.fullmatch(name)
             if name == "output.weight" and model_cfg.tie_embeddings:
                 continue  # GPTModel(share_embeddings_and_output_weights=True) has no output_layer in its checkpoint
             if layer and layer[2] in _FUSED[QKV] + _FUSED[FC1]:
                 continue  # fused below, with the layer's other parts
-            if layer and layer[2] in _LAYER_NAMES:
-                megatron[f"decoder.layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"] = tensor
-            elif name in _TOP_NAMES:
-                megatron[_TOP_NAMES[name]] = tensor
-            else:
-                raise ValueError(f"tensor {name} has no counterpart in Megatron-Core's GPTModel")
+            megatron[rename(name, NATIVE_LAYER, "decoder.layers.{}.{}", _LAYER_NAMES, _TOP_NAMES,
+                            "Megatron-Core's GPTModel")] = tensor
         for i in range(model_cfg.n_layers):
             parts = {fused: [state_dict.get(f"layers.{i}.{n}") for n in names] for fused, names in _FUSED.items()}
             if all(t is not None for t in parts[QKV]):
