@@ -87,11 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _add_command_arguments(conversions.add_parser(name, help=f"{command.help} ({family} checkpoints)"), command)
 
 
+def _add_source_and_out(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The two positional arguments of every `convert` sub-command."""
+    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
+    parser.add_argument("out", help=out_help)
+
+
+def _add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+
+
 def _add_command_arguments(parser: argparse.ArgumentParser, command: CheckpointCommand) -> None:
     parser.description = (f"{command.help}. Runs in one process and holds the whole model (twice) in its memory; "
                           f"writes a new run directory that `shardwright train OUT/config.yaml` resumes on any layout.")
-    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
-    parser.add_argument("out", help="the new run directory to write (must not exist)")
+    _add_source_and_out(parser, "the new run directory to write (must not exist)")
     command.add_arguments(parser)
 
 
@@ -101,9 +110,8 @@ TO_HF_HELP = "a Hugging Face model directory (safetensors, config.json, tokenize
 def _add_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"{TO_HF_HELP}, for model families with a Hugging Face mapping. Runs in one process, reads "
                           f"checkpoints of any layout and holds one shard of the output in memory at a time.")
-    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
-    parser.add_argument("out", help="the directory to write (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+    _add_source_and_out(parser, "the directory to write (must not exist)")
+    _add_dtype(parser)
     parser.add_argument("--max-shard-size", default=MAX_SHARD_SIZE,
                         help=f"the largest safetensors file, also what the export holds in memory at once (default "
                              f"{MAX_SHARD_SIZE}; e.g. 500MB, 5GB)")
@@ -207,9 +215,8 @@ def _add_to_file_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"{TO_FILE_HELP}. The file's metadata records the family, architecture, tokenizer and step, "
                           f"checked when a run starts from it. Runs in one process and holds the model once in memory; "
                           f"reads checkpoints of any layout.")
-    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
-    parser.add_argument("out", help="the .safetensors file to write (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+    _add_source_and_out(parser, "the .safetensors file to write (must not exist)")
+    _add_dtype(parser)
 
 
 def export_file(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
@@ -237,9 +244,8 @@ TO_MEGATRON_HELP = "a Megatron-Core dist checkpoint (torch_dist, loadable by GPT
 def _add_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"{TO_MEGATRON_HELP}, for model families with a Megatron-Core mapping. Runs in one process and "
                           f"holds the model once in its memory; reads checkpoints of any layout.")
-    parser.add_argument("source", help="a run directory (its checkpoints/latest) or one of its checkpoints/step-<N>")
-    parser.add_argument("out", help="the directory to write (must not exist)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the weights' dtype (default fp32)")
+    _add_source_and_out(parser, "the directory to write (must not exist)")
+    _add_dtype(parser)
 
 
 def export_megatron(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
