@@ -34,7 +34,7 @@ from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_records, training_flops
 from launcher.optim import Optimizers
 from launcher.run_lock import lock_for_world
-from models import get_model_spec
+from models import configured_spec, get_model_spec
 from models.spec import BatchKey, ModelSpec, StepContext, architecture
 from parallel.context import SequenceLayout
 from parallel.context.apply import gather_sequence
@@ -223,7 +223,8 @@ def train(cfg: Config) -> dict:
     allocator_note = keep_freed_memory() if device.type == "cpu" else None
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
-    spec = get_model_spec(cfg.model.family)
+    model_cfg = cfg.model_config()
+    spec = configured_spec(cfg.model.family, model_cfg)
     t, p = cfg.train, cfg.parallel
     run_dir = Path(cfg.run.dir)
     if rank == 0:
@@ -238,7 +239,6 @@ def train(cfg: Config) -> dict:
         log=lambda message: say(f"[shardwright] {message}"))
 
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
-    model_cfg = cfg.model_config()
     bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device.type == "cuda")
     if p.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")

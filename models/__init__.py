@@ -4,7 +4,8 @@ import importlib
 from models.spec import ModelSpec
 
 # family name -> the module that defines its `model_spec`
-FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet", "tokenformer": "models.tokenformer"}
+FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet", "tokenformer": "models.tokenformer",
+            "matformer": "models.matformer"}
 DEFAULT_FAMILY = "llm"
 
 
@@ -17,3 +18,9 @@ def get_model_spec(family: str) -> ModelSpec:
     if family not in FAMILIES:
         raise KeyError(family)
     return importlib.import_module(FAMILIES[family]).model_spec
+
+
+def configured_spec(family: str, model_cfg) -> ModelSpec:
+    """The spec that trains model_cfg: the family's, or what its `configure` makes of it for this config."""
+    spec = get_model_spec(family)
+    return spec.configure(model_cfg) if spec.configure is not None else spec

@@ -148,12 +148,15 @@ class ModelSpec:
     hooks: TrainingHooks = TrainingHooks()
     state_dict_adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
     checkpoint_commands: dict[str, CheckpointCommand] = field(default_factory=dict)  # by `convert` sub-command name
+    # A family whose data or loss depend on its model config (MatFormer: which submodels a batch runs) gives
+    # the spec to train that config with; None: one spec for every config. See models.configured_spec.
+    configure: Callable[[Any], "ModelSpec"] | None = None
 
 
-def execution_field(default: Any) -> Any:
-    """A model config field that says how to compute, not what (a kernel backend, a chunk length):
-    a checkpoint resumes across a change of it."""
-    return field(default=default, metadata={"execution": True})
+def execution_field(default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A model config field that says how to compute or train, not what function the model computes (a
+    kernel backend, a chunk length, a training mode): a checkpoint resumes across a change of it."""
+    return field(default=default, default_factory=default_factory, metadata={"execution": True})
 
 
 def architecture(model_cfg: Any) -> dict:
