@@ -35,7 +35,7 @@ _HF_TOP_NAMES = {hf: native for native, hf in _TOP_NAMES.items()}
 # Fields that only shape the initialization (or ffn_hidden_dim, which maps): the exported function does not
 # depend on them beyond what the mapped fields say.
 LLAMA_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-                "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init"}
+                "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init", "ffn_hidden_dims"}
 
 
 # config.json fields an import must match -> (the run's config key that sets it, LlamaConfig's default when absent;
@@ -134,7 +134,8 @@ class LlamaAdapter:
     def export_config(self, model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
         check_mapped(model_cfg, LLAMA_FIELDS, "LlamaConfig")
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                **decoder_config(model_cfg, max_position_embeddings), "intermediate_size": model_cfg.ffn_hidden_dim,
+                **decoder_config(model_cfg, max_position_embeddings),
+                "intermediate_size": uniform_ffn_dim(model_cfg, "LlamaConfig"),
                 "attention_bias": False, "mlp_bias": False}
 
 
@@ -150,6 +151,15 @@ def imported_field_problems(config: dict, ours: dict, fields: dict[str, tuple]) 
         if theirs != ours[hf_key]:
             problems.append(f"config.json has {hf_key}={theirs} but the run has {ours[hf_key]}: set {config_key}")
     return problems
+
+
+def uniform_ffn_dim(model_cfg: LLMConfig, target: str) -> int:
+    """The FFN hidden size every layer shares; ValueError when ffn_hidden_dims gives the layers different ones."""
+    sizes = set(model_cfg.layer_ffn_dims())
+    if len(sizes) > 1:
+        raise ValueError(f"model.ffn_hidden_dims={model_cfg.ffn_hidden_dims} differ between layers; {target} has one "
+                         f"FFN size for every layer")
+    return sizes.pop()
 
 
 def check_mapped(model_cfg: LLMConfig, mapped_fields: set[str], hf_config: str) -> None:

@@ -18,7 +18,7 @@ import re
 import torch
 
 from models.llm.hf import (LLAMA_FIELDS, NATIVE_LAYER, check_mapped, half_to_interleaved_rotation,
-                           interleaved_to_half_rotation, rename)
+                           interleaved_to_half_rotation, rename, uniform_ffn_dim)
 from models.llm.model import LLMConfig
 
 # native name in a layer -> Megatron's, for the tensors that are not fused.
@@ -113,7 +113,7 @@ class MegatronGPTAdapter:
         check_mapped(model_cfg, LLAMA_FIELDS, "Megatron-Core's GPTModel")
         return {"num_layers": model_cfg.n_layers, "hidden_size": model_cfg.dim,
                 "num_attention_heads": model_cfg.n_heads, "num_query_groups": model_cfg.kv_heads,
-                "kv_channels": model_cfg.head_dim, "ffn_hidden_size": model_cfg.ffn_hidden_dim,
+                "kv_channels": model_cfg.head_dim, "ffn_hidden_size": uniform_ffn_dim(model_cfg, "Megatron-Core's GPTModel"),
                 "gated_linear_unit": True, "activation_func": "silu", "normalization": "RMSNorm",
                 "layernorm_epsilon": model_cfg.norm_eps, "add_bias_linear": False, "add_qkv_bias": False,
                 "vocab_size": model_cfg.vocab_size, "max_sequence_length": max_position_embeddings,

@@ -1,5 +1,5 @@
 """Llama-style decoder: plain single-device PyTorch. It knows nothing of meshes or shards."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,10 +27,20 @@ class LLMConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     scaled_residual_init: bool = True  # output projections get std / sqrt(2 * n_layers) (GPT-2)
+    # FFN hidden size of each layer (e.g. a MatFormer submodel, models/matformer/extract.py); empty: every layer
+    # ffn_hidden_dim (Llama's rule from dim, multiple_of and ffn_dim_multiplier).
+    ffn_hidden_dims: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         check_sizes(self, positive=("dim", "n_layers", "n_heads", "multiple_of"),
                     non_negative=("n_kv_heads", "vocab_size"))
+        if self.ffn_hidden_dims and type(self) is not LLMConfig:
+            raise ValueError(f"ffn_hidden_dims (per-layer FFN sizes) is an option of the llm family; every FFN of a "
+                             f"{type(self).__name__} has ffn_hidden_dim units (from dim, multiple_of, ffn_dim_multiplier)")
+        if self.ffn_hidden_dims and (len(self.ffn_hidden_dims) != self.n_layers or any(
+                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.ffn_hidden_dims)):
+            raise ValueError(f"ffn_hidden_dims={self.ffn_hidden_dims} must be {self.n_layers} positive integers "
+                             f"(one per layer, model.n_layers) or empty")
 
     @property
     def kv_heads(self) -> int:
@@ -47,6 +57,10 @@ class LLMConfig:
     @property
     def ffn_hidden_dim(self) -> int:
         return swiglu_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def layer_ffn_dims(self) -> list[int]:
+        """The FFN hidden size of each layer."""
+        return list(self.ffn_hidden_dims) or [self.ffn_hidden_dim] * self.n_layers
 
     @property
     def out_std(self) -> float:
@@ -90,9 +104,8 @@ class Transformer(Decoder):
         super().__init__(cfg, Embedding(cfg.vocab_size, cfg.dim, cfg.init_std),
                          {str(i): TransformerBlock(RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg, projection),
                                                    RMSNorm(cfg.dim, cfg.norm_eps),
-                                                   SwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std, cfg.out_std,
-                                                          projection))
-                          for i in range(cfg.n_layers)},
+                                                   SwiGLU(cfg.dim, hidden, cfg.init_std, cfg.out_std, projection))
+                          for i, hidden in enumerate(cfg.layer_ffn_dims())},
                          RMSNorm(cfg.dim, cfg.norm_eps), Linear(cfg.dim, cfg.vocab_size, cfg.init_std),
                          cfg.tie_embeddings)
 
@@ -111,8 +124,7 @@ def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
     t + 1 keys, so the mean context is (seq_len + 1) / 2 (packed documents see fewer: the trainer
     corrects by the pairs a batch really attends, launcher/metrics.py: training_flops).
     """
-    d, hd, ffn = cfg.dim, cfg.head_dim, cfg.ffn_hidden_dim
+    d, hd = cfg.dim, cfg.head_dim
     attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    layer_weights = attn_weights + 3 * d * ffn
-    matmul_weights = cfg.n_layers * layer_weights + d * cfg.vocab_size
+    matmul_weights = cfg.n_layers * attn_weights + sum(3 * d * ffn for ffn in cfg.layer_ffn_dims()) + d * cfg.vocab_size
     return 3 * 2 * matmul_weights + flops_per_attention_pair(cfg) * (seq_len + 1) / 2

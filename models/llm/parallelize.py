@@ -6,6 +6,7 @@ residual stream on the sequence under sequence parallelism. CP swaps each layer'
 for ring / Ulysses / hybrid attention (parallel/context/apply.py). Other families whose blocks
 are shaped like the LLM's reuse these pieces with their own block plans.
 """
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -120,7 +121,7 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions
             fits = cfg.kv_heads % t == 0 if cfg.kv_heads >= t else t % cfg.kv_heads == 0
             return None if fits else f"n_kv_heads {cfg.kv_heads} (one of tp and n_kv_heads must divide the other)"
 
-        problems += tp_problems(dims.tp, {"n_heads": cfg.n_heads, "ffn hidden size": cfg.ffn_hidden_dim,
+        problems += tp_problems(dims.tp, {"n_heads": cfg.n_heads, "ffn hidden size": math.gcd(*cfg.layer_ffn_dims()),
                                           "vocab_size": cfg.vocab_size}, cfg.n_heads, kv_misfit)
     return problems
 
