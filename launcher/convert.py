@@ -6,9 +6,11 @@ Every registered family's `checkpoint_commands` (models/spec.py: CheckpointComma
     SOURCE (a run directory: its checkpoints/latest; or one of its checkpoints/step-<N>) + the run's config.yaml
     -> one process (a gloo world of 1, for DCP and the Checkpointer), the whole model in its memory
     -> the source run's training state (model, optimizer, schedule, loader: the trainer's Statefuls) loaded
-    -> the family's changes to the model config; the new run built and initialized as train would build it;
-       the family's `convert` fills it from the source
-    -> self-check: both models' outputs on the first validation micro-batch
+    -> the family's changes to the model config (or a whole config of another family, CheckpointCommand's
+       target_family: MatFormer's `extract` makes an llm); the new run built and initialized as train would
+       build it; the family's `convert` fills it from the source
+    -> self-check: both models' outputs on the first validation micro-batch (the old model given the command's
+       source_inputs: for `extract`, the submodel's widths)
     -> OUT/checkpoints/step-<N> (the same step, meta.json of the new model) + OUT/config.yaml, written in a
        staging directory that is renamed to OUT when complete
 
@@ -52,7 +54,7 @@ from launcher.megatron_import import GPT_CONFIG, stacked_name
 from launcher.optim import Optimizers
 from launcher.safe_dcp import load as safe_load
 from launcher.trainer import model_inputs
-from models import FAMILIES, get_model_spec
+from models import FAMILIES, configured_spec, get_model_spec
 from models.spec import CheckpointCommand, CheckpointContents, ModelSpec, architecture
 from parallel.init import materialize
 
@@ -317,16 +319,20 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
     except ValueError as e:
         raise UserError(f"convert {name}: {e}") from None
     new_cfg = copy.deepcopy(cfg)
-    new_cfg.model.args = {**cfg.model.args, **changes}
+    if command.target_family is None:
+        new_cfg.model.args = {**cfg.model.args, **changes}
+    else:  # another family's config: the changes are all of it
+        new_cfg.model.family, new_cfg.model.args = command.target_family, changes
     new_cfg.run.dir = str(out)
     new_cfg.run.stop_at_step = 0  # it ended an invocation of the source run
     step = saved["meta"]["step"]
     log(f"convert {name}: {checkpoint} (step {step}) -> {out}")
 
-    spec = get_model_spec(family)
+    # The loaders are the new run's: they read the source's data position, as its resume will.
+    spec = configured_spec(new_cfg.model.family, new_cfg.model_config())
     with one_process_world(cfg.run.timeout_s):
         data, train_loader, valid_loader = source_loaders(spec, cfg, saved, checkpoint, log)
-        source_model, source_optimizers = build_run(spec, cfg)
+        source_model, source_optimizers = build_run(get_model_spec(family), cfg)
         source_state = training_state([source_model], source_optimizers, train_loader)
         Checkpointer(run_dir, cfg.checkpoint.keep_last, rank=0).load(checkpoint, source_state)
         target_model, target_optimizers = build_run(spec, new_cfg)
@@ -342,7 +348,9 @@ def convert_run(name: str, args: argparse.Namespace, log: Callable[[str], None])
         log(f"parameters: {parameter_count(source_model):,} -> {parameter_count(target_model):,}")
 
         batch = valid_loader.micro_batches(0)[0]
-        difference = output_difference(spec, source_model, target_model, batch)
+        rows = next(iter(batch.values())).shape[0]  # every batch entry has the rows on dim 0
+        source_inputs = command.source_inputs(args, cfg.model_config(), rows) if command.source_inputs else {}
+        difference = output_difference(spec, source_model, target_model, batch, source_inputs)
         preserving = command.preserves_function(args)
         log(f"self-check on the first validation micro-batch: the outputs differ by {difference:.2e} relative to "
             f"the largest old output" + (" (the function is kept)" if preserving else
@@ -424,10 +432,12 @@ def parameter_count(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def output_difference(spec: ModelSpec, old: nn.Module, new: nn.Module, batch: dict) -> float:
-    """The largest difference of the two models' outputs on `batch`, relative to the largest old output."""
+def output_difference(spec: ModelSpec, old: nn.Module, new: nn.Module, batch: dict,
+                      old_inputs: dict[str, torch.Tensor]) -> float:
+    """The largest difference of the two models' outputs on `batch` (the old model also given `old_inputs`),
+    relative to the largest old output."""
     args, kwargs = model_inputs(spec.data.keys, batch)
-    old_outputs, new_outputs = old.eval()(*args, **kwargs), new.eval()(*args, **kwargs)
+    old_outputs, new_outputs = old.eval()(*args, **kwargs, **old_inputs), new.eval()(*args, **kwargs)
     return ((new_outputs - old_outputs).abs().max() / old_outputs.abs().max()).item()
 
 

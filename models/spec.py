@@ -116,13 +116,18 @@ class CheckpointCommand:
     new run freshly initialized, calls `convert`, checks the outputs on a batch and publishes OUT)."""
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]  # the command's own options
-    # (args, the checkpoint's model config) -> the model config fields that change; a ValueError says
-    # what is wrong with the arguments (shown as one line).
+    # (args, the checkpoint's model config) -> the model config fields that change (with target_family: the
+    # new family's whole model config); a ValueError says what is wrong with the arguments (shown as one line).
     model_changes: Callable[[argparse.Namespace, Any], dict[str, Any]]
     # (args, source, target, log): fill target (the new run as freshly initialized) from source.
     convert: Callable[[argparse.Namespace, CheckpointContents, CheckpointContents, Callable[[str], None]], None]
     # (args) -> whether the new model computes the same function: then its outputs must match the old one's.
     preserves_function: Callable[[argparse.Namespace], bool]
+    # The family of the new run; None: the source's.
+    target_family: str | None = None
+    # (args, the checkpoint's model config, rows) -> keyword inputs the old model takes besides the batch's in the
+    # self-check, for a new model that computes part of it (MatFormer: the submodel's ffn_widths). None: none.
+    source_inputs: Callable[[argparse.Namespace, Any, int], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 from models.llm.model import flops_per_attention_pair
 from models.llm.parallelize import n_layers, split_stage
+from models.matformer.extract import EXTRACT
 from models.matformer.model import MatFormer, MatFormerConfig, flops_per_token
 from models.matformer.parallelize import PLAN, check_layout
 from models.matformer.training import configure, submodel_data, submodel_loss
@@ -22,5 +23,6 @@ _spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
+    checkpoint_commands={"extract": EXTRACT},
 )
 model_spec = replace(_spec, configure=configure(_spec))
