@@ -15,13 +15,15 @@ def train_losses(run_dir: str, cache: str, overrides: list[str], config: str = "
 
 
 def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = "") -> dict:
-    """Check body: one training run of `config` (default: the tiny LLM); its per-step losses and final eval loss."""
+    """Check body: one training run of `config` (default: the tiny LLM); its per-step losses, final eval loss and
+    final eval record (every eval metric)."""
     from launcher.config import load_config
     from launcher.trainer import train
 
     summary = train(load_config(Path(config) if config else TINY,
                                 tiny_overrides(Path(run_dir), Path(cache), *overrides)))
-    return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "sample": summary["sample"]}
+    return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "eval": summary["eval"],
+            "sample": summary["sample"]}
 
 
 def hf_directory(directory: Path, cache: Path, seed: int = 7) -> Path:
