@@ -41,8 +41,8 @@ MATFORMER_KEYS = {
 
 
 def sampled_granularity(seed: int, step: int, micro_batch: int, weights: list[float]) -> int:
-    """The granularity micro-batch `micro_batch` of `step` runs in sampled mode: a function of its arguments
-    only (no rank, no generator state), so every rank draws the same."""
+    """The granularity that micro-batch `micro_batch` (its index in the global batch) of `step` runs in sampled
+    mode: a function of its arguments only (no rank, no generator state), so every rank draws the same."""
     digest = hashlib.sha256(f"matformer:{seed}:{step}:{micro_batch}".encode()).digest()
     u = int.from_bytes(digest[:8], "little") / 2**64
     total, cumulative = sum(weights), 0.0

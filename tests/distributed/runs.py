@@ -71,6 +71,13 @@ def assert_same_losses(got: list[float], want: list[float]) -> None:
         assert abs(g - w) <= RTOL * abs(w), f"step {step}: {g} vs {w} (relative {abs(g - w) / abs(w):.2e})"
 
 
+def assert_same_eval(got: dict[str, float], want: dict[str, float]) -> None:
+    """Two eval records (name -> value) have the same metrics, each within RTOL."""
+    assert got.keys() == want.keys() and want
+    for name, value in want.items():
+        assert abs(got[name] - value) <= RTOL * abs(value), f"{name}: {got[name]} vs {value}"
+
+
 def assert_losses_differ(got: list[float], want: list[float]) -> None:
     """Negative control of a parity test: a run perturbed on purpose fails assert_same_losses (all
     its steps ran, and at least one is off by more than RTOL)."""

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import models.matformer.training as training
+from data.loader import GlobalBatchLoader
 from launcher.metrics import training_flops
 from models import configured_spec
 from models.common.loss import IGNORE_INDEX
@@ -20,7 +21,6 @@ from models.common.text import TEXT_DATA, attention_pairs
 from models.llm.model import LLMConfig, Transformer, flops_per_attention_pair
 from models.matformer.model import MatFormer, MatFormerConfig, flops_per_token
 from models.matformer.training import SubmodelLoader, sampled_granularity
-from data.loader import GlobalBatchLoader
 from parallel.init import init_parameters
 from tests.unit.test_data import NumberedSamples
 from tests.unit.test_flops import _causal, _in_modules
@@ -141,7 +141,6 @@ def test_rows_of_different_submodels_equal_each_group_alone():
 
 class OneBatch:
     """A stand-in text loader that serves the same micro-batch at every step."""
-    step = 0
 
     def __init__(self, batch: dict[str, torch.Tensor]):
         self.batch = batch
