@@ -25,6 +25,10 @@ from models.spec import execution_field
 MODES = ("joint", "sampled")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)  # YAML's true is an int to Python
+
+
 @dataclass
 class MatFormerConfig(LLMConfig):
     # Nested FFN widths as fractions of the hidden size, smallest first, the last 1 (the full model).
@@ -40,14 +44,21 @@ class MatFormerConfig(LLMConfig):
     def __post_init__(self):
         super().__post_init__()
         g = self.granularities
-        if not g or any(isinstance(f, bool) or not isinstance(f, (int, float)) for f in g) \
-                or list(g) != sorted(set(g)) or not 0 < g[0] or g[-1] != 1:
-            raise ValueError(f"granularities={g} must be increasing fractions of the FFN hidden size in (0, 1], the "
-                             f"last 1 (the full model), e.g. [0.125, 0.25, 0.5, 1]")
+        # The first problem found, named on its own: "not increasing" says more than the list of every rule.
+        if not g or not all(_is_number(f) and 0 < f <= 1 for f in g):
+            problem = "must be fractions of the FFN hidden size in (0, 1]"
+        elif list(g) != sorted(set(g)):
+            problem = "must be strictly increasing (the smallest submodel first)"
+        elif g[-1] != 1:
+            problem = "must end in 1 (the full model)"
+        else:
+            problem = None
+        if problem:
+            raise ValueError(f"granularities={g} {problem}, e.g. [0.125, 0.25, 0.5, 1]")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if self.weights and (len(self.weights) != len(g) or any(not isinstance(w, (int, float)) or w < 0
-                                                                for w in self.weights) or not sum(self.weights) > 0):
+        if self.weights and (len(self.weights) != len(g) or not all(_is_number(w) and w >= 0 for w in self.weights)
+                             or not sum(self.weights) > 0):
             raise ValueError(f"weights={self.weights} must be {len(g)} non-negative numbers (one per granularity), "
                              f"not all zero")
         for i, vector in enumerate(self.mix_n_match):

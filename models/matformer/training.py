@@ -9,7 +9,12 @@ MatFormerConfig.submodels(), for the per-submodel losses) and two per-row weight
   L_i the granularity's mean token loss. Under pipeline parallelism the expanded micro-batches are the
   schedule's micro-batches, so every stage runs the same rows with the same widths.
 - sampled (training): each micro-batch runs one granularity, drawn with probability ~ weight_i from
-  (seed, step, micro-batch index) alone: the same on every rank of every dimension, for any layout.
+  (seed, step, micro-batch index) alone, the index counting micro-batches over the whole global batch
+  (dp rank r's k-th is r x micro-batches per rank + k). So the same rows run the same granularity under
+  any dp, tp, pp or cp layout with the same train.micro_batch_size (another micro-batch size groups the
+  rows differently, hence other draws). Ranks cannot disagree, so nothing is checked at run time: the
+  ranks of a tp, cp or pp group share their dp rank and loader, and every dp rank has the same number of
+  micro-batches (launcher/config.py refuses a global batch that micro_batch_size x dp does not divide).
 - evaluation: every granularity (weighted as in training) and every Mix'n'Match vector (weight 0);
   `eval_loss_<name>` is each submodel's mean token loss.
 """
@@ -27,16 +32,17 @@ MATFORMER_KEYS = {
     **TEXT_KEYS,
     "ffn_widths": BatchKey(sequence_dim=None, consumer="every_stage"),
     "submodel": BatchKey(sequence_dim=None, consumer="loss"),
-    # loss = sum over rows of loss_weight x the row's token losses; each row counts count_weight x its targets
-    # towards the normalization, so that the loss is sum_i weight_i L_i (joint) whatever the layout.
+    # loss = sum over rows of loss_weight x the row's token losses; each row counts count_weight (0 or 1) x its
+    # targets towards the normalization: a data row is counted once, by its first copy, so that the loss is
+    # sum_i weight_i L_i (joint) whatever the layout. Integer counts and fp64 weights keep that exact.
     "loss_weight": BatchKey(sequence_dim=None, consumer="loss"),
     "count_weight": BatchKey(sequence_dim=None, consumer="loss"),
 }
 
 
 def sampled_granularity(seed: int, step: int, micro_batch: int, weights: list[float]) -> int:
-    """The granularity micro-batch `micro_batch` of `step` runs in sampled mode: a function of its arguments
-    only (no rank, no generator state), so every rank draws the same."""
+    """The granularity that micro-batch `micro_batch` (its index in the global batch) of `step` runs in sampled
+    mode: a function of its arguments only (no rank, no generator state), so every rank draws the same."""
     digest = hashlib.sha256(f"matformer:{seed}:{step}:{micro_batch}".encode()).digest()
     u = int.from_bytes(digest[:8], "little") / 2**64
     total, cumulative = sum(weights), 0.0
@@ -47,13 +53,13 @@ def sampled_granularity(seed: int, step: int, micro_batch: int, weights: list[fl
     return max(i for i, w in enumerate(weights) if w > 0)
 
 
-def with_submodels(batch: dict[str, torch.Tensor], submodels: list[tuple[int, list[int], float, float]]) -> dict:
+def with_submodels(batch: dict[str, torch.Tensor], submodels: list[tuple[int, list[int], float, int]]) -> dict:
     """The batch's rows once per (index, widths, loss weight, count weight), in that order."""
     rows = next(iter(batch.values())).shape[0]
     out = {k: torch.cat([v] * len(submodels)) for k, v in batch.items()}
     out["ffn_widths"] = torch.tensor([widths for _, widths, _, _ in submodels]).repeat_interleave(rows, dim=0)
-    for key, column, dtype in (("submodel", 0, torch.int64), ("loss_weight", 2, torch.float32),
-                               ("count_weight", 3, torch.float32)):
+    for key, column, dtype in (("submodel", 0, torch.int64), ("loss_weight", 2, torch.float64),
+                               ("count_weight", 3, torch.int64)):
         out[key] = torch.tensor([s[column] for s in submodels], dtype=dtype).repeat_interleave(rows)
     return out
 
@@ -62,15 +68,17 @@ class SubmodelLoader:
     """A text loader whose micro-batches say which submodels run them (see the module's docstring). Its state
     (step, checkpoint) is the wrapped loader's."""
 
-    def __init__(self, loader, cfg: MatFormerConfig, seed: int, training: bool):
+    def __init__(self, loader, cfg: MatFormerConfig, seed: int, training: bool, first_micro_batch: int = 0):
+        # first_micro_batch: the global index (see the module's docstring) of this rank's first micro-batch.
         self.loader, self.cfg, self.seed, self.training = loader, cfg, seed, training
+        self.first_micro_batch = first_micro_batch
         weights = cfg.loss_weights
         submodels = cfg.submodels()
         n = len(cfg.granularities)
         # Evaluation reports the training objective (joint: the weighted sum; sampled: its expectation).
         scale = 1.0 if cfg.mode == "joint" else 1.0 / sum(weights)
-        self.trained = [(i, submodels[i][1], w * scale, w / sum(weights)) for i, w in enumerate(weights)]
-        self.evaluated = self.trained + [(n + j, widths, 0.0, 0.0) for j, (_, widths) in enumerate(submodels[n:])]
+        self.trained = [(i, submodels[i][1], w * scale, int(i == 0)) for i, w in enumerate(weights)]
+        self.evaluated = self.trained + [(n + j, widths, 0.0, 0) for j, (_, widths) in enumerate(submodels[n:])]
 
     @property
     def step(self) -> int:
@@ -87,8 +95,9 @@ class SubmodelLoader:
         if self.cfg.mode == "joint":
             return [with_submodels(b, self.trained) for b in batches]
         weights = self.cfg.loss_weights
-        chosen = [self.trained[sampled_granularity(self.seed, step, k, weights)] for k in range(len(batches))]
-        return [with_submodels(b, [(i, widths, 1.0, 1.0)]) for b, (i, widths, _, _) in zip(batches, chosen)]
+        chosen = [self.trained[sampled_granularity(self.seed, step, self.first_micro_batch + k, weights)]
+                  for k in range(len(batches))]
+        return [with_submodels(b, [(i, widths, 1.0, 1)]) for b, (i, widths, _, _) in zip(batches, chosen)]
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -101,7 +110,9 @@ def submodel_data(cfg: MatFormerConfig) -> DataSpec:
     def build_loaders(data_cfg, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size, seed, log=print):
         data, train, valid = TEXT_DATA.build_loaders(data_cfg, seq_len, global_batch_size, micro_batch_size,
                                                      dp_rank, dp_size, seed, log=log)
-        return data, SubmodelLoader(train, cfg, seed, training=True), SubmodelLoader(valid, cfg, seed, training=False)
+        first = dp_rank * (global_batch_size // (micro_batch_size * dp_size))
+        return (data, SubmodelLoader(train, cfg, seed, training=True, first_micro_batch=first),
+                SubmodelLoader(valid, cfg, seed, training=False))
 
     return replace(TEXT_DATA, keys=MATFORMER_KEYS, build_loaders=build_loaders, attention_pairs=attention_pairs)
 

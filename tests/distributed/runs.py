@@ -15,13 +15,15 @@ def train_losses(run_dir: str, cache: str, overrides: list[str], config: str = "
 
 
 def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = "") -> dict:
-    """Check body: one training run of `config` (default: the tiny LLM); its per-step losses and final eval loss."""
+    """Check body: one training run of `config` (default: the tiny LLM); its per-step losses, final eval loss and
+    final eval record (every eval metric)."""
     from launcher.config import load_config
     from launcher.trainer import train
 
     summary = train(load_config(Path(config) if config else TINY,
                                 tiny_overrides(Path(run_dir), Path(cache), *overrides)))
-    return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "sample": summary["sample"]}
+    return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "eval": summary["eval"],
+            "sample": summary["sample"]}
 
 
 def hf_directory(directory: Path, cache: Path, seed: int = 7) -> Path:
@@ -51,8 +53,8 @@ def train_check(run_dir: Path, cache: Path, *overrides: str, summary: bool = Fal
 
 
 # The run-level negative controls' perturbation: the learning rate off by this factor moves the
-# tiny configs' losses by 2.5e-5 (LLM, any layout), 2.6e-5 (MoE), 7.9e-5 (DeltaNet) relative at
-# most, 2.5-8x RTOL. 1 + 3e-4 gave the LLM 1.5e-5 (too close to call), 1 + 1e-4 stayed within RTOL.
+# tiny configs' losses by 2.5e-5 (LLM, any layout), 2.6e-5 (MoE), 7.9e-5 (DeltaNet), 2.3e-5 (MatFormer
+# joint, test_matformer_runs' 6 steps) relative at most, 2.3-8x RTOL. 1 + 3e-4 gave the LLM 1.5e-5 (too close to call), 1 + 1e-4 stayed within RTOL.
 LR_PERTURBATION = 1 + 5e-4
 
 
@@ -67,6 +69,13 @@ def assert_same_losses(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want) and len(want) > 0
     for step, (g, w) in enumerate(zip(got, want), start=1):
         assert abs(g - w) <= RTOL * abs(w), f"step {step}: {g} vs {w} (relative {abs(g - w) / abs(w):.2e})"
+
+
+def assert_same_eval(got: dict[str, float], want: dict[str, float]) -> None:
+    """Two eval records (name -> value) have the same metrics, each within RTOL."""
+    assert got.keys() == want.keys() and want
+    for name, value in want.items():
+        assert abs(got[name] - value) <= RTOL * abs(value), f"{name}: {got[name]} vs {value}"
 
 
 def assert_losses_differ(got: list[float], want: list[float]) -> None:

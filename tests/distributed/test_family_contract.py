@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import TINY, tiny_overrides
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses
+from tests.distributed.runs import assert_same_eval, assert_same_losses
 
 THIS = "tests.distributed.test_family_contract"
 TOY = "model.family=toy"
@@ -151,10 +151,8 @@ def two(runs_dir, data_cache, one) -> dict:
 @pytest.mark.parametrize("layout", list(TOY_LAYOUTS))
 def test_test_only_family_matches_one_process(one, two, layout):
     assert_same_losses(two[layout]["losses"], one["toy"]["losses"])
-    want, got = one["toy"]["eval"], two[layout]["eval"]
-    assert got.keys() == want.keys() == {"eval_loss", "eval_token_loss"}
-    for name in want:
-        assert abs(got[name] - want[name]) <= 1e-5 * abs(want[name]), (name, got[name], want[name])
+    assert one["toy"]["eval"].keys() == {"eval_loss", "eval_token_loss"}
+    assert_same_eval(two[layout]["eval"], one["toy"]["eval"])
 
 
 def test_test_only_family_loss_is_its_own(one):

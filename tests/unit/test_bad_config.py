@@ -2,6 +2,7 @@
 import collections
 
 import pytest
+import torch.distributed as dist
 
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config, validate
@@ -71,3 +72,36 @@ def test_no_processes(capsys):
     FAULTS["--nproc-per-node 0"] += 1
     assert main(["train", str(TINY), "--nproc-per-node", "0"]) == USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: --nproc-per-node 0: give a number of processes >= 1\n"
+
+
+MATFORMER = TINY.parents[1] / "matformer" / "tiny.yaml"  # 4 layers, granularities [0.125, 0.25, 0.5, 1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.granularities=[0.5,0.25,1]", r"granularities=\[0.5, 0.25, 1\] must be strictly increasing"),
+    ("model.granularities=[0.25,0.5]", r"granularities=\[0.25, 0.5\] must end in 1 \(the full model\)"),
+    ("model.granularities=[0,1]", r"granularities=\[0, 1\] must be fractions of the FFN hidden size in \(0, 1\]"),
+    ("model.mix_n_match=[[0.25,0.5,1]]", r"mix_n_match\[0\]=\[0.25, 0.5, 1\] must list one granularity per layer "
+                                         r"\(4 layers"),
+    ("model.mix_n_match=[[0.25,0.5,0.75,1]]", r"mix_n_match\[0\] uses \[0.75\], which are not among granularities"),
+    ("model.weights=[1,2]", r"weights=\[1, 2\] must be 4 non-negative numbers \(one per granularity\)"),
+    ("model.weights=[true,1,1,1]", r"weights=\[True, 1, 1, 1\] must be 4 non-negative numbers"),
+    ("model.mode=both", "mode='both' is not one of joint, sampled"),
+    ("model.ffn_hidden_dims=[64,64,64,64]", r"ffn_hidden_dims \(per-layer FFN sizes\) is an option of the llm family"),
+    # Whole units: 0.3 of the hidden size 352 is 105.6 units (the layout check).
+    ("model.granularities=[0.25,0.3,0.5,1]", "0.3 of the FFN hidden size 352 is 105.6 units"),
+])
+def test_bad_matformer_values(override, message, tmp_path):
+    FAULTS["bad matformer value"] += 1
+    with pytest.raises(UserError, match=message) as error:
+        validate(load_config(MATFORMER, [override, f"run.dir={tmp_path / 'run'}"]), world_size=1)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_matformer_value_through_the_cli(tmp_path, capsys):
+    """The CLI answers one line and exit 2 before any process group or run directory exists."""
+    FAULTS["bad matformer value"] += 1
+    run_dir = tmp_path / "run"
+    assert main(["train", str(MATFORMER), "--set", "model.mode=both", "--set", f"run.dir={run_dir}"]) == USER_ERROR_EXIT
+    assert capsys.readouterr().err == "error: model section: mode='both' is not one of joint, sampled\n"
+    assert not dist.is_initialized() and not run_dir.exists()
