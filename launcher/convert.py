@@ -7,10 +7,10 @@ Every registered family's `checkpoint_commands` (models/spec.py: CheckpointComma
     -> one process (a gloo world of 1, for DCP and the Checkpointer), the whole model in its memory
     -> the source run's training state (model, optimizer, schedule, loader: the trainer's Statefuls) loaded
     -> the family's changes to the model config (or a whole config of another family, CheckpointCommand's
-       target_family: MatFormer's `extract` makes an llm); the new run built and initialized as train would
-       build it; the family's `convert` fills it from the source
+       target_family: a family's submodel as a run of another family); the new run built and initialized as
+       train would build it; the family's `convert` fills it from the source
     -> self-check: both models' outputs on the first validation micro-batch (the old model given the command's
-       source_inputs: for `extract`, the submodel's widths)
+       source_inputs, e.g. which of its submodels the new model is)
     -> OUT/checkpoints/step-<N> (the same step, meta.json of the new model) + OUT/config.yaml, written in a
        staging directory that is renamed to OUT when complete
 

@@ -73,6 +73,7 @@ class TrainStep:
         self.batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
         self.pp_group = meshes.pp.get_group()
         self.loss_sums: list[torch.Tensor] = []  # [loss, *metrics] of each micro-batch, filled by `loss_terms`
+        self.metric_names = spec.loss.metrics  # those of the current forward_backward (evaluation adds its own)
         self.attention_pairs = 0  # (query, key) pairs the last step's global batch attends, for FLOPs
         self.whole_batch: dict[str, torch.Tensor] = {}  # under pp: the step's micro-batches stacked, for pipeline_loss
         self.parts: list[torch.nn.Module] = []
@@ -103,7 +104,7 @@ class TrainStep:
         """The family's loss of one micro-batch, scaled for backward; its sums are added to the step's."""
         terms = self.spec.loss.compute(outputs, batch)
         sums = torch.stack([full_tensor(terms.loss_sum.detach()).float(),
-                            *(full_tensor(terms.metrics[name].detach()).float() for name in self.spec.loss.metrics)])
+                            *(full_tensor(terms.metrics[name].detach()).float() for name in self.metric_names)])
         self.loss_sums.append(sums)
         return terms.loss_sum * self.loss_scale
 
@@ -124,6 +125,7 @@ class TrainStep:
         # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
         self.loss_scale.copy_(self.dims.dp * self.dims.cp / n_terms)
         self.loss_sums = []
+        self.metric_names = self.spec.loss.metrics + (() if backward else self.spec.loss.eval_metrics)
         with self.loss_context(), self.precision:
             if self.pipeline is not None:
                 whole = {k: torch.cat([batch[k] for batch in batches]) for k in batches[0]}
@@ -142,12 +144,12 @@ class TrainStep:
         # A schedule's first step also calls its loss function once on dummy activations, to infer the
         # backward's shapes: the micro-batches' own calls are the last ones.
         sums = torch.stack(self.loss_sums[-len(batches):]).sum(0) if self.loss_sums else \
-            torch.zeros(1 + len(self.spec.loss.metrics), device=self.device)
+            torch.zeros(1 + len(self.metric_names), device=self.device)
         if self.pipeline is not None:
             dist.all_reduce(sums, group=self.pp_group)  # only the last stage computed the loss
         dist.all_reduce(sums, group=self.batch_group)
         values = (sums / n_terms).tolist()
-        return {"loss": values[0], **dict(zip(self.spec.loss.metrics, values[1:]))}
+        return {"loss": values[0], **dict(zip(self.metric_names, values[1:]))}
 
     def pipeline_loss(self, outputs, rows: torch.Tensor) -> torch.Tensor:
         """loss_fn of the pipeline schedule: the loss of the micro-batch made of `rows` of the step."""

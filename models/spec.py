@@ -61,6 +61,7 @@ class LossSpec:
     # the backward inside their step, so the normalization must be known before any forward.
     count: Callable[[dict[str, torch.Tensor]], torch.Tensor]
     metrics: tuple[str, ...] = ()  # names of LossTerms.metrics, logged as train and eval metrics
+    eval_metrics: tuple[str, ...] = ()  # further names of LossTerms.metrics that only evaluation reports
 
 
 @dataclass(frozen=True)

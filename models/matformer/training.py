@@ -137,7 +137,11 @@ def submodel_loss(cfg: MatFormerConfig) -> LossSpec:
     def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return ((batch["targets"] != IGNORE_INDEX).sum(-1) * batch["count_weight"]).sum()
 
-    return LossSpec(compute=compute, count=count, metrics=tuple(f"loss_{name}" for name in names))
+    # Training reports each granularity's mean loss when every step runs them all (joint); a sampled step runs
+    # some, and Mix'n'Match vectors are never trained: evaluation reports those.
+    per_submodel = tuple(f"loss_{name}" for name in names)
+    trained = len(cfg.granularities) if cfg.mode == "joint" else 0
+    return LossSpec(compute=compute, count=count, metrics=per_submodel[:trained], eval_metrics=per_submodel[trained:])
 
 
 def configure(spec: ModelSpec):

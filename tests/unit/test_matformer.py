@@ -203,6 +203,10 @@ def test_eval_metrics_are_each_submodels_mean_loss(cfg):
         loss, metrics = spec_loss(model, cfg, evaluated)
         means = {name: mean_loss(model, batch, widths) for name, widths in cfg.submodels()}
     assert set(metrics) == {f"loss_{name}" for name in means} == {"loss_g0.25", "loss_g0.5", "loss_g1", "loss_mix0"}
+    # Training reports the granularities only when every step runs them all (joint); evaluation reports the rest.
+    reported = configured_spec("matformer", cfg).loss
+    trained = ("loss_g0.25", "loss_g0.5", "loss_g1") if cfg.mode == "joint" else ()
+    assert reported.metrics == trained and set(reported.metrics + reported.eval_metrics) == set(metrics)
     for name, mean in means.items():
         torch.testing.assert_close(metrics[f"loss_{name}"], mean, **TOL)
     assert_differs(metrics["loss_g0.25"], means["g0.5"])
