@@ -8,7 +8,7 @@ from tests.distributed.runs import SAMPLE, train_check
 # Test modules whose one-process references depend on no other run: each defines
 # one_process_checks(workdir, cache) -> {name: check}.
 MODULES_WITH_REFERENCES = ("test_training", "test_tensor_parallel", "test_expert_parallel", "test_deltanet",
-                           "test_tokenformer", "test_family_contract", "test_context_training")
+                           "test_tokenformer", "test_family_contract", "test_context_training", "test_matformer_tp")
 
 
 @pytest.fixture(scope="session")
