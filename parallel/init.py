@@ -10,8 +10,8 @@ The module that owns a parameter decides how it starts: it defines
 parameter whose module has no such method is an error, never a silent default.
 
 Stored orders: a parallel style may store a weight's rows (or columns) permuted so that a plain
-contiguous Shard gives each rank the units it should own (MatFormer's round-robin FFN units,
-models/matformer/parallelize.py). It records that on the module owning the parameter
+contiguous Shard gives each rank the units it should own (e.g. nested FFN units dealt round-robin
+over the tp ranks). It records that on the module owning the parameter
 (`record_order`): a module attribute survives FSDP2, activation checkpointing and compile wrappers,
 where a parameter's would not (FSDP2 replaces the parameters). Everything outside the model sees the
 canonical order, the one-device model's: initialization here, the weights a run starts from
