@@ -44,7 +44,6 @@ def _model_config():
 def _batches(cfg) -> dict:
     """Case name -> ffn_widths of a batch: each submodel on both of 2 rows, and a joint batch with one row of
     each submodel (a run per row)."""
-
     submodels = cfg.submodels()
     cases = {name: torch.tensor([widths] * 2) for name, widths in submodels}
     cases["joint"] = torch.tensor([widths for _, widths in submodels])
