@@ -7,7 +7,8 @@ Shard(0)/Shard(0)/Shard(1) and rank r holds canonical units r, r + tp, ...; a co
 negative control) fails the same comparison at a small granularity. Run level (fp32, relative 1e-5):
 configs/matformer/tiny.yaml shrunk, joint and sampled, at tp2 (and joint at tp2 x dp2) equals one
 process, and a tp=2 checkpoint resumed at tp=4 and at tp=1 (x dp2) gives the uninterrupted run's
-losses; the checkpoints of all these layouts hold the same FFN tensors. A granularity whose units tp does not divide is refused by the config check."""
+losses; the checkpoints of all these layouts hold the same FFN tensors. A granularity whose units tp
+does not divide is refused by the config check."""
 import copy
 from pathlib import Path
 
@@ -220,7 +221,8 @@ def test_units_are_sharded_round_robin(two, four, tp, case):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_contiguous_split_fails_the_comparison(two, four, tp):
     """Negative control: the units split contiguously compute the wrong prefix at the smallest granularity
-    (measured 1.9e-2 relative at tp 2, far beyond the tolerance), while the full model, which uses every unit, still matches."""
+    (measured 1.9e-2 relative at tp 2, far beyond the tolerance), while the full model, which uses every
+    unit, still matches."""
     result = _world(two, four, tp)["tp"]["contiguous"].value()
     assert result["errors"]["g0.125"]["logits"] > 1e-3, result["errors"]["g0.125"]
     assert result["errors"]["g1"]["logits"] <= TP_TOL
