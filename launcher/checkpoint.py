@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from launcher.config import Config
 from launcher.errors import UserError
@@ -38,6 +39,7 @@ from launcher.optim import Optimizers
 from launcher.safe_dcp import load as safe_load
 from launcher.safe_dcp import read_metadata
 from models.spec import architecture
+from parallel.init import canonical_name, stored_orders, to_canonical, to_stored
 from parallel.mesh import ParallelDims
 
 META_FILE = "meta.json"
@@ -47,35 +49,74 @@ META_SHA256 = "meta_sha256"
 _HASH_CHUNK = 4 << 20
 
 
+def _canonical_order(state: dict, parts: list[nn.Module], param_of) -> dict:
+    """`state` with each tensor of a parameter stored permuted (`param_of(key)`: the parameter a key holds state
+    of, or None; parallel/init.py: stored_orders) replaced by its full tensor in canonical order, replicated on
+    its mesh (DCP writes it once): what a checkpoint holds whatever the layout that saved it."""
+    orders = stored_orders(parts)
+    out = dict(state)
+    for key, value in state.items():
+        if (order := orders.get(param_of(key))) is not None and isinstance(value, DTensor):
+            mesh = value.device_mesh
+            out[key] = distribute_tensor(to_canonical(value.full_tensor(), order), mesh, [Replicate()] * mesh.ndim,
+                                         src_data_rank=None)
+    return out
+
+
+def _stored_order(state: dict, parts: list[nn.Module], param_of) -> dict:
+    """The inverse of _canonical_order on a loaded state: each canonical full tensor permuted back and sharded
+    like its parameter (every rank holds the full tensor: no communication)."""
+    orders = stored_orders(parts)
+    params = {canonical_name(name): p for part in parts for name, p in part.named_parameters()}
+    out = dict(state)
+    for key, value in state.items():
+        if (order := orders.get(name := param_of(key))) is not None and isinstance(value, DTensor):
+            param = params[name]
+            out[key] = distribute_tensor(to_stored(value.to_local(), order), param.device_mesh, param.placements,
+                                         src_data_rank=None)
+    return out
+
+
+def _optimizer_key(key: str) -> str | None:
+    """The parameter a flattened optimizer state key holds state of ("state.<fqn>.exp_avg"); None for
+    param_groups entries."""
+    return key[len("state."):].rpartition(".")[0] if key.startswith("state.") else None
+
+
 class ModelState(Stateful):
     """The parameters of this rank's model parts (one, or one per pipeline stage), keyed by
-    canonical names (no FSDP/AC/compile wrappers, no stage prefix), resharded on load."""
+    canonical names (no FSDP/AC/compile wrappers, no stage prefix) and in canonical order, resharded on load."""
 
     def __init__(self, parts: list[nn.Module]):
         self.parts = parts
 
     def state_dict(self):
-        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+        return _canonical_order({k: v for part in self.parts for k, v in get_model_state_dict(part).items()},
+                                self.parts, lambda key: key)
 
     def load_state_dict(self, state_dict):
+        state_dict = _stored_order(state_dict, self.parts, lambda key: key)
         for part in self.parts:
             set_model_state_dict(part, state_dict, options=StateDictOptions(strict=False))
 
 
 class OptimizerState(Stateful):
-    """One optimizer per model part, saved flattened by parameter name so any stage split (or none)
-    can load it."""
+    """One optimizer per model part, saved flattened by parameter name (state in canonical order, as
+    ModelState's) so any stage split (or none) and any layout can load it."""
 
     _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.parts = parts
         self.pairs = list(zip(parts, optimizers))
 
     def state_dict(self):
-        return {k: v for part, opt in self.pairs
-                for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()}
+        return _canonical_order({k: v for part, opt in self.pairs
+                                 for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()},
+                                self.parts, _optimizer_key)
 
     def load_state_dict(self, state_dict):
+        state_dict = _stored_order(state_dict, self.parts, _optimizer_key)
         for part, opt in self.pairs:
             set_optimizer_state_dict(part, opt, state_dict, options=self._OPTIONS)
 

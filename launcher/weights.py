@@ -11,7 +11,7 @@ from torch import nn
 
 from launcher.errors import UserError
 from models.spec import ModelSpec
-from parallel.init import canonical_name, copy_full
+from parallel.init import canonical_name, copy_full, stored_orders, to_stored
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,14 @@ def check_tensors(where: str, found: dict[str, tuple[str | None, tuple[int, ...]
 @torch.no_grad()
 def copy_streamed(parts: list[nn.Module], read: Callable[[set[str]], Iterable[tuple[str, torch.Tensor]]]) -> int:
     """Fill the parameters of this rank's `parts` from `read(wanted names)`, which yields (canonical name, full
-    tensor in the native layout) one at a time; each rank keeps its shard. Returns how many were copied (a tied
-    parameter under each of its names)."""
+    tensor in the native layout) one at a time; each rank keeps its shard (of the tensor in its stored order,
+    parallel/init.py). Returns how many were copied (a tied parameter under each of its names)."""
     params = {canonical_name(name): p for part in parts for name, p in part.named_parameters(remove_duplicate=False)}
+    orders = stored_orders(parts)
     copied = 0
     for name, full in read(set(params)):
-        copy_full(params[name], full.to(device=params[name].device, dtype=params[name].dtype))
+        full = to_stored(full.to(device=params[name].device, dtype=params[name].dtype), orders.get(name))
+        copy_full(params[name], full)
         copied += 1
     if copied != len(params):
         raise RuntimeError(f"{len(params) - copied} of this rank's {len(params)} parameters were not read: a bug in "

@@ -109,7 +109,8 @@ class NestedSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
         runs = runs or [(x.shape[0], self.hidden_dim)]
-        return self.compute(x, self.w1.weight, self.w3.weight, self.w2.weight, runs, self.hidden_dim)
+        # runs and hidden by keyword: tensor parallelism's local_map maps only the tensors (positional)
+        return self.compute(x, self.w1.weight, self.w3.weight, self.w2.weight, runs=runs, hidden=self.hidden_dim)
 
 
 class MatFormerBlock(TransformerBlock):

@@ -27,6 +27,7 @@ from models.common.loss import IGNORE_INDEX
 from models.common.text import TEXT_DATA, TEXT_KEYS, attention_pairs
 from models.matformer.model import MatFormerConfig
 from models.spec import BatchKey, DataSpec, LossSpec, LossTerms, ModelSpec
+from parallel.tensor_parallel import full_tensor
 
 MATFORMER_KEYS = {
     **TEXT_KEYS,
@@ -118,11 +119,12 @@ def submodel_data(cfg: MatFormerConfig) -> DataSpec:
 
 
 def _row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed token cross entropy per row [rows] (at least fp32)."""
+    """Summed token cross entropy per row [rows] (at least fp32), a plain tensor: vocab-sharded logits (loss
+    parallelism) give a DTensor, which the per-row weights (plain batch tensors) cannot multiply."""
     losses = torch.nn.functional.cross_entropy(
         logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32)), targets.flatten(),
         ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view(targets.shape).sum(-1)
+    return full_tensor(losses).view(targets.shape).sum(-1)
 
 
 def submodel_loss(cfg: MatFormerConfig) -> LossSpec:

@@ -45,22 +45,26 @@ def assert_placed(placements: dict, plan: dict) -> None:
     assert placements == want
 
 
-def model_parity_errors(reference: nn.Module, sharded: nn.Module, vocab_size: int, seq_len: int) -> dict[str, float]:
+def model_parity_errors(reference: nn.Module, sharded: nn.Module, vocab_size: int, seq_len: int, rows: int = 2,
+                        inputs: dict | None = None) -> dict[str, float]:
     """One forward + backward of a token-level model on one device and tensor-parallel (under loss
-    parallelism) on the same random batch: max error of logits, loss and every parameter's gradient,
-    relative to the reference's largest entry (the sharded parameters must have the reference's shapes)."""
+    parallelism) on the same random batch of `rows` rows (both models also given `inputs` as keywords): max
+    error of logits, loss and every parameter's gradient, relative to the reference's largest entry (the
+    sharded parameters must have the reference's shapes; a gradient stored permuted is compared in canonical
+    order, parallel/init.py)."""
     from torch.distributed.tensor.parallel import loss_parallel
 
     from models.common.loss import cross_entropy_sum
+    from parallel.init import stored_orders, to_canonical
 
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
-    targets = torch.randint(0, vocab_size, (2, seq_len), generator=generator)
-    ref_logits = reference(tokens)
+    tokens = torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
+    targets = torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
+    ref_logits = reference(tokens, **(inputs or {}))
     ref_loss, n = cross_entropy_sum(ref_logits, targets)
     (ref_loss / n).backward()
     with loss_parallel():
-        logits = sharded(tokens)
+        logits = sharded(tokens, **(inputs or {}))
         loss, n = cross_entropy_sum(logits, targets)
         (loss / n).backward()
 
@@ -71,6 +75,8 @@ def model_parity_errors(reference: nn.Module, sharded: nn.Module, vocab_size: in
 
     errors = {"logits": rel(logits, ref_logits), "loss": rel(loss, ref_loss)}
     ref_params = dict(reference.named_parameters())
+    orders = stored_orders([sharded])
     for name, param in sharded.named_parameters():
-        errors[f"grad:{name}"] = rel(param.grad, ref_params[name].grad)
+        grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
+        errors[f"grad:{name}"] = rel(to_canonical(grad, orders.get(name)), ref_params[name].grad)
     return errors
