@@ -54,9 +54,10 @@ def to_hf(source: Path, out: Path, *options: str) -> Path:
 
 
 def saved_model(run_dir: Path) -> torch.nn.Module:
+    """The model of the run's latest checkpoint, built as train builds it."""
     cfg = load_config(run_dir / "config.yaml")
     with torch.device("meta"):
-        model = get_model_spec("llm").model_cls(cfg.model_config())
+        model = get_model_spec(cfg.model.family).model_cls(cfg.model_config())
     materialize(model, torch.device("cpu"), cfg.train.seed)
     dcp.load({"model": ModelState([model])}, checkpoint_id=Checkpointer(run_dir, 1, 0).latest_dir(), no_dist=True)
     return model.eval()

@@ -15,15 +15,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import launcher.convert
-from launcher.checkpoint import Checkpointer, ModelState, check_complete
+from launcher.checkpoint import check_complete
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config
 from launcher.convert import convert
 from launcher.trainer import train
 from models import get_model_spec
 from models.matformer.extract import EXTRACT
-from parallel.init import materialize
-from tests.conftest import REPO, TEST_VOCAB, tiny_overrides
+from tests.conftest import REPO, tiny_overrides
+from tests.unit.test_hf import saved_model, tokens
 
 CONFIG = REPO / "configs" / "matformer" / "tiny.yaml"
 # FFN hidden size 192 (dim 64, multiple_of 32): granularities 24, 48, 96 and 192 units.
@@ -60,20 +60,6 @@ def extracted(trained, tmp_path_factory):
 
 def extract(source: Path, out: Path, *options: str) -> Path:
     return convert("extract", source, out, *options, log=lambda _: None)
-
-
-def saved_model(run_dir: Path) -> torch.nn.Module:
-    """The model of the run's latest checkpoint, built as train builds it."""
-    cfg = load_config(run_dir / "config.yaml")
-    with torch.device("meta"):
-        model = get_model_spec(cfg.model.family).model_cls(cfg.model_config())
-    materialize(model, torch.device("cpu"), cfg.train.seed)
-    dcp.load({"model": ModelState([model])}, checkpoint_id=Checkpointer(run_dir, 1, 0).latest_dir(), no_dist=True)
-    return model.eval()
-
-
-def tokens() -> torch.Tensor:
-    return torch.randint(0, TEST_VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
