@@ -79,3 +79,28 @@ def test_checkpoints_hold_deepspeeds_files_under_the_checksums(runs):
 def test_a_torch_run_starts_from_the_deepspeed_checkpoint(runs):
     assert runs["imported"]["eval_loss"] == pytest.approx(runs["zero3"]["eval_loss"], rel=1e-6)
     assert runs["imported"]["eval_loss"] < runs["fsdp2"][0] - 0.5  # trained weights, not the initialization's
+
+
+def test_convert_refuses_a_deepspeed_checkpoint_with_one_line(runs, tmp_path, capsys):
+    from launcher.cli import USER_ERROR_EXIT, main
+
+    source = Path(runs["dir"]) / "zero3"
+    assert main(["convert", "to-hf", str(source), str(tmp_path / "hf")]) == USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was saved by engine deepspeed-zero3" in err
+    assert f"checkpoint.init_from={source / 'checkpoints' / 'step-10' / 'deepspeed'}" in err
+
+
+def test_resuming_with_another_engine_is_one_line(runs, data_cache):
+    from launcher.config import load_config
+    from launcher.errors import UserError
+    from launcher.trainer import preflight
+    from tests.conftest import TINY, tiny_overrides
+
+    run_dir = Path(runs["dir"]) / "zero3"
+    for world, overrides, message in (
+            (2, [MICRO, "parallel.engine=torch"], "was saved by engine deepspeed-zero3, this run is torch"),
+            (2, [MICRO, *zero(2)], "was saved by engine deepspeed-zero3, this run is deepspeed-zero2"),
+            (4, ["train.micro_batch_size=2", *zero(3)], "holds DeepSpeed's per-rank files of 2 ranks")):
+        with pytest.raises(UserError, match=message):
+            preflight(load_config(TINY, tiny_overrides(run_dir, data_cache, *overrides)), world_size=world)
