@@ -109,3 +109,25 @@ def test_known_pass_through_keys_are_accepted(tmp_path):
                              "parallel.deepspeed={wall_clock_breakdown: false, zero_optimization: "
                              "{reduce_bucket_size: 1000000}}"])
     assert preflight(cfg, 2)[1] is None  # passed; no checkpoint to resume
+
+
+def test_a_checkpoint_of_another_engine_is_refused_in_one_line(tmp_path):
+    """check_same_engine on meta.json records (the runs that write them: tests/distributed/test_deepspeed_engine.py);
+    a checkpoint from before engines were recorded is the torch engine's."""
+    from dataclasses import asdict
+
+    from launcher.checkpoint import check_same_engine
+
+    torch_run = load_config(TINY, [f"run.dir={tmp_path}"])
+    zero2 = load_config(TINY, [f"run.dir={tmp_path}", DEEPSPEED])
+    dims = validate(zero2, world_size=2)
+    check_same_engine({"layout": asdict(dims)}, torch_run, dims, tmp_path)  # older checkpoints: torch's
+    check_same_engine({"engine": "deepspeed-zero2", "layout": asdict(dims)}, zero2, dims, tmp_path)
+    with pytest.raises(UserError, match="was saved by engine deepspeed-zero2, this run is torch; .* checkpoint.init_from="
+                                        f"{tmp_path / 'deepspeed'}"):
+        check_same_engine({"engine": "deepspeed-zero2", "layout": asdict(dims)}, torch_run, dims, tmp_path)
+    with pytest.raises(UserError, match="was saved by engine torch, this run is deepspeed-zero2"):
+        check_same_engine({"engine": "torch", "layout": asdict(dims)}, zero2, dims, tmp_path)
+    with pytest.raises(UserError, match="per-rank files of 4 ranks; resume it on the same number of processes"):
+        check_same_engine({"engine": "deepspeed-zero2", "layout": {**asdict(dims), "world_size": 4}}, zero2, dims,
+                          tmp_path)
