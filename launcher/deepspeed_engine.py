@@ -20,6 +20,7 @@ atomic publish cover them, and `checkpoint.init_from=<step-N>/deepspeed` reads t
 import copy
 import importlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -132,6 +133,9 @@ class ZeroOptimizers:
         # DeepSpeed's CPU accelerator builds a shared-memory all-reduce (a C++ op, ~3 min to compile here) when its
         # communication backend starts; gloo's all-reduce does the same work without it.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # DeepSpeed 0.19 calls two torch collectives deprecated in torch 2.13, each call warning again.
+        warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+                                category=FutureWarning)
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # joins the existing group
         optimizer = build_optimizer(model, t)
         # The schedule sets lr in the optimizer's parameter groups, which ZeRO keeps (with its own flat tensors).

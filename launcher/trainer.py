@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from launcher.checkpoint import (Checkpointer, RNGState, check_same_engine, check_same_model, check_same_tokenizer,
-                                 checkpoint_meta, training_state)
+                                 checkpoint_meta, engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.deepspeed_engine import ZeroOptimizers, check_deepspeed_config, deepspeed_config
@@ -318,7 +318,8 @@ def train(cfg: Config) -> dict:
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
     peak = PeakFlops(device, torch.bfloat16 if bf16 else torch.float32, cfg.run.peak_flops, log=metrics.info)
-    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()} "
+    engine = "" if p.engine == "torch" else f" under {engine_name(cfg)}"
+    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()}{engine} "
                  f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
     metrics.info(f"MFU baseline: {peak.value / 1e9:.1f} GFLOP/s per process ({peak.how})")
