@@ -342,8 +342,12 @@ def check_engine(cfg: Config, dims: ParallelDims) -> None:
     p, t = cfg.parallel, cfg.train
     if p.engine not in ENGINES:
         raise UserError(f"parallel.engine='{p.engine}' is not one of {', '.join(ENGINES)}{_suggest(p.engine, ENGINES)}")
-    if p.engine != "deepspeed":
-        raise UserError("parallel.deepspeed is only read with parallel.engine=deepspeed; drop it or set the engine")
+    if p.engine == "torch":
+        given = [name for name in ("deepspeed", "offload_optimizer", "offload_params") if getattr(p, name)]
+        if given:
+            raise UserError(f"parallel.{given[0]} is only read with parallel.engine=deepspeed; drop it or set the "
+                            f"engine")
+        return
     if p.zero_stage not in (0, 1, 2, 3):
         raise UserError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
     if p.offload_optimizer and p.zero_stage == 0:
@@ -396,8 +400,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if dims.tp > 1 and cfg.parallel.sequence_parallel and (t.seq_len // dims.cp) % dims.tp:
         raise UserError(f"train.seq_len={t.seq_len} / cp={dims.cp} must be divisible by parallel.tp={dims.tp} for "
                         f"sequence parallelism; change seq_len or set parallel.sequence_parallel=false")
-    if cfg.parallel.engine != "torch" or cfg.parallel.deepspeed:
-        check_engine(cfg, dims)
+    check_engine(cfg, dims)
     if cfg.parallel.async_tp and not t.compile:
         raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     from data.build import check_data_config

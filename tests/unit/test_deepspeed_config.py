@@ -38,6 +38,7 @@ def refusal(tmp_path, *overrides: str, world_size: int = 2) -> str:
     ((DEEPSPEED, "train.activation_checkpoint=full"), "train.activation_checkpoint=full need"),
     (("parallel.deepspeed={zero_optimization: {overlap_comm: true}}",),
      "parallel.deepspeed is only read with parallel.engine=deepspeed"),
+    (("parallel.offload_params=true",), "parallel.offload_params is only read with parallel.engine=deepspeed"),
 ])
 def test_refused_without_deepspeed_installed_or_not(tmp_path, overrides, message):
     assert message in refusal(tmp_path, *overrides)
