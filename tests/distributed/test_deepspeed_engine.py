@@ -35,6 +35,39 @@ RUNS = {  # name -> (run directory, overrides, whole summary?)
 }
 
 
+NAN_STEP = 3
+
+
+def nan_gradients_run(run_dir: str, cache: str, overrides: list[str]) -> list[float]:
+    """Check body: a run (train.nonfinite=skip) whose step NAN_STEP back-propagates NaN (its recorded loss stays
+    finite): the engine must skip that update and go on; its losses (the skipped step left out)."""
+    import torch
+
+    from launcher.trainer import TrainStep
+    from tests.distributed.runs import train_losses
+
+    steps, forward_backward, loss_terms = [0], TrainStep.forward_backward, TrainStep.loss_terms
+
+    def counting(self, micro_batches, backward=True):
+        steps[0] += backward
+        return forward_backward(self, micro_batches, backward)
+
+    def poisoned(self, outputs, batch):
+        loss = loss_terms(self, outputs, batch)
+        return loss * float("nan") if steps[0] == NAN_STEP and torch.is_grad_enabled() else loss
+
+    TrainStep.forward_backward, TrainStep.loss_terms = counting, poisoned
+    try:
+        return train_losses(run_dir, cache, [*overrides, "train.nonfinite=skip"])
+    finally:
+        TrainStep.forward_backward, TrainStep.loss_terms = forward_backward, loss_terms
+
+
+def nan_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
+    return ("tests.distributed.test_deepspeed_engine:nan_gradients_run",
+            {"run_dir": str(run_dir), "cache": str(cache), "overrides": list(overrides)})
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache) -> dict:
     tmp = tmp_path_factory.mktemp("deepspeed-runs")
@@ -45,6 +78,8 @@ def runs(tmp_path_factory, data_cache) -> dict:
     checks["imported"] = train_check(tmp / "imported", data_cache, MICRO, "train.steps=1", "train.lr=0.0",
                                      f"checkpoint.init_from={tmp / 'zero3' / 'checkpoints' / 'step-10' / 'deepspeed'}",
                                      summary=True)
+    for name, overrides in (("fsdp2_nan", [MICRO]), ("zero2_nan", [MICRO, *zero(2)]), ("zero3_nan", [MICRO, *zero(3)])):
+        checks[name] = nan_check(tmp / name, data_cache, *overrides)
     results = run_world(2, list(checks.values()), tmp / "world", timeout_s=900)
     return {"dir": tmp, **{name: result.value() for name, result in zip(checks, results)}}
 
@@ -104,3 +139,12 @@ def test_resuming_with_another_engine_is_one_line(runs, data_cache):
             (4, ["train.micro_batch_size=2", *zero(3)], "holds DeepSpeed's per-rank files of 2 ranks")):
         with pytest.raises(UserError, match=message):
             preflight(load_config(TINY, tiny_overrides(run_dir, data_cache, *overrides)), world_size=world)
+
+
+@pytest.mark.parametrize("run", ["zero2_nan", "zero3_nan"])
+def test_a_nonfinite_step_is_skipped_as_by_the_torch_engine(runs, run):
+    """DeepSpeed drops the update of a step with NaN gradients itself; the run records it as skipped and the
+    schedule does not count it, as under FSDP2: the same losses, the skipped step left out."""
+    assert len(runs["fsdp2_nan"]) == 9 and runs["fsdp2_nan"][:NAN_STEP - 1] == runs["fsdp2"][:NAN_STEP - 1]
+    assert_losses_differ(runs["fsdp2_nan"], runs["fsdp2"][:NAN_STEP - 1] + runs["fsdp2"][NAN_STEP:])  # it did skip
+    assert_same_losses(runs[run], runs["fsdp2_nan"])
