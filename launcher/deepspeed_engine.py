@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from launcher.config import Config, TrainSection, _suggest
+from launcher.deepspeed_import import weights_only_torch_load
 from launcher.errors import UserError
 from launcher.optim import build_optimizer, build_scheduler
 from parallel.mesh import ParallelDims
@@ -139,18 +140,18 @@ class ZeroOptimizers:
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # joins the existing group
         optimizer = build_optimizer(model, t)
         # The schedule sets lr in the optimizer's parameter groups, which ZeRO keeps (with its own flat tensors).
-        self.schedulers = [build_scheduler(optimizer, t)]
+        self.scheduler = build_scheduler(optimizer, t)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.accumulation = config["gradient_accumulation_steps"]
         self.backwards = 0  # of the current step: the last one is the accumulation boundary
 
     @property
     def lr(self) -> float:
-        return self.schedulers[0].get_last_lr()[0]
+        return self.scheduler.get_last_lr()[0]
 
     @property
     def schedule_state(self):
-        return self.schedulers[0]
+        return self.scheduler
 
     def backward(self, loss: torch.Tensor) -> None:
         """The trainer's loss is already the step's share (sum / global count x dp): not divided by the number of
@@ -168,11 +169,11 @@ class ZeroOptimizers:
 
     def step(self) -> None:
         """The update happened in clip_grad_norm; the schedule counts it."""
-        for scheduler in self.schedulers:
-            scheduler.step()
+        self.scheduler.step()
 
     def skip(self) -> None:
-        """DeepSpeed skipped the update itself (non-finite gradients): nothing left to undo."""
+        """The trainer skips a step whose loss or gradient norm is not finite; DeepSpeed already skipped the update
+        when a gradient was not finite (a NaN loss gives NaN gradients): the schedule does not count it."""
 
     def training_state(self, loader) -> dict:
         return {"scheduler": self.schedule_state, "data": loader}
@@ -184,8 +185,6 @@ class ZeroOptimizers:
     def load(self, checkpoint_dir: Path) -> None:
         """Every rank: back from checkpoint_dir/deepspeed, saved by this run (the same layout and stage, checked in
         preflight). DeepSpeed's torch.load calls go through the weights-only unpickler."""
-        from launcher.deepspeed_import import weights_only_torch_load
-
         with weights_only_torch_load():
             path, _ = self.engine.load_checkpoint(str(checkpoint_dir / SUBDIR), tag="zero",
                                                   load_lr_scheduler_states=False)
