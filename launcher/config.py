@@ -53,7 +53,7 @@ class ParallelSection:
     cp_kernel: str = "auto"  # auto (cpu_flash on CPU, flash_attn on CUDA) | math | cpu_flash | flash_attn
     # torch (FSDP2 / DDP, every layout) | deepspeed (ZeRO over all ranks, data parallel only: docs/deepspeed.md)
     engine: str = "torch"
-    zero_stage: int = 2  # deepspeed: 0 (replicated), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) sharded
+    zero_stage: int = 2  # deepspeed: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) sharded
     offload_optimizer: bool = False  # deepspeed, zero_stage >= 1: fp32 master weights and AdamW states in CPU memory
     offload_params: bool = False  # deepspeed, zero_stage 3: parameters in CPU memory between uses
     # deepspeed: more keys of DeepSpeed's own config, merged into the one generated from this config
@@ -349,9 +349,10 @@ def check_engine(cfg: Config, dims: ParallelDims) -> None:
                             f"engine")
         return
     if p.zero_stage not in (0, 1, 2, 3):
-        raise UserError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
-    if p.offload_optimizer and p.zero_stage == 0:
-        raise UserError("parallel.offload_optimizer needs parallel.zero_stage 1, 2 or 3")
+        raise UserError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 1, 2 or 3")
+    if p.zero_stage == 0:  # DeepSpeed steps the client optimizer itself there: no grad norm, no skip of NaN steps
+        raise UserError("parallel.zero_stage=0 (DeepSpeed without ZeRO) is not supported; use 1, 2 or 3, or "
+                        "parallel.engine=torch for replicated data parallelism (DDP)")
     if p.offload_params and p.zero_stage != 3:
         raise UserError("parallel.offload_params needs parallel.zero_stage=3 (only stage 3 partitions parameters)")
     # ZeRO shards over every rank; it has no place for the other mesh dims, and the model stays unwrapped.

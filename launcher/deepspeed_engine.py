@@ -1,4 +1,4 @@
-"""parallel.engine=deepspeed: DeepSpeed's ZeRO engine (stage 0-3, optimizer and parameter offload) in place of
+"""parallel.engine=deepspeed: DeepSpeed's ZeRO engine (stages 1-3, optimizer and parameter offload) in place of
 FSDP2, behind the interface of launcher.optim.Optimizers, so the trainer's step, loss normalization, metrics,
 signals and checkpoints stay its own.
 

@@ -26,12 +26,12 @@ def refusal(tmp_path, *overrides: str, world_size: int = 2) -> str:
 @pytest.mark.parametrize("overrides, message", [
     (("parallel.engine=deepspeeed",), "parallel.engine='deepspeeed' is not one of torch, deepspeed (did you mean "
                                       "'deepspeed'?)"),
-    ((DEEPSPEED, "parallel.zero_stage=4"), "parallel.zero_stage=4 is not a ZeRO stage; use 0, 1, 2 or 3"),
+    ((DEEPSPEED, "parallel.zero_stage=4"), "parallel.zero_stage=4 is not a ZeRO stage; use 1, 2 or 3"),
     ((DEEPSPEED, "parallel.zero_stage=-1"), "parallel.zero_stage=-1 is not a ZeRO stage"),
     ((DEEPSPEED, "parallel.zero_stage=2", "parallel.offload_params=true"), "parallel.offload_params needs "
                                                                             "parallel.zero_stage=3"),
-    ((DEEPSPEED, "parallel.zero_stage=0", "parallel.offload_optimizer=true"), "parallel.offload_optimizer needs "
-                                                                               "parallel.zero_stage 1, 2 or 3"),
+    ((DEEPSPEED, "parallel.zero_stage=0"), "parallel.zero_stage=0 (DeepSpeed without ZeRO) is not supported; use 1, "
+                                           "2 or 3, or parallel.engine=torch for replicated data parallelism (DDP)"),
     ((DEEPSPEED, "parallel.tp=2"), "parallel.engine=deepspeed is data parallel only (ZeRO over all 2 ranks); "
                                    "parallel.tp=2 need parallel.engine=torch"),
     ((DEEPSPEED, "parallel.dp_replicate=2", "parallel.dp_shard=1"), "parallel.dp_replicate=2 need"),
@@ -65,7 +65,7 @@ def test_through_the_cli_nothing_starts(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["train", str(TINY), "--set", DEEPSPEED, "--set", "parallel.zero_stage=7", "--set",
                  f"run.dir={run_dir}"]) == USER_ERROR_EXIT
-    assert capsys.readouterr().err == "error: parallel.zero_stage=7 is not a ZeRO stage; use 0, 1, 2 or 3\n"
+    assert capsys.readouterr().err == "error: parallel.zero_stage=7 is not a ZeRO stage; use 1, 2 or 3\n"
     assert not dist.is_initialized() and not run_dir.exists()
 
 
