@@ -20,8 +20,8 @@ train: $(PY)
 test: $(PY)
 	$(PY) -m pytest -q --durations=20 tests
 
-# DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU)
-# skip in `make test` and run here, in their own environment.
+# DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU: the
+# checkpoint import, parallel.engine=deepspeed's config checks and runs) skip in `make test` and run here.
 DS_PY := .venv-deepspeed/bin/python
 $(DS_PY):
 	python3 -m venv .venv-deepspeed
@@ -30,7 +30,8 @@ $(DS_PY):
 	$(DS_PY) -m pip install -q -e '.[dev,deepspeed]'
 
 test-deepspeed: $(DS_PY)
-	DS_ACCELERATOR=cpu $(DS_PY) -m pytest -q tests/unit/test_deepspeed_import.py
+	DS_ACCELERATOR=cpu $(DS_PY) -m pytest -q tests/unit/test_deepspeed_import.py tests/unit/test_deepspeed_config.py \
+		tests/distributed/test_deepspeed_engine.py
 
 clean:
 	rm -rf .venv .venv-deepspeed runs

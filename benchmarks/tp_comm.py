@@ -56,8 +56,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from launcher.config import load_config
-from launcher.optim import Optimizers
-from launcher.trainer import clip_grad_norm
+from launcher.optim import Optimizers, clip_grad_norm
 from parallel.tensor_parallel import reduce_partial_grads
 from models import get_model_spec
 from models.common.loss import cross_entropy_sum

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from launcher.config import Config
+from launcher.deepspeed_engine import SUBDIR
 from launcher.errors import UserError
 from launcher.optim import Optimizers
 from launcher.safe_dcp import load as safe_load
@@ -166,7 +168,27 @@ def checkpoint_meta(cfg: Config, tokenizer: str, dims: ParallelDims) -> dict:
     """meta.json of a run's checkpoints (besides the step): what a resume checks (family, architecture,
     tokenizer) and where the checkpoint came from."""
     return {"family": cfg.model.family, "model": architecture(cfg.model_config()), "tokenizer": tokenizer,
-            "data": asdict(cfg.data), "layout": asdict(dims)}
+            "data": asdict(cfg.data), "layout": asdict(dims), "engine": engine_name(cfg)}
+
+
+def engine_name(cfg: Config) -> str:
+    """What wrote a checkpoint's model and optimizer state: "torch" (DCP) or "deepspeed-zero<stage>" (its own)."""
+    p = cfg.parallel
+    return "torch" if p.engine == "torch" else f"{p.engine}-zero{p.zero_stage}"
+
+
+def check_same_engine(saved: dict, cfg: Config, dims: ParallelDims, path: Path) -> None:
+    """Refuse to resume a checkpoint another engine (or ZeRO stage) wrote, and a DeepSpeed one on another layout
+    (its files are per rank; DCP's reshard). Checkpoints from before engines were recorded are torch's."""
+    saved_engine, engine = saved.get("engine", "torch"), engine_name(cfg)
+    if saved_engine != engine:
+        raise UserError(f"{path} was saved by engine {saved_engine}, this run is {engine}; resume with the settings "
+                        f"that saved it, or start a new run.dir from its weights with checkpoint.init_from="
+                        f"{path / SUBDIR if saved_engine != 'torch' else path}")
+    if engine != "torch" and saved.get("layout") != asdict(dims):
+        raise UserError(f"{path} holds DeepSpeed's per-rank files of {saved.get('layout', {}).get('world_size')} "
+                        f"ranks; resume it on the same number of processes, or start a new run.dir from its weights "
+                        f"with checkpoint.init_from={path / SUBDIR}")
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -289,10 +311,12 @@ class Checkpointer:
             raise UserError(f"{refusal}; checkpoint.fallback=true found no verified earlier checkpoint in "
                             f"{self.root}") from None
 
-    def save(self, step: int, state: dict, meta: dict) -> Path:
+    def save(self, step: int, state: dict, meta: dict, write_more: Callable[[Path], None] | None = None) -> Path:
         """Write `state` as checkpoints/step-<step> with meta.json (plus the files' checksums), publish it and
-        prune. Every rank calls it; a failed write (a full disk) removes the staging directory and raises the
-        same UserError on every rank."""
+        prune. `write_more(staging directory)`, called on every rank after DCP's save, adds files of an engine's
+        own format (launcher/deepspeed_engine.py), covered by the same checksums and publish. Every rank calls
+        it; a failed write (a full disk) removes the staging directory and raises the same UserError on every
+        rank."""
         staging = self.root / f".staging-step-{step}"
         final = self.root / f"step-{step}"
         if self.rank == 0:
@@ -304,10 +328,12 @@ class Checkpointer:
         try:
             # Raises on every rank if any rank's write failed.
             dcp.save(state, checkpoint_id=staging, storage_writer=_ErrnoKeepingWriter(staging))
+            if write_more is not None:
+                write_more(staging)
         except (Exception, CheckpointException) as e:
             self._refuse_failed_write(step, staging, e)
         # Each rank hashes a share of the files (read back while still in the page cache) for rank 0's meta.json.
-        files = sorted(p.name for p in staging.iterdir())
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, {name: file_sha256(staging / name)
                                         for name in files[self.rank::dist.get_world_size()]})
@@ -345,8 +371,12 @@ class Checkpointer:
                         f"checkpoint is {self.last_complete()}, and the partial one was removed: free space "
                         f"and rerun to resume from it") from None
 
-    def load(self, path: Path, state: dict) -> None:
+    def load(self, path: Path, state: dict, read_more: Callable[[Path], None] | None = None) -> None:
+        """`state` from the checkpoint at `path` (verified by check_complete), then `read_more(path)`: the files
+        `write_more` added at save."""
         safe_load(state, path)
+        if read_more is not None:
+            read_more(path)
 
     def _prune(self, keep: str) -> None:
         """Delete all but the newest keep_last checkpoints; never `keep`, the one just saved and verified."""

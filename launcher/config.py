@@ -51,6 +51,13 @@ class ParallelSection:
     cp_layout: str = "zigzag"  # zigzag (balanced causal work) | contiguous
     cp_ulysses: int = 0  # hybrid: ranks per Ulysses group (cp / cp_ulysses ring steps); 0 otherwise
     cp_kernel: str = "auto"  # auto (cpu_flash on CPU, flash_attn on CUDA) | math | cpu_flash | flash_attn
+    # torch (FSDP2 / DDP, every layout) | deepspeed (ZeRO over all ranks, data parallel only: docs/deepspeed.md)
+    engine: str = "torch"
+    zero_stage: int = 2  # deepspeed: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) sharded
+    offload_optimizer: bool = False  # deepspeed, zero_stage >= 1: fp32 master weights and AdamW states in CPU memory
+    offload_params: bool = False  # deepspeed, zero_stage 3: parameters in CPU memory between uses
+    # deepspeed: more keys of DeepSpeed's own config, merged into the one generated from this config
+    deepspeed: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -326,6 +333,41 @@ def check_run_dir(run_dir: Path) -> None:
                             f"name of a complete checkpoints/step-<N> into it, or delete it to start fresh") from None
 
 
+ENGINES = ("torch", "deepspeed")
+
+
+def check_engine(cfg: Config, dims: ParallelDims) -> None:
+    """parallel.engine and its settings: what DeepSpeed's engine composes with (DeepSpeed's own check of the config
+    generated from them follows in the trainer's preflight: launcher/deepspeed_engine.py)."""
+    p, t = cfg.parallel, cfg.train
+    if p.engine not in ENGINES:
+        raise UserError(f"parallel.engine='{p.engine}' is not one of {', '.join(ENGINES)}{_suggest(p.engine, ENGINES)}")
+    if p.engine == "torch":
+        given = [name for name in ("deepspeed", "offload_optimizer", "offload_params") if getattr(p, name)]
+        if given:
+            raise UserError(f"parallel.{given[0]} is only read with parallel.engine=deepspeed; drop it or set the "
+                            f"engine")
+        return
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage; use 1, 2 or 3")
+    if p.zero_stage == 0:  # DeepSpeed steps the client optimizer itself there: no grad norm, no skip of NaN steps
+        raise UserError("parallel.zero_stage=0 (DeepSpeed without ZeRO) is not supported; use 1, 2 or 3, or "
+                        "parallel.engine=torch for replicated data parallelism (DDP)")
+    if p.offload_params and p.zero_stage != 3:
+        raise UserError("parallel.offload_params needs parallel.zero_stage=3 (only stage 3 partitions parameters)")
+    # ZeRO shards over every rank; it has no place for the other mesh dims, and the model stays unwrapped.
+    other = [f"parallel.{name}={getattr(dims, name)}" for name in ("tp", "pp", "cp", "ep", "dp_replicate")
+             if getattr(dims, name) > 1]
+    other += [f"train.{name}={getattr(t, name)}" for name, off in (("activation_checkpoint", "none"), ("compile", False))
+              if getattr(t, name) != off]
+    hooks = get_model_spec(cfg.model.family).hooks
+    if hooks.after_backward or hooks.after_optimizer_step:  # they would read gradients / write weights ZeRO partitions
+        other.append(f"model family {cfg.model.family} (its training hooks)")
+    if other:
+        raise UserError(f"parallel.engine=deepspeed is data parallel only (ZeRO over all {dims.world_size} ranks); "
+                        f"{', '.join(other)} need parallel.engine=torch")
+
+
 def validate(cfg: Config, world_size: int) -> ParallelDims:
     """Check the config against itself and the world; return the resolved layout."""
     try:
@@ -359,6 +401,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
     if dims.tp > 1 and cfg.parallel.sequence_parallel and (t.seq_len // dims.cp) % dims.tp:
         raise UserError(f"train.seq_len={t.seq_len} / cp={dims.cp} must be divisible by parallel.tp={dims.tp} for "
                         f"sequence parallelism; change seq_len or set parallel.sequence_parallel=false")
+    check_engine(cfg, dims)
     if cfg.parallel.async_tp and not t.compile:
         raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     from data.build import check_data_config

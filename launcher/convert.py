@@ -46,6 +46,7 @@ from torch import nn
 from launcher.checkpoint import (Checkpointer, check_complete, check_same_model, check_same_tokenizer,
                                  checkpoint_meta, find_checkpoint, fsync_dir, training_state)
 from launcher.config import Config, load_config
+from launcher.deepspeed_engine import SUBDIR
 from launcher.distributed import World, init_distributed
 from launcher.errors import UserError
 from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
@@ -374,6 +375,10 @@ def open_source(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[P
                         f"pass a path that does not exist")
     checkpoint, run_dir = find_checkpoint(Path(args.source))
     saved = check_complete(checkpoint)
+    if saved["meta"].get("engine", "torch") != "torch":  # its model and optimizer are in DeepSpeed's files, not DCP
+        raise UserError(f"{checkpoint} was saved by engine {saved['meta']['engine']}; convert reads the torch engine's "
+                        f"checkpoints: start a run from its weights with checkpoint.init_from={checkpoint / SUBDIR} "
+                        f"(any layout) and convert that run's checkpoint")
     if not saved["verified"]:
         log(f"{checkpoint} has no checksums (saved by an older version): read unverified")
     return out, checkpoint, run_dir, saved

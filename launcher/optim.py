@@ -3,10 +3,12 @@ import math
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from launcher.config import TrainSection
+from parallel.tensor_parallel import full_tensor
 
 
 def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
@@ -72,10 +74,37 @@ class Optimizers:
             scheduler.step()
         self.skip()
 
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, parts: list[nn.Module], max_norm: float, pp_group) -> float:
+        return clip_grad_norm(parts, max_norm, pp_group)
+
     def skip(self) -> None:
         """Drop this step's gradients without an update; the schedule counts only the steps taken."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+
+
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
+    """Global L2 norm of all gradients over every shard, mesh dim and pipeline stage, clipped to
+    max_norm when > 0.
+
+    Gradients live on different meshes (FSDP x TP, TP only, or plain tensors), so the norm is
+    taken per mesh and made whole there; the squares are summed, then over the pipeline stages.
+    """
+    by_mesh: dict = {}
+    for p in (p for part in parts for p in part.parameters()):
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    squares = sum(full_tensor(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
+    squares = torch.as_tensor(squares, dtype=torch.float32)
+    dist.all_reduce(squares, group=pp_group)
+    norm = squares.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        for grads in by_mesh.values():  # a Python scalar multiplies DTensors and plain tensors alike
+            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
 
 
 class _ScheduleState:

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import (Checkpointer, RNGState, check_same_model, check_same_tokenizer, checkpoint_meta,
-                                 training_state)
+from launcher.checkpoint import (Checkpointer, RNGState, check_same_engine, check_same_model, check_same_tokenizer,
+                                 checkpoint_meta, engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
+from launcher.deepspeed_engine import ZeroOptimizers, check_deepspeed_config, deepspeed_config
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
@@ -140,7 +140,7 @@ class TrainStep:
                     args, kwargs = model_inputs(self.keys, batch)
                     loss = self.loss_terms(self.parts[0](*args, **kwargs), batch)
                     if backward:
-                        loss.backward()
+                        self.optimizers.backward(loss)
         # A schedule's first step also calls its loss function once on dummy activations, to infer the
         # backward's shapes: the micro-batches' own calls are the last ones.
         sums = torch.stack(self.loss_sums[-len(batches):]).sum(0) if self.loss_sums else \
@@ -159,7 +159,7 @@ class TrainStep:
         record = self.forward_backward(micro_batches, backward=True)
         reduce_partial_grads(p for part in self.parts for p in part.parameters())
         record.update(self.run_hook(self.spec.hooks.after_backward))
-        record["grad_norm"] = clip_grad_norm(self.parts, self.grad_clip, self.pp_group)
+        record["grad_norm"] = self.optimizers.clip_grad_norm(self.parts, self.grad_clip, self.pp_group)
         record["lr"] = self.optimizers.lr
         if not all_finite(record["loss"], record["grad_norm"]):
             self.optimizers.skip()  # the weights stay those of the last finite step
@@ -257,6 +257,8 @@ def train(cfg: Config) -> dict:
                                   stages_per_rank(p.pp_schedule, p.pp_stages_per_rank), p.pp_layout, n_micro,
                                   steps.pipeline_loss, device)
         parts = pipeline.parts
+    elif p.engine == "deepspeed":
+        parts = [model]  # the ZeRO engine wraps it once initialized (below)
     else:
         parts = [parallelize(model, spec.plan, dims, meshes, options)]
     for part in parts:
@@ -269,22 +271,31 @@ def train(cfg: Config) -> dict:
     for part in parts:
         if spec.hooks.setup is not None:
             spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))
+    n_params = torch.tensor(float(sum(w.numel() for part in parts for w in part.parameters())))
+    dist.all_reduce(n_params, group=meshes.pp.get_group())  # each stage counts its own
+    n_params = n_params.item()
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
     precision = torch.autocast(device.type, torch.bfloat16) if bf16 and not uses_fsdp(dims) else nullcontext()
-    optimizers = Optimizers(parts, t)
+    zero = None  # parallel.engine=deepspeed: the ZeRO engine wraps the plain model and owns gradients and AdamW
+    if p.engine == "deepspeed":
+        zero = ZeroOptimizers(parts[0], t, deepspeed_config(cfg, dims, bf16))
+        parts, precision = [zero.engine], nullcontext()  # DeepSpeed casts parameters itself
+    optimizers = zero or Optimizers(parts, t)
     steps.bind(parts, pipeline, optimizers, precision)
 
     # CUDA generators are saved when there are any, and restored when the checkpoint has them.
     cuda_rng = torch.cuda.is_available() and (saved is None or f"rng.rank{rank}.cuda" in saved["keys"])
     rng = RNGState(rank, with_cuda=cuda_rng)
-    state = {**training_state(parts, optimizers, train_loader), "rng": rng}
+    state = {**(zero.training_state(train_loader) if zero else training_state(parts, optimizers, train_loader)),
+             "rng": rng}
     meta = checkpoint_meta(cfg, data.tokenizer.fingerprint, dims)
     if saved is not None:
         check_same_tokenizer(saved["meta"], meta, resume_from)
         # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks, a converted
         # one (launcher/convert.py) none at all, one saved before RNG states were tensors a pickle (not read).
         has_rng = f"rng.{rng.key}.torch" in saved["keys"]
-        checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"})
+        checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"},
+                          zero and zero.load)
         rng.with_cuda = torch.cuda.is_available()  # from here on every save holds them
     # Everything is checked: from here on the run directory is written to.
     metrics = MetricsWriter(run_dir, rank, t.steps, start_step, tensorboard=cfg.run.tensorboard)
@@ -307,10 +318,8 @@ def train(cfg: Config) -> dict:
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
     peak = PeakFlops(device, torch.bfloat16 if bf16 else torch.float32, cfg.run.peak_flops, log=metrics.info)
-    n_params = torch.tensor(float(sum(w.numel() for part in parts for w in part.parameters())))
-    dist.all_reduce(n_params, group=meshes.pp.get_group())  # each stage counts its own
-    n_params = n_params.item()
-    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()} "
+    engine = "" if p.engine == "torch" else f" under {engine_name(cfg)}"
+    metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()}{engine} "
                  f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
     metrics.info(f"MFU baseline: {peak.value / 1e9:.1f} GFLOP/s per process ({peak.how})")
@@ -318,7 +327,7 @@ def train(cfg: Config) -> dict:
         metrics.info(allocator_note)
 
     def save(step: int) -> None:
-        path = checkpointer.save(step, state, meta)
+        path = checkpointer.save(step, state, meta, zero and zero.save)
         metrics.info(f"saved checkpoint {path}")
 
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -402,38 +411,20 @@ def preflight(cfg: Config, world_size: int):
     would start from (checkpoint.init_from: StartingWeights, else None). The checkpoint is verified against its
     checksums; with checkpoint.fallback, a damaged latest one gives way to the newest verified one."""
     dims = validate(cfg, world_size)
+    if cfg.parallel.engine == "deepspeed":
+        check_deepspeed_config(cfg, dims)  # installed, and every pass-through key one DeepSpeed reads
     resume_from, saved = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).resume_point(
         cfg.checkpoint.fallback)
     starting_weights = None
     if resume_from is not None:
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
+        check_same_engine(saved["meta"], cfg, dims, resume_from)
         if (Path(cfg.run.dir) / "metrics.jsonl").exists():  # damage (other than a torn last line) stops every rank
             read_records(Path(cfg.run.dir) / "metrics.jsonl")
     elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights
         starting_weights = open_starting_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family),
                                                  cfg.model_config())
     return dims, resume_from, saved, starting_weights
-
-
-def clip_grad_norm(parts: list[torch.nn.Module], max_norm: float, pp_group) -> float:
-    """Global L2 norm of all gradients over every shard, mesh dim and pipeline stage, clipped to
-    max_norm when > 0.
-
-    Gradients live on different meshes (FSDP x TP, TP only, or plain tensors), so the norm is
-    taken per mesh and made whole there; the squares are summed, then over the pipeline stages.
-    """
-    by_mesh: dict = {}
-    for p in (p for part in parts for p in part.parameters()):
-        if p.grad is not None:
-            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
-    squares = sum(full_tensor(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
-    squares = torch.as_tensor(squares, dtype=torch.float32)
-    dist.all_reduce(squares, group=pp_group)
-    norm = squares.sqrt().item()
-    if max_norm > 0 and norm > max_norm:
-        for grads in by_mesh.values():  # a Python scalar multiplies DTensors and plain tensors alike
-            torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
-    return norm
 
 
 def greedy_sample(next_token, tokenizer, prompt: str, n_tokens: int, max_length: int) -> str:

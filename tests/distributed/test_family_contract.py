@@ -83,6 +83,8 @@ def train_step_alone() -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
+    from launcher.config import TrainSection
+    from launcher.optim import Optimizers
     from launcher.trainer import TrainStep
     from models import get_model_spec
     from models.llm.model import LLMConfig
@@ -96,7 +98,7 @@ def train_step_alone() -> dict[str, float]:
     init_parameters(model, seed=0)
     steps = TrainStep(spec, dims, dims.build_mesh("cpu"), SequenceLayout("zigzag", 1), torch.device("cpu"),
                       grad_clip=0.0, vocab_sharded_outputs=False)
-    steps.bind([model], None, None, torch.autocast("cpu", enabled=False))
+    steps.bind([model], None, Optimizers([model], TrainSection()), torch.autocast("cpu", enabled=False))
     rows = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
     rows[3, 5:] = 0
     batch = {"tokens": rows[:, :-1], "targets": rows[:, 1:].clone(), "positions": torch.arange(16).repeat(4, 1)}
