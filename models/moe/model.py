@@ -138,27 +138,24 @@ class GroupedExperts(nn.Module):
 
 
 def grouped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
-    """All experts at once: torch._grouped_mm on CUDA (bf16), else one bmm over rows padded per expert."""
+    """x [M, d] sorted by expert, counts[e] rows each -> y [M, d]: torch._grouped_mm on CUDA (bf16), else
+    one mm per expert on its contiguous slice of rows (no padding, each routed row multiplied once).
+
+    The slices come from split / unbind, whose backwards are one cat / stack. Indexing x[s:t] and w[e]
+    per expert instead (looped_swiglu) makes every expert's gradient a zero tensor of the full size
+    that the backward then sums: E full-size copies of x and of each weight.
+    No early exit for zero rows: the (empty) result must stay in the autograd graph, or an ep rank
+    whose experts got no tokens would skip the backward all-to-alls its peers wait in."""
     if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
         return torch._grouped_mm(h, w2, offs=offs)
-    # No early exit for zero rows: the (empty) result must stay in the autograd graph, or an ep rank
-    # whose experts got no tokens would skip the backward all-to-alls its peers wait in.
-    n_experts, longest = len(counts), max(counts, default=0)
-    counts_t = torch.tensor(counts, device=x.device)
-    expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts_t)
-    starts = counts_t.cumsum(0) - counts_t
-    # Row slot in the padded [E * longest, d] layout; index_copy / index_select (backward: index_select /
-    # index_add) are much cheaper on CPU than advanced indexing, whose backward accumulates by sorting.
-    slot = expert * longest + torch.arange(x.shape[0], device=x.device) - starts[expert]
-    padded = x.new_zeros(n_experts * longest, x.shape[-1]).index_copy(0, slot, x).view(n_experts, longest, x.shape[-1])
-    h = F.silu(torch.bmm(padded, w1)) * torch.bmm(padded, w3)
-    return torch.bmm(h, w2).flatten(0, 1).index_select(0, slot)
+    experts = zip(x.split(counts), w1.unbind(0), w3.unbind(0), w2.unbind(0), strict=True)
+    return torch.cat([(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in experts])
 
 
 def looped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
-    """Reference: one expert at a time (benchmarks and tests only)."""
+    """Reference: one expert at a time, indexing x and the weights per expert (benchmarks and tests only)."""
     out, start = [], 0
     for e, n in enumerate(counts):
         xe = x[start:start + n]

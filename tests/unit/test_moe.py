@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.common.mlp import SwiGLU
 from models.moe.model import MoE, MoEConfig, MoETransformer, grouped_swiglu, looped_swiglu
@@ -143,13 +144,40 @@ def test_grouped_path_with_no_rows_stays_in_the_graph():
     assert all(w.grad is not None and not w.grad.any() for w in (w1, w3, w2)) and x.grad.shape == (0, DIM)
 
 
-def test_grouped_path_equals_per_expert_loop():
+def per_token_swiglu(x, counts, w1, w3, w2):
+    """Each row through its own expert's weights, gathered per row: no slicing, no grouping."""
+    expert = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    h = F.silu(torch.einsum("md,mdh->mh", x, w1[expert])) * torch.einsum("md,mdh->mh", x, w3[expert])
+    return torch.einsum("mh,mhd->md", h, w2[expert])
+
+
+def expert_outputs_and_grads(fn, x, counts, weights, grad):
+    leaves = [t.detach().requires_grad_() for t in (x, *weights)]
+    y = fn(leaves[0], counts, *leaves[1:])
+    y.backward(grad)
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def test_grouped_path_equals_per_token_reference_fp64():
+    """Outputs and the gradients of rows and all three weights, fp64, with empty experts (first,
+    middle, last) and uneven loads; the same comparison with the rows' experts permuted must fail."""
     g = torch.Generator().manual_seed(0)
-    counts = [5, 0, 9, 2]
+    counts = [0, 5, 0, 9, 2, 0]
     x = torch.randn(sum(counts), DIM, generator=g, dtype=torch.float64)
-    w1, w3 = (torch.randn(4, DIM, HIDDEN, generator=g, dtype=torch.float64) for _ in range(2))
-    w2 = torch.randn(4, HIDDEN, DIM, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(grouped_swiglu(x, counts, w1, w3, w2), looped_swiglu(x, counts, w1, w3, w2))
+    weights = [torch.randn(6, DIM, HIDDEN, generator=g, dtype=torch.float64),
+               torch.randn(6, DIM, HIDDEN, generator=g, dtype=torch.float64),
+               torch.randn(6, HIDDEN, DIM, generator=g, dtype=torch.float64)]
+    grad = torch.randn(sum(counts), DIM, generator=g, dtype=torch.float64)
+    want = expert_outputs_and_grads(per_token_swiglu, x, counts, weights, grad)
+    got = expert_outputs_and_grads(grouped_swiglu, x, counts, weights, grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert all(not w[[0, 2, 5]].any() for w in got[2:])  # experts without rows get zero gradients
+    # Negative control: the same rows cut into other experts (counts of another routing) must not match.
+    wrong = expert_outputs_and_grads(grouped_swiglu, x, [0, 2, 9, 0, 5, 0], weights, grad)
+    assert all(not torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(wrong, want))
+    # The per-expert loop used as the benchmark's baseline agrees too.
+    torch.testing.assert_close(looped_swiglu(x, counts, *weights), want[0], rtol=1e-12, atol=1e-12)
 
 
 def test_capacity_drops_overflow_and_dropless_keeps_all():
