@@ -99,15 +99,20 @@ def test_negative_eigenvalues_match(dtype):
         assert_all_close(values_and_grads(delta_rule_chunked, inputs, chunk_size=chunk), ref, TOL[dtype])
 
 
+def gradcheck_inputs(length: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, beta, s0) of one head, small enough for finite differences, fp64, requiring gradients."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(1, length, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
+    k = F.normalize(torch.randn(1, length, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
+    v = torch.randn(1, length, 1, 2, generator=g, dtype=F64, requires_grad=True)
+    beta = torch.rand(1, length, 1, generator=g, dtype=F64, requires_grad=True)
+    s0 = torch.randn(1, 1, 3, 2, generator=g, dtype=F64, requires_grad=True)
+    return q, k, v, beta, s0
+
+
 def test_chunked_backward_gradcheck():
     """The chunked backward against finite differences, independent of the reference."""
-    g = torch.Generator().manual_seed(5)
-    q = F.normalize(torch.randn(1, 7, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
-    k = F.normalize(torch.randn(1, 7, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
-    v = torch.randn(1, 7, 1, 2, generator=g, dtype=F64, requires_grad=True)
-    beta = torch.rand(1, 7, 1, generator=g, dtype=F64, requires_grad=True)
-    s0 = torch.randn(1, 1, 3, 2, generator=g, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *x: delta_rule_chunked(*x, chunk_size=3), (q, k, v, beta, s0))
+    assert torch.autograd.gradcheck(lambda *x: delta_rule_chunked(*x, chunk_size=3), gradcheck_inputs(7, seed=5))
 
 
 def test_streaming_two_halves_equals_whole():
@@ -249,15 +254,9 @@ def document_starts_of(ids: torch.Tensor) -> list[int]:
 
 
 def test_documents_chunked_backward_gradcheck():
-    g = torch.Generator().manual_seed(24)
-    q = F.normalize(torch.randn(1, 9, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
-    k = F.normalize(torch.randn(1, 9, 1, 3, generator=g, dtype=F64), dim=-1).requires_grad_()
-    v = torch.randn(1, 9, 1, 2, generator=g, dtype=F64, requires_grad=True)
-    beta = torch.rand(1, 9, 1, generator=g, dtype=F64, requires_grad=True)
-    s0 = torch.randn(1, 1, 3, 2, generator=g, dtype=F64, requires_grad=True)
     ids = document_ids(9, (2, 3, 7))
     assert torch.autograd.gradcheck(lambda *x: delta_rule_chunked(*x, chunk_size=3, document_ids=ids),
-                                    (q, k, v, beta, s0))
+                                    gradcheck_inputs(9, seed=24))
 
 
 @pytest.mark.parametrize("rule", PACKED)
