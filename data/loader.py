@@ -166,3 +166,25 @@ class GlobalBatchLoader:
             self._permutation = rng.permutation(self.samples.num_samples)
             self._epoch = epoch
         return int(self._permutation[index])
+
+
+class LoaderWrapper:
+    """Base of a loader that serves another loader's micro-batches changed (e.g. with keys a family adds per
+    row): its step counter and checkpoint state are the wrapped loader's. Subclasses define micro_batches(step)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    @property
+    def step(self) -> int:
+        return self.loader.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.loader.step = value
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)

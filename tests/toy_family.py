@@ -9,12 +9,12 @@ through the real trainer under every layout without launcher/ or parallel/ knowi
 """
 import torch
 
-from models.common.loss import cross_entropy_sum
+from data.loader import LoaderWrapper
+from models.common.loss import cross_entropy_per_row
 from models.common.text import TEXT_DATA, TEXT_KEYS, count_targets
 from models.llm import model_spec as llm
 from models.llm.model import Transformer
 from models.spec import BatchKey, DataSpec, LossSpec, LossTerms, ModelSpec, TrainingHooks
-from parallel.tensor_parallel import full_tensor
 
 
 class RowShiftedDecoder(Transformer):
@@ -24,30 +24,13 @@ class RowShiftedDecoder(Transformer):
         return super().forward(tokens, positions)
 
 
-class RowKeyedLoader:
+class RowKeyedLoader(LoaderWrapper):
     """The text loader's micro-batches plus the two per-row keys, made from each row's tokens (so
     every layout sees the same)."""
 
-    def __init__(self, text_loader):
-        self.text_loader = text_loader
-
     def micro_batches(self, step: int) -> list[dict]:
         return [{**batch, "row_shift": batch["tokens"][:, 0] % 5, "row_weight": 1.0 + batch["tokens"][:, 1] % 2}
-                for batch in self.text_loader.micro_batches(step)]
-
-    @property
-    def step(self) -> int:
-        return self.text_loader.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.text_loader.step = value
-
-    def state_dict(self) -> dict:
-        return self.text_loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.text_loader.load_state_dict(state)
+                for batch in self.loader.micro_batches(step)]
 
 
 def build_loaders(*args, **kwargs):
@@ -56,10 +39,7 @@ def build_loaders(*args, **kwargs):
 
 
 def weighted_cross_entropy(logits, batch) -> LossTerms:
-    # Under tp with loss parallelism the logits are vocab-sharded DTensors and each row's loss a
-    # replicated one: made plain (differentiably) to be weighed by plain row weights.
-    per_row = torch.stack([full_tensor(cross_entropy_sum(logits[i:i + 1], batch["targets"][i:i + 1])[0])
-                           for i in range(batch["targets"].shape[0])])
+    per_row = cross_entropy_per_row(logits, batch["targets"])
     return LossTerms((per_row * batch["row_weight"]).sum(), {"token_loss": per_row.sum()})
 
 

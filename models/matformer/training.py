@@ -23,11 +23,11 @@ from dataclasses import replace
 
 import torch
 
-from models.common.loss import IGNORE_INDEX
+from data.loader import LoaderWrapper
+from models.common.loss import IGNORE_INDEX, cross_entropy_per_row
 from models.common.text import TEXT_DATA, TEXT_KEYS, attention_pairs
 from models.matformer.model import MatFormerConfig
 from models.spec import BatchKey, DataSpec, LossSpec, LossTerms, ModelSpec
-from parallel.tensor_parallel import full_tensor
 
 MATFORMER_KEYS = {
     **TEXT_KEYS,
@@ -65,13 +65,13 @@ def with_submodels(batch: dict[str, torch.Tensor], submodels: list[tuple[int, li
     return out
 
 
-class SubmodelLoader:
-    """A text loader whose micro-batches say which submodels run them (see the module's docstring). Its state
-    (step, checkpoint) is the wrapped loader's."""
+class SubmodelLoader(LoaderWrapper):
+    """A text loader whose micro-batches say which submodels run them (see the module's docstring)."""
 
     def __init__(self, loader, cfg: MatFormerConfig, seed: int, training: bool, first_micro_batch: int = 0):
         # first_micro_batch: the global index (see the module's docstring) of this rank's first micro-batch.
-        self.loader, self.cfg, self.seed, self.training = loader, cfg, seed, training
+        super().__init__(loader)
+        self.cfg, self.seed, self.training = cfg, seed, training
         self.first_micro_batch = first_micro_batch
         weights = cfg.loss_weights
         submodels = cfg.submodels()
@@ -80,14 +80,6 @@ class SubmodelLoader:
         scale = 1.0 if cfg.mode == "joint" else 1.0 / sum(weights)
         self.trained = [(i, submodels[i][1], w * scale, int(i == 0)) for i, w in enumerate(weights)]
         self.evaluated = self.trained + [(n + j, widths, 0.0, 0) for j, (_, widths) in enumerate(submodels[n:])]
-
-    @property
-    def step(self) -> int:
-        return self.loader.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.loader.step = value
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         batches = self.loader.micro_batches(step)
@@ -99,12 +91,6 @@ class SubmodelLoader:
         chosen = [self.trained[sampled_granularity(self.seed, step, self.first_micro_batch + k, weights)]
                   for k in range(len(batches))]
         return [with_submodels(b, [(i, widths, 1.0, 1)]) for b, (i, widths, _, _) in zip(batches, chosen)]
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
 
 
 def submodel_data(cfg: MatFormerConfig) -> DataSpec:
@@ -118,20 +104,11 @@ def submodel_data(cfg: MatFormerConfig) -> DataSpec:
     return replace(TEXT_DATA, keys=MATFORMER_KEYS, build_loaders=build_loaders, attention_pairs=attention_pairs)
 
 
-def _row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed token cross entropy per row [rows] (at least fp32), a plain tensor: vocab-sharded logits (loss
-    parallelism) give a DTensor, which the per-row weights (plain batch tensors) cannot multiply."""
-    losses = torch.nn.functional.cross_entropy(
-        logits.flatten(0, -2).to(torch.promote_types(logits.dtype, torch.float32)), targets.flatten(),
-        ignore_index=IGNORE_INDEX, reduction="none")
-    return full_tensor(losses).view(targets.shape).sum(-1)
-
-
 def submodel_loss(cfg: MatFormerConfig) -> LossSpec:
     names = [name for name, _ in cfg.submodels()]
 
     def compute(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossTerms:
-        row_losses = _row_losses(logits, batch["targets"])
+        row_losses = cross_entropy_per_row(logits, batch["targets"])
         submodel = batch["submodel"]
         metrics = {f"loss_{name}": (row_losses * (submodel == i)).sum() for i, name in enumerate(names)}
         return LossTerms((row_losses * batch["loss_weight"].to(row_losses.dtype)).sum(), metrics)
