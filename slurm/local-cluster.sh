@@ -10,7 +10,9 @@
 # Debian builds slurmd with multiple-slurmd support, so `slurmd -N n1` and `slurmd -N n2` run side
 # by side on their own ports (17001, 17002) and both names resolve to 127.0.0.1 through /etc/hosts.
 # State, spool and logs live under $SHARDWRIGHT_SLURM_DIR (default /var/lib/shardwright-slurm).
-set -euo pipefail
+set -Eeuo pipefail
+# Any command that fails without its own message still says which one (set -e alone exits silently).
+trap 'echo "local-cluster: error: line $LINENO: \`$BASH_COMMAND\` failed (exit $?)" >&2' ERR
 
 DIR=${SHARDWRIGHT_SLURM_DIR:-/var/lib/shardwright-slurm}
 CONF=/etc/slurm/slurm.conf
@@ -137,8 +139,10 @@ EOF
 wait_idle() {  # every node answers and can take jobs
     local states="" usable
     for _ in $(seq 150); do
-        states=$(sinfo -h -N -p debug -o '%N=%T' 2>/dev/null | sort -u | tr '\n' ' ')
-        usable=$(grep -oE '=(idle|mixed|allocated|completing)( |$)' <<<"$states" | wc -l)
+        # `|| true`: under pipefail a controller that does not answer yet, or no usable node yet
+        # (grep finds nothing), would otherwise end the script without a word.
+        states=$(sinfo -h -N -p debug -o '%N=%T' 2>/dev/null | sort -u | tr '\n' ' ' || true)
+        usable=$({ grep -oE '=(idle|mixed|allocated|completing)( |$)' <<<"$states" || true; } | wc -l)
         [ "$usable" = "${#NODES[@]}" ] && return 0
         case "$states" in *down* | *drain* | *fail*)
             scontrol update NodeName="$(IFS=,; echo "${NODES[*]}")" State=RESUME >/dev/null 2>&1 || true ;;
@@ -217,7 +221,7 @@ controller_up() {  # our slurm.conf is in place and its slurmctld answers
 status() {
     if ! controller_up; then
         echo "local Slurm cluster is not up (start it with: slurm/local-cluster.sh up)"
-        return 1
+        exit 1
     fi
     sinfo -N -p debug
 }
