@@ -33,6 +33,7 @@ from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_records, training_flops
 from launcher.optim import Optimizers
+from launcher.precision import choose_precision
 from launcher.run_lock import lock_for_world
 from models import configured_spec, get_model_spec
 from models.spec import BatchKey, ModelSpec, StepContext, architecture
@@ -241,7 +242,7 @@ def train(cfg: Config) -> dict:
         log=lambda message: say(f"[shardwright] {message}"))
 
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
-    bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and device.type == "cuda")
+    bf16, precision_note = choose_precision(t.mixed_precision, device)
     if p.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
     options = cfg.parallelize_options(torch.bfloat16 if bf16 else torch.float32)
@@ -325,6 +326,8 @@ def train(cfg: Config) -> dict:
     metrics.info(f"MFU baseline: {peak.value / 1e9:.1f} GFLOP/s per process ({peak.how})")
     if allocator_note:
         metrics.info(allocator_note)
+    if precision_note:
+        metrics.info(precision_note)
 
     def save(step: int) -> None:
         path = checkpointer.save(step, state, meta, zero and zero.save)
