@@ -1,0 +1,40 @@
+"""The prediction for one config: its layout checked by the trainer's own validation, its model probed on the
+meta device, its memory per rank (planner/memory.py)."""
+import json
+from functools import lru_cache
+
+import torch
+
+from launcher.config import Config, validate
+from models import get_model_spec
+from planner.memory import Layout, RankMemory, peak_rank_memory
+from planner.probe import ModelProbe
+
+
+def layout_of(cfg: Config, world_size: int) -> tuple[Layout, int]:
+    """The layout of a config (validated as `train` validates it) and its micro-batches per step."""
+    dims = validate(cfg, world_size)
+    t, p = cfg.train, cfg.parallel
+    layout = Layout(dims, t.micro_batch_size, t.activation_checkpoint, p.pp_schedule, p.pp_stages_per_rank)
+    return layout, t.global_batch_size // (t.micro_batch_size * dims.dp)
+
+
+@lru_cache(maxsize=64)
+def _pieces(family: str, model_args: str, vocab_size: int, rows: int, tokens: int, dtype: torch.dtype, mode: str):
+    spec = get_model_spec(family)
+    model_cfg = spec.config_cls(**{**json.loads(model_args), "vocab_size": vocab_size})
+    return ModelProbe(spec, model_cfg, rows, tokens, dtype, mode).pieces()
+
+
+def pieces_for(cfg: Config, layout: Layout, dtype: torch.dtype):
+    """The probed pieces of cfg's model for one micro-batch of `layout` (cached: layouts share them)."""
+    model_cfg = cfg.model_config()
+    return _pieces(cfg.model.family, json.dumps(cfg.model.args, sort_keys=True), model_cfg.vocab_size,
+                   layout.micro_batch_size, cfg.train.seq_len // layout.dims.cp, dtype, layout.activation_checkpoint)
+
+
+def predict_memory(cfg: Config, world_size: int, dtype: torch.dtype = torch.float32) -> RankMemory:
+    """Peak bytes of live tensors on the most loaded rank of cfg's run on `world_size` ranks."""
+    layout, n_micro = layout_of(cfg, world_size)
+    first, layers, last = pieces_for(cfg, layout, dtype)
+    return peak_rank_memory(first, layers, last, layout, n_micro, dtype.itemsize)
