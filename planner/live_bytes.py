@@ -21,7 +21,9 @@ class LiveBytes(TorchDispatchMode):
     def add(self, tensor: torch.Tensor) -> None:
         if is_traceable_wrapper_subclass(tensor):  # a DTensor: its local tensor holds the bytes
             for name in tensor.__tensor_flatten__()[0]:
-                self.add(getattr(tensor, name))
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):
+                    self.add(inner)
             return
         storage = tensor.untyped_storage()
         key = storage._cdata

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from parallel.data_parallel import uses_fsdp
 from parallel.mesh import ParallelDims
 from parallel.pipeline import split_layers, stage_ids
-from planner.probe import Piece
+from planner.probe import ProbedModel
 
 MASTER_BYTES = 4  # fp32 parameters: the optimizer steps them (FSDP casts a gathered copy for compute)
 GRAD_BYTES = 4  # fp32 gradients (FSDP's reduce dtype)
@@ -27,25 +27,18 @@ class Layout:
         return f"{self.dims.describe()}{pipeline} mbs={self.micro_batch_size} ac={self.activation_checkpoint}"
 
 
-def in_flight(schedule: str, pp: int, pp_rank: int, per_rank: int, n_micro: int) -> float:
-    """Micro-batches whose forward activations rank `pp_rank` holds at once, in units of one of its stages.
-    gpipe: all forwards before any backward. 1f1b: a rank starts backwards after pp - rank forwards. The
-    interleaved and V schedules run (per_rank - 1) * pp + 2 * (pp - rank - 1) + 1 stage-forwards before the
-    first backward (torch's warm-up), spread over the rank's per_rank stages."""
-    if schedule == "gpipe":
-        return n_micro
-    if schedule == "1f1b":
-        return min(n_micro, pp - pp_rank)
-    warmup = (per_rank - 1) * pp + 2 * (pp - pp_rank - 1) + 1
-    return min(n_micro * per_rank, warmup) / per_rank
+def in_flight(schedule: str, stage: int, n_stages: int, n_micro: int) -> int:
+    """Micro-batches whose forward activations pipeline stage `stage` of `n_stages` holds at once. gpipe: all
+    forwards before any backward. The others start a stage's backwards once the last stage has run the first
+    micro-batch, so stage s holds up to n_stages - s forwards (1F1B's rule, applied to the virtual stages of
+    the interleaved and V schedules alike; benchmarks/plan_memory.py checks it against each)."""
+    return n_micro if schedule == "gpipe" else min(n_micro, n_stages - stage)
 
 
-def stages_of_rank(n_layers: int, layout: Layout, pp_rank: int) -> list[tuple[list[int], bool, bool]]:
-    """(layer ids, is_first, is_last) of each stage the rank holds: the trainer's own split."""
-    n_stages = layout.dims.pp * layout.pp_stages_per_rank
-    layers = split_layers(n_layers, n_stages, "")
-    return [(layers[s], s == 0, s == n_stages - 1)
-            for s in stage_ids(pp_rank, layout.dims.pp, layout.pp_schedule, layout.pp_stages_per_rank)]
+def stages_of_rank(n_layers: int, layout: Layout, pp_rank: int) -> list[tuple[int, list[int]]]:
+    """(stage index, its layer ids) of each stage the rank holds: the trainer's own split."""
+    layers = split_layers(n_layers, layout.dims.pp * layout.pp_stages_per_rank, "")
+    return [(s, layers[s]) for s in stage_ids(pp_rank, layout.dims.pp, layout.pp_schedule, layout.pp_stages_per_rank)]
 
 
 @dataclass(frozen=True)
@@ -61,15 +54,21 @@ class RankMemory:
         return max(self.terms, key=self.terms.get)
 
 
-def rank_memory(first: Piece, layers: list[Piece], last: Piece, layout: Layout, n_micro: int, compute_bytes: int,
-                pp_rank: int) -> RankMemory:
+def stage_pieces(model: ProbedModel, layout: Layout, pp_rank: int) -> list[tuple[int, list]]:
+    """(stage index, its pieces) of each stage pipeline rank `pp_rank` holds."""
+    last_stage = layout.dims.pp * layout.pp_stages_per_rank - 1
+    return [(s, [*([model.first] if s == 0 else []), *(model.layers[i] for i in ids),
+                 *([model.last] if s == last_stage else [])])
+            for s, ids in stages_of_rank(len(model.layers), layout, pp_rank)]
+
+
+def rank_memory(model: ProbedModel, layout: Layout, n_micro: int, compute_bytes: int, pp_rank: int) -> RankMemory:
     """Bytes on one rank of pipeline rank `pp_rank`. The pieces were measured for one micro-batch of this
     layout's rows and tokens per cp rank, unsharded by tp."""
     dims = layout.dims
-    stages = stages_of_rank(len(layers), layout, pp_rank)
-    pieces = [[*([first] if is_first else []), *(layers[i] for i in ids), *([last] if is_last else [])]
-              for ids, is_first, is_last in stages]
-    held = [p for stage in pieces for p in stage]
+    first, last = model.first, model.last
+    pieces = stage_pieces(model, layout, pp_rank)
+    held = [p for _, stage in pieces for p in stage]
     dense = sum(p.params - p.expert_params for p in held) / dims.tp
     experts = sum(p.expert_params for p in held) / (dims.tp * dims.ep)
     terms = {}
@@ -91,9 +90,9 @@ def rank_memory(first: Piece, layers: list[Piece], last: Piece, layout: Layout, 
     # Activations: each stage's retained bytes for every micro-batch in flight, and on top what the piece whose
     # backward runs needs beyond that. Gradients: once a step's first backward is through (a second micro-batch,
     # a pipeline), all of them exist; in a one-micro-batch step only those of the pieces already back-propagated.
-    per_stage = in_flight(layout.pp_schedule, dims.pp, pp_rank, layout.pp_stages_per_rank, n_micro) \
-        if dims.pp > 1 else 1
-    retained = [per_stage * p.memory.retained for p in held]
+    n_stages = dims.pp * layout.pp_stages_per_rank
+    retained = [(in_flight(layout.pp_schedule, s, n_stages, n_micro) if dims.pp > 1 else 1) * p.memory.retained
+                for s, stage in pieces for p in stage]
     grads = [local * GRAD_BYTES * (p.params / max(sum(q.params for q in held), 1)) for p in held]
     all_grads = n_micro > 1 or dims.pp > 1
     moments = [((sum(retained[:j + 1]) + held[j].memory.peak - held[j].memory.retained) / dims.tp,
@@ -101,10 +100,12 @@ def rank_memory(first: Piece, layers: list[Piece], last: Piece, layout: Layout, 
     activations, gradients = max(moments, key=sum)
     terms["activations"] = activations
     terms["gradients"] = gradients
+    if dims.pp > 1 and last in held:  # torch's schedule keeps each micro-batch's output
+        terms["pipeline outputs kept"] = n_micro * last.memory.output / dims.tp
     return RankMemory(terms, pp_rank)
 
 
-def peak_rank_memory(first, layers, last, layout: Layout, n_micro: int, compute_bytes: int) -> RankMemory:
+def peak_rank_memory(model: ProbedModel, layout: Layout, n_micro: int, compute_bytes: int) -> RankMemory:
     """The rank with the most bytes (pipeline ranks differ; the others of a pp rank hold the same)."""
-    return max((rank_memory(first, layers, last, layout, n_micro, compute_bytes, r) for r in range(layout.dims.pp)),
+    return max((rank_memory(model, layout, n_micro, compute_bytes, r) for r in range(layout.dims.pp)),
                key=lambda m: m.total)

@@ -36,5 +36,4 @@ def pieces_for(cfg: Config, layout: Layout, dtype: torch.dtype):
 def predict_memory(cfg: Config, world_size: int, dtype: torch.dtype = torch.float32) -> RankMemory:
     """Peak bytes of live tensors on the most loaded rank of cfg's run on `world_size` ranks."""
     layout, n_micro = layout_of(cfg, world_size)
-    first, layers, last = pieces_for(cfg, layout, dtype)
-    return peak_rank_memory(first, layers, last, layout, n_micro, dtype.itemsize)
+    return peak_rank_memory(pieces_for(cfg, layout, dtype), layout, n_micro, dtype.itemsize)

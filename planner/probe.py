@@ -38,11 +38,15 @@ class _MetaProbe(LiveBytes):
     def __init__(self):
         super().__init__()
         self.counts: dict[int, torch.Tensor] = {}  # storage of a meta bincount -> the balanced counts it stands for
+        self.forward = True  # the traffic below is counted in the forward (recomputation repeats it)
+        self.routed = 0  # elements bincount counted: (token, expert) assignments, the rows all-to-all moves
+        self.kv_elements = 0  # elements of the keys and values attention read: what a context-parallel ring passes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten.bincount.default and args[0].is_meta:
             values, bins = args[0], max(kwargs.get("minlength", args[2] if len(args) > 2 else 0), 1)
+            self.routed += values.numel() if self.forward else 0
             share = torch.full((bins,), values.numel() // bins, dtype=torch.long)
             share[: values.numel() % bins] += 1
             out = torch.empty(bins, dtype=torch.long, device="meta")
@@ -62,7 +66,7 @@ class _MetaProbe(LiveBytes):
 
 
 @contextmanager
-def _flash_attention_on_meta():
+def _flash_attention_on_meta(probe: _MetaProbe):
     """scaled_dot_product_attention on meta tensors runs as a flash kernel (what that keeps for backward).
     Replaced on the module for the probe's duration, not by a TorchFunctionMode: activation checkpointing
     recomputes in backward, which on the meta device runs in another thread, where a mode is not active."""
@@ -72,6 +76,7 @@ def _flash_attention_on_meta():
         if not q.is_meta or attn_mask is not None:
             return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                             enable_gqa=enable_gqa)
+        probe.kv_elements += k.numel() + v.numel() if probe.forward else 0
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
                                                                          scale=scale)[0]
 
@@ -87,6 +92,9 @@ class PieceMemory:
     """Bytes of one micro-batch in one piece of the model."""
     retained: int  # held from the end of its forward (loss included) until its backward
     peak: int  # the most alive at once during its forward and backward (retained included)
+    kv_elements: int = 0  # keys and values its attention reads (context parallelism passes them around the ring)
+    routed: int = 0  # (token, expert) assignments of its routing (expert parallelism moves each one's hidden state)
+    output: int = 0  # bytes of its output (the last piece: the model's, e.g. logits, before the loss)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,15 @@ class Piece:
     expert_params: int  # of which in stacked expert weights (ndim >= 3: one slice per expert), split by ep
     largest_block: int  # parameter elements of the largest FSDP unit in the piece (gathered whole while used)
     memory: PieceMemory
+
+
+@dataclass(frozen=True)
+class ProbedModel:
+    """A model's pieces for one micro-batch, in the order a pipeline runs them."""
+    first: Piece  # the first stage's extra (embedding)
+    layers: list[Piece]  # every layer, in order
+    last: Piece  # the last stage's extra (final norm, head, loss)
+    hidden_elements: int  # of the hidden state one micro-batch hands on (per cp rank, before tp)
 
 
 class ModelProbe:
@@ -150,18 +167,26 @@ class ModelProbe:
         if not is_first:
             inputs = (self._hidden.detach().requires_grad_(),)
         probe = _MetaProbe()
-        with probe, _flash_attention_on_meta():
+        with probe, _flash_attention_on_meta(probe):
             start = probe.now
             out = part(*inputs, **kwargs)
+            output = out.untyped_storage().nbytes()
             if is_last:
                 out = self.spec.loss.compute(out, batch).loss_sum
             retained = probe.now - start
+            probe.forward = False
             out.backward(torch.ones_like(out))
             del out
-        return PieceMemory(retained=retained, peak=probe.peak - start)
+        return PieceMemory(retained, probe.peak - start, probe.kv_elements, probe.routed, output)
 
-    def pieces(self) -> tuple[Piece, list[Piece], Piece]:
-        """(first stage's extra, every layer in order, last stage's extra); layers of one shape are measured once."""
+    @property
+    def hidden_elements(self) -> int:
+        """Elements of the hidden state one micro-batch hands from layer to layer (what TP's sequence-parallel
+        collectives and pipeline sends move)."""
+        return self._hidden.numel()
+
+    def pieces(self) -> ProbedModel:
+        """The model's pieces; layers of one shape are measured once."""
         measured: dict[tuple, Piece] = {}
         layers = []
         blocks = self.spec.plan.blocks(self.base)
@@ -173,8 +198,8 @@ class ModelProbe:
             layers.append(measured[shape])
         first = self._part([], True, False)
         last = self._part([], False, True)
-        return (self._piece("embedding", first, self.measure([], True, False)), layers,
-                self._piece("head and loss", last, self.measure([], False, True)))
+        return ProbedModel(self._piece("embedding", first, self.measure([], True, False)), layers,
+                           self._piece("head and loss", last, self.measure([], False, True)), self.hidden_elements)
 
     @staticmethod
     def _piece(name: str, module: nn.Module, memory: PieceMemory) -> Piece:
