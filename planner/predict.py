@@ -8,7 +8,7 @@ import torch
 from launcher.config import Config, validate
 from models import get_model_spec
 from planner.memory import Layout, RankMemory, peak_rank_memory
-from planner.probe import ModelProbe
+from planner.probe import ModelProbe, ProbedModel
 
 
 def layout_of(cfg: Config, world_size: int) -> tuple[Layout, int]:
@@ -20,17 +20,19 @@ def layout_of(cfg: Config, world_size: int) -> tuple[Layout, int]:
 
 
 @lru_cache(maxsize=64)
-def _pieces(family: str, model_args: str, vocab_size: int, rows: int, tokens: int, dtype: torch.dtype, mode: str):
+def _one_row(family: str, model_args: str, vocab_size: int, tokens: int, dtype: torch.dtype, mode: str) -> ProbedModel:
     spec = get_model_spec(family)
     model_cfg = spec.config_cls(**{**json.loads(model_args), "vocab_size": vocab_size})
-    return ModelProbe(spec, model_cfg, rows, tokens, dtype, mode).pieces()
+    return ModelProbe(spec, model_cfg, 1, tokens, dtype, mode).pieces()
 
 
-def pieces_for(cfg: Config, layout: Layout, dtype: torch.dtype):
-    """The probed pieces of cfg's model for one micro-batch of `layout` (cached: layouts share them)."""
+def pieces_for(cfg: Config, layout: Layout, dtype: torch.dtype) -> ProbedModel:
+    """The probed pieces of cfg's model for one micro-batch of `layout`: probed for one row (cached: layouts
+    share it), scaled to the micro-batch's rows."""
     model_cfg = cfg.model_config()
-    return _pieces(cfg.model.family, json.dumps(cfg.model.args, sort_keys=True), model_cfg.vocab_size,
-                   layout.micro_batch_size, cfg.train.seq_len // layout.dims.cp, dtype, layout.activation_checkpoint)
+    one_row = _one_row(cfg.model.family, json.dumps(cfg.model.args, sort_keys=True), model_cfg.vocab_size,
+                       cfg.train.seq_len // layout.dims.cp, dtype, layout.activation_checkpoint)
+    return one_row.rows(layout.micro_batch_size)
 
 
 def predict_memory(cfg: Config, world_size: int, dtype: torch.dtype = torch.float32) -> RankMemory:

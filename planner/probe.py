@@ -15,6 +15,7 @@ training runs a flash kernel (CPU: torch's flash kernel, GPU: flash-attn), which
 log-sum-exp. The probe runs torch's CPU flash kernel's meta implementation in its place.
 """
 import copy
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -116,6 +117,16 @@ class ProbedModel:
     last: Piece  # the last stage's extra (final norm, head, loss)
     hidden_elements: int  # of the hidden state one micro-batch hands on (per cp rank, before tp)
 
+    def rows(self, factor: int) -> "ProbedModel":
+        """The same model for micro-batches of `factor` times the rows: every activation is per row."""
+        def scale(piece: Piece) -> Piece:
+            m = piece.memory
+            return dataclasses.replace(piece, memory=PieceMemory(*(factor * getattr(m, f.name)
+                                                                   for f in dataclasses.fields(m))))
+        scaled = {id(p): scale(p) for p in {id(p): p for p in [self.first, *self.layers, self.last]}.values()}
+        return ProbedModel(scaled[id(self.first)], [scaled[id(p)] for p in self.layers], scaled[id(self.last)],
+                           factor * self.hidden_elements)
+
 
 class ModelProbe:
     """The pieces of one model config for micro-batches of `rows` x `tokens` per rank (tokens: after the cp
@@ -167,6 +178,8 @@ class ModelProbe:
         if not is_first:
             inputs = (self._hidden.detach().requires_grad_(),)
         probe = _MetaProbe()
+        for p in part.parameters():  # known before the forward, so that views of them count as nothing new
+            probe.add(p)
         with probe, _flash_attention_on_meta(probe):
             start = probe.now
             out = part(*inputs, **kwargs)
