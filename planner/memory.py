@@ -20,6 +20,7 @@ class Layout:
     activation_checkpoint: str  # none | full | selective
     pp_schedule: str = "1f1b"
     pp_stages_per_rank: int = 1
+    pp_layout: str = ""  # explicit stages (parallel.pp_layout); "": balanced
 
     def describe(self) -> str:
         pipeline = f" {self.pp_schedule}" + (f" x{self.pp_stages_per_rank}" if self.pp_stages_per_rank > 1 else "") \
@@ -37,7 +38,7 @@ def in_flight(schedule: str, stage: int, n_stages: int, n_micro: int) -> int:
 
 def stages_of_rank(n_layers: int, layout: Layout, pp_rank: int) -> list[tuple[int, list[int]]]:
     """(stage index, its layer ids) of each stage the rank holds: the trainer's own split."""
-    layers = split_layers(n_layers, layout.dims.pp * layout.pp_stages_per_rank, "")
+    layers = split_layers(n_layers, layout.dims.pp * layout.pp_stages_per_rank, layout.pp_layout)
     return [(s, layers[s]) for s in stage_ids(pp_rank, layout.dims.pp, layout.pp_schedule, layout.pp_stages_per_rank)]
 
 

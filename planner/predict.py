@@ -15,7 +15,8 @@ def layout_of(cfg: Config, world_size: int) -> tuple[Layout, int]:
     """The layout of a config (validated as `train` validates it) and its micro-batches per step."""
     dims = validate(cfg, world_size)
     t, p = cfg.train, cfg.parallel
-    layout = Layout(dims, t.micro_batch_size, t.activation_checkpoint, p.pp_schedule, p.pp_stages_per_rank)
+    layout = Layout(dims, t.micro_batch_size, t.activation_checkpoint, p.pp_schedule, p.pp_stages_per_rank,
+                    p.pp_layout)
     return layout, t.global_batch_size // (t.micro_batch_size * dims.dp)
 
 

@@ -32,13 +32,15 @@ def devices() -> dict:
     return yaml.safe_load(DEVICES_FILE.read_text())
 
 
-def device(key: str, gpus_per_node: int, memory_gib: float | None = None, dtype: str = "bf16") -> Device:
+def device(key: str, gpus_per_node: int, memory_gib: float | None = None, matmul_efficiency: float | None = None,
+           dtype: str = "bf16") -> Device:
     profiles = devices()
     if key not in profiles:
         raise UserError(f"--gpu {key} has no profile; known: {', '.join(profiles)} (add one to {DEVICES_FILE})")
     p = profiles[key]
     return Device(key, p["name"], p["peak_tflops"][dtype] * 1e12, (memory_gib or p["memory_gib"]) * 2**30,
-                  p["nvlink_gbps"] * 1e9, p["network_gbps"] * 1e9, p["matmul_efficiency"], gpus_per_node)
+                  p["nvlink_gbps"] * 1e9, p["network_gbps"] * 1e9, matmul_efficiency or p["matmul_efficiency"],
+                  gpus_per_node)
 
 
 # Extra forward compute of activation checkpointing, as a share of a step's FLOPs (forward = 1/3 of them):
