@@ -32,8 +32,10 @@ LLAMA31_70B = {**LLAMA3, "dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads
 LLAMA31_405B = {**LLAMA3, "dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "multiple_of": 4096,
                 "ffn_dim_multiplier": 1.2, "vocab_size": 128256}
 # Megatron-Core's GPT models: multi-head attention, a 4x MLP (as parameters: a SwiGLU of 8/3 x dim), vocab 131072.
-# Its data parallelism (DDP + distributed optimizer) reduces gradients once a step: as dp_replicate here, not
-# dp_shard (FSDP gathers the weights again for every micro-batch).
+# Its data parallelism (DDP + distributed optimizer, ZeRO-1) reduces gradients once a step: as dp_replicate here
+# for step time, not dp_shard (FSDP gathers the weights again for every micro-batch). Its memory lies between the
+# two: the distributed optimizer shards the optimizer states, which dp_replicate keeps whole; each run's JSON
+# row gives the memory under both (memory_gib_as_fsdp: dp_shard in place of dp_replicate).
 GPT_7B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "vocab_size": 131072}
 GPT_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096,
            "ffn_dim_multiplier": 1.3, "vocab_size": 131072}
@@ -102,6 +104,12 @@ def predict(run: dict, efficiency: float | None = None):
     return cfg, dev, evaluate(cfg, 8 * run["nodes"], dev)
 
 
+def as_fsdp(run: dict) -> float:
+    """Predicted bytes per GPU of the run with its dp_replicate ranks sharding (dp_shard) instead."""
+    parallel = dict(run["parallel"], dp_shard=run["parallel"]["dp_replicate"], dp_replicate=1)
+    return predict(dict(run, parallel=parallel))[2].memory.total
+
+
 def calibrated_efficiency(run: dict) -> float:
     """The matmul efficiency at which the planner predicts the run's published MFU (bisection: MFU rises with it)."""
     cfg = config_of(run)
@@ -127,6 +135,7 @@ def evaluate_run(name: str, run: dict, stack_efficiency: float) -> dict:
             "published_memory_gib": run.get("memory_gib"), "predicted_memory_gib": c.memory.total / 2**30,
             "device_memory_gib": dev.memory_bytes / 2**30, "fits": c.memory.total <= dev.memory_bytes,
             "memory_terms_gib": {k: v / 2**30 for k, v in c.memory.terms.items()},
+            "memory_gib_as_fsdp": as_fsdp(run) / 2**30 if run["parallel"].get("dp_replicate", 1) > 1 else None,
             "time_terms_s": c.time.terms}
 
 
@@ -141,10 +150,12 @@ def main() -> None:
         others = [e for other, e in fitted.items() if other != name and RUNS[other]["stack"] == run["stack"]]
         rows.append(evaluate_run(name, run, sum(others) / len(others)))
         r = rows[-1]
+        as_fsdp_note = "" if r["memory_gib_as_fsdp"] is None else f" ({r['memory_gib_as_fsdp']:.1f} as FSDP)"
         print(f"{name}: MFU published {100 * r['published_mfu']:.1f}%, predicted {100 * r['predicted_mfu']:.1f}% "
               f"({100 * r['mfu_error']:+.0f}%), with the stack's efficiency {100 * r['predicted_mfu_stack']:.1f}% "
               f"({100 * r['mfu_error_stack']:+.0f}%){'' if r['mfu_comparable'] else ' (not comparable: Float8)'}; "
-              f"memory published {r['published_memory_gib']} GiB, predicted {r['predicted_memory_gib']:.1f} GiB",
+              f"memory published {r['published_memory_gib']} GiB, predicted {r['predicted_memory_gib']:.1f} GiB"
+              f"{as_fsdp_note}",
               flush=True)
     Path(args.out).write_text(json.dumps({"runs": rows}, indent=1) + "\n")
 

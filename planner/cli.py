@@ -110,6 +110,9 @@ def print_families(p: Plan) -> None:
             largest = c.memory.largest()
             print(f"  {name}: does not fit: its smallest, {c.layout.describe()}, needs {c.memory.total / GIB:.1f} GiB; "
                   f"largest term {largest} {c.memory.terms[largest] / GIB:.1f} GiB")
+        elif winner is not None and c.time.total < 1.01 * winner.time.total:
+            print(f"  {name}: best {c.layout.describe()} is as fast (within 1%) but needs {c.memory.total / GIB:.1f} "
+                  f"GiB per GPU against {winner.memory.total / GIB:.1f}")
         elif winner is not None:
             extra = {k: v - winner.time.terms.get(k, 0.0) for k, v in c.time.terms.items()}
             worst = max(extra, key=extra.get)

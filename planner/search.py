@@ -75,9 +75,14 @@ def evaluate(cfg: Config, world: int, dev: Device) -> Candidate:
     dtype = torch.bfloat16
     model = pieces_for(cfg, layout, dtype)
     spec = get_model_spec(cfg.model.family)
-    flops = spec.flops_per_token(cfg.model_config(), cfg.train.seq_len)
-    time = StepModel(model, layout, dev, flops, cfg.train.seq_len, cfg.train.global_batch_size,
-                     dtype.itemsize).predict()
+    model_cfg, seq_len = cfg.model_config(), cfg.train.seq_len
+    flops = spec.flops_per_token(model_cfg, seq_len)
+    # Causal attention's share of the FLOPs (seq_len (seq_len + 1) / 2 pairs a row); unknown: none, so the ring
+    # context parallelism passes counts as exposed.
+    attention = spec.flops_per_attention_pair(model_cfg) * (seq_len + 1) / 2 / flops \
+        if spec.flops_per_attention_pair else 0.0
+    time = StepModel(model, layout, dev, flops, seq_len, cfg.train.global_batch_size, dtype.itemsize,
+                     attention).predict()
     return Candidate(cfg, layout, peak_rank_memory(model, layout, n_micro, dtype.itemsize), time)
 
 
@@ -108,7 +113,7 @@ def plan(cfg: Config, world: int, dev: Device) -> Plan:
                         f"pp up to the layers, cp, dp dividing train.global_batch_size={cfg.train.global_batch_size}) "
                         f"is refused, most often: {common}; use fewer GPUs or a larger global batch")
     result = Plan(world, dev, [], {}, tried, len(candidates))
-    result.ranked = sorted((c for c in candidates if result.fits(c)), key=lambda c: c.time.total)
+    result.ranked = sorted((c for c in candidates if result.fits(c)), key=lambda c: (c.time.total, c.memory.total))
     for c in candidates:
         best = result.best_per_family.get(family(c.cfg))
         if best is None or _better(result, c, best):
@@ -119,7 +124,8 @@ def plan(cfg: Config, world: int, dev: Device) -> Plan:
 def _better(p: Plan, a: Candidate, b: Candidate) -> bool:
     if p.fits(a) != p.fits(b):
         return p.fits(a)
-    return a.time.total < b.time.total if p.fits(a) else a.memory.total < b.memory.total
+    return (a.time.total, a.memory.total) < (b.time.total, b.memory.total) if p.fits(a) \
+        else a.memory.total < b.memory.total
 
 
 def one_layer_bytes(cfg: Config, dev: Device) -> float:

@@ -65,9 +65,10 @@ class StepModel:
     """Step time of `layout` for a model whose pieces were probed for one micro-batch of the layout."""
 
     def __init__(self, model: ProbedModel, layout: Layout, dev: Device, flops_per_token: float, seq_len: int,
-                 global_batch: int, compute_bytes: int):
+                 global_batch: int, compute_bytes: int, attention_share: float):
         self.model, self.layout, self.dev, self.dims = model, layout, dev, layout.dims
         self.flops_per_token, self.seq_len, self.global_batch = flops_per_token, seq_len, global_batch
+        self.attention_share = attention_share  # of the step's FLOPs: the attention the cp ring overlaps with
         self.compute_bytes = compute_bytes
         self.n_micro = global_batch // (layout.micro_batch_size * layout.dims.dp)
 
@@ -108,7 +109,7 @@ class StepModel:
         if dims.cp > 1:  # the ring passes keys and values cp - 1 times forward, and them and their gradients back
             kv_bytes = sum(p.memory.kv_elements for p in layers) * self.compute_bytes / dims.tp
             ring = (forwards + 2) * (dims.cp - 1) * kv_bytes * self.n_micro / self.bandwidth("cp")
-            terms["cp ring (exposed)"] = max(0.0, ring - compute)
+            terms["cp ring (exposed)"] = max(0.0, ring - compute * self.attention_share)
         if dims.ep > 1:  # all-to-all of each routed copy's hidden state: dispatch and combine, forward and back
             routed_bytes = sum(p.memory.routed for p in layers) * self.hidden_dim() * self.compute_bytes / dims.tp
             volume = 2 * forwards * (dims.ep - 1) / dims.ep * routed_bytes * self.n_micro
