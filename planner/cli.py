@@ -4,7 +4,7 @@ from pathlib import Path
 
 from launcher.config import load_config
 from launcher.errors import UserError
-from planner.search import USABLE_MEMORY, Candidate, Plan, evaluate, family, one_layer_bytes, plan
+from planner.search import USABLE_MEMORY, Candidate, Plan, evaluate, one_layer_bytes, plan
 from planner.step_time import devices, device
 
 GIB = 2**30

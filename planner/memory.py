@@ -78,7 +78,7 @@ def rank_memory(model: ProbedModel, layout: Layout, n_micro: int, compute_bytes:
         # The root unit (what is not a block: embedding, final norm, head) stays gathered from its forward to
         # its backward; a block is gathered while it runs and the next one is prefetched.
         root = sum(p.params for p in held if p in (first, last)) / dims.tp
-        block = max((p.largest_block for p in held if p not in (first, last)), default=0) / dims.tp
+        block = max((p.params for p in held if p not in (first, last)), default=0) / dims.tp  # a layer: one unit
         gathered = (root + 2 * block) * compute_bytes
     else:
         local, gathered = dense + experts, 0.0

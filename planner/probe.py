@@ -105,7 +105,6 @@ class Piece:
     name: str
     params: int  # parameter elements
     expert_params: int  # of which in stacked expert weights (ndim >= 3: one slice per expert), split by ep
-    largest_block: int  # parameter elements of the largest FSDP unit in the piece (gathered whole while used)
     memory: PieceMemory
 
 
@@ -137,7 +136,6 @@ class ModelProbe:
             spec, model_cfg, rows, tokens, dtype, mode
         with torch.device("meta"):
             self.base = spec.model_cls(model_cfg).to(dtype)
-        self.n_layers = spec.n_layers(model_cfg)
 
     def _part(self, layer_ids: list[int], is_first: bool, is_last: bool) -> nn.Module:
         part = copy.deepcopy(self.base)
@@ -218,4 +216,4 @@ class ModelProbe:
     def _piece(name: str, module: nn.Module, memory: PieceMemory) -> Piece:
         params = [p for p in module.parameters()]
         total = sum(p.numel() for p in params)
-        return Piece(name, total, sum(p.numel() for p in params if p.ndim >= 3), total, memory)
+        return Piece(name, total, sum(p.numel() for p in params if p.ndim >= 3), memory)

@@ -33,8 +33,8 @@ def divisors(n: int) -> list[int]:
 
 
 def family(cfg: Config) -> str:
-    """The family of a layout: which kinds of parallelism it uses (fsdp: dp_shard x cp sharding, hsdp/ddp:
-    dp_replicate)."""
+    """The family of a layout: which kinds of parallelism it uses (fsdp: dp_shard > 1; dp_replicate: DDP or
+    HSDP replicas)."""
     p = cfg.parallel
     used = [name for name, size in (("dp_replicate", p.dp_replicate), ("fsdp", p.dp_shard), ("tp", p.tp),
                                     ("pp", p.pp), ("cp", p.cp), ("ep", p.ep)) if size > 1]

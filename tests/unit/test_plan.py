@@ -7,7 +7,6 @@ import torch
 
 from launcher.cli import main
 from launcher.config import load_config, validate
-from launcher.errors import UserError
 from planner.live_bytes import LiveBytes
 from planner.measure import measured_peak
 from planner.predict import predict_memory
