@@ -13,6 +13,7 @@ from launcher.errors import USER_ERROR_EXIT, UserError
 from launcher.processes import AGENT_PID_ENV, die_with_parent
 from launcher.run_lock import hold_run_lock
 from launcher.submit import add_arguments as add_submit_arguments, submit
+from planner.cli import add_arguments as add_plan_arguments, plan_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     add_tokenizer_arguments(commands.add_parser("tokenizer", help="tokenizer tools: `tokenizer train`"))
     add_convert_arguments(commands.add_parser(
         "convert", help="a new run from a checkpoint, by a command of its model family"))
+    add_plan_arguments(commands.add_parser(
+        "plan", help="rank parallel layouts of a config on a cluster by predicted memory and step time"))
     return parser
 
 
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return prepare_command(args) if args.command == "prepare" else tokenizer_command(args)
         if args.command == "convert":
             return convert_command(args)
+        if args.command == "plan":
+            return plan_command(args)
         return submit(args) if args.command == "submit" else _train(args)
     except (UserError, DataError) as e:
         if detect_world().rank == 0:
