@@ -5,31 +5,37 @@ TORCH := torch==2.13.0
 
 .PHONY: train test test-deepspeed venv clean
 
-$(PY):
-	python3 -m venv .venv
+# The stamp depends on pyproject.toml: a change there (a new package or dependency) reinstalls into the
+# existing .venv, where an editable install would otherwise not see a newly listed package.
+VENV := .venv/.installed
+$(VENV): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
 
-venv: $(PY)
+venv: $(VENV)
 
 # A fresh run directory each time, so the demo always trains (resuming an old run is the default).
-train: $(PY)
+train: $(VENV)
 	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2 --set run.dir=runs/llm-tiny/$$(date +%Y%m%d-%H%M%S)
 
-test: $(PY)
+test: $(VENV)
 	$(PY) -m pytest -q --durations=20 tests
 
 # DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU: the
 # checkpoint import, parallel.engine=deepspeed's config checks and runs) skip in `make test` and run here.
 DS_PY := .venv-deepspeed/bin/python
-$(DS_PY):
-	python3 -m venv .venv-deepspeed
+DS_VENV := .venv-deepspeed/.installed
+$(DS_VENV): pyproject.toml
+	test -x $(DS_PY) || python3 -m venv .venv-deepspeed
 	$(DS_PY) -m pip install -q --upgrade pip
 	$(DS_PY) -m pip install -q $(TORCH)
 	$(DS_PY) -m pip install -q -e '.[dev,deepspeed]'
+	touch $@
 
-test-deepspeed: $(DS_PY)
+test-deepspeed: $(DS_VENV)
 	DS_ACCELERATOR=cpu $(DS_PY) -m pytest -q tests/unit/test_deepspeed_import.py tests/unit/test_deepspeed_config.py \
 		tests/distributed/test_deepspeed_engine.py
 
