@@ -149,13 +149,21 @@ class ImageTextRow:
 
 
 def resolve_image_text_inputs(patterns: list[str], fmt: str | None = None) -> list[ImageTextInput]:
-    """Image-text inputs: a directory with a metadata.jsonl is an imagefolder; other paths, globs and
-    directories name parquet or arrow files (as resolve_inputs finds them); anything else is refused."""
+    """Image-text inputs: a directory with a metadata.jsonl is an imagefolder, any other directory stands
+    for the parquet and arrow files under it (an HF save_to_disk directory, say: its json sidecars are
+    not inputs); files and globs are as resolve_inputs finds them, and must be parquet or arrow."""
     inputs: list[ImageTextInput] = []
     for pattern in patterns:
         expanded = Path(os.path.expanduser(pattern))
         if not glob.has_magic(str(expanded)) and (expanded / IMAGEFOLDER_METADATA).is_file():
             found = [ImageTextInput(expanded, "imagefolder")]
+        elif not glob.has_magic(str(expanded)) and expanded.is_dir():
+            found = [ImageTextInput(path, file_format(path, fmt)) for path in sorted(expanded.rglob("*"))
+                     if path.is_file() and path.suffix.lower() in (".parquet", ".arrow")
+                     and not any(part.startswith(".") for part in path.relative_to(expanded).parts)]
+            if not found:
+                raise DataError(f"directory {pattern} holds no parquet or arrow files and no {IMAGEFOLDER_METADATA}: "
+                                "pass image-text files or an imagefolder directory")
         else:
             found = [ImageTextInput(path, file_format(path, fmt)) for path in resolve_inputs([pattern], fmt)]
         for item in found:

@@ -42,10 +42,15 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def write_parquet(path, images: list, captions: list):
-    """An HF parquet file (its Image feature in the schema metadata) of encoded images (bytes, or None)."""
+def image_dataset(images: list, captions: list) -> datasets.Dataset:
+    """An in-memory HF dataset of encoded images (bytes, or None) in an Image column, and captions."""
     rows = {"image": [None if b is None else {"bytes": b, "path": None} for b in images], "caption": captions}
-    datasets.Dataset.from_dict(rows, features=FEATURES).to_parquet(str(path))
+    return datasets.Dataset.from_dict(rows, features=FEATURES)
+
+
+def write_parquet(path, images: list, captions: list):
+    """An HF parquet file (its Image feature in the schema metadata)."""
+    image_dataset(images, captions).to_parquet(str(path))
     return path
 
 
@@ -149,6 +154,17 @@ def test_imagefolder_binary_column_shards_and_workers(tokenizer_path, tmp_path):
         stored = sorted(p.name for p in out.iterdir() if p.suffix in (".bin", ".idx"))
         assert len(stored) == 4 * len(manifest["shards"])
         assert all((out / name).read_bytes() == (parallel / name).read_bytes() for name in stored)
+
+
+def test_a_save_to_disk_directory_is_read_as_its_arrow_files(corpus, tokenizer_path, tmp_path):
+    path, images = corpus
+    image_dataset(images[:2] + [images[0]] + images[2:], CAPTIONS[:2] + [""] + CAPTIONS[2:]).save_to_disk(
+        str(tmp_path / "saved"))
+    assert {p.suffix for p in (tmp_path / "saved").iterdir()} == {".arrow", ".json"}
+    prepare_image_text([str(tmp_path / "saved")], tmp_path / "ds", tokenizer_path, text_field="caption", **quiet)
+    assert_same_samples(open_image_text(tmp_path / "ds"), expected_samples(images, CAPTIONS, tokenizer_path))
+    with pytest.raises(DataError, match="holds no parquet or arrow files and no metadata.jsonl"):
+        prepare_image_text([str(tmp_path / "ds")], tmp_path / "other", tokenizer_path, **quiet)
 
 
 def test_rerun_is_a_no_op_unless_forced(corpus, tokenizer_path, tmp_path):
