@@ -80,7 +80,8 @@ class ImageTextDataset(Sequence):
         first, end = int(patches.document_indices[local]), int(patches.document_indices[local + 1])
         rows, cols = end - first, int(patches.sequence_lengths[first]) // PATCH_VALUES
         if int(patches.sequence_lengths[first:end].sum()) != rows * cols * PATCH_VALUES:
-            raise DataError(f"image {index} of {self.path} has rows of different lengths: prepare it again with --force")
+            raise DataError(f"image {index} of {self.path} has rows of different lengths: prepare it again with "
+                            "--force")
         # A document's rows are contiguous in the .bin (open_indexed checks the pointers): one read.
         values = np.array(patches.get(first, 0, rows * cols * PATCH_VALUES))
         caption = self._captions[shard][local]

@@ -124,8 +124,9 @@ def _build(sources, out_dir: Path, tok: Tokenizer, settings: dict, num_proc: int
     shards = writer.close()
     if writer.num_documents == 0:
         inputs = ", ".join(str(s.path) for s in sources[:3]) + (" ..." if len(sources) > 3 else "")
-        raise DataError(f"the corpus has no images to prepare ({dropped} rows without a caption, {skipped} broken "
-                        f"images skipped, in {inputs}): check the inputs, --image-column and --text-field")
+        raise DataError(f"the corpus has no images to prepare ({dropped + skipped} rows in {inputs}: {dropped} without "
+                        f"a caption, {skipped} with a broken image skipped): check the inputs, --image-column and "
+                        "--text-field")
     shutil.copyfile(tok.model_path, out_dir / "tokenizer.model")
     stats = timer.stats()
     manifest = {

@@ -70,7 +70,7 @@ def prepare_command(args) -> int:
     image_only = [flag for flag, value in (("--max-image-side", args.max_image_side), ("--shard-patches",
                   args.shard_patches), ("--skip-broken-images", args.skip_broken_images or None)) if value is not None]
     if image_only:
-        raise DataError(f"{', '.join(image_only)} apply to image-text corpora: add --image-column")
+        raise DataError(f"{', '.join(image_only)}: only for image-text corpora; add --image-column")
     from data.prepare import prepare
 
     prepare(args.inputs, args.output, args.tokenizer, text_field=args.text_field, text_unit=args.text_unit,
@@ -83,7 +83,7 @@ def _prepare_images(args) -> int:
     text_only = [flag for flag, given in (("--bos", args.bos), ("--text-unit", args.text_unit != "document"),
                                           ("--shard-tokens", args.shard_tokens != DEFAULT_SHARD_TOKENS)) if given]
     if text_only:
-        raise DataError(f"{', '.join(text_only)} apply to text corpora, not with --image-column: drop them")
+        raise DataError(f"{', '.join(text_only)}: only for text corpora, not with --image-column; drop it")
     from data.prepare_images import prepare_image_text
 
     prepare_image_text(args.inputs, args.output, args.tokenizer, image_column=args.image_column or None,
