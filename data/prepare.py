@@ -252,12 +252,19 @@ class BuildTimer:
         return max(time.perf_counter() - self.started, 1e-9)
 
     def stats(self) -> dict:
-        """Seconds, CPU seconds, and the peak resident memory (MiB) of this process and of the largest worker
-        (over the process's life: start-up and imports included)."""
+        """Seconds, CPU seconds, and the peak resident memory (MiB) of this process (over its life: start-up
+        and imports included) and of the largest worker."""
         return {"seconds": self.seconds(), "cpu_seconds_main": time.process_time() - self.cpu_started,
                 "cpu_seconds_workers": _children_cpu() - self.workers_started,
-                "peak_rss_mib_main": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-                "peak_rss_mib_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+                "peak_rss_mib_main": _peak_rss_mib(),
+                "peak_rss_mib_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}  # KiB
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS: Linux's VmHWM. Not ru_maxrss, which survives exec: a prepare started by a
+    large process would report that process's size."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB
 
 
 def _children_cpu() -> float:
