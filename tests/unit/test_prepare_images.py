@@ -13,7 +13,7 @@ from PIL import Image
 from data.errors import DataError
 from data.image_text import open_image_text
 from data.images import PATCH_VALUES, VisionTokens, caption_sample, open_image, patchify
-from data.prepare_images import prepare_image_text
+from data.prepare_images import LOGGED_SKIPS, prepare_image_text
 from data.prepared import PreparedDataset
 from data.tokenizer import Tokenizer
 from data.tokenizer_train import train_from_files
@@ -224,6 +224,17 @@ def test_a_broken_image_is_one_line_and_nothing_is_published(kind, tokenizer_pat
     assert any(line.startswith("skipped: ") and f"{path} row 1" in line for line in lines)
     assert "1 broken skipped" in lines[-1]
     assert_same_samples(open_image_text(tmp_path / "out"), expected_samples(good, ["one", "three"], tokenizer_path))
+
+
+def test_skips_past_the_first_ten_are_counted_not_named(tokenizer_path, tmp_path):
+    good = encoded(noise(40, 40, 5))
+    path = write_parquet(tmp_path / "x.parquet", [b"junk"] * 12 + [good], [f"caption {i}" for i in range(13)])
+    lines = []
+    manifest = prepare_image_text([str(path)], tmp_path / "out", tokenizer_path, text_field="caption",
+                                  skip_broken_images=True, log=lines.append, progress=False)
+    skips = [line for line in lines if line.startswith("skipped: ")]
+    assert len(skips) == LOGGED_SKIPS and f"{path} row 9 " in skips[-1] and "only counted" in skips[-1]
+    assert manifest["num_skipped_broken"] == 12 and manifest["num_images"] == 1 and "12 broken skipped" in lines[-1]
 
 
 def test_a_missing_imagefolder_file_is_named(tokenizer_path, tmp_path):
