@@ -9,6 +9,7 @@ import numpy as np
 from data.errors import DataError
 from data.indexed import open_indexed
 from data.prepare import FORMAT, FORMAT_VERSION, MANIFEST
+from data.prepare_images import IMAGE_TEXT_FORMAT
 
 SPLITS = ("train", "valid", "test")
 # Splits are cut within every block of this many documents (per shard), so valid and test
@@ -16,8 +17,9 @@ SPLITS = ("train", "valid", "test")
 SPLIT_BLOCK_DOCUMENTS = 1000
 
 
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of a prepared dataset directory, or a DataError saying how to make one."""
+def read_manifest(path: str | Path, format_name: str = FORMAT, format_version: int = FORMAT_VERSION) -> dict:
+    """The manifest of a prepared dataset directory of the given kind (text by default), or a DataError saying
+    how to make one."""
     path = Path(path).expanduser()
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -30,8 +32,13 @@ def read_manifest(path: str | Path) -> dict:
                         f"--output {path}`") from None
     except ValueError as e:
         raise DataError(f"{manifest_path} is not valid JSON ({e}): prepare {path} again with --force") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{manifest_path} is not a {FORMAT} v{FORMAT_VERSION} manifest: prepare {path} again "
+    kinds = {FORMAT: "text", IMAGE_TEXT_FORMAT: "image-text"}
+    found = manifest.get("format")
+    if found != format_name and found in kinds:
+        raise DataError(f"{path} is a prepared {kinds[found]} dataset, but a {kinds[format_name]} one is needed "
+                        "here: point at the other kind, or prepare these inputs accordingly")
+    if found != format_name or manifest.get("format_version") != format_version:
+        raise DataError(f"{manifest_path} is not a {format_name} v{format_version} manifest: prepare {path} again "
                         "with --force")
     return manifest
 

@@ -10,6 +10,10 @@ Formats by extension (compressed .gz/.bz2/.xz/.zst variants of the text formats 
   .arrow                 Arrow IPC (stream or file)                  -> `text_field`
   .txt .text             plain UTF-8 text; `text_unit` says what a document is: the whole
                          file ("document"), each blank-line separated paragraph, or each line
+
+Image-text corpora (iter_image_text_rows) are parquet or arrow files with an image column and a
+text column, or `imagefolder` directories (images plus a metadata.jsonl naming each image's
+`file_name` and its text), read the same way.
 """
 
 import bz2
@@ -17,10 +21,13 @@ import codecs
 import contextlib
 import glob
 import gzip
+import hashlib
+import json
 import logging
 import lzma
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.errors import DataError
@@ -28,6 +35,7 @@ from data.errors import DataError
 FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
            ".txt": "text", ".text": "text"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+IMAGEFOLDER_METADATA = "metadata.jsonl"
 TEXT_UNITS = ("document", "paragraph", "line")
 BATCH_ROWS = 1000  # rows per read batch
 
@@ -127,6 +135,136 @@ def iter_text_batches(files: list[Path], text_field: str = "text", text_unit: st
             raise _read_error(path, builder, e) from None
 
 
+@dataclass(frozen=True)
+class ImageTextInput:
+    path: Path
+    builder: str  # the HF datasets builder: "parquet", "arrow" or "imagefolder"
+
+
+@dataclass(frozen=True)
+class ImageTextRow:
+    where: str  # names the row in messages: "FILE row N", or the image file of an imagefolder
+    image: bytes | Path | None  # the encoded image, or the file holding it; None when the row has none
+    text: str | None
+
+
+def resolve_image_text_inputs(patterns: list[str], fmt: str | None = None) -> list[ImageTextInput]:
+    """Image-text inputs: a directory with a metadata.jsonl is an imagefolder, any other directory stands
+    for the parquet and arrow files under it (an HF save_to_disk directory, say: its json sidecars are
+    not inputs); files and globs are as resolve_inputs finds them, and must be parquet or arrow."""
+    inputs: list[ImageTextInput] = []
+    for pattern in patterns:
+        expanded = Path(os.path.expanduser(pattern))
+        if not glob.has_magic(str(expanded)) and (expanded / IMAGEFOLDER_METADATA).is_file():
+            found = [ImageTextInput(expanded, "imagefolder")]
+        elif not glob.has_magic(str(expanded)) and expanded.is_dir():
+            found = [ImageTextInput(path, file_format(path, fmt)) for path in sorted(expanded.rglob("*"))
+                     if path.is_file() and path.suffix.lower() in (".parquet", ".arrow")
+                     and not any(part.startswith(".") for part in path.relative_to(expanded).parts)]
+            if not found:
+                raise DataError(f"directory {pattern} holds no parquet or arrow files and no {IMAGEFOLDER_METADATA}: "
+                                "pass image-text files or an imagefolder directory")
+        else:
+            found = [ImageTextInput(path, file_format(path, fmt)) for path in resolve_inputs([pattern], fmt)]
+        for item in found:
+            if item.builder not in ("parquet", "arrow", "imagefolder"):
+                raise DataError(f"{item.path} is {item.builder} data, but image-text inputs are parquet or arrow files "
+                                f"with an image column, or imagefolder directories with a {IMAGEFOLDER_METADATA}")
+            if item not in inputs:
+                inputs.append(item)
+    return inputs
+
+
+def image_text_stamps(inputs: list[ImageTextInput]) -> list[list]:
+    """What identifies image-text inputs for a no-op re-run: a file's path, size and modification time; an
+    imagefolder's path, file count and a digest of its files' stamps."""
+    stamps = []
+    for item in inputs:
+        if item.builder == "imagefolder":
+            files = file_stamps(sorted(p for p in item.path.rglob("*") if p.is_file()))
+            digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+            stamps.append([str(item.path.resolve()), len(files), digest])
+        else:
+            stamps += file_stamps([item.path])
+    return stamps
+
+
+def iter_image_text_rows(inputs: list[ImageTextInput], image_column: str | None,
+                         text_field: str = "text") -> Iterator[ImageTextRow]:
+    """The rows of every input in order, images still encoded. `image_column` None: the one column with
+    an HF Image feature. Errors name the input: no such column, not an image column, not text."""
+    datasets = _datasets()
+    for item in inputs:
+        path, builder = item.path, item.builder
+        if builder != "imagefolder":
+            _precheck(path, builder)
+            if path.stat().st_size == 0:
+                continue  # no rows; an empty corpus is refused by the caller
+        source = {"data_dir": str(path)} if builder == "imagefolder" else {"data_files": [str(path)]}
+        try:
+            with _quiet_datasets():
+                dataset = datasets.load_dataset(builder, split="train", streaming=True, **source)
+                features = dataset.features or {}
+                column = _image_column(features, image_column, path)
+                _check_text_column(features, text_field, path)
+                if isinstance(features[column], datasets.Image):  # bytes and path as stored, decoded by the caller
+                    dataset = dataset.cast_column(column, datasets.Image(decode=False))
+                for number, row in enumerate(dataset.select_columns([column, text_field])):
+                    yield _image_text_row(path, builder, number, row[column], row[text_field])
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - anything datasets/pyarrow raise about one input
+            raise _read_error(path, builder, e) from None
+
+
+def _image_column(features: dict, requested: str | None, path: Path) -> str:
+    import datasets
+
+    columns = ", ".join(features) or "none"
+    if requested is None:
+        found = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+        if len(found) == 1:
+            return found[0]
+        what = f"several image columns ({', '.join(found)})" if found else f"no image column (its columns: {columns})"
+        raise DataError(f"{path} has {what}: pass --image-column with the one that holds the images")
+    if requested not in features:
+        raise DataError(f"{path} has no column '{requested}' (its columns: {columns}): pass --image-column with the "
+                        f"one that holds the images")
+    feature = features[requested]
+    encoded = isinstance(feature, datasets.Image) or getattr(feature, "dtype", None) in ("binary", "large_binary") \
+        or (isinstance(feature, dict) and set(feature) == {"bytes", "path"})
+    if not encoded:
+        raise DataError(f"column '{requested}' of {path} is not an image column (it holds {_describe(feature)}, not "
+                        f"encoded images): pass --image-column with the one that holds the images")
+    return requested
+
+
+def _check_text_column(features: dict, text_field: str, path: Path) -> None:
+    if text_field not in features:
+        raise DataError(f"{path} has no column '{text_field}' (its columns: {', '.join(features) or 'none'}): pass "
+                        f"--text-field with the one that holds the text")
+    if getattr(features[text_field], "dtype", None) not in ("string", "large_string"):
+        raise DataError(f"column '{text_field}' of {path} holds {_describe(features[text_field])}, not text: pass "
+                        f"--text-field with the one that holds the text")
+
+
+def _describe(feature) -> str:
+    dtype = getattr(feature, "dtype", None)
+    return f"{dtype} values" if isinstance(dtype, str) else f"{type(feature).__name__} values"
+
+
+def _image_text_row(path: Path, builder: str, number: int, image, text) -> ImageTextRow:
+    """image: {"bytes", "path"} as HF stores an Image (bytes, or for an imagefolder the file), raw bytes, or None."""
+    if isinstance(image, dict):
+        file = image.get("path")
+        image = image.get("bytes") or (Path(file) if file else None)
+    if builder == "imagefolder" and isinstance(image, Path):
+        where = str(image)
+    else:
+        where = f"{path} row {number}"
+    return ImageTextRow(where, image, text)
+
+
 def _datasets():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never ask the Hub
     import datasets
@@ -186,7 +324,8 @@ def _read_error(path: Path, builder: str, error: BaseException) -> DataError:
         if bad is not None:
             return DataError(f"{path} is not valid UTF-8 ({bad}): convert it to UTF-8")
     what = {"json": "is not valid JSON lines or JSON", "parquet": "is not a valid parquet file",
-            "arrow": "is not a valid Arrow IPC file", "text": "cannot be read as text"}[builder]
+            "arrow": "is not a valid Arrow IPC file", "text": "cannot be read as text",
+            "imagefolder": "cannot be read as an imagefolder"}[builder]
     return DataError(f"{path} {what} ({first}): check what it holds or rename it")
 
 
