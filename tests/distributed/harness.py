@@ -4,19 +4,22 @@ Spawning Python + torch costs seconds on a 2-core machine, so a test module desc
 up front, `run_world` starts `nproc` worker processes (each initializes one process group with a
 timeout, so a deadlock fails instead of hanging), runs every check in order on every rank, and
 returns each check's per-rank result or traceback. Tests then assert on those results.
+
+Ranks are forked from one server process per test session that imported torch and the trainer once
+(multiprocessing's forkserver): a fresh interpreter per rank spent seconds of CPU on those imports for
+every world. Each rank still gets its own environment (rank, port, one thread), log file and exit.
 """
 import json
+import multiprocessing
 import os
 import pickle
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -52,27 +55,22 @@ def run_world(nproc: int, checks: list[tuple[str, dict]], workdir: Path, timeout
     spec = workdir / "checks.json"
     spec.write_text(json.dumps({"checks": checks, "collective_timeout_s": collective_timeout_s}))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
-               OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    procs, logs = [], []
+               OMP_NUM_THREADS="1")
+    procs = []
     for rank in range(nproc):
-        log = open(workdir / f"rank{rank}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed.worker", str(spec), str(workdir / f"rank{rank}.pkl")],
-            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+        procs.append(_forkserver().Process(target=run_rank, args=(
+            dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), str(spec), str(workdir / f"rank{rank}.pkl"),
+            str(workdir / f"rank{rank}.log"))))
+        procs[-1].start()
     deadline = time.monotonic() + timeout_s
     try:
         for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.exitcode is None:
                 p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
+                p.join()
     results = [CheckResult(name_of(target)) for target, _ in checks]
     for rank, p in enumerate(procs):
         out = workdir / f"rank{rank}.pkl"
@@ -83,8 +81,36 @@ def run_world(nproc: int, checks: list[tuple[str, dict]], workdir: Path, timeout
                 (result.values if ok else result.errors)[rank] = payload
             else:
                 tail = (workdir / f"rank{rank}.log").read_text()[-3000:]
-                result.errors[rank] = f"no result (exit code {p.returncode}, timed out or crashed); log tail:\n{tail}"
+                result.errors[rank] = f"no result (exit code {p.exitcode}, timed out or crashed); log tail:\n{tail}"
     return results
+
+
+_PRELOAD = ["torch", "torch.distributed.tensor", "torch.distributed.pipelining", "torch.distributed.checkpoint",
+            "launcher.trainer", "tests.distributed.worker"]
+
+
+def _forkserver():
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)  # read when the server starts: the session's first world
+    return context
+
+
+def run_rank(env: dict, spec: str, out: str, log: str) -> None:
+    """One rank, in a process forked from the server: its own environment, threads and log, then the checks."""
+    import torch
+
+    from tests.distributed.worker import main
+
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # the server imported torch before this rank's env
+    main(spec, out)
 
 
 def name_of(target: str) -> str:
