@@ -5,7 +5,7 @@ from models.spec import ModelSpec
 
 # family name -> the module that defines its `model_spec`
 FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet", "tokenformer": "models.tokenformer",
-            "matformer": "models.matformer"}
+            "matformer": "models.matformer", "solo": "models.solo"}
 DEFAULT_FAMILY = "llm"
 
 
