@@ -159,6 +159,11 @@ class ModelSpec:
     hooks: TrainingHooks = TrainingHooks()
     state_dict_adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
     checkpoint_commands: dict[str, CheckpointCommand] = field(default_factory=dict)  # by `convert` sub-command name
+    # Families whose native checkpoints start a run of this one (checkpoint.init_from), by name: map(that family's
+    # canonical tensors, one layer's at a time and first as meta tensors; the run's model config) -> this family's
+    # (tensors it adds too). The checkpoint's architecture fields must equal the run's. A ValueError says why not.
+    starts_from: dict[str, Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]] = \
+        field(default_factory=dict)
     # A family whose data or loss depend on its model config (MatFormer: which submodels a batch runs) gives
     # the spec to train that config with; None: one spec for every config. See models.configured_spec.
     configure: Callable[[Any], "ModelSpec"] | None = None

@@ -4,7 +4,7 @@ from models.common.text import TOKEN_LOSS
 from models.llm.model import flops_per_attention_pair
 from models.solo.data import SOLO_DATA
 from models.solo.model import SOLO, SOLOConfig, flops_per_token
-from models.solo.start import LlamaStartAdapter
+from models.solo.start import LlamaStartAdapter, from_language_model
 from models.solo.parallelize import PLAN, check_layout, n_layers, split_stage
 from models.spec import ModelSpec
 
@@ -20,5 +20,7 @@ model_spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
-    state_dict_adapters={"hf": LlamaStartAdapter()},  # imports a Hugging Face Llama as a start (models/solo/start.py)
+    # Starts from a language model: an `llm` run's checkpoint, or a Hugging Face Llama (models/solo/start.py).
+    starts_from={"llm": from_language_model},
+    state_dict_adapters={"hf": LlamaStartAdapter()},
 )

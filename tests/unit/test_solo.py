@@ -196,3 +196,77 @@ def test_caption_accuracy_scores_an_oracle_and_its_blanked_control(demo):
         f"caption_{name}": 1.0 for name in ("exact", "size", "colour", "shape", "place")}
     assert {k: v for k, v in metrics.items() if k.endswith("_blanked")} == {
         f"caption_{name}_blanked": 0.0 for name in ("exact", "size", "colour", "shape", "place")}
+
+
+def _llama_directory(directory, vocab_size: int = VOCAB):
+    """A Hugging Face Llama directory (config.json + model.safetensors) of a freshly initialized `llm`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from models.llm.hf import LlamaAdapter
+
+    llm = Transformer(LLMConfig(**{**SIZES, "vocab_size": vocab_size}))
+    init_parameters(llm, 3)
+    adapter = LlamaAdapter()
+    save_file({k: v.contiguous() for k, v in adapter.from_native(llm.state_dict(), llm.cfg).items()},
+              directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(adapter.export_config(llm.cfg, 64)))
+    return llm
+
+
+def test_a_hugging_face_llama_starts_a_run(tmp_path):
+    """checkpoint.init_from's path (launcher/init_from.py): the Llama's weights, the new rows, a zero projection."""
+    from launcher.init_from import open_starting_weights
+    from models import get_model_spec
+
+    llm = _llama_directory(tmp_path)
+    cfg = SOLOConfig(**SIZES)
+    weights = open_starting_weights(tmp_path, get_model_spec("solo"), cfg)
+    solo = SOLO(cfg)
+    init_parameters(solo, 0)  # as a run initializes before it loads the starting weights
+    weights.load([solo])
+    assert not solo.patch_embeddings.weight.any()
+    torch.testing.assert_close(solo.tok_embeddings.weight[VOCAB:], llm.tok_embeddings.weight.mean(0).expand(4, -1))
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(solo(tokens, torch.randn(2, 12, PATCH_VALUES))[..., :VOCAB], llm(tokens))
+
+
+def test_a_hugging_face_llama_of_another_vocabulary_is_refused(tmp_path):
+    from launcher.errors import UserError
+    from launcher.init_from import open_starting_weights
+    from models import get_model_spec
+
+    _llama_directory(tmp_path, vocab_size=VOCAB + 4)
+    with pytest.raises(UserError, match="vocab_size"):
+        open_starting_weights(tmp_path, get_model_spec("solo"), SOLOConfig(**SIZES))
+
+
+@pytest.mark.usefixtures("in_process_runs")
+def test_an_llm_run_starts_a_run(tmp_path, data_cache):
+    """checkpoint.init_from an `llm` run's directory (ModelSpec.starts_from): its weights under the LLM's names, the
+    new rows, a zero projection; the trainer then checks the run's tokenizer is the checkpoint's."""
+    from launcher.config import load_config
+    from launcher.init_from import open_starting_weights
+    from launcher.trainer import train
+    from models import get_model_spec
+    from tests.conftest import TINY, TEST_VOCAB, tiny_overrides
+
+    sizes = ("model.dim=32", "model.n_layers=2", "train.steps=1")
+    train(load_config(TINY, tiny_overrides(tmp_path / "llm", data_cache, *sizes)))
+    llm_cfg = load_config(TINY, tiny_overrides(tmp_path / "unused", data_cache, *sizes)).model_config()
+    llm = Transformer(llm_cfg)
+    llm_weights = open_starting_weights(tmp_path / "llm", get_model_spec("llm"), llm_cfg)
+    llm_weights.load([llm])
+    cfg = SOLOConfig(**{f: getattr(llm_cfg, f) for f in llm_cfg.__dataclass_fields__})
+    weights = open_starting_weights(tmp_path / "llm", get_model_spec("solo"), cfg)
+    assert weights.tokenizer == llm_weights.tokenizer is not None
+    solo = SOLO(cfg)
+    init_parameters(solo, 0)
+    weights.load([solo])
+    assert not solo.patch_embeddings.weight.any()
+    tokens = torch.randint(0, TEST_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(solo(tokens, torch.randn(2, 12, PATCH_VALUES))[..., :TEST_VOCAB], llm(tokens),
+                                   rtol=0, atol=0)
