@@ -270,3 +270,15 @@ def test_an_llm_run_starts_a_run(tmp_path, data_cache):
     with torch.no_grad():
         torch.testing.assert_close(solo(tokens, torch.randn(2, 12, PATCH_VALUES))[..., :TEST_VOCAB], llm(tokens),
                                    rtol=0, atol=0)
+
+
+def test_prepared_text_data_is_refused_in_one_line(data_cache):
+    from types import SimpleNamespace
+
+    from data.errors import DataError
+    from models.solo.data import build_loaders
+
+    data_cfg = SimpleNamespace(prepared=[str(data_cache)], source="pydoc", vocab_size=1024, cache_dir=str(data_cache),
+                               valid_fraction=0.05)
+    with pytest.raises(DataError, match="data.prepared"):
+        build_loaders(data_cfg, 64, 8, 2, 0, 1, 0, log=lambda _: None)
