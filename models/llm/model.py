@@ -132,5 +132,6 @@ def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
     """
     d, hd = cfg.dim, cfg.head_dim
     attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    matmul_weights = cfg.n_layers * attn_weights + sum(3 * d * ffn for ffn in cfg.layer_ffn_dims()) + d * cfg.model_vocab_size
+    matmul_weights = (cfg.n_layers * attn_weights + sum(3 * d * ffn for ffn in cfg.layer_ffn_dims())
+                      + d * cfg.model_vocab_size)
     return 3 * 2 * matmul_weights + flops_per_attention_pair(cfg) * (seq_len + 1) / 2

@@ -22,10 +22,10 @@ import torch
 
 from data.embedded import prepare_embedded
 from data.errors import DataError
-from data.images import (PATCH_VALUES, VisionTokens, build_row, caption_sample, image_tokens, normalize_patches, pack_samples,
-                         patchify)
+from data.images import (PATCH, PATCH_VALUES, VisionTokens, build_row, caption_sample, image_tokens,
+                         normalize_patches, pack_samples, patchify)
 from data.loader import GlobalBatchLoader
-from data.shapes import ATTRIBUTES, COLOURS, PLACES, SHAPES, SIZES, Shape, draw, parse_caption, shape_of
+from data.shapes import ATTRIBUTES, COLOURS, PLACES, SHAPES, SIDE, SIZES, Shape, draw, parse_caption, shape_of
 from data.tokenizer import Tokenizer
 from models.common.text import TEXT_DATA, TEXT_KEYS
 from models.spec import BatchKey, DataSpec
@@ -34,6 +34,7 @@ SOLO_KEYS = {**TEXT_KEYS, "patches": BatchKey(sequence_dim=1, consumer="inputs")
 TRAIN_IMAGES = 16384
 VALID_IMAGES = 512
 CAPTION_EVAL_IMAGES = 256  # the first of the valid split, captioned at the end of a run
+GRID = SIDE // PATCH  # a demo image is GRID x GRID patches
 
 
 def model_patches(tokens: torch.Tensor, patches: torch.Tensor, patch_token: int) -> torch.Tensor:
@@ -49,9 +50,9 @@ class CaptionRows:
     def __init__(self, seed: int, split: str, n_images: int, seq_len: int, tokenizer: Tokenizer,
                  vision: VisionTokens):
         self.seed, self.split, self.seq_len, self.tokenizer, self.vision = seed, split, seq_len, tokenizer, vision
-        self.shapes = [shape_of(seed, split, i) for i in range(n_images)]
-        markup = len(image_tokens(2, 2, vision))
-        self.rows = pack_samples([markup + len(self.caption_tokens(s)) for s in self.shapes], seq_len)
+        markup = len(image_tokens(GRID, GRID, vision))
+        captions = (self.caption_tokens(shape_of(seed, split, i)) for i in range(n_images))
+        self.rows = pack_samples([markup + len(caption) for caption in captions], seq_len)
         self.num_samples = len(self.rows)
 
     def caption_tokens(self, shape: Shape) -> list[int]:
@@ -125,7 +126,7 @@ def caption_prompts(demo: ShapesDemo, images: range, blanked: bool) -> tuple[dic
     """Model inputs for captioning `images`: each image's markup then padding in a slot of its own (slots packed
     into rows of seq_len tokens, positions restarting and attention kept inside each), its patches or zeros; and
     each image's row and first caption position."""
-    markup = len(image_tokens(2, 2, demo.vision))
+    markup = len(image_tokens(GRID, GRID, demo.vision))
     width = markup + demo.longest_caption
     per_row = demo.seq_len // width
     if per_row == 0:

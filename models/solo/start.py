@@ -1,6 +1,7 @@
 """SOLO starts from a language model, as SOLO-7B starts from Mistral-7B: `checkpoint.init_from` an `llm` run's
-checkpoint (ModelSpec.starts_from) or a Hugging Face Llama directory (the "hf" adapter) fills the LLM's parameters; the embedding and the head gain the four image-markup rows, each the mean of the text rows
-(so the new tokens start as an average token), and the patch projection starts at zero. With a zero projection
+checkpoint (ModelSpec.starts_from) or a Hugging Face Llama directory (the "hf" adapter) fills the LLM's
+parameters; the embedding and the head gain the four image-markup rows, each the mean of the text rows (so the
+new tokens start as an average token), and the patch projection starts at zero. With a zero projection
 and text-only input the model computes the language model's logits on the text ids (tests/unit/test_solo.py).
 """
 import torch
