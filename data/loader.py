@@ -122,9 +122,7 @@ class GlobalBatchLoader:
         restart at 0 at every document and `document_ids` numbers the documents of each row (see
         DocumentInfo), so attention can stay inside each document."""
         documents = self.documents if documents is None else documents
-        rows_per_rank = self.global_batch_size // self.dp_size
-        first = step * self.global_batch_size + self.dp_rank * rows_per_rank
-        located = self._locate(np.arange(first, first + rows_per_rank, dtype=np.int64))
+        located = self.rank_samples(step)
         rows = torch.stack([samples[i] for samples, i in located])
         positions = torch.arange(rows.shape[1] - 1).repeat(self.micro_batch_size, 1)
         batches = [{"tokens": mb[:, :-1].contiguous(), "targets": mb[:, 1:].contiguous(), "positions": positions}
@@ -136,6 +134,12 @@ class GlobalBatchLoader:
                 info = document_info(starts[k * mbs:(k + 1) * mbs], batch["tokens"].shape[1])
                 batch.update(document_ids=info.document_ids, positions=info.positions)
         return batches
+
+    def rank_samples(self, step: int) -> list[tuple]:
+        """(samples, index) of each of this rank's rows of step's global batch, in order."""
+        rows_per_rank = self.global_batch_size // self.dp_size
+        first = step * self.global_batch_size + self.dp_rank * rows_per_rank
+        return self._locate(np.arange(first, first + rows_per_rank, dtype=np.int64))
 
     def next(self) -> list[dict[str, torch.Tensor]]:
         batches = self.micro_batches(self.step)

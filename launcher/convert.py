@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -53,13 +52,12 @@ from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
 from launcher.init_from import CONSOLIDATED_KEY
 from launcher.megatron_import import GPT_CONFIG, stacked_name
 from launcher.optim import Optimizers
-from launcher.safe_dcp import load as safe_load
 from launcher.trainer import model_inputs
+from launcher.weights import checkpoint_reader
 from models import FAMILIES, configured_spec, get_model_spec
 from models.spec import CheckpointCommand, CheckpointContents, ModelSpec, architecture
 from parallel.init import materialize
 
-NATIVE_LAYER_PREFIX = re.compile(r"(layers\.\d+)\.")
 from parallel.mesh import ParallelDims
 
 # A conversion that keeps the function must reproduce the old outputs to fp32 rounding; more is a bug.
@@ -177,38 +175,6 @@ def open_export(args: argparse.Namespace, log: Callable[[str], None], adapter_ke
     except ValueError as e:
         raise UserError(f"convert {command}: {checkpoint} cannot be expressed as {target}: {e}") from None
     return out, checkpoint, run_dir, saved, spec, cfg, exported_config
-
-
-def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], dict], dtype: torch.dtype):
-    """(layout, read) of a checkpoint's model tensors mapped by `mapping` (a state-dict adapter's from_native), for
-    writing them out a part at a time: `layout` names them (meta tensors), `read(names)` returns them in
-    `dtype`. The
-    mapping is given one layer's tensors at a time, first as meta tensors; `read` loads the layers it needs
-    straight from DCP in this process (any layout: DCP reassembles each tensor), so the model is never whole in
-    memory."""
-    groups: dict[str, list[str]] = {}
-    for key in saved["sizes"]:
-        if key.startswith("model."):
-            name = key.removeprefix("model.")
-            layer = NATIVE_LAYER_PREFIX.match(name)
-            groups.setdefault(layer[1] if layer else name, []).append(name)
-    layout, group_of = {}, {}
-    for group, names in groups.items():
-        meta = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"], device="meta")
-                for n in names}
-        for name, tensor in mapping(meta).items():
-            layout[name], group_of[name] = tensor, group
-
-    def read(names: list[str]) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for group in dict.fromkeys(group_of[name] for name in names):
-            native = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"])
-                      for n in groups[group]}
-            safe_load({"model": native}, checkpoint, no_dist=True)
-            tensors |= {name: t.to(dtype) for name, t in mapping(native).items() if name in names}
-        return tensors
-
-    return layout, read
 
 
 TO_FILE_HELP = "one safetensors file of a checkpoint's weights (canonical names), which checkpoint.init_from reads"

@@ -4,11 +4,14 @@ has saved a checkpoint, a restart resumes from it and never reads PATH again.
 
 PATH is recognized by its files as one of FORMATS (the first that recognizes it), each checked against the run's
 model before any process group starts (one line on any problem), then read by every rank after its model parts
-are materialized and initialized (launcher/weights.py: StartingWeights).
+are materialized and initialized (launcher/weights.py: StartingWeights). A native checkpoint of another family
+starts the run when the run's family lists it in ModelSpec.starts_from (e.g. a language model that gains image
+inputs); its tensors are mapped by that function.
 """
 import json
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from launcher.checkpoint import META_FILE, Checkpointer, ModelState, check_complete, check_same_model, find_checkpoint
@@ -16,7 +19,8 @@ from launcher.deepspeed_import import DEEPSPEED_FORMAT
 from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
 from launcher.megatron_import import MEGATRON_FORMAT
-from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes
+from launcher.weights import (NATIVE_LAYER_PREFIX, StartingWeights, WeightFormat, check_tensors, checkpoint_reader,
+                              copy_streamed, expected_shapes)
 from models.spec import ModelSpec, architecture
 
 
@@ -28,6 +32,8 @@ def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str) -> Starting
     """Another run's checkpoint (any layout): its model tensors only, resharded by DCP to this run's layout."""
     checkpoint, _ = find_checkpoint(path)
     saved = check_complete(checkpoint)
+    if saved["meta"].get("family") != spec.name and saved["meta"].get("family") in spec.starts_from:
+        return _open_other_family(checkpoint, saved, spec, model_cfg, where)
     check_same_model(saved["meta"], spec.name, architecture(model_cfg), checkpoint)
 
     def load(parts):  # collective: every rank reads its shards of its parts' parameters, nothing else
@@ -36,6 +42,37 @@ def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str) -> Starting
     unverified = "" if saved["verified"] else ", unverified: it has no checksums (saved by an older version)"
     return StartingWeights(f"the weights of {checkpoint} (step {saved['meta']['step']}{unverified})", load,
                            tokenizer=saved["meta"].get("tokenizer"))
+
+
+def _open_other_family(checkpoint: Path, saved: dict, spec: ModelSpec, model_cfg, where: str) -> StartingWeights:
+    """A checkpoint of a family the run's family starts from (ModelSpec.starts_from, e.g. a language model that
+    gains image inputs): the same architecture fields; its tensors read from DCP a layer at a time on every rank
+    (any layout) and mapped to the run's parameters."""
+    family = saved["meta"]["family"]
+    check_same_model(saved["meta"], family, architecture(model_cfg), checkpoint)
+
+    def mapped(tensors: dict) -> dict:
+        try:
+            return spec.starts_from[family](tensors, model_cfg)
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
+
+    layout, read = checkpoint_reader(checkpoint, saved, mapped, torch.float32)
+    check_tensors(where, {name: (name, tuple(t.shape)) for name, t in layout.items()}, expected_shapes(spec, model_cfg))
+
+    def stream(wanted: set[str]):
+        names = [name for name in layout if name in wanted]
+        for layer in dict.fromkeys(map(_layer_of, names)):  # each layer's tensors read together
+            yield from read([name for name in names if _layer_of(name) == layer]).items()
+
+    return StartingWeights(f"the {family} weights of {checkpoint} (step {saved['meta']['step']}) mapped to "
+                           f"{spec.name}", lambda parts: copy_streamed(parts, stream),
+                           tokenizer=saved["meta"].get("tokenizer"))
+
+
+def _layer_of(name: str) -> str:
+    layer = NATIVE_LAYER_PREFIX.match(name)
+    return layer[1] if layer else name
 
 
 NATIVE_FORMAT = WeightFormat("a shardwright run directory or one of its checkpoints/step-<N>", _is_native, _open_native)

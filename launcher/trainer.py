@@ -203,18 +203,25 @@ class TrainStep:
         (the training length, which splits over every layout); causal models keep the padding from
         affecting the real positions."""
         tokens = torch.tensor([ids + [pad_id] * (length - len(ids))])
-        batch = self.prepare(self.spec.data.prompt_batch(tokens))
+        return int(self.greedy_tokens(self.spec.data.prompt_batch(tokens))[0, len(ids) - 1])
+
+    @torch.no_grad()
+    def greedy_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The argmax token ids [rows, T] of the logits for a batch of whole rows (model inputs only), run on
+        every rank (sharded weights, sequence parts and pipeline stages need all of them); on every rank."""
+        batch = self.prepare(batch)
         args, kwargs = model_inputs(self.keys, batch)
         with self.precision:
             outputs = self.pipeline.forward(args, kwargs) if self.pipeline is not None else self.parts[0](*args, **kwargs)
-        choice = torch.full((), -1, dtype=torch.int64, device=self.device)
+        rows, local_length = args[0].shape[:2]  # the first stage's first input: the tokens, cut by cp
+        choice = torch.full((rows, local_length * self.dims.cp), -1, dtype=torch.int64, device=self.device)
         if outputs is not None:  # the last pipeline stage (every rank without pp)
             logits = full_tensor(outputs)
             if self.dims.cp > 1:
                 logits = gather_sequence(logits, self.layout, self.meshes.cp.get_group())
-            choice.fill_(int(logits[0, len(ids) - 1].argmax()))
+            choice.copy_(logits.argmax(-1))
         dist.all_reduce(choice, op=dist.ReduceOp.MAX)  # from the last stage to every rank
-        return int(choice)
+        return choice.cpu()
 
 
 def train(cfg: Config) -> dict:
@@ -398,6 +405,12 @@ def train(cfg: Config) -> dict:
         for part in parts:
             part.eval()
         sample = greedy_sample(steps.next_token, data.tokenizer, t.sample_prompt, t.sample_tokens, t.seq_len)
+    if spec.data.final_evaluation is not None and start_step < last_step:
+        for part in parts:
+            part.eval()
+        final_record = spec.data.final_evaluation(data, steps.greedy_tokens)
+        metrics.log({"step": last_step, **final_record}, show=True)
+        eval_record = {**eval_record, **final_record}
     mean_flops_per_token = sum(step_flops_per_token) / len(step_flops_per_token) if step_flops_per_token \
         else flops_per_token
     summary = summarize(losses, throughput, eval_record, mean_flops_per_token, peak.value, dims.world_size, sample)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from launcher.errors import UserError
+from launcher.safe_dcp import load as safe_load
 from models.spec import ModelSpec
 from parallel.init import canonical_name, copy_full, stored_orders, to_stored
 
@@ -85,6 +86,7 @@ def copy_streamed(parts: list[nn.Module], read: Callable[[set[str]], Iterable[tu
 
 
 _LAYER_PREFIX = re.compile(r"(.*\.layers\.\d+)\.")
+NATIVE_LAYER_PREFIX = re.compile(r"(layers\.\d+)\.")  # of canonical names: a layer's tensors
 
 
 def layer_group(name: str) -> str:
@@ -128,3 +130,35 @@ def in_order(items: dict[str, Path]) -> Iterator[tuple[Path, list[str]]]:
     """The names of `items` (name -> file) grouped by file, files in sorted order: each file opened once."""
     for file in sorted(set(items.values())):
         yield file, [name for name, name_file in items.items() if name_file == file]
+
+
+def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], dict], dtype: torch.dtype):
+    """(layout, read) of a checkpoint's model tensors mapped by `mapping` (a state-dict adapter's from_native), for
+    writing them out a part at a time: `layout` names them (meta tensors), `read(names)` returns them in
+    `dtype`. The
+    mapping is given one layer's tensors at a time, first as meta tensors; `read` loads the layers it needs
+    straight from DCP in this process (any layout: DCP reassembles each tensor), so the model is never whole in
+    memory."""
+    groups: dict[str, list[str]] = {}
+    for key in saved["sizes"]:
+        if key.startswith("model."):
+            name = key.removeprefix("model.")
+            layer = NATIVE_LAYER_PREFIX.match(name)
+            groups.setdefault(layer[1] if layer else name, []).append(name)
+    layout, group_of = {}, {}
+    for group, names in groups.items():
+        meta = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"], device="meta")
+                for n in names}
+        for name, tensor in mapping(meta).items():
+            layout[name], group_of[name] = tensor, group
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for group in dict.fromkeys(group_of[name] for name in names):
+            native = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"])
+                      for n in groups[group]}
+            safe_load({"model": native}, checkpoint, no_dist=True)
+            tensors |= {name: t.to(dtype) for name, t in mapping(native).items() if name in names}
+        return tensors
+
+    return layout, read

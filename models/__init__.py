@@ -4,8 +4,8 @@ import importlib
 from models.spec import ModelSpec
 
 # family name -> the module that defines its `model_spec`
-FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet", "tokenformer": "models.tokenformer",
-            "matformer": "models.matformer"}
+FAMILIES = {"llm": "models.llm", "moe": "models.moe", "deltanet": "models.deltanet",
+            "tokenformer": "models.tokenformer", "matformer": "models.matformer", "solo": "models.solo"}
 DEFAULT_FAMILY = "llm"
 
 

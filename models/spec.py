@@ -44,6 +44,11 @@ class DataSpec:
     # The (query, key) pairs a micro-batch's causal attention computes per layer and head (whole rows,
     # before any cp split), for FLOPs; None: T (T + 1) / 2 per row.
     attention_pairs: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    # final_evaluation(data, greedy_tokens) -> named metrics of the trained model, measured once at the end of a
+    # run (logged to metrics.jsonl and shown in the summary; e.g. SOLO's caption accuracy). greedy_tokens(batch)
+    # runs the model, on every rank, on a batch of whole rows (model inputs as in `keys`, rows of the training
+    # length) and returns the argmax token ids [rows, T] of its logits, on every rank. None: none.
+    final_evaluation: Callable[[Any, Callable[[dict[str, torch.Tensor]], torch.Tensor]], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,11 @@ class ModelSpec:
     hooks: TrainingHooks = TrainingHooks()
     state_dict_adapters: dict[str, StateDictAdapter] = field(default_factory=dict)
     checkpoint_commands: dict[str, CheckpointCommand] = field(default_factory=dict)  # by `convert` sub-command name
+    # Families whose native checkpoints start a run of this one (checkpoint.init_from), by name: map(that family's
+    # canonical tensors, one layer's at a time and first as meta tensors; the run's model config) -> this family's
+    # (tensors it adds too). The checkpoint's architecture fields must equal the run's. A ValueError says why not.
+    starts_from: dict[str, Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]]] = \
+        field(default_factory=dict)
     # A family whose data or loss depend on its model config (MatFormer: which submodels a batch runs) gives
     # the spec to train that config with; None: one spec for every config. See models.configured_spec.
     configure: Callable[[Any], "ModelSpec"] | None = None

@@ -45,7 +45,13 @@ class Decoder(nn.Module):
         A pipeline stage that lacks the embedding takes hidden states [B, T, dim] instead, and one
         that lacks the head returns them (see models/llm/parallelize.py: split_stage).
         """
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        return self.from_embeddings(self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens,
+                                    positions, document_ids)
+
+    def from_embeddings(self, h: torch.Tensor, positions: torch.Tensor | None,
+                        document_ids: torch.Tensor | None) -> torch.Tensor:
+        """The blocks, final norm and head (those this stage holds) on embedded inputs h [B, T, dim]: for a
+        family that embeds more than tokens (SOLO adds image patches)."""
         for layer in self.layers.values():
             h = layer(h, positions, document_ids=document_ids)
         if self.norm is not None:

@@ -43,6 +43,12 @@ class LLMConfig:
                              f"(one per layer, model.n_layers) or empty")
 
     @property
+    def model_vocab_size(self) -> int:
+        """Rows of the embedding and the output head: the tokenizer's vocab_size, plus the tokens a family adds
+        (SOLO's image markup)."""
+        return self.vocab_size
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
@@ -101,12 +107,12 @@ class Transformer(Decoder):
     and the output head stay linear."""
 
     def __init__(self, cfg: LLMConfig, projection: Projection = Linear):
-        super().__init__(cfg, Embedding(cfg.vocab_size, cfg.dim, cfg.init_std),
+        super().__init__(cfg, Embedding(cfg.model_vocab_size, cfg.dim, cfg.init_std),
                          {str(i): TransformerBlock(RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg, projection),
                                                    RMSNorm(cfg.dim, cfg.norm_eps),
                                                    SwiGLU(cfg.dim, hidden, cfg.init_std, cfg.out_std, projection))
                           for i, hidden in enumerate(cfg.layer_ffn_dims())},
-                         RMSNorm(cfg.dim, cfg.norm_eps), Linear(cfg.dim, cfg.vocab_size, cfg.init_std),
+                         RMSNorm(cfg.dim, cfg.norm_eps), Linear(cfg.dim, cfg.model_vocab_size, cfg.init_std),
                          cfg.tie_embeddings)
 
 
@@ -126,5 +132,6 @@ def flops_per_token(cfg: LLMConfig, seq_len: int) -> float:
     """
     d, hd = cfg.dim, cfg.head_dim
     attn_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    matmul_weights = cfg.n_layers * attn_weights + sum(3 * d * ffn for ffn in cfg.layer_ffn_dims()) + d * cfg.vocab_size
+    matmul_weights = (cfg.n_layers * attn_weights + sum(3 * d * ffn for ffn in cfg.layer_ffn_dims())
+                      + d * cfg.model_vocab_size)
     return 3 * 2 * matmul_weights + flops_per_attention_pair(cfg) * (seq_len + 1) / 2

@@ -122,7 +122,7 @@ def check_layout(cfg: LLMConfig, dims: ParallelDims, options: ParallelizeOptions
             return None if fits else f"n_kv_heads {cfg.kv_heads} (one of tp and n_kv_heads must divide the other)"
 
         problems += tp_problems(dims.tp, {"n_heads": cfg.n_heads, "ffn hidden size": math.gcd(*cfg.layer_ffn_dims()),
-                                          "vocab_size": cfg.vocab_size}, cfg.n_heads, kv_misfit)
+                                          "vocabulary": cfg.model_vocab_size}, cfg.n_heads, kv_misfit)
     return problems
 
 

@@ -9,7 +9,7 @@ from tests.distributed.runs import SAMPLE, train_check
 # one_process_checks(workdir, cache) -> {name: check}.
 MODULES_WITH_REFERENCES = ("test_training", "test_tensor_parallel", "test_expert_parallel", "test_deltanet",
                            "test_tokenformer", "test_family_contract", "test_context_training",
-                           "test_matformer_runs", "test_matformer_tp")
+                           "test_matformer_runs", "test_matformer_tp", "test_solo_runs")
 
 
 @pytest.fixture(scope="session")
