@@ -73,7 +73,7 @@ ONE_B = LLMConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=12
 ONE_B_BATCH, ONE_B_SEQ = 1, 2048
 # op-name prefixes -> (ring traffic per rank / S, S / local input bytes) in a group of t ranks
 RING = {("all_reduce", "allreduce_"): lambda t: (2 * (t - 1) / t, 1), ("all_gather",): lambda t: ((t - 1) / t, t),
-        ("reduce_scatter",): lambda t: ((t - 1) / t, 1), ("all_to_all",): lambda t: ((t - 1) / t, 1)}
+        ("reduce_scatter",): lambda t: ((t - 1) / t, 1), ("all_to_all", "alltoall"): lambda t: ((t - 1) / t, 1)}
 
 
 def ring(op: str, t: int) -> tuple[float, int]:
@@ -103,7 +103,8 @@ class CollectiveCounter(TorchDispatchMode):
             if not any(op.startswith(prefixes) for prefixes in RING):
                 raise RuntimeError(f"{func} is a collective this benchmark does not count")
             tensors = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-            group = dist.ProcessGroup.unbox(args[1]) if namespace == "c10d" else _resolve_process_group(args[-1])
+            group = (dist.ProcessGroup.unbox(next(a for a in args if isinstance(a, torch.ScriptObject)))
+                     if namespace == "c10d" else _resolve_process_group(args[-1]))
             self.calls[(*self.where(), op, tuple(tuple(x.shape) for x in tensors), str(tensors[0].dtype)[6:],
                         group.size())] += 1
         return func(*args, **(kwargs or {}))

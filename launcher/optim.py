@@ -14,7 +14,7 @@ from parallel.tensor_parallel import full_tensor
 def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     """AdamW over matrices (decayed) and vectors (norm gains: not decayed). DTensors and plain
     tensors go into separate groups: foreach kernels run per group and refuse a mix of the two
-    (e.g. expert weights kept whole beside tensor-parallel weights when no FSDP makes all DTensors)."""
+    (e.g. a router weight replicated over tp beside tensor-parallel weights when no FSDP makes all DTensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for decayed in (True, False):

@@ -7,6 +7,13 @@ into (efsdp, ep), ep inner): ranks of one ep group hold different tokens and dif
 Expert weights are DTensors sharded on the expert dim over ep; FSDP then shards them over what
 remains (efsdp, parallel/data_parallel.py).
 
+Expert tensor parallelism (tp > 1): each expert's hidden units are split over tp as well (the first
+weights of an expert by output column, its last by input row, like a column -> row pair), so a
+weight is sharded over the mesh (ep, tp) and a tp rank computes every routed row through its slice
+of the hidden units: its output is a partial sum over tp, which the tensor-parallel plan around the
+layer reduces (parallel/tensor_parallel.py, PartialSumRegion). The tp ranks of a tp group hold the
+same tokens and send the same rows, each within its own ep group.
+
 One expert module call, on each rank of an ep group of size P with E/P local experts
 (`ExpertParallel`), for input rows sorted by global expert with counts[e] rows each:
   1. the per-expert counts go first (all_to_all_single of E integers), then the rows are cut into
@@ -34,17 +41,32 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
 
 class ExpertParallel(ParallelStyle):
     """For a module forward(rows [M, d] sorted by expert, counts [E]) over stacked expert weights
-    [E, ...]: weights sharded on the expert dim over the ep mesh, rows dispatched to the rank of
-    their expert before the forward and combined back after it."""
+    [E, ...], applied over a mesh of the dims "ep" and/or "tp" (Meshes.expert_split):
+    - ep: weights sharded on the expert dim, rows dispatched to the rank of their expert before the
+      forward and combined back after it;
+    - tp: each weight sharded on its hidden dim, `hidden_dims[name]` (rows unchanged; the output
+      becomes a partial sum over tp)."""
+
+    def __init__(self, hidden_dims: dict[str, int] | None = None):
+        super().__init__()
+        self.hidden_dims = hidden_dims or {}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        group, ep = device_mesh.get_group(), device_mesh.size()
-        routing = {}  # one call's splits and order, from dispatch to combine
+        dims = device_mesh.mesh_dim_names
+        if not set(dims) <= {"ep", "tp"} or ("tp" in dims and not self.hidden_dims):
+            raise ValueError(f"experts split over mesh dims {dims}: expected ep and/or tp (tp needs hidden_dims)")
 
         def shard_weights(_name, mod, mesh):
             for name, param in list(mod.named_parameters(recurse=False)):
-                local = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)  # no communication
+                placements = [Shard(0) if dim == "ep" else Shard(self.hidden_dims[name]) for dim in dims]
+                local = distribute_tensor(param.data, mesh, placements, src_data_rank=None)  # no communication
                 mod.register_parameter(name, nn.Parameter(local, requires_grad=param.requires_grad))
+
+        if "ep" not in dims:
+            return distribute_module(module, device_mesh, partition_fn=shard_weights)
+        ep_mesh = device_mesh["ep"] if len(dims) > 1 else device_mesh
+        group, ep = ep_mesh.get_group(), ep_mesh.size()
+        routing = {}  # one call's splits and order, from dispatch to combine
 
         def dispatch(_mod, inputs, _mesh):
             rows, counts = inputs

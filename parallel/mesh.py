@@ -72,8 +72,13 @@ class ParallelDims:
                                        ("efsdp_replicate", "efsdp", "ep"))
             ep = experts["ep"]
             expert_fsdp = experts["efsdp_replicate", "efsdp"] if self.dp_replicate > 1 else experts["efsdp"]
+        # Expert weights are split by expert over ep and by hidden unit over tp (expert tensor parallelism):
+        # the dims of the two in use, as one mesh (ep, tp) when both are.
+        split = [mesh for mesh, size in ((ep, self.ep), (world["tp"], self.tp)) if size > 1]
+        expert_split = DeviceMesh._concatenate(split) if len(split) == 2 else next(iter(split), None)
         return Meshes(world=world, dp=world["dp_replicate", "dp_shard"]._flatten("dp"), tp=world["tp"],
-                      pp=world["pp"], cp=world["cp"], fsdp=fsdp, batch=batch, ep=ep, expert_fsdp=expert_fsdp)
+                      pp=world["pp"], cp=world["cp"], fsdp=fsdp, batch=batch, ep=ep, expert_fsdp=expert_fsdp,
+                      expert_split=expert_split)
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,4 @@ class Meshes:
     batch: DeviceMesh  # dp x cp: ranks holding different tokens of a step (loss and token counts)
     ep: DeviceMesh | None = None  # expert parallelism (ep > 1 only): ranks of dp_shard x cp that split the experts
     expert_fsdp: DeviceMesh | None = None  # what FSDP shards expert weights over: dp_shard x cp / ep (x dp_replicate)
+    expert_split: DeviceMesh | None = None  # what expert weights are split over: ep and/or tp (those > 1), ep outer

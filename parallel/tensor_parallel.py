@@ -69,6 +69,100 @@ class ReplicatedKVProjection(ParallelStyle):
         return distribute_module(module, device_mesh, input_fn=replicate_input, output_fn=keep_own_head)
 
 
+def _hook_io(module: nn.Module, input_fn, output_fn) -> nn.Module:
+    """Install input_fn(inputs) -> inputs and output_fn(output) -> output around `module`'s forward, leaving its
+    parameters as they are (distribute_module would make every plain one a Replicate DTensor)."""
+    module.register_forward_pre_hook(lambda _module, inputs: input_fn(inputs))
+    module.register_forward_hook(lambda _module, _inputs, output: output_fn(output))
+    return module
+
+
+class PartialSumRegion(ParallelStyle):
+    """A whole module whose split weights make its output a partial sum over tp, run on plain tensors:
+    Megatron's column -> row pair drawn around a module that sorts, indexes or routes its rows (which
+    DTensor ops would not express), e.g. a layer of experts each split by hidden unit.
+
+    In: the stream (`stream_layout`) gathered to the full input (an all-gather under sequence
+    parallelism) and handed over as a plain tensor whose gradient is this rank's partial share: the
+    backward sums the shares into the stream layout (reduce-scatter; all-reduce without SP).
+    Out: the plain partial output summed into the stream layout (reduce-scatter; all-reduce); its
+    gradient comes back whole on every rank.
+    So every gradient inside the region must be a partial share: parts that are not split go through
+    `ReplicatedInRegion`, column -> row pairs through `column_row_pair_in_region`."""
+
+    def __init__(self, stream_layout):
+        super().__init__()
+        self.stream_layout = stream_layout
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        mesh, stream = device_mesh, [self.stream_layout]
+
+        def gather(inputs):
+            x = inputs[0]  # a DTensor from a sequence-parallel norm, else plain
+            x = x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, stream, run_check=False)
+            x = x.redistribute(mesh, [Replicate()])
+            return (x.to_local(grad_placements=[Partial()]), *inputs[1:])
+
+        def reduce(output):
+            return DTensor.from_local(output, mesh, [Partial()], run_check=False).redistribute(mesh, stream).to_local()
+
+        return _hook_io(module, gather, reduce)
+
+
+class ReplicatedInRegion(ParallelStyle):
+    """A module inside a PartialSumRegion whose weights are not split (e.g. a router): every tp rank
+    computes the same outputs and gets the same weight gradients (no tp reduction). At its borders the
+    gradients change kind: its input's gradient leaves as a share (the whole divided by tp: exact for a
+    power of two) so that the region's sum counts it once, and the outputs `partial_grad_outputs` (by position), which
+    scale split computations, get partial gradients that are summed over tp here (an all-reduce of
+    their size)."""
+
+    def __init__(self, partial_grad_outputs: tuple[int, ...]):
+        super().__init__()
+        self.partial_grad_outputs = partial_grad_outputs
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        mesh = device_mesh
+
+        def share_grad(inputs):
+            x = DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False, grad_placements=[Partial()])
+            return (x.to_local(grad_placements=[Replicate()]), *inputs[1:])  # backward: Replicate -> Partial (/ tp)
+
+        def sum_grad(output: torch.Tensor) -> torch.Tensor:  # backward: Partial -> Replicate, an all-reduce
+            replicated = DTensor.from_local(output, mesh, [Replicate()], run_check=False)
+            return replicated.to_local(grad_placements=[Partial()])
+
+        def sum_grads(outputs):
+            return tuple(sum_grad(o) if i in self.partial_grad_outputs else o for i, o in enumerate(outputs))
+
+        return _hook_io(module, share_grad, sum_grads)
+
+
+class _PairInRegion(ParallelStyle):
+    """The entry of a column -> row pair inside a PartialSumRegion: the region's plain input as a
+    Replicate DTensor whose gradient stays this rank's share (the region sums it), and the pair's
+    Partial output back as a plain partial tensor whose gradient arrives whole."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def as_replicate(inputs):
+            x = DTensor.from_local(inputs[0], device_mesh, [Replicate()], run_check=False, grad_placements=[Partial()])
+            return (x, *inputs[1:])
+
+        def as_partial(output):
+            return output.to_local(grad_placements=[Replicate()])
+
+        return _hook_io(module, as_replicate, as_partial)
+
+
+def column_row_pair_in_region(entry: str, columns: list[str], rows: list[str]) -> dict:
+    """Plan for a sub-module `entry` of a PartialSumRegion whose `columns` are column-parallel and `rows`
+    row-parallel; its output joins the region's partial sum unreduced."""
+    plan = {entry: _PairInRegion()}
+    plan.update({f"{entry}.{name}": ColwiseParallel() for name in columns})
+    plan.update({f"{entry}.{name}": RowwiseParallel(output_layouts=Partial(), use_local_output=False) for name in rows})
+    return plan
+
+
 def norm_plan(names: list[str], sequence_parallel: bool) -> dict:
     """Norms run on sequence shards under sequence parallelism; otherwise on the replicated stream."""
     return {name: SequenceParallel() for name in names} if sequence_parallel else {}

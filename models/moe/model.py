@@ -117,7 +117,8 @@ class GroupedExperts(nn.Module):
     computed grouped.
 
     Under expert parallelism the weights are DTensors sharded on dim 0 over the ep mesh, and the rows
-    this module is handed are those of its E / ep local experts (parallel/expert.py moves them)."""
+    this module is handed are those of its E / ep local experts (parallel/expert.py moves them); under
+    tensor parallelism also on the hidden dim h over tp, and its output is then a partial sum."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int, init_std: float, out_std: float):
         super().__init__()

@@ -214,6 +214,16 @@ def test_layout_problems_are_named(changes, expected):
     assert any(expected in problem for problem in problems), problems
 
 
+def test_tp_must_divide_the_expert_hidden_size():
+    """Expert tensor parallelism splits every expert's hidden units over tp: one line when they do not divide."""
+    dims = ParallelDims.resolve(dp_shard=1, tp=4, world_size=4)
+    cfg = MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, moe_hidden_dim=30)
+    problems = check_layout(cfg, dims, ParallelizeOptions())
+    assert len(problems) == 1 and "parallel.tp=4 does not divide the expert hidden size 30" in problems[0], problems
+    assert check_layout(MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, moe_hidden_dim=32), dims,
+                        ParallelizeOptions()) == []
+
+
 def test_ep_must_divide_dp_shard_times_cp():
     from parallel.mesh import LayoutError
 
