@@ -16,7 +16,7 @@ from data.embedded import prepare_embedded
 from data.errors import DataError
 from data.indexed import open_indexed
 from data.loader import GlobalBatchLoader, PackedTokens
-from data.prepared import SPLITS, PreparedDataset, read_manifest
+from data.prepared import FORMAT, SPLITS, PreparedDataset, read_manifest
 from data.tokenizer import Tokenizer
 
 
@@ -73,14 +73,15 @@ def resolve_tokenizer(data_cfg, manifests: list[tuple[Path, dict]]) -> Tokenizer
     return tokenizer
 
 
-def prepared_vocab_size(data_cfg) -> int:
+def prepared_vocab_size(data_cfg, format_name: str = FORMAT) -> int:
     """The vocabulary of the prepared data's tokenizer (for a config that leaves data.vocab_size out)."""
     entries = blend_entries(data_cfg.prepared)
-    return resolve_tokenizer(data_cfg, [(e.path, read_manifest(e.path)) for e in entries[:1]]).vocab_size
+    return resolve_tokenizer(data_cfg, [(e.path, read_manifest(e.path, format_name)) for e in entries[:1]]).vocab_size
 
 
-def check_data_config(data_cfg) -> None:
-    """The cheap checks, before any process starts: entries, splits, manifests, tokenizer, vocab."""
+def check_data_config(data_cfg, format_name: str = FORMAT) -> None:
+    """The cheap checks, before any process starts: entries, splits, manifests (of the kind the model family
+    reads, DataSpec.prepared_format), tokenizer, vocab."""
     if not data_cfg.prepared:
         return
     if data_cfg.source != "pydoc":
@@ -88,7 +89,7 @@ def check_data_config(data_cfg) -> None:
                         "(source) and prepared datasets are alternatives; drop one")
     entries = blend_entries(data_cfg.prepared)
     split_fractions(data_cfg.splits)
-    tokenizer = resolve_tokenizer(data_cfg, [(e.path, read_manifest(e.path)) for e in entries])
+    tokenizer = resolve_tokenizer(data_cfg, [(e.path, read_manifest(e.path, format_name)) for e in entries])
     if tokenizer.vocab_size != data_cfg.vocab_size:
         raise DataError(f"data.vocab_size={data_cfg.vocab_size} but tokenizer {tokenizer.model_path} has "
                         f"{tokenizer.vocab_size} pieces: set data.vocab_size={tokenizer.vocab_size} (or leave it out)")

@@ -17,6 +17,21 @@ SPLITS = ("train", "valid", "test")
 SPLIT_BLOCK_DOCUMENTS = 1000
 
 
+def split_blocks(n_documents: int, fractions: list[float], split: str) -> list[tuple[int, int]]:
+    """The split's share of n_documents as [lo, hi) document ranges: within each block of SPLIT_BLOCK_DOCUMENTS
+    documents the first share goes to train, the next to valid, the rest to test (shares rounded per block)."""
+    which = SPLITS.index(split)
+    cumulative = np.concatenate([[0.0], np.cumsum(fractions, dtype=np.float64)]) / float(sum(fractions))
+    ranges = []
+    for block in range(0, n_documents, SPLIT_BLOCK_DOCUMENTS):
+        size = min(SPLIT_BLOCK_DOCUMENTS, n_documents - block)
+        lo = block + int(round(size * cumulative[which]))
+        hi = block + int(round(size * cumulative[which + 1]))
+        if hi > lo:
+            ranges.append((lo, hi))
+    return ranges
+
+
 def read_manifest(path: str | Path, format_name: str = FORMAT, format_version: int = FORMAT_VERSION) -> dict:
     """The manifest of a prepared dataset directory of the given kind (text by default), or a DataError saying
     how to make one."""
@@ -73,18 +88,10 @@ class PreparedDataset:
         """The split's documents as (shard, first sequence, end sequence) ranges, in corpus
         order. Within each block of SPLIT_BLOCK_DOCUMENTS documents the first share goes to
         train, the next to valid, the rest to test (shares rounded per block)."""
-        which = SPLITS.index(split)
-        cumulative = np.concatenate([[0.0], np.cumsum(fractions, dtype=np.float64)]) / float(sum(fractions))
         ranges = []
         for s, dataset in enumerate(self.shards):
             doc_to_seq = dataset.document_indices
-            n_docs = len(doc_to_seq) - 1
-            for block in range(0, n_docs, SPLIT_BLOCK_DOCUMENTS):
-                size = min(SPLIT_BLOCK_DOCUMENTS, n_docs - block)
-                lo = block + int(round(size * cumulative[which]))
-                hi = block + int(round(size * cumulative[which + 1]))
-                if hi <= lo:
-                    continue
+            for lo, hi in split_blocks(len(doc_to_seq) - 1, fractions, split):
                 first, end = int(doc_to_seq[lo]), int(doc_to_seq[hi])
                 if ranges and ranges[-1][0] == s and ranges[-1][2] == first:
                     ranges[-1] = (s, ranges[-1][1], end)  # adjacent (e.g. no valid/test): merge

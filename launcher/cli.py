@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     add_submit_arguments(submit)
     add_prepare_arguments(commands.add_parser(
         "prepare", help="tokenize raw corpus files (jsonl/json/parquet/arrow/txt) into a megatron .bin/.idx dataset; "
-                        "with --image-column, image-text corpora into caption tokens and image patches (SOLO)"))
+                        "with --image-column, image-text corpora into caption tokens and image patches (for image-text families)"))
     add_tokenizer_arguments(commands.add_parser("tokenizer", help="tokenizer tools: `tokenizer train`"))
     add_convert_arguments(commands.add_parser(
         "convert", help="a new run from a checkpoint, by a command of its model family"))

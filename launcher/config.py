@@ -291,7 +291,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if cfg.data.prepared and "vocab_size" not in raw["data"]:
         from data.build import prepared_vocab_size  # reads the prepared data's tokenizer
 
-        cfg.data.vocab_size = prepared_vocab_size(cfg.data)
+        cfg.data.vocab_size = prepared_vocab_size(cfg.data, get_model_spec(cfg.model.family).data.prepared_format)
     return cfg
 
 
@@ -406,7 +406,8 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     from data.build import check_data_config
 
-    check_data_config(cfg.data)  # prepared datasets: entries, splits, manifests, tokenizer, vocab
+    # Prepared datasets (of the kind the family reads): entries, splits, manifests, tokenizer, vocab.
+    check_data_config(cfg.data, get_model_spec(cfg.model.family).data.prepared_format)
     try:
         model_cfg = cfg.model_config()
     except (TypeError, ValueError) as e:

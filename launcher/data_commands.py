@@ -1,6 +1,6 @@
 """`shardwright prepare` and `shardwright tokenizer train`: raw corpus files -> a tokenizer and
 prepared (tokenized, megatron .bin/.idx) datasets that `data.prepared` points training at; with
---image-column, image-text corpora -> prepared image-text datasets (SOLO)."""
+--image-column, image-text corpora -> prepared image-text datasets (for image-text model families)."""
 import argparse
 
 from data.errors import DataError
@@ -34,7 +34,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                         help=f"start a new .bin/.idx shard after this many tokens (default {DEFAULT_SHARD_TOKENS})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on a terminal)")
-    images = parser.add_argument_group("image-text corpora (SOLO): parquet/arrow with an image column, imagefolder "
+    images = parser.add_argument_group("image-text corpora: parquet/arrow with an image column, imagefolder "
                                        "directories with a metadata.jsonl")
     images.add_argument("--image-column", nargs="?", const="", default=None, metavar="NAME",
                         help="prepare images and their captions (--text-field) instead of text; NAME is the column of "

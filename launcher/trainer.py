@@ -409,7 +409,8 @@ def train(cfg: Config) -> dict:
         for part in parts:
             part.eval()
         final_record = spec.data.final_evaluation(data, steps.greedy_tokens)
-        metrics.log({"step": last_step, **final_record}, show=True)
+        if final_record:
+            metrics.log({"step": last_step, **final_record}, show=True)
         eval_record = {**eval_record, **final_record}
     mean_flops_per_token = sum(step_flops_per_token) / len(step_flops_per_token) if step_flops_per_token \
         else flops_per_token

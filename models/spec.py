@@ -49,6 +49,9 @@ class DataSpec:
     # runs the model, on every rank, on a batch of whole rows (model inputs as in `keys`, rows of the training
     # length) and returns the argmax token ids [rows, T] of its logits, on every rank. None: none.
     final_evaluation: Callable[[Any, Callable[[dict[str, torch.Tensor]], torch.Tensor]], dict[str, float]] | None = None
+    # The kind of `shardwright prepare` output data.prepared must name (its manifest's format): checked with the
+    # config, before any process starts.
+    prepared_format: str = "shardwright-prepared"
 
 
 @dataclass(frozen=True)

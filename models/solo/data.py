@@ -9,8 +9,11 @@ captions' tokens only (image markup is never a target), so the loss is the text 
 
 The data is the embedded demo (data/shapes.py), with the tokenizer of the embedded text corpus
 (data.source, data.vocab_size): the one an `llm` run of the same data section trains, so such a run's
-weights can start a SOLO run. At the end of a run, greedy captions of held-out images are scored against
+weights can start a SOLO run. At the end of a demo run, greedy captions of held-out images are scored against
 their attributes, and again with every patch zeroed (the image blanked): what the image adds.
+Or it is one image-text dataset written by `shardwright prepare --image-column` (data.prepared), split into
+train / valid / test by data.splits as text datasets are (data.prepared.split_blocks); a prepared corpus has
+no attributes to score, so its runs end without the caption evaluation.
 """
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -20,11 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.build import blend_entries, resolve_tokenizer, split_fractions
 from data.embedded import prepare_embedded
 from data.errors import DataError
 from data.images import (PATCH, PATCH_VALUES, VisionTokens, build_row, caption_sample, image_tokens,
                          normalize_patches, pack_samples, patchify)
+from data.image_text import ImageTextDataset, open_image_text
 from data.loader import GlobalBatchLoader
+from data.prepare_images import IMAGE_TEXT_FORMAT
+from data.prepared import split_blocks
 from data.shapes import ATTRIBUTES, COLOURS, PLACES, SHAPES, SIDE, SIZES, Shape, draw, parse_caption, shape_of
 from data.tokenizer import Tokenizer
 from models.common.text import TEXT_DATA, TEXT_KEYS
@@ -70,6 +77,33 @@ class CaptionRows:
         return build_row(samples, self.seq_len, self.tokenizer.pad_id, self.vision.patch)
 
 
+class PreparedCaptionRows:
+    """The samples of a prepared image-text dataset (data/image_text.py) in a split, packed in corpus order into
+    rows of seq_len tokens, each row read when it is served."""
+
+    def __init__(self, dataset: ImageTextDataset, split: str, fractions: list[float], seq_len: int, pad_token: int):
+        lengths = dataset.sample_lengths()
+        indices = np.concatenate([np.arange(lo, hi) for lo, hi in split_blocks(len(dataset), fractions, split)]
+                                 + [np.zeros(0, dtype=np.int64)])
+        self.dataset, self.vision, self.seq_len, self.pad_token = dataset, dataset.vision, seq_len, pad_token
+        self.images = len(indices)
+        self.rows = [indices[row] for row in pack_samples(lengths[indices], seq_len)]
+        self.num_samples = len(self.rows)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        return build_row([self.dataset[int(i)] for i in self.rows[row]], self.seq_len, self.pad_token,
+                         self.vision.patch)
+
+
+@dataclass
+class PreparedImageText:
+    """What the trainer reads of a prepared image-text run's data: its tokenizer."""
+    tokenizer: Tokenizer
+
+
 class CaptionLoader(GlobalBatchLoader):
     """The global batch of each step (a function of seed and step, GlobalBatchLoader) of packed caption rows."""
 
@@ -102,8 +136,7 @@ class ShapesDemo:
 def build_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                   seed: int, log=print):
     if data_cfg.prepared:
-        raise DataError("model.family=solo reads its embedded image-caption demo only (data/shapes.py); drop "
-                        "data.prepared")
+        return prepared_loaders(data_cfg, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size, seed, log)
     text = prepare_embedded(data_cfg.source, data_cfg.vocab_size, Path(data_cfg.cache_dir).expanduser(),
                             data_cfg.valid_fraction, log=log)
     vision = VisionTokens.after(text.tokenizer.vocab_size)
@@ -114,6 +147,29 @@ def build_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_si
     loaders = (CaptionLoader(rows, global_batch_size, micro_batch_size, dp_rank, dp_size, seed)
                for rows in (train, valid))
     return (ShapesDemo(text.tokenizer, vision, valid, seq_len), *loaders)
+
+
+def prepared_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
+                     dp_size: int, seed: int, log=print):
+    entries = blend_entries(data_cfg.prepared)
+    if len(entries) != 1:
+        raise DataError(f"data.prepared lists {len(entries)} datasets, but model.family=solo trains on one prepared "
+                        "image-text dataset (blends of them are not built): list one")
+    dataset = open_image_text(entries[0].path)
+    tokenizer = resolve_tokenizer(data_cfg, [(entries[0].path, dataset.manifest)])
+    fractions = split_fractions(data_cfg.splits)
+    train, valid = (PreparedCaptionRows(dataset, split, fractions, seq_len, tokenizer.pad_id)
+                    for split in ("train", "valid"))
+    for split, rows in (("train", train), ("valid", valid)):
+        if rows.num_samples == 0:
+            raise DataError(f"the {split} split of {entries[0].path} (data.splits={data_cfg.splits}) holds no image: "
+                            f"give it a share, or prepare more images")
+    log(f"prepared image-text dataset {entries[0].path}: train {train.images} images in {len(train)} rows, valid "
+        f"{valid.images} images in {len(valid)} rows, tokenizer {tokenizer.model_path} (vocab {tokenizer.vocab_size} "
+        f"+ 4 image tokens)")
+    loaders = (CaptionLoader(rows, global_batch_size, micro_batch_size, dp_rank, dp_size, seed)
+               for rows in (train, valid))
+    return (PreparedImageText(tokenizer), *loaders)
 
 
 def prompt_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,6 +221,8 @@ def caption_accuracy(demo: ShapesDemo, greedy_tokens) -> dict[str, float]:
     """DataSpec.final_evaluation: over the first CAPTION_EVAL_IMAGES valid images, the fraction of greedy captions
     that are exactly right (`caption_exact`) and that name each attribute right (`caption_<attribute>`), then the
     same with every patch zeroed (`..._blanked`: the model sees the image markup but no pixels)."""
+    if not isinstance(demo, ShapesDemo):  # a prepared corpus: no attributes to score captions against
+        return {}
     truth = [shape_of(demo.valid.seed, demo.valid.split, i) for i in range(CAPTION_EVAL_IMAGES)]
     metrics = {}
     for blanked in (False, True):
@@ -179,4 +237,4 @@ def caption_accuracy(demo: ShapesDemo, greedy_tokens) -> dict[str, float]:
 
 
 SOLO_DATA = replace(TEXT_DATA, keys=SOLO_KEYS, build_loaders=build_loaders, prompt_batch=prompt_batch,
-                    final_evaluation=caption_accuracy)
+                    final_evaluation=caption_accuracy, prepared_format=IMAGE_TEXT_FORMAT)

@@ -272,13 +272,58 @@ def test_an_llm_run_starts_a_run(tmp_path, data_cache):
                                    rtol=0, atol=0)
 
 
-def test_prepared_text_data_is_refused_in_one_line(data_cache):
-    from types import SimpleNamespace
+def shapes_parquet(path, n: int):
+    """n of the demo's drawn images (PNG) with their captions, as an HF parquet file with an Image column."""
+    import io
 
+    import datasets
+
+    rows = {"image": [], "caption": []}
+    for i in range(n):
+        image, shape = draw(0, "train", i)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows["caption"].append(shape.caption)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+@pytest.mark.usefixtures("in_process_runs")
+def test_a_prepared_image_text_dataset_trains_and_other_kinds_are_refused(tmp_path, data_cache, capsys):
+    """`shardwright prepare --image-column` output as data.prepared: SOLO trains on it (its rows are the dataset's
+    samples, split by data.splits); a text dataset for SOLO, or this one for the llm family, is one line."""
+    from launcher.cli import main
+    from launcher.config import load_config, validate
+    from launcher.errors import UserError
+    from launcher.trainer import train
     from data.errors import DataError
-    from models.solo.data import build_loaders
+    from data.image_text import open_image_text
+    from tests.conftest import TINY, cached_tokenizer, tiny_overrides
 
-    data_cfg = SimpleNamespace(prepared=[str(data_cache)], source="pydoc", vocab_size=1024, cache_dir=str(data_cache),
-                               valid_fraction=0.05)
-    with pytest.raises(DataError, match="data.prepared"):
-        build_loaders(data_cfg, 64, 8, 2, 0, 1, 0, log=lambda _: None)
+    corpus = shapes_parquet(tmp_path / "shapes.parquet", 96)
+    assert main(["prepare", str(corpus), "--image-column", "--text-field", "caption", "--tokenizer",
+                 str(cached_tokenizer(data_cache)), "--output", str(tmp_path / "ds"), "--no-progress"]) == 0
+    dataset = open_image_text(tmp_path / "ds")
+    assert len(dataset) == 96 and dataset[5].patches.shape == (4, PATCH_VALUES)
+
+    solo_tiny = TINY.parents[1] / "solo" / "tiny.yaml"
+    run = tiny_overrides(tmp_path / "run", data_cache, f"data.prepared=[{tmp_path / 'ds'}]", "data.splits=[90,10,0]",
+                         "train.steps=6", "train.lr=3e-3", "model.dim=32", "model.n_layers=2")
+    summary = train(load_config(solo_tiny, run))
+    losses = summary["losses"]
+    assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert not any(key.startswith("caption_") for key in summary["eval"])  # no attributes to score a corpus by
+    out = capsys.readouterr().out  # the loaders speak before the run directory exists
+    assert f"prepared image-text dataset {tmp_path / 'ds'}: train 86 images" in out, out
+
+    (tmp_path / "text.jsonl").write_text("".join(f'{{"text": "a small red circle number {i}"}}\n' for i in range(50)))
+    assert main(["prepare", str(tmp_path / "text.jsonl"), "--tokenizer", str(cached_tokenizer(data_cache)),
+                 "--output", str(tmp_path / "text"), "--no-progress"]) == 0
+    text_for_solo = tiny_overrides(tmp_path / "r2", data_cache, f"data.prepared=[{tmp_path / 'text'}]")
+    image_text_for_llm = tiny_overrides(tmp_path / "r3", data_cache, f"data.prepared=[{tmp_path / 'ds'}]")
+    for config, overrides, message in [(solo_tiny, text_for_solo, "but a image-text one is needed"),
+                                       (TINY, image_text_for_llm, "is a prepared image-text dataset, but a text one")]:
+        with pytest.raises((UserError, DataError), match=message):
+            validate(load_config(config, overrides), 1)
