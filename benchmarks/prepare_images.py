@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.prepare_throughput import shardwright  # noqa: E402 - runs the CLI, returns wall and CPU time
+from benchmarks.prepare_throughput import shardwright, write_report  # noqa: E402 - shardwright runs the CLI
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,8 +78,6 @@ def generate_corpus(path: Path, width: int, height: int, images: int, seed: int 
 
 def main() -> int:
     from pydoc_data.topics import topics
-
-    from launcher.metrics import describe_machine
 
     args = parse_args()
     workdir = Path(args.workdir)
@@ -135,21 +133,7 @@ def main() -> int:
                 key: statistics.median(r[key] for r in mine)
                 for key in ("images_per_s", "patches_per_s", "peak_rss_mib_main", "peak_rss_mib_workers",
                             "images_per_cpu_s")}
-    result = {
-        "benchmark": "prepare_images",
-        "corpora": corpora,
-        "repeats": args.repeats,
-        "machine": describe_machine(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "summary": summary,
-        "runs": runs,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    write_report(args.out, "prepare_images", load_before, summary, runs, corpora=corpora, repeats=args.repeats)
     return 0
 
 

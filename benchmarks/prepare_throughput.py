@@ -76,8 +76,6 @@ def shardwright(*args: str) -> tuple[subprocess.CompletedProcess, float, float]:
 
 
 def main() -> int:
-    from launcher.metrics import describe_machine
-
     args = parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,23 +125,22 @@ def main() -> int:
         base = summary[str(args.num_proc[0])]["tokens_per_s"]
         for num_proc in args.num_proc:
             summary[str(num_proc)]["speedup"] = summary[str(num_proc)]["tokens_per_s"] / base
-    result = {
-        "benchmark": "prepare_throughput",
-        "corpus": corpus,
-        "vocab_size": args.vocab_size,
-        "repeats": args.repeats,
-        "machine": describe_machine(),
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
-        "summary": summary,
-        "runs": runs,
-    }
-    out = Path(args.out)
+    write_report(args.out, "prepare_throughput", load_before, summary, runs, corpus=corpus,
+                 vocab_size=args.vocab_size, repeats=args.repeats)
+    return 0
+
+
+def write_report(out: str, benchmark: str, load_before, summary: dict, runs: list, **fields) -> None:
+    """The benchmark's JSON (its fields, the machine and its load before and after, summary, runs) to `out`."""
+    from launcher.metrics import describe_machine
+
+    result = {"benchmark": benchmark, **fields, "machine": describe_machine(), "load_average_before": load_before,
+              "load_average_after": os.getloadavg(), "summary": summary, "runs": runs}
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
-    return 0
 
 
 if __name__ == "__main__":
