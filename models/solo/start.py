@@ -36,8 +36,10 @@ def from_language_model(state_dict: dict[str, torch.Tensor], cfg: SOLOConfig) ->
 
 
 class LlamaStartAdapter:
-    """models.spec.StateDictAdapter "hf" of SOLO: a Hugging Face LlamaForCausalLM (model_type llama) imports as a
-    SOLO start (from_language_model). SOLO itself has no Hugging Face form."""
+    """models.spec.StateDictAdapter "hf" of SOLO: a Hugging Face LlamaForCausalLM (model_type llama) or
+    MistralForCausalLM (model_type mistral: Llama's tensors and names) imports as a SOLO start
+    (from_language_model). A Mistral with a `sliding_window` is refused: attention here is full causal, which
+    is Mistral's only up to that many tokens. SOLO itself has no Hugging Face form."""
 
     llama = LlamaAdapter()
 
@@ -48,6 +50,12 @@ class LlamaStartAdapter:
         raise ValueError(NO_EXPORT)
 
     def config_problems(self, config: dict, model_cfg: SOLOConfig) -> list[str]:
+        if config.get("model_type") == "mistral":
+            if config.get("sliding_window") is not None:
+                return [f"config.json is a Mistral with sliding_window={config['sliding_window']}, but attention here "
+                        "is full causal: set sliding_window to null in config.json to start from it with full "
+                        "attention (the same model for sequences up to that window)"]
+            config = dict(config, model_type="llama")  # otherwise a Llama: same tensors, names and fields
         return self.llama.config_problems(config, model_cfg)
 
     def export_config(self, model_cfg: SOLOConfig, max_position_embeddings: int) -> dict:

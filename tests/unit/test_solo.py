@@ -327,3 +327,30 @@ def test_a_prepared_image_text_dataset_trains_and_other_kinds_are_refused(tmp_pa
                                        (TINY, image_text_for_llm, "is a prepared image-text dataset, but a text one")]:
         with pytest.raises((UserError, DataError), match=message):
             validate(load_config(config, overrides), 1)
+
+
+def test_a_mistral_without_a_sliding_window_starts_a_run_and_one_with_it_is_refused(tmp_path):
+    """SOLO-7B starts from Mistral-7B: a MistralForCausalLM directory imports as the Llama it is when its attention
+    is full (sliding_window null); a sliding window is one line."""
+    import json
+
+    from launcher.errors import UserError
+    from launcher.init_from import open_starting_weights
+    from models import get_model_spec
+
+    llm = _llama_directory(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for window in (None, 4096):
+        (tmp_path / "config.json").write_text(json.dumps(dict(config, model_type="mistral",
+                                                              architectures=["MistralForCausalLM"],
+                                                              sliding_window=window)))
+        if window is not None:
+            with pytest.raises(UserError, match="sliding_window=4096"):
+                open_starting_weights(tmp_path, get_model_spec("solo"), SOLOConfig(**SIZES))
+            continue
+        solo = SOLO(SOLOConfig(**SIZES))
+        init_parameters(solo, 0)
+        open_starting_weights(tmp_path, get_model_spec("solo"), SOLOConfig(**SIZES)).load([solo])
+        tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(solo(tokens, torch.zeros(2, 12, PATCH_VALUES))[..., :VOCAB], llm(tokens))
