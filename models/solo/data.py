@@ -26,9 +26,9 @@ import torch
 from data.build import blend_entries, resolve_tokenizer, split_fractions
 from data.embedded import prepare_embedded
 from data.errors import DataError
-from data.images import (PATCH, PATCH_VALUES, VisionTokens, build_row, caption_sample, image_tokens,
+from data.images import (PATCH, PATCH_VALUES, Sample, VisionTokens, build_row, caption_sample, image_tokens,
                          normalize_patches, pack_samples, patchify)
-from data.image_text import ImageTextDataset, open_image_text
+from data.image_text import open_image_text
 from data.loader import GlobalBatchLoader
 from data.prepare_images import IMAGE_TEXT_FORMAT
 from data.prepared import split_blocks
@@ -50,51 +50,46 @@ def model_patches(tokens: torch.Tensor, patches: torch.Tensor, patch_token: int)
     return normalize_patches(patches) * (tokens == patch_token).unsqueeze(-1)
 
 
-class CaptionRows:
-    """The demo's images of one split as captioned samples packed into rows of seq_len tokens, each row built
-    (images drawn) when it is read."""
+class ShapesSamples:
+    """The demo's images of one split as captioned samples (data.images.Sample, each image drawn when read): the
+    interface of a prepared dataset (data/image_text.py), so both are packed by PackedRows."""
 
-    def __init__(self, seed: int, split: str, n_images: int, seq_len: int, tokenizer: Tokenizer,
-                 vision: VisionTokens):
-        self.seed, self.split, self.seq_len, self.tokenizer, self.vision = seed, split, seq_len, tokenizer, vision
-        markup = len(image_tokens(GRID, GRID, vision))
-        captions = (self.caption_tokens(shape_of(seed, split, i)) for i in range(n_images))
-        self.rows = pack_samples([markup + len(caption) for caption in captions], seq_len)
-        self.num_samples = len(self.rows)
+    def __init__(self, seed: int, split: str, n_images: int, tokenizer: Tokenizer, vision: VisionTokens):
+        self.seed, self.split, self.n_images, self.tokenizer, self.vision = seed, split, n_images, tokenizer, vision
 
     def caption_tokens(self, shape: Shape) -> list[int]:
         return self.tokenizer.encode(shape.caption) + [self.tokenizer.eos_id]
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.n_images
 
-    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
-        samples = []
-        for i in self.rows[row]:
-            image, shape = draw(self.seed, self.split, i)
-            patches, rows, cols = patchify(image)
-            samples.append(caption_sample(patches, rows, cols, self.caption_tokens(shape), self.vision))
-        return build_row(samples, self.seq_len, self.tokenizer.pad_id, self.vision.patch)
+    def __getitem__(self, i: int) -> Sample:
+        image, shape = draw(self.seed, self.split, i)
+        patches, rows, cols = patchify(image)
+        return caption_sample(patches, rows, cols, self.caption_tokens(shape), self.vision)
+
+    def sample_lengths(self) -> np.ndarray:
+        """Tokens of every sample, from the captions alone (no image drawn)."""
+        markup = len(image_tokens(GRID, GRID, self.vision))
+        return np.asarray([markup + len(self.caption_tokens(shape_of(self.seed, self.split, i)))
+                           for i in range(self.n_images)], dtype=np.int64)
 
 
-class PreparedCaptionRows:
-    """The samples of a prepared image-text dataset (data/image_text.py) in a split, packed in corpus order into
-    rows of seq_len tokens, each row read when it is served."""
+class PackedRows:
+    """Samples `indices` of a sequence of samples (ShapesSamples, or a prepared ImageTextDataset) packed in order
+    into rows of seq_len tokens (data.images.pack_samples, build_row), each row built when it is read."""
 
-    def __init__(self, dataset: ImageTextDataset, split: str, fractions: list[float], seq_len: int, pad_token: int):
-        lengths = dataset.sample_lengths()
-        indices = np.concatenate([np.arange(lo, hi) for lo, hi in split_blocks(len(dataset), fractions, split)]
-                                 + [np.zeros(0, dtype=np.int64)])
-        self.dataset, self.vision, self.seq_len, self.pad_token = dataset, dataset.vision, seq_len, pad_token
+    def __init__(self, samples, indices: np.ndarray, seq_len: int, pad_token: int):
+        self.samples, self.vision, self.seq_len, self.pad_token = samples, samples.vision, seq_len, pad_token
         self.images = len(indices)
-        self.rows = [indices[row] for row in pack_samples(lengths[indices], seq_len)]
+        self.rows = [indices[row] for row in pack_samples(samples.sample_lengths()[indices], seq_len)]
         self.num_samples = len(self.rows)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, row: int) -> dict[str, np.ndarray]:
-        return build_row([self.dataset[int(i)] for i in self.rows[row]], self.seq_len, self.pad_token,
+        return build_row([self.samples[int(i)] for i in self.rows[row]], self.seq_len, self.pad_token,
                          self.vision.patch)
 
 
@@ -107,7 +102,7 @@ class PreparedImageText:
 class CaptionLoader(GlobalBatchLoader):
     """The global batch of each step (a function of seed and step, GlobalBatchLoader) of packed caption rows."""
 
-    def __init__(self, rows: CaptionRows, *args):
+    def __init__(self, rows: PackedRows, *args):
         super().__init__(rows, *args)
         self.patch_token = rows.vision.patch
 
@@ -124,7 +119,7 @@ class ShapesDemo:
     caption evaluation) and the training length."""
     tokenizer: Tokenizer
     vision: VisionTokens
-    valid: CaptionRows
+    valid: ShapesSamples
     seq_len: int
 
     @cached_property
@@ -140,13 +135,21 @@ def build_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_si
     text = prepare_embedded(data_cfg.source, data_cfg.vocab_size, Path(data_cfg.cache_dir).expanduser(),
                             data_cfg.valid_fraction, log=log)
     vision = VisionTokens.after(text.tokenizer.vocab_size)
-    train, valid = (CaptionRows(seed, split, n, seq_len, text.tokenizer, vision)
-                    for split, n in (("train", TRAIN_IMAGES), ("valid", VALID_IMAGES)))
+    train_samples, valid_samples = (ShapesSamples(seed, split, n, text.tokenizer, vision)
+                                    for split, n in (("train", TRAIN_IMAGES), ("valid", VALID_IMAGES)))
+    train, valid = (PackedRows(samples, np.arange(len(samples)), seq_len, text.tokenizer.pad_id)
+                    for samples in (train_samples, valid_samples))
     log(f"shapes demo: {TRAIN_IMAGES} train images in {len(train)} rows, {VALID_IMAGES} valid images in "
         f"{len(valid)} rows, tokenizer of {data_cfg.source} (vocab {text.tokenizer.vocab_size} + 4 image tokens)")
     loaders = (CaptionLoader(rows, global_batch_size, micro_batch_size, dp_rank, dp_size, seed)
                for rows in (train, valid))
-    return (ShapesDemo(text.tokenizer, vision, valid, seq_len), *loaders)
+    return (ShapesDemo(text.tokenizer, vision, valid_samples, seq_len), *loaders)
+
+
+def split_indices(n_samples: int, fractions: list[float], split: str) -> np.ndarray:
+    """The indices of a split's samples, in corpus order (data.prepared.split_blocks: as text datasets split)."""
+    return np.concatenate([np.arange(lo, hi) for lo, hi in split_blocks(n_samples, fractions, split)]
+                          + [np.zeros(0, dtype=np.int64)])
 
 
 def prepared_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
@@ -158,7 +161,7 @@ def prepared_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch
     dataset = open_image_text(entries[0].path)
     tokenizer = resolve_tokenizer(data_cfg, [(entries[0].path, dataset.manifest)])
     fractions = split_fractions(data_cfg.splits)
-    train, valid = (PreparedCaptionRows(dataset, split, fractions, seq_len, tokenizer.pad_id)
+    train, valid = (PackedRows(dataset, split_indices(len(dataset), fractions, split), seq_len, tokenizer.pad_id)
                     for split in ("train", "valid"))
     for split, rows in (("train", train), ("valid", valid)):
         if rows.num_samples == 0:
