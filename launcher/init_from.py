@@ -19,8 +19,8 @@ from launcher.deepspeed_import import DEEPSPEED_FORMAT
 from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
 from launcher.megatron_import import MEGATRON_FORMAT
-from launcher.weights import (NATIVE_LAYER_PREFIX, StartingWeights, WeightFormat, check_tensors, checkpoint_reader,
-                              copy_streamed, expected_shapes)
+from launcher.weights import (StartingWeights, WeightFormat, check_tensors, checkpoint_reader, copy_streamed,
+                              expected_shapes, native_layer_group)
 from models.spec import ModelSpec, architecture
 
 
@@ -62,17 +62,12 @@ def _open_other_family(checkpoint: Path, saved: dict, spec: ModelSpec, model_cfg
 
     def stream(wanted: set[str]):
         names = [name for name in layout if name in wanted]
-        for layer in dict.fromkeys(map(_layer_of, names)):  # each layer's tensors read together
-            yield from read([name for name in names if _layer_of(name) == layer]).items()
+        for layer in dict.fromkeys(map(native_layer_group, names)):  # each layer's tensors read together
+            yield from read([name for name in names if native_layer_group(name) == layer]).items()
 
     return StartingWeights(f"the {family} weights of {checkpoint} (step {saved['meta']['step']}) mapped to "
                            f"{spec.name}", lambda parts: copy_streamed(parts, stream),
                            tokenizer=saved["meta"].get("tokenizer"))
-
-
-def _layer_of(name: str) -> str:
-    layer = NATIVE_LAYER_PREFIX.match(name)
-    return layer[1] if layer else name
 
 
 NATIVE_FORMAT = WeightFormat("a shardwright run directory or one of its checkpoints/step-<N>", _is_native, _open_native)

@@ -86,12 +86,18 @@ def copy_streamed(parts: list[nn.Module], read: Callable[[set[str]], Iterable[tu
 
 
 _LAYER_PREFIX = re.compile(r"(.*\.layers\.\d+)\.")
-NATIVE_LAYER_PREFIX = re.compile(r"(layers\.\d+)\.")  # of canonical names: a layer's tensors
+_NATIVE_LAYER_PREFIX = re.compile(r"(layers\.\d+)\.")  # of canonical names: a layer's tensors
 
 
 def layer_group(name: str) -> str:
     """The tensors an adapter maps together: a layer's ("model.layers.3"), or a tensor outside the layers alone."""
     layer = _LAYER_PREFIX.match(name)
+    return layer[1] if layer else name
+
+
+def native_layer_group(name: str) -> str:
+    """layer_group of a canonical name: its layer ("layers.3"), or the tensor alone outside the layers."""
+    layer = _NATIVE_LAYER_PREFIX.match(name)
     return layer[1] if layer else name
 
 
@@ -143,8 +149,7 @@ def checkpoint_reader(checkpoint: Path, saved: dict, mapping: Callable[[dict], d
     for key in saved["sizes"]:
         if key.startswith("model."):
             name = key.removeprefix("model.")
-            layer = NATIVE_LAYER_PREFIX.match(name)
-            groups.setdefault(layer[1] if layer else name, []).append(name)
+            groups.setdefault(native_layer_group(name), []).append(name)
     layout, group_of = {}, {}
     for group, names in groups.items():
         meta = {n: torch.empty(saved["sizes"][f"model.{n}"], dtype=saved["dtypes"][f"model.{n}"], device="meta")
