@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from data.prepare import FORMAT as TEXT_FORMAT
 from parallel.mesh import ParallelDims
 from parallel.options import ParallelizeOptions
 from parallel.parallelize import ParallelPlan
@@ -51,7 +52,7 @@ class DataSpec:
     final_evaluation: Callable[[Any, Callable[[dict[str, torch.Tensor]], torch.Tensor]], dict[str, float]] | None = None
     # The kind of `shardwright prepare` output data.prepared must name (its manifest's format): checked with the
     # config, before any process starts.
-    prepared_format: str = "shardwright-prepared"
+    prepared_format: str = TEXT_FORMAT
 
 
 @dataclass(frozen=True)
