@@ -78,11 +78,14 @@ def uninterrupted_losses(tmp_path_factory, data_cache) -> dict[int, float]:
     return losses_of(run_dir)
 
 
+@pytest.mark.parametrize("async_save", ["false", "true"])
 @pytest.mark.parametrize("point", ["mid-write", "before-publish", "before-latest"])
-def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, uninterrupted_losses, point):
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, uninterrupted_losses, point, async_save):
+    """SIGKILL during the save of step 3 (async: its write runs while step 4 trains, its publish follows it)."""
     run_dir = tmp_path / "run"
-    args = ["train", str(TINY), *sets(run_dir, data_cache, "train.steps=4", "checkpoint.every=2")]
-    killed = shardwright(point, "4", *args, module="tests.e2e.crash_during_save")
+    args = ["train", str(TINY), *sets(run_dir, data_cache, "train.steps=4", "checkpoint.every=1",
+                                      f"checkpoint.async_save={async_save}")]
+    killed = shardwright(point, "3", *args, module="tests.e2e.crash_during_save")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-2"
     resumed = shardwright(*args)  # picks up step-2, redoes steps 3-4
