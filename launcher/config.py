@@ -112,7 +112,8 @@ class CheckpointSection:
     init_from: str = ""
     # Resume from the newest verified checkpoint when the latest fails verification (else refuse, naming the file).
     fallback: bool = False
-    # Write checkpoints on background threads from an in-memory copy, publishing each once written (docs/checkpoints.md).
+    # Write checkpoints on background threads from an in-memory copy, each published once written
+    # (docs/checkpoints.md).
     async_save: bool = False
 
 
