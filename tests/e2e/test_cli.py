@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.checkpoint import check_complete
 from launcher.run_lock import LOCK_FILE
 from tests.conftest import REPO, TINY, tiny_overrides
 
@@ -69,6 +70,21 @@ def test_local_world_writes_the_run_directory(two_process_run):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step-4"]  # keep_last=1
     assert "dp_shard=2 on 2 cpu process(es)" in result.stdout
     assert "sample: 'The" in result.stdout and "MFU baseline" in result.stdout
+
+
+def test_local_world_saves_asynchronously(two_process_run, tmp_path, data_cache):
+    """The same two-process run with checkpoint.async_save=true (the write on its own gloo group while FSDP trains):
+    the same losses, and every checkpoint published and verified."""
+    reference, _ = two_process_run
+    run_dir = tmp_path / "run"
+    result = shardwright("train", str(TINY), "--nproc-per-node", "2",
+                         *sets(run_dir, data_cache, "train.steps=4", "train.micro_batch_size=4", "checkpoint.every=2",
+                               "checkpoint.keep_last=2", "checkpoint.async_save=true"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert losses_of(run_dir) == losses_of(reference)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-4"
+    assert all(check_complete(run_dir / "checkpoints" / f"step-{n}")["verified"] for n in (2, 4))
+    assert result.stdout.count("saved checkpoint") == 2
 
 
 @pytest.fixture(scope="module")
