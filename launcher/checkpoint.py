@@ -6,6 +6,8 @@
 Every rank writes into checkpoints/.staging-step-<N>/; only after all ranks are done does rank 0
 rename it to step-<N> and then repoint `latest`. A crash at any moment leaves `latest` at the
 previous complete checkpoint; staging leftovers are never read and are cleared on the next save.
+With async_save the staging directory is written by background threads from an in-memory copy, and
+the same publish happens on the main thread once every rank's write is done (Checkpointer.poll, wait).
 
 meta.json, written last, records the SHA-256 of every other file of the checkpoint (and its own
 fields'), so a checkpoint is verified before it is loaded: damaged bytes anywhere are refused with
