@@ -364,7 +364,8 @@ def test_async_saves_publish_verified_checkpoints_that_resume_exactly(tmp_path, 
 def test_an_async_save_writes_the_state_of_when_it_was_called(tmp_path):
     """The training step after an async save updates the weights in place while the background thread writes:
     the checkpoint still holds the values at the save (async_save copies CPU tensors too)."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # else the one-rank group of an earlier train() here, given back at module end
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     weights = torch.arange(1 << 20, dtype=torch.float32)
     checkpointer = launcher.checkpoint.Checkpointer(tmp_path, keep_last=1, rank=0, async_save=True)
     assert checkpointer.save(1, {"w": weights}, {}) is None  # pending
