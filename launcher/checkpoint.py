@@ -6,6 +6,8 @@
 Every rank writes into checkpoints/.staging-step-<N>/; only after all ranks are done does rank 0
 rename it to step-<N> and then repoint `latest`. A crash at any moment leaves `latest` at the
 previous complete checkpoint; staging leftovers are never read and are cleared on the next save.
+With async_save the staging directory is written by background threads from an in-memory copy, and
+the same publish happens on the main thread once every rank's write is done (Checkpointer.poll, wait).
 
 meta.json, written last, records the SHA-256 of every other file of the checkpoint (and its own
 fields'), so a checkpoint is verified before it is loaded: damaged bytes anywhere are refused with
@@ -19,6 +21,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -263,10 +266,14 @@ class _ErrnoKeepingWriter(dcp.FileSystemWriter):
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, rank: int):
+    def __init__(self, run_dir: Path, keep_last: int, rank: int, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self.async_save = async_save
+        self._group = None  # async: the gloo group of the background write's collectives, apart from training's
+        self._hasher = ThreadPoolExecutor(max_workers=1) if async_save else None
+        self._pending = None  # async: (step, meta, staging directory, future of this rank's checksums share)
 
     def latest_dir(self) -> Path | None:
         """The checkpoint directory `latest` points at (not yet verified: check_complete); None for a fresh run."""
@@ -311,20 +318,35 @@ class Checkpointer:
             raise UserError(f"{refusal}; checkpoint.fallback=true found no verified earlier checkpoint in "
                             f"{self.root}") from None
 
-    def save(self, step: int, state: dict, meta: dict, write_more: Callable[[Path], None] | None = None) -> Path:
+    def save(self, step: int, state: dict, meta: dict, write_more: Callable[[Path], None] | None = None
+             ) -> Path | None:
         """Write `state` as checkpoints/step-<step> with meta.json (plus the files' checksums), publish it and
-        prune. `write_more(staging directory)`, called on every rank after DCP's save, adds files of an engine's
-        own format (launcher/deepspeed_engine.py), covered by the same checksums and publish. Every rank calls
-        it; a failed write (a full disk) removes the staging directory and raises the same UserError on every
-        rank."""
+        prune; the published path. `write_more(staging directory)`, called on every rank after DCP's save, adds
+        files of an engine's own format (launcher/deepspeed_engine.py), covered by the same checksums and
+        publish. Every rank calls it; a failed write (a full disk) removes the staging directory and raises the
+        same UserError on every rank.
+
+        With async_save (torch engine only, no `write_more`) the state is copied in memory and written and
+        hashed by background threads while training goes on; it returns None, and poll() or wait() publishes
+        the checkpoint once every rank's write is done. A save still pending is published first."""
+        self.wait()
         staging = self.root / f".staging-step-{step}"
-        final = self.root / f"step-{step}"
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(".staging-step-*"):
                 shutil.rmtree(leftover)
             staging.mkdir()
         dist.barrier()
+        if self.async_save:
+            if write_more is not None:
+                raise ValueError("async_save writes DCP state only: an engine's own files are written synchronously")
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo")
+            # Copies every tensor (CPU too: FileSystemWriter stages without a cache), then writes on a thread.
+            written = dcp.async_save(state, checkpoint_id=staging, storage_writer=_ErrnoKeepingWriter(staging),
+                                     process_group=self._group)
+            self._pending = (step, meta, staging, self._hasher.submit(self._hash_share, staging, written))
+            return None
         try:
             # Raises on every rank if any rank's write failed.
             dcp.save(state, checkpoint_id=staging, storage_writer=_ErrnoKeepingWriter(staging))
@@ -332,11 +354,43 @@ class Checkpointer:
                 write_more(staging)
         except (Exception, CheckpointException) as e:
             self._refuse_failed_write(step, staging, e)
-        # Each rank hashes a share of the files (read back while still in the page cache) for rank 0's meta.json.
+        return self._publish(step, meta, staging, self._hash_share(staging))
+
+    def poll(self) -> Path | None:
+        """Publish the pending async save if every rank's write is done (one tiny all-reduce while one is
+        pending, so that all ranks publish after the same step); its path, else None. Every rank calls it."""
+        if self._pending is None:
+            return None
+        done = torch.tensor(float(self._pending[3].done()))
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return self.wait() if done.item() else None
+
+    def wait(self) -> Path | None:
+        """Wait for the pending async save's write and publish it; its path, None if none is pending. Every rank
+        calls it (at the next save, and before the run ends or stops)."""
+        if self._pending is None:
+            return None
+        step, meta, staging, share = self._pending
+        self._pending = None
+        try:
+            share = share.result()
+        except (Exception, CheckpointException) as e:
+            self._refuse_failed_write(step, staging, e)
+        return self._publish(step, meta, staging, share)
+
+    def _hash_share(self, staging: Path, written: Future | None = None) -> dict[str, str]:
+        """SHA-256 of this rank's share of the files (read back while still in the page cache), once `written`
+        (an async save's write) is done: every rank's, as DCP's save returns only when all ranks have written."""
+        if written is not None:
+            written.result()
         files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        return {name: file_sha256(staging / name) for name in files[self.rank::dist.get_world_size()]}
+
+    def _publish(self, step: int, meta: dict, staging: Path, share: dict[str, str]) -> Path:
+        """rank 0 writes meta.json with every rank's checksums, renames staging to step-<step>, moves `latest`."""
+        final = self.root / f"step-{step}"
         shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, {name: file_sha256(staging / name)
-                                        for name in files[self.rank::dist.get_world_size()]})
+        dist.all_gather_object(shares, share)
         failure = [None]
         if self.rank == 0:
             record = {"step": step, **meta, FILES_SHA256: {k: v for share in shares for k, v in sorted(share.items())}}

@@ -112,6 +112,9 @@ class CheckpointSection:
     init_from: str = ""
     # Resume from the newest verified checkpoint when the latest fails verification (else refuse, naming the file).
     fallback: bool = False
+    # Write checkpoints on background threads from an in-memory copy, each published once written
+    # (docs/checkpoints.md).
+    async_save: bool = False
 
 
 @dataclass
@@ -402,6 +405,9 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise UserError(f"train.seq_len={t.seq_len} / cp={dims.cp} must be divisible by parallel.tp={dims.tp} for "
                         f"sequence parallelism; change seq_len or set parallel.sequence_parallel=false")
     check_engine(cfg, dims)
+    if cfg.checkpoint.async_save and cfg.parallel.engine != "torch":
+        raise UserError(f"checkpoint.async_save=true needs parallel.engine=torch ({cfg.parallel.engine} writes its "
+                        f"own checkpoint files synchronously); set checkpoint.async_save=false")
     if cfg.parallel.async_tp and not t.compile:
         raise UserError("parallel.async_tp needs train.compile=true (torch fuses the TP collectives while compiling)")
     from data.build import check_data_config

@@ -239,7 +239,7 @@ def train(cfg: Config) -> dict:
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, rank)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, rank, cfg.checkpoint.async_save)
     start_step = saved["meta"]["step"] if saved else 0
     say = print if rank == 0 else (lambda _: None)  # until the run directory may be written to
 
@@ -336,9 +336,13 @@ def train(cfg: Config) -> dict:
     if precision_note:
         metrics.info(precision_note)
 
+    def published(path: Path | None) -> None:
+        if path is not None:
+            metrics.info(f"saved checkpoint {path}")
+
     def save(step: int) -> None:
-        path = checkpointer.save(step, state, meta, zero and zero.save)
-        metrics.info(f"saved checkpoint {path}")
+        published(checkpointer.wait())  # an async save still pending is published first
+        published(checkpointer.save(step, state, meta, zero and zero.save))
 
     tokens_per_step = t.global_batch_size * t.seq_len
     whole_row_pairs = t.global_batch_size * t.seq_len * (t.seq_len + 1) // 2  # causal attention over whole rows
@@ -369,9 +373,11 @@ def train(cfg: Config) -> dict:
         record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
                   "mfu": peak.mfu(tflops * 1e12), "mem_peak_gib": peak_memory_gib(device)}
         metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
+        published(checkpointer.poll())  # an async save whose write is done, on every rank
         if nonfinite_in_a_row:
             what = f"step {step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite"
             if t.nonfinite == "stop" or nonfinite_in_a_row >= t.max_nonfinite_steps:
+                published(checkpointer.wait())
                 metrics.close()
                 raise UserError(f"{what} ({nonfinite_in_a_row} step(s) in a row, train.nonfinite={t.nonfinite}, "
                                 f"max_nonfinite_steps={t.max_nonfinite_steps}); no update of it was applied or saved: "
@@ -388,6 +394,7 @@ def train(cfg: Config) -> dict:
         if stop and step != last_step:
             if cfg.checkpoint.enabled and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(step)
+            published(checkpointer.wait())
             metrics.info(f"{signal.Signals(stop).name} received: stopped after step {step}; exit code "
                          f"{PREEMPTED_EXIT} (requeue to resume from the checkpoint)")
             metrics.close()
@@ -398,6 +405,7 @@ def train(cfg: Config) -> dict:
         metrics.log({"step": last_step, **eval_record}, show=True)
         if cfg.checkpoint.enabled:
             save(last_step)
+    published(checkpointer.wait())
     sample = None
     if t.sample_prompt and spec.data.prompt_batch is None:
         metrics.info(f"no sample: model family {cfg.model.family} does not sample text")

@@ -3,13 +3,13 @@
     python -m tests.e2e.crash_during_save POINT KILL_STEP train CONFIG --set ...
 
 POINT: mid-write (a shard half written), before-publish (all shards written, not renamed),
-before-latest (renamed to step-N, `latest` not yet moved).
+before-latest (renamed to step-N, `latest` not yet moved). With checkpoint.async_save=true the first happens
+on the background thread while training goes on, the others when the main thread publishes.
 """
 import os
 import signal
 import sys
-
-import torch.distributed.checkpoint as dcp
+from pathlib import Path
 
 import launcher.checkpoint as checkpoint
 from launcher.cli import main
@@ -20,24 +20,28 @@ def die():
 
 
 def patch(point: str, kill_step: int) -> None:
-    real_save, real_write = dcp.save, checkpoint._write_atomically
+    staging_name = f".staging-step-{kill_step}"
+    real_write_data, real_publish = checkpoint._ErrnoKeepingWriter.write_data, checkpoint.Checkpointer._publish
+    real_write = checkpoint._write_atomically
 
-    def save(state, checkpoint_id, **options):
-        if checkpoint_id.name != f".staging-step-{kill_step}":
-            return real_save(state, checkpoint_id=checkpoint_id, **options)
-        if point == "mid-write":
-            (checkpoint_id / "__0_0.distcp").write_bytes(b"\0" * 1000)
+    def write_data(writer, plan, planner):
+        if point == "mid-write" and Path(writer.path).name == staging_name:
+            (Path(writer.path) / "__0_0.distcp").write_bytes(b"\0" * 1000)
             die()
-        real_save(state, checkpoint_id=checkpoint_id, **options)
-        if point == "before-publish":
+        return real_write_data(writer, plan, planner)
+
+    def publish(checkpointer, step, meta, staging, share):
+        if point == "before-publish" and staging.name == staging_name:
             die()
+        return real_publish(checkpointer, step, meta, staging, share)
 
     def write_atomically(path, text):
         if point == "before-latest" and path.name == "latest" and text == f"step-{kill_step}":
             die()
         real_write(path, text)
 
-    dcp.save = save
+    checkpoint._ErrnoKeepingWriter.write_data = write_data
+    checkpoint.Checkpointer._publish = publish
     checkpoint._write_atomically = write_atomically
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -270,33 +271,37 @@ def test_skip_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, data_cac
     assert model_is_finite(run_dir / "checkpoints" / "step-2")
 
 
+@pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_during_a_save_is_one_line_and_resumes(tmp_path, data_cache, base_run, reference_losses,
-                                                            capsys, monkeypatch):
+                                                            capsys, monkeypatch, request, async_save):
     """The final save (step 6) hits a file size limit (RLIMIT_FSIZE: the kernel fails the write with EFBIG, as a
-    full disk does with ENOSPC, through the real DCP writer); the rerun resumes from step 4."""
+    full disk does with ENOSPC, through the real DCP writer, on the background thread with async_save); the rerun
+    resumes from step 4."""
     run_dir = copy_of(base_run, tmp_path)
-    real_save = dcp.save
+    real_write = launcher.checkpoint._ErrnoKeepingWriter.write_data
 
-    def save_into_a_full_disk(state, checkpoint_id, **options):
-        if checkpoint_id.name != ".staging-step-6":
-            return real_save(state, checkpoint_id=checkpoint_id, **options)
+    def write_into_a_full_disk(writer, plan, planner):
+        if Path(writer.path).name != ".staging-step-6":
+            return real_write(writer, plan, planner)
         limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))
         try:
-            return real_save(state, checkpoint_id=checkpoint_id, **options)
+            return real_write(writer, plan, planner)
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-            signal.signal(signal.SIGXFSZ, previous)
 
-    monkeypatch.setattr(launcher.checkpoint.dcp, "save", save_into_a_full_disk)
+    monkeypatch.setattr(launcher.checkpoint._ErrnoKeepingWriter, "write_data", write_into_a_full_disk)
+    # EFBIG instead of the signal (set here: only the main thread may, and the write may run on another)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    request.addfinalizer(lambda: signal.signal(signal.SIGXFSZ, previous))
     FAULTS["full disk during a save"] += 1
-    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), "while saving step 6",
+    settings = sets(run_dir, data_cache, f"checkpoint.async_save={async_save}")
+    error_line(*shardwright(capsys, "train", str(TINY), *settings), "while saving step 6",
                "EFBIG", "the last complete checkpoint is step-4")
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2", "step-4"]  # staging removed
     monkeypatch.undo()
-    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache))
+    code, output = shardwright(capsys, "train", str(TINY), *settings)
     assert code == 0, output[-3000:]
     assert losses_of(run_dir) == reference_losses
 
@@ -336,3 +341,37 @@ def test_rng_state_round_trips_as_tensors():
     expected = draws()
     state.load_state_dict(saved)
     assert draws() == expected
+
+
+def test_async_saves_publish_verified_checkpoints_that_resume_exactly(tmp_path, data_cache, reference_losses):
+    """checkpoint.async_save=true: every checkpoint is published (verified, `latest` moved), and step-2, written
+    in the background while step 3 updated the weights, holds step 2's state: resuming it gives the losses of an
+    uninterrupted run."""
+    run_dir = tmp_path / "run"
+    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN, "checkpoint.async_save=true")))
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2", "step-4", "step-6"]
+    assert (checkpoints / "latest").read_text() == "step-6"
+    assert all(check_complete(checkpoints / f"step-{n}")["verified"] for n in (2, 4, 6))
+    assert losses_of(run_dir) == pytest.approx(reference_losses, rel=1e-6)
+    shutil.rmtree(checkpoints / "step-4")
+    shutil.rmtree(checkpoints / "step-6")
+    (checkpoints / "latest").write_text("step-2")
+    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN, "checkpoint.async_save=true")))
+    assert losses_of(run_dir) == pytest.approx(reference_losses, rel=1e-6)
+
+
+def test_an_async_save_writes_the_state_of_when_it_was_called(tmp_path):
+    """The training step after an async save updates the weights in place while the background thread writes:
+    the checkpoint still holds the values at the save (async_save copies CPU tensors too)."""
+    if not dist.is_initialized():  # else the one-rank group of an earlier train() here, given back at module end
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    weights = torch.arange(1 << 20, dtype=torch.float32)
+    checkpointer = launcher.checkpoint.Checkpointer(tmp_path, keep_last=1, rank=0, async_save=True)
+    assert checkpointer.save(1, {"w": weights}, {}) is None  # pending
+    weights.add_(1.0)
+    assert checkpointer.wait() == tmp_path / "checkpoints" / "step-1"
+    assert check_complete(tmp_path / "checkpoints" / "step-1")["verified"]
+    loaded = {"w": torch.zeros_like(weights)}
+    safe_load(loaded, tmp_path / "checkpoints" / "step-1")
+    assert torch.equal(loaded["w"], torch.arange(1 << 20, dtype=torch.float32))

@@ -27,12 +27,20 @@ def fault_report():
     ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1 must be >= 0"),
     ("data.vocab_size=0", "data.vocab_size=0 must be >= 1"),
     ("run.max_restarts=-1", "run.max_restarts=-1 must be >= 0"),
+    ("checkpoint.async_save=maybe", "checkpoint.async_save = 'maybe' should be of type bool"),
     ("train.steps=[1,", "--set 'train.steps=[1,': the value is not valid YAML"),
 ])
 def test_bad_values(override, message):
     FAULTS["bad value"] += 1
     with pytest.raises(UserError, match=message.replace("[", r"\[")) as error:
         validate(load_config(TINY, [override]), world_size=1)
+    assert "\n" not in str(error.value)
+
+
+def test_async_save_is_refused_under_deepspeed():
+    FAULTS["bad value"] += 1
+    with pytest.raises(UserError, match="checkpoint.async_save=true needs parallel.engine=torch") as error:
+        validate(load_config(TINY, ["parallel.engine=deepspeed", "checkpoint.async_save=true"]), world_size=1)
     assert "\n" not in str(error.value)
 
 

@@ -1,0 +1,151 @@
+"""Step time while a checkpoint is saved, synchronous against asynchronous (checkpoint.async_save), as JSON.
+
+Each run is `launcher.trainer.train` itself, one process (a 1-rank gloo group) in a fresh Python process,
+fp32 on CPU, with `--threads` torch threads. The wall time of step k is the time between the step records
+k-1 and k of the run (MetricsWriter.log), so it covers everything between them: the training step, and a save
+called after step k-1 (its blocking part), and a publish. A save after step s therefore lands in step s+1; an
+async save stays in flight until it is published after step p (the first step boundary where its write is
+done), so steps s+1 .. p+1 are the steps "during a save". Other steps (after `--warmup`) are steps without one.
+
+Modes, alternating in every repeat: `none` (no saves in the loop), `sync`, `async` (a save every `--every`
+steps; the final save comes after the last step record and is not timed). Per mode: the median wall of steps
+without a save, the median and mean wall of steps during a save, their ratio to the `none` median, and the
+time a save adds to the run (sum of the walls of steps during saves minus as many `none` medians, per save).
+The issue's goal: steps during an async save within 5% of steps without one.
+
+    .venv/bin/python benchmarks/async_checkpoint.py [--dim 256] [--layers 10] [--steps 36] [--every 6]
+        [--warmup 3] [--repeats 2] [--threads N] [--out FILE]
+
+On a 2-core machine the background write and hashing compete with training for the same cores; numbers from
+a shared or small machine are noisy.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import launcher.checkpoint
+import launcher.metrics
+from launcher.config import load_config
+from launcher.metrics import describe_machine
+from launcher.trainer import train
+
+MODES = ("none", "sync", "async")
+GOAL = 1.05
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/llm/tiny.yaml")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=10)
+    p.add_argument("--steps", type=int, default=36)
+    p.add_argument("--every", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each mode (alternating, each a fresh process)")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    p.add_argument("--out", default="benchmarks/results/async_checkpoint.json")
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode, print JSON
+    args = p.parse_args()
+    if not (1 <= args.every and 0 <= args.warmup < args.steps):
+        p.error("--every must be >= 1 and --warmup at least 0 and less than --steps")
+    return args
+
+
+def run_mode(args) -> dict:
+    """One run: {"walls": {step: seconds}, "saves": [(save step, step after which it was published)], ...}."""
+    torch.set_num_threads(args.threads)
+    stamps, saves, published = {}, [], []
+    real_log, real_save, real_publish = (launcher.metrics.MetricsWriter.log, launcher.checkpoint.Checkpointer.save,
+                                         launcher.checkpoint.Checkpointer._publish)
+
+    def log(writer, record, show):
+        real_log(writer, record, show)
+        if "loss" in record:
+            stamps[record["step"]] = time.perf_counter()
+
+    def save(checkpointer, step, *rest):
+        saves.append(step)
+        return real_save(checkpointer, step, *rest)
+
+    def publish(checkpointer, step, *rest):
+        published.append((step, max(stamps)))
+        return real_publish(checkpointer, step, *rest)
+
+    launcher.metrics.MetricsWriter.log = log
+    launcher.checkpoint.Checkpointer.save = save
+    launcher.checkpoint.Checkpointer._publish = publish
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config(args.config, [
+            f"model.dim={args.dim}", f"model.n_layers={args.layers}", f"train.steps={args.steps}",
+            f"run.dir={run_dir}", "run.tensorboard=false", "train.eval_every=0", "train.eval_batches=1",
+            "train.sample_prompt=", "run.log_every=1000",
+            f"checkpoint.every={0 if args.mode == 'none' else args.every}",
+            f"checkpoint.async_save={str(args.mode == 'async').lower()}", "checkpoint.keep_last=1"])
+        started = time.perf_counter()
+        train(cfg)
+        total = time.perf_counter() - started
+        size = sum(f.stat().st_size for f in (launcher.checkpoint.Path(run_dir) / "checkpoints").rglob("*")
+                   if f.is_file())
+    walls = {k: stamps[k] - stamps[k - 1] for k in stamps if k - 1 in stamps}
+    # Saves published before the last step (its record is the last timed one).
+    return {"walls": walls, "saves": [(s, p) for s, p in published if s in saves and p < args.steps],
+            "run_s": total, "checkpoint_bytes": size}
+
+
+def summarize(args, runs: dict[str, list[dict]]) -> dict:
+    baseline = statistics.median(w for run in runs["none"] for k, w in run["walls"].items() if k > args.warmup)
+    out = {"none": {"median_step_s": baseline}}
+    for mode in ("sync", "async"):
+        during, without, added, in_flight = [], [], [], []
+        for run in runs[mode]:
+            touched = set()
+            for saved, published_after in run["saves"]:
+                steps = range(saved + 1, published_after + 2)
+                touched.update(steps)
+                in_flight.append(len(steps))
+                added.append(sum(run["walls"][k] for k in steps) - len(steps) * baseline)
+            during += [run["walls"][k] for k in sorted(touched)]
+            without += [w for k, w in run["walls"].items() if k > args.warmup and k not in touched]
+        out[mode] = {"median_step_s_without_save": statistics.median(without),
+                     "median_step_s_during_save": statistics.median(during),
+                     "mean_step_s_during_save": statistics.mean(during),
+                     "during_save_vs_none_median": statistics.median(during) / baseline,
+                     "steps_per_save": statistics.mean(in_flight),
+                     "added_s_per_save": statistics.mean(added)}
+    out["async"]["within_goal"] = out["async"]["during_save_vs_none_median"] <= GOAL
+    return out
+
+
+def main() -> int:
+    args = parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return 0
+    torch.set_num_threads(args.threads)  # as the runs have it, for describe_machine
+    runs = {mode: [] for mode in MODES}
+    for repeat in range(args.repeats):
+        for mode in MODES if repeat % 2 == 0 else reversed(MODES):  # ABC, CBA, ...: drift hits all alike
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], check=True,
+                                 stdout=subprocess.PIPE, text=True).stdout
+            run = json.loads(out.splitlines()[-1])
+            runs[mode].append({**run, "walls": {int(k): w for k, w in run["walls"].items()}})  # JSON keys: str
+            print(f"{mode}: {runs[mode][-1]['run_s']:.1f} s", file=sys.stderr)
+    result = {"settings": {k: v for k, v in vars(args).items() if k not in ("mode", "out")},
+              "machine": describe_machine(), "goal_during_save_vs_none": GOAL,
+              "checkpoint_mb": runs["sync"][0]["checkpoint_bytes"] / 1e6, **summarize(args, runs),
+              "runs": runs}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
