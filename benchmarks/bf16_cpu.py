@@ -31,9 +31,12 @@ from launcher.precision import cpu_has_native_bf16  # noqa: E402
 LOSS_GOAL = 0.02
 CASES = {
     "tiny": [],
-    # torchtitan's llama3 "debugmodel" (torchtitan/models/llama3/__init__.py): dim 256, 6 layers, 16 heads.
+    # torchtitan's llama3 "debugmodel" (torchtitan/models/llama3/__init__.py): dim 256, 6 layers, 16 heads, with
+    # its training settings (train_configs/debug_model.toml): batch 8, AdamW lr 8e-4, 2 warmup steps, then linear
+    # decay to 0 over the last 80% of the steps. Sequences stay at the tiny config's 128 tokens.
     "debugmodel": ["model.dim=256", "model.n_layers=6", "model.n_heads=16", "model.n_kv_heads=16",
-                   "train.global_batch_size=8", "train.micro_batch_size=8"],
+                   "train.global_batch_size=8", "train.micro_batch_size=8", "train.lr=8e-4", "train.warmup_steps=2",
+                   "train.lr_schedule=wsd", "train.decay_fraction=0.8", "train.min_lr_ratio=0"],
 }
 
 
