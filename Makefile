@@ -21,8 +21,10 @@ venv: $(VENV)
 train: $(VENV)
 	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2 --set run.dir=runs/llm-tiny/$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers, whole test files each (a file's multi-process world and its checks stay together): much of
+# the suite waits on process starts, rendezvous and Slurm, so two workers overlap that waiting.
 test: $(VENV)
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
 
 # DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU: the
 # checkpoint import, parallel.engine=deepspeed's config checks and runs) skip in `make test` and run here.
