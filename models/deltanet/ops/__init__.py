@@ -56,7 +56,7 @@ from models.deltanet.ops.state_map import (apply_state_map, compose_state_maps, 
 
 __all__ = ["BACKENDS", "LINEAR_BACKENDS", "RULES", "apply_mixer_rule", "apply_state_map", "compose_state_maps",
            "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_state_map", "fla_available",
-           "fold_state_maps", "linear_attention", "linear_attention_chunked", "linear_attention_recurrent",
+           "fla_import_error", "fold_state_maps", "linear_attention", "linear_attention_chunked", "linear_attention_recurrent",
            "linear_attention_state_map", "mixer_rule_state_map"]
 
 BACKENDS = ("auto", "chunked", "recurrent", "fla")
@@ -66,23 +66,33 @@ FLA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
-def _fla_chunk_delta_rule():
-    """fla's `chunk_delta_rule`, or None when flash-linear-attention is not importable."""
+def _import_fla() -> tuple[object, str | None]:
+    """(fla's `chunk_delta_rule`, None), or (None, why flash-linear-attention is not importable)."""
     try:
-        return importlib.import_module("fla.ops.delta_rule").chunk_delta_rule
-    except Exception:  # not installed, or installed without a working triton/CUDA
-        return None
+        return importlib.import_module("fla.ops.delta_rule").chunk_delta_rule, None
+    except Exception as e:  # not installed, or installed without a working triton/CUDA
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _fla_chunk_delta_rule():
+    return _import_fla()[0]
 
 
 def fla_available() -> bool:
     return _fla_chunk_delta_rule() is not None
 
 
+def fla_import_error() -> str | None:
+    """Why `import fla.ops.delta_rule` fails here (None when it works)."""
+    return _import_fla()[1]
+
+
 def _fla_problem(q: torch.Tensor) -> str | None:
     """Why the fla backend cannot take these inputs, or None."""
     if not fla_available():
-        return ("backend='fla' needs flash-linear-attention (package `fla`), which is not importable: "
-                "install the `gpu` extra (pip install 'shardwright[gpu]') or use backend='chunked'")
+        return (f"backend='fla' needs flash-linear-attention (package `fla`), which is not importable "
+                f"({fla_import_error()}): install the `gpu` extra (pip install 'shardwright[gpu]') or use "
+                f"backend='chunked'")
     if not q.is_cuda:
         return f"flash-linear-attention's kernels run on CUDA only, the inputs are on {q.device}; use backend='chunked'"
     if q.dtype not in FLA_DTYPES:
