@@ -147,12 +147,44 @@ def grouped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tens
     that the backward then sums: E full-size copies of x and of each weight.
     No early exit for zero rows: the (empty) result must stay in the autograd graph, or an ep rank
     whose experts got no tokens would skip the backward all-to-alls its peers wait in."""
-    if x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16:
-        offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
-        return torch._grouped_mm(h, w2, offs=offs)
+    if x.is_cuda and hasattr(torch, "_grouped_mm") and (x.dtype == torch.bfloat16 or _autocast_bf16(x)):
+        # Under autocast (bf16 without FSDP) x and the weights arrive in fp32; autocast does not cover
+        # torch._grouped_mm, so they are cast here as autocast would cast a matmul's inputs.
+        return grouped_mm_swiglu(x.bfloat16(), counts, *(w.bfloat16() for w in (w1, w3, w2)))
+    return split_swiglu(x, counts, w1, w3, w2)
+
+
+def split_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
+    """grouped_swiglu as one mm per expert on its slice of x (split / unbind, see there)."""
     experts = zip(x.split(counts), w1.unbind(0), w3.unbind(0), w2.unbind(0), strict=True)
     return torch.cat([(F.silu(xe @ a) * (xe @ b)) @ c for xe, a, b, c in experts])
+
+
+def _autocast_bf16(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == torch.bfloat16
+
+
+GROUPED_MM_ALIGN = 16
+
+
+def grouped_mm_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2, align: int = GROUPED_MM_ALIGN) -> torch.Tensor:
+    """grouped_swiglu by three torch._grouped_mm calls, each expert's rows first padded with zero rows to a
+    multiple of `align`: the CUDA kernels want every group to start on a 16-byte boundary, which the weight
+    gradient (grouped over rows) meets only for row offsets that are multiples of 8 in bf16, and dropless
+    routing's counts are arbitrary. A zero row's output is zero and adds nothing to any gradient; the
+    padding is dropped again by one index_select."""
+    rows = None
+    if any(c % align for c in counts):
+        n = torch.tensor(counts)
+        padded = (n + align - 1) // align * align
+        shift = (padded.cumsum(0) - padded) - (n.cumsum(0) - n)
+        rows = (torch.arange(len(x)) + shift.repeat_interleave(n)).to(x.device)
+        x = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, rows, x)
+        counts = padded.tolist()
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+    y = torch._grouped_mm(h, w2, offs=offs)
+    return y if rows is None else y.index_select(0, rows)
 
 
 def looped_swiglu(x: torch.Tensor, counts: list[int], w1, w3, w2) -> torch.Tensor:
@@ -248,7 +280,8 @@ class MoE(nn.Module):
             self.step_stats = row if self.step_stats is None else self.step_stats + row
 
         y = self.experts(x[token], kept_counts)
-        out = torch.zeros_like(x).index_add(0, token, y * route_weight.unsqueeze(-1).to(y.dtype))
+        # y is bf16 under autocast while x stays fp32: the weighted sum is taken in x's dtype.
+        out = torch.zeros_like(x).index_add(0, token, y.to(x.dtype) * route_weight.unsqueeze(-1).to(x.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
         if torch.is_grad_enabled():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from models.common.mlp import SwiGLU
-from models.moe.model import MoE, MoEConfig, MoETransformer, grouped_swiglu, looped_swiglu
+from models.moe.model import MoE, MoEConfig, MoETransformer, grouped_mm_swiglu, grouped_swiglu, looped_swiglu
 from models.moe.parallelize import check_layout
 from parallel.options import ParallelizeOptions
 from parallel.init import init_parameters
@@ -178,6 +178,48 @@ def test_grouped_path_equals_per_token_reference_fp64():
     assert all(not torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(wrong, want))
     # The per-expert loop used as the benchmark's baseline agrees too.
     torch.testing.assert_close(looped_swiglu(x, counts, *weights), want[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("align", [16, 4, 1])
+def test_grouped_mm_path_pads_unaligned_rows_fp32(align):
+    """The torch._grouped_mm path (CUDA's; torch's CPU fallback runs it here, fp32 at best) pads each expert's
+    rows to a multiple of `align` and drops the padding again: outputs and all gradients equal the fp64
+    per-token reference to fp32 rounding, empty experts included; with the rows' counts shifted by one
+    row between two experts the same comparison fails."""
+    g = torch.Generator().manual_seed(1)
+    counts = [0, 5, 0, 19, 2, 0, 16]
+    x = torch.randn(sum(counts), DIM, generator=g, dtype=torch.float64)
+    weights = [torch.randn(7, *shape, generator=g, dtype=torch.float64)
+               for shape in ((DIM, HIDDEN), (DIM, HIDDEN), (HIDDEN, DIM))]
+    grad = torch.randn(sum(counts), DIM, generator=g, dtype=torch.float64)
+    want = expert_outputs_and_grads(per_token_swiglu, x, counts, weights, grad)
+
+    def run(run_counts):
+        got = expert_outputs_and_grads(lambda *a: grouped_mm_swiglu(*a, align=align), x.float(), run_counts,
+                                       [w.float() for w in weights], grad.float())
+        return max(float((a.double() - b).norm() / b.norm()) for a, b in zip(got, want, strict=True))
+    assert run(counts) < 1e-5
+    assert run([0, 6, 0, 18, 2, 0, 16]) > 1e-2
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_layer_under_bf16_autocast_computes_what_fp32_does(shared):
+    """Single-process bf16 runs compute under autocast: x (the residual stream) stays fp32 while the expert
+    matmuls come out bf16; the layer must combine them (a GPU run once failed there: index_add of bf16 into
+    fp32) and its output and input gradient stay within bf16 rounding of fp32's."""
+    layer = moe_layer(n_experts=4, top_k=2, n_shared_experts=shared).float()
+    x = torch.randn(2, 16, DIM, generator=torch.Generator().manual_seed(3))
+    results = []
+    for autocast in (False, True):
+        leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            y = layer(leaf)
+        y.float().pow(2).sum().backward()
+        results.append((y, leaf.grad))
+    (y32, g32), (y16, g16) = results
+    assert y16.dtype == torch.float32
+    for got, want in ((y16, y32), (g16, g32)):
+        assert float((got - want).detach().norm() / want.detach().norm()) < 3e-2
 
 
 def test_capacity_drops_overflow_and_dropless_keeps_all():
