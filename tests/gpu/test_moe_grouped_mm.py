@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not hasattr(tor
 
 
 @pytest.mark.parametrize("counts", [[64, 0, 128, 32, 16, 80, 48, 144],  # multiples of 16 rows, one empty expert
-                                    [61, 0, 130, 33, 1, 80, 47, 150]])  # what dropless routing hands it: padded
+                                    [61, 0, 130, 33, 1, 80, 47, 150]])  # what dropless routing hands it
 @pytest.mark.parametrize("autocast", [False, True])  # True: fp32 inputs under bf16 autocast, cast for grouped_mm
 def test_grouped_mm_matches_loop_forward_and_backward(counts, autocast):
     g = torch.Generator(device="cuda").manual_seed(0)
