@@ -1,20 +1,28 @@
 """What only a GPU can show, in one command on a single H100/H200 (about 8 minutes), as JSON.
 
-Sections (`--sections`, default all):
-- `llama`: a 1B-class Llama (dim 2048, 16 layers, 32 heads, 8 KV heads, seq 2048) trained by `shardwright train`
-  itself, bf16 (train.mixed_precision=auto on CUDA), without and with torch.compile: median tokens/s and MFU
-  after the warm-up steps, MFU against the device's dense bf16 datasheet peak (launcher/metrics.py). The
-  embedded corpus' 4096-token vocabulary keeps the data local (the GPU machine has no network); the
-  parameter count is the run's own.
+Sections (`--sections`, default all, cheapest first so that a short lease returns most of them):
+- `moe`: the expert path torch._grouped_mm (bf16) against a loop over experts: relative error of output and
+  gradients, forward+backward time of each and of one mm per expert on split rows (CUDA events, best of
+  several), and the GEMM kernels the profiler saw, for balanced and skewed loads with row counts aligned
+  to 16 and unaligned (what dropless routing hands it).
+- `deltanet`: the delta rule's fla backend (flash-linear-attention's Triton kernel) against the chunked
+  PyTorch reference in fp32: output, final state, gradients. Skipped, with the import error, without fla.
 - `attention`: the flash_attn block kernel (context parallelism's, parallel/context/flash_attn_kernel.py)
   against the math reference kernel in fp32 on the same inputs: forward output, lse and all three input
   gradients, causal and packed documents. Skipped, and said, when flash-attn is not installed.
-- `deltanet`: the delta rule's fla backend (flash-linear-attention's Triton kernel) against the chunked
-  PyTorch reference in fp32: output, final state, gradients. Skipped, and said, without fla.
-- `moe`: the expert path torch._grouped_mm (bf16) against a loop over experts: relative error of output and
-  gradients, and forward+backward time of each (CUDA events, best of several) for balanced and skewed loads.
+- `families`: every family's tiny config trained by `shardwright train` on the GPU (bf16 by
+  train.mixed_precision=auto, NCCL process group), all at once, so their speeds say nothing: first and
+  last loss of each, or its error.
+- `llama`: a 1B-class Llama (dim 2048, 16 layers, 32 heads, 8 KV heads, seq 2048) trained by `shardwright train`
+  itself, bf16, without and with torch.compile: median tokens/s and MFU after the warm-up steps, MFU against
+  the device's dense bf16 datasheet peak (launcher/metrics.py). The embedded corpus' 4096-token vocabulary
+  keeps the data local (the GPU machine has no network); the parameter count is the run's own.
 
-    python benchmarks/gpu_suite.py [--sections llama,attention,deltanet,moe] [--out FILE]
+A section that fails records its traceback and the suite goes on; the JSON is rewritten after every
+section (a lease that ends mid-run keeps what finished) and the exit status is 1 if any section failed.
+`--budget-s` bounds the training runs: each gets what is left of it.
+
+    python benchmarks/gpu_suite.py [--sections moe,deltanet,attention,families,llama] [--out FILE]
     python benchmarks/gpu_suite.py --cpu-smoke   # the same code at toy sizes on CPU (no GPU numbers)
 
 `--cpu-smoke` exists so the script's own plumbing is checked on machines without a GPU; its JSON says
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,22 +45,28 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from launcher.metrics import describe_machine  # noqa: E402
-from models.deltanet.ops import delta_rule, fla_available  # noqa: E402
-from models.moe.model import grouped_swiglu, looped_swiglu  # noqa: E402
+from models.deltanet.ops import delta_rule, fla_available, fla_import_error  # noqa: E402
+from models.moe.model import grouped_swiglu, looped_swiglu, split_swiglu  # noqa: E402
 from parallel.context.flash_attn_kernel import flash_attn_available  # noqa: E402
 from parallel.context.kernel_choice import get_kernel  # noqa: E402
 
-SECTIONS = ("llama", "attention", "deltanet", "moe")
+SECTIONS = ("moe", "deltanet", "attention", "families", "llama")
+FAMILY_CONFIGS = ("llm/tiny", "moe/tiny", "deltanet/tiny", "deltanet/hybrid-tiny", "tokenformer/tiny",
+                  "matformer/tiny", "solo/tiny")
 LLAMA_1B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.multiple_of=256",
             "train.seq_len=2048", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=30"]
 LLAMA_SMOKE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=64",
                "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4"]
+QUIET_RUN = ["checkpoint.enabled=false", "run.tensorboard=false", "train.eval_every=0", "train.eval_batches=1",
+             "train.sample_prompt=", "run.log_every=1000"]
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--warmup", type=int, default=10, help="llama: first steps left out (compile warms up in them)")
+    p.add_argument("--family-steps", type=int, default=30, help="families: steps each tiny config trains")
+    p.add_argument("--budget-s", type=float, default=480, help="training runs are stopped when this much has passed")
     p.add_argument("--cpu-smoke", action="store_true", help="toy sizes on CPU: checks the script, measures nothing")
     p.add_argument("--out", default="benchmarks/results/gpu_suite.json")
     args = p.parse_args()
@@ -61,7 +76,8 @@ def parse_args() -> argparse.Namespace:
     if not args.cpu_smoke and not torch.cuda.is_available():
         p.error("no CUDA device: this suite measures a GPU (use --cpu-smoke to check the script itself on CPU)")
     if args.cpu_smoke:
-        args.warmup = 1
+        args.warmup, args.family_steps = 1, 3
+    args.deadline = time.monotonic() + args.budget_s
     return args
 
 
@@ -71,32 +87,69 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def llama(args) -> dict:
+def start_training(args, config: str, sets: list[str], run_dir: str) -> subprocess.Popen:
+    """`shardwright train configs/<config>.yaml` with `sets` as --set overrides, its metrics in run_dir."""
+    sets = [*sets, *QUIET_RUN, f"run.dir={run_dir}"]
+    return subprocess.Popen([sys.executable, "-m", "launcher", "train", f"configs/{config}.yaml",
+                             *(a for s in sets for a in ("--set", s))], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish_training(args, run: subprocess.Popen, run_dir: str) -> tuple[list[dict], str] | dict:
+    """(step records of metrics.jsonl, stdout), or {"error": ...} when the run failed or ran out of budget."""
+    try:
+        stdout, stderr = run.communicate(timeout=max(1.0, args.deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        run.kill()
+        stdout, stderr = run.communicate()
+        return {"error": f"stopped: the suite's --budget-s ran out; stderr tail: {stderr[-1500:]}"}
+    if run.returncode != 0:
+        return {"error": f"exit {run.returncode}: {stderr[-3000:]}"}
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "tokens_per_s" in r], stdout
+
+
+def llama(args, device) -> dict:
     """Two real training runs (compile off / on): tokens/s and MFU from their metrics.jsonl."""
     sizes = LLAMA_SMOKE if args.cpu_smoke else LLAMA_1B
     result = {"overrides": sizes}
     for compile_ in (False, True):
+        name = "compile" if compile_ else "eager"
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gpu-suite-") as run_dir:
-            sets = [*sizes, f"train.compile={str(compile_).lower()}", f"run.dir={run_dir}", "checkpoint.enabled=false",
-                    "run.tensorboard=false", "train.eval_every=0", "train.eval_batches=1", "train.sample_prompt=",
-                    "run.log_every=1000"]
-            started = time.perf_counter()
-            run = subprocess.run([sys.executable, "-m", "launcher", "train", "configs/llm/tiny.yaml",
-                                  *(a for s in sets for a in ("--set", s))], cwd=REPO, capture_output=True, text=True)
-            if run.returncode != 0:
-                result["compile" if compile_ else "eager"] = {"error": run.stderr[-2000:]}
-                continue
-            records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-        all_steps = [r for r in records if "tokens_per_s" in r]
-        steps = all_steps[args.warmup:]
-        parameters = re.search(r": ([\d.]+)M parameters", run.stdout)
-        result["compile" if compile_ else "eager"] = {
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
-            "mfu": statistics.median(r["mfu"] for r in steps), "final_loss": all_steps[-1]["loss"],
-            "million_parameters": float(parameters.group(1)) if parameters else None,
-            "wall_s": time.perf_counter() - started}
-        print(f"  llama {'compile' if compile_ else 'eager'}: {result['compile' if compile_ else 'eager']}", flush=True)
+            run = start_training(args, "llm/tiny", [*sizes, f"train.compile={str(compile_).lower()}"], run_dir)
+            outcome = finish_training(args, run, run_dir)
+        if isinstance(outcome, dict):
+            result[name] = outcome
+        else:
+            all_steps, stdout = outcome
+            steps = all_steps[args.warmup:]
+            parameters = re.search(r": ([\d.]+)M parameters", stdout)
+            result[name] = {
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps),
+                "mfu": statistics.median(r["mfu"] for r in steps), "final_loss": all_steps[-1]["loss"],
+                "million_parameters": float(parameters.group(1)) if parameters else None,
+                "peak_memory_gib": max(r["mem_peak_gib"] for r in steps),
+                "wall_s": time.perf_counter() - started}
+        print(f"  llama {name}: {result[name]}", flush=True)
     return result
+
+
+def families(args, device) -> dict:
+    """Every family's tiny config, trained at once on the one device; loss first and last."""
+    # bf16 as on the GPU (auto), so that --cpu-smoke runs the same autocast path
+    sets = [f"train.steps={args.family_steps}", "train.warmup_steps=2", "train.mixed_precision=bf16"]
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as root:
+        runs = {config: (start_training(args, config, sets, f"{root}/{config}"), f"{root}/{config}")
+                for config in FAMILY_CONFIGS}
+        result = {}
+        for config, (run, run_dir) in runs.items():
+            outcome = finish_training(args, run, run_dir)
+            result[config] = outcome if isinstance(outcome, dict) else {
+                "steps": len(outcome[0]), "first_loss": outcome[0][0]["loss"], "last_loss": outcome[0][-1]["loss"]}
+            print(f"  {config}: {result[config]}", flush=True)
+    return {"steps": args.family_steps, "runs": result,
+            "failed": [config for config, outcome in result.items() if "error" in outcome]}
 
 
 def attention(args, device) -> dict:
@@ -122,7 +175,7 @@ def attention(args, device) -> dict:
 
 def deltanet(args, device) -> dict:
     if not fla_available():
-        return {"skipped": "flash-linear-attention (fla) is not installed (pip install shardwright[gpu])"}
+        return {"skipped": f"flash-linear-attention (fla) is not importable: {fla_import_error()}"}
     g = torch.Generator(device=device).manual_seed(0)
     b, t, h, dk, dv = 2, 2048, 4, 64, 64
     q, k = (torch.nn.functional.normalize(torch.randn(b, t, h, dk, device=device, generator=g), dim=-1)
@@ -159,39 +212,61 @@ def timed(fn, device, repeats: int = 10) -> float:
     return best
 
 
+def kernel_names(fn, device, top: int = 6) -> list[str]:
+    """The device kernels that take most time in one fn() (torch.profiler): which GEMMs ran (a CUTLASS grouped
+    GEMM, or one cuBLAS GEMM per expert)."""
+    if device.type != "cuda":
+        return []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    return [f"{e.key[:120]} x{e.count}" for e in events[:top]]
+
+
+def expert_pass(fn, x, weights, counts):
+    """fn's output and the gradients of x and the weights under loss sum(y^2), and a rerun closure."""
+    xs, ws = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in weights]
+
+    def step():
+        for tensor in (xs, *ws):
+            tensor.grad = None
+        y = fn(xs, counts, *ws)
+        y.float().pow(2).sum().backward()
+        return y
+    y = step()
+    return [y, xs.grad, *(p.grad for p in ws)], step
+
+
 def moe(args, device) -> dict:
     d, hidden, experts, tokens = (64, 128, 4, 256) if args.cpu_smoke else (2048, 1408, 64, 16384)
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
     g = torch.Generator(device=device).manual_seed(0)
+    w = [torch.randn(experts, *shape, device=device, generator=g, dtype=dtype) * 0.02
+         for shape in ((d, hidden), (d, hidden), (hidden, d))]
+    names = ["y", "dx", "dw1", "dw3", "dw2"]
     loads = {"balanced": torch.full((experts,), 1.0), "skewed": torch.linspace(1, 8, experts) ** 2}
     results = {}
     for load, weights in loads.items():
         counts = (weights / weights.sum() * tokens).floor().long()
         counts[0] += tokens - counts.sum()
-        counts = (counts // 16 * 16).tolist()  # grouped_mm wants row offsets aligned to 16
-        x = torch.randn(sum(counts), d, device=device, generator=g, dtype=dtype)
-        w = [torch.randn(experts, *shape, device=device, generator=g, dtype=dtype) * 0.02
-             for shape in ((d, hidden), (d, hidden), (hidden, d))]
-        outputs = {}
-        for name, fn in (("grouped", grouped_swiglu), ("loop", looped_swiglu)):
-            xs, ws = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in w]
-
-            def step():
-                for tensor in (xs, *ws):
-                    tensor.grad = None
-                y = fn(xs, counts, *ws)
-                y.float().pow(2).sum().backward()
-                return y
-            y = step()
-            outputs[name] = {"values": [y, xs.grad, *(p.grad for p in ws)], "seconds": timed(step, device)}
-        names = ["y", "dx", "dw1", "dw3", "dw2"]
-        results[load] = {"grouped_s": outputs["grouped"]["seconds"], "loop_s": outputs["loop"]["seconds"],
-                         "speedup": outputs["loop"]["seconds"] / outputs["grouped"]["seconds"],
-                         "rel_error": {n: rel_error(a, r) for n, a, r in zip(names, outputs["grouped"]["values"],
-                                                                            outputs["loop"]["values"])}}
+        for aligned in (True, False):
+            case_counts = (counts // 16 * 16).tolist() if aligned else (counts - torch.arange(experts) % 7).tolist()
+            x = torch.randn(sum(case_counts), d, device=device, generator=g, dtype=dtype)
+            grouped, grouped_step = expert_pass(grouped_swiglu, x, w, case_counts)
+            loop, loop_step = expert_pass(looped_swiglu, x, w, case_counts)
+            _, split_step = expert_pass(split_swiglu, x, w, case_counts)
+            case = {"rel_error": {n: rel_error(a, r) for n, a, r in zip(names, grouped, loop)}}
+            case["grouped_s"], case["loop_s"] = timed(grouped_step, device), timed(loop_step, device)
+            case["split_s"] = timed(split_step, device)
+            case["speedup"] = case["loop_s"] / case["grouped_s"]
+            case["speedup_vs_split"] = case["split_s"] / case["grouped_s"]
+            case["grouped_kernels"] = kernel_names(grouped_step, device)
+            results[f"{load}, {'aligned to 16' if aligned else 'unaligned'}"] = case
+            print(f"  moe {load} {'aligned' if aligned else 'unaligned'}: {case}", flush=True)
     return {"shape": {"d": d, "hidden": hidden, "experts": experts, "tokens": tokens}, "dtype": str(dtype),
             "grouped_mm": device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16,
-            "loads": results}
+            "cases": results}
 
 
 def main() -> int:
@@ -200,18 +275,24 @@ def main() -> int:
     started = time.perf_counter()
     report = {"benchmark": "gpu_suite", "device": str(device) if args.cpu_smoke else torch.cuda.get_device_name(),
               "cpu_smoke": args.cpu_smoke, "machine": describe_machine(), "torch": torch.__version__, "sections": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = []
     for section in args.sections.split(","):
         print(f"{section} ...", flush=True)
         t0 = time.perf_counter()
-        report["sections"][section] = llama(args) if section == "llama" else globals()[section](args, device)
+        try:
+            report["sections"][section] = globals()[section](args, device)
+        except Exception:  # the suite's job is to report what broke, then measure the rest
+            report["sections"][section] = {"error": traceback.format_exc()}
+        if "error" in report["sections"][section] or report["sections"][section].get("failed"):
+            failed.append(section)
         report["sections"][section]["seconds"] = time.perf_counter() - t0
-        print(f"{section}: {json.dumps(report['sections'][section])[:600]}", flush=True)
-    report["total_seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"-> {out} ({report['total_seconds']:.0f} s)")
-    return 0
+        report["total_seconds"] = time.perf_counter() - started
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{section}: {json.dumps(report['sections'][section])[:800]}", flush=True)
+    print(f"-> {out} ({report['total_seconds']:.0f} s)" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
