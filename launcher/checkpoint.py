@@ -107,23 +107,70 @@ class ModelState(Stateful):
 
 class OptimizerState(Stateful):
     """One optimizer per model part, saved flattened by parameter name (state in canonical order, as
-    ModelState's) so any stage split (or none) and any layout can load it."""
+    ModelState's) so any stage split (or none) and any layout can load it.
+
+    torch's flattened form repeats every param-group option (lr, betas, eps, ...) once per parameter; DCP
+    writes each such value as a pickle of its own, and they were three quarters of a checkpoint's entries
+    and most of a save's time (docs/checkpoints.md). Saved here instead: `param_group_options.<group
+    name>.<option>`, once per named group (launcher/optim.py), identical on every rank; loading gives each
+    parameter the options of its group's name. Checkpoints with the per-parameter entries still load
+    (`per_parameter_options`, set by Checkpointer.load from the checkpoint's keys)."""
 
     _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
     def __init__(self, parts: list[nn.Module], optimizers: list[torch.optim.Optimizer]):
         self.parts = parts
         self.pairs = list(zip(parts, optimizers))
+        self.per_parameter_options = False
+
+    def _flattened(self) -> dict:
+        return {k: v for part, opt in self.pairs for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()}
 
     def state_dict(self):
-        return _canonical_order({k: v for part, opt in self.pairs
-                                 for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()},
-                                self.parts, _optimizer_key)
+        flat = self._flattened()
+        state = {k: v for k, v in flat.items() if not k.startswith(_GROUP_PREFIX)}
+        for fqn, options in _options_by_parameter(flat).items():
+            for option, value in options.items():
+                if self.per_parameter_options:  # the template of a checkpoint saved before groups had names
+                    if option != "name":
+                        state[f"{_GROUP_PREFIX}{fqn}.{option}"] = value
+                elif state.setdefault(key := f"{_OPTIONS_PREFIX}{options['name']}.{option}", value) != value:
+                    raise RuntimeError(f"param group {options['name']!r} has {option}={value} for {fqn} but "
+                                       f"{state[key]} for another parameter")
+        return _canonical_order(state, self.parts, _optimizer_key)
 
     def load_state_dict(self, state_dict):
         state_dict = _stored_order(state_dict, self.parts, _optimizer_key)
+        flat = {k: v for k, v in state_dict.items() if not k.startswith((_GROUP_PREFIX, _OPTIONS_PREFIX))}
+        by_name: dict[str, dict] = {}
+        for key, value in state_dict.items():
+            if key.startswith(_OPTIONS_PREFIX):
+                name, _, option = key[len(_OPTIONS_PREFIX):].partition(".")
+                by_name.setdefault(name, {})[option] = value
+        by_parameter = _options_by_parameter(state_dict)
+        for fqn, current in _options_by_parameter(self._flattened()).items():
+            saved = by_parameter.get(fqn) if self.per_parameter_options else by_name.get(current["name"])
+            if saved is None:
+                raise RuntimeError(f"the optimizer state holds no param-group options for {fqn} (group "
+                                   f"{current['name']!r}); it has groups {sorted(by_name)}")
+            for option, value in current.items():  # an option the saved state lacks (its name) keeps its value
+                flat[f"{_GROUP_PREFIX}{fqn}.{option}"] = saved.get(option, value)
         for part, opt in self.pairs:
-            set_optimizer_state_dict(part, opt, state_dict, options=self._OPTIONS)
+            set_optimizer_state_dict(part, opt, flat, options=self._OPTIONS)
+
+
+_GROUP_PREFIX = "param_groups."  # torch's flattened form: param_groups.<parameter>.<option>
+_OPTIONS_PREFIX = "param_group_options."  # ours: param_group_options.<group name>.<option>
+
+
+def _options_by_parameter(flat: dict) -> dict[str, dict]:
+    """{parameter: {option: value}} from the `param_groups.<parameter>.<option>` entries of a flattened state."""
+    options: dict[str, dict] = {}
+    for key, value in flat.items():
+        if key.startswith(_GROUP_PREFIX):
+            fqn, _, option = key[len(_GROUP_PREFIX):].rpartition(".")
+            options.setdefault(fqn, {})[option] = value
+    return options
 
 
 class RNGState(Stateful):
@@ -428,6 +475,9 @@ class Checkpointer:
     def load(self, path: Path, state: dict, read_more: Callable[[Path], None] | None = None) -> None:
         """`state` from the checkpoint at `path` (verified by check_complete), then `read_more(path)`: the files
         `write_more` added at save."""
+        if isinstance(optimizer := state.get("optimizer"), OptimizerState):
+            optimizer.per_parameter_options = any(key.startswith(f"optimizer.{_GROUP_PREFIX}")
+                                                  for key in read_metadata(path).state_dict_metadata)
         safe_load(state, path)
         if read_more is not None:
             read_more(path)

@@ -14,14 +14,17 @@ from parallel.tensor_parallel import full_tensor
 def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     """AdamW over matrices (decayed) and vectors (norm gains: not decayed). DTensors and plain
     tensors go into separate groups: foreach kernels run per group and refuse a mix of the two
-    (e.g. a router weight replicated over tp beside tensor-parallel weights when no FSDP makes all DTensors)."""
+    (e.g. a router weight replicated over tp beside tensor-parallel weights when no FSDP makes all DTensors).
+    Each group is named by its options alone ("decayed" / "not_decayed"), whatever the layout: checkpoints
+    store the options once per name (launcher/checkpoint.py: OptimizerState)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for decayed in (True, False):
         for distributed in (True, False):
             members = [p for p in params if (p.ndim >= 2) == decayed and isinstance(p, DTensor) == distributed]
             if members:
-                groups.append({"params": members, "weight_decay": t.weight_decay if decayed else 0.0})
+                groups.append({"params": members, "weight_decay": t.weight_decay if decayed else 0.0,
+                               "name": "decayed" if decayed else "not_decayed"})
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
 
 

@@ -113,7 +113,7 @@ class StateDictAdapter(Protocol):
 class CheckpointContents:
     """A checkpoint's model and optimizer whole in one process, keyed as the trainer saves them: parameters by
     canonical name; the optimizer flattened, `state.<parameter>.<slot>` (AdamW: step, exp_avg, exp_avg_sq)
-    and `param_groups.<parameter>.<option>` (lr, betas, ...)."""
+    and `param_group_options.<group name>.<option>` (lr, betas, ...; once per named group)."""
     model_config: Any
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]

@@ -70,7 +70,7 @@ def slice_prefix(old: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 @torch.no_grad()
 def extract(args: argparse.Namespace, source: CheckpointContents, target: CheckpointContents, log) -> None:
     """Fill the llm run from the MatFormer's: every tensor (weight, AdamW moment) the prefix of its source, step
-    counts and param_groups options as saved."""
+    counts and param-group options as saved."""
     log(f"submodel: FFN hidden units per layer {target.model_config.ffn_hidden_dims} of "
         f"{source.model_config.ffn_hidden_dim}")
     for name, new in target.model.items():
@@ -79,7 +79,7 @@ def extract(args: argparse.Namespace, source: CheckpointContents, target: Checkp
         old = source.optimizer[key]
         if isinstance(old, torch.Tensor):
             new.copy_(slice_prefix(old, new.shape))
-        else:  # param_groups options: lr (where the schedule is), betas, ...
+        else:  # param-group options: lr (where the schedule is), betas, ...
             target.optimizer[key] = old
 
 

@@ -85,7 +85,7 @@ def grow(args: argparse.Namespace, source: CheckpointContents, target: Checkpoin
             new[len(old):] = 0  # the new values keep their draw: zero ones too would never get a gradient
     for key, new in target.optimizer.items():
         old = source.optimizer[key]
-        if not isinstance(old, torch.Tensor):  # param_groups options: lr (where the schedule is), betas, ...
+        if not isinstance(old, torch.Tensor):  # param-group options: lr (where the schedule is), betas, ...
             target.optimizer[key] = old
         elif args.optimizer == "reset":
             new.zero_()
