@@ -102,10 +102,11 @@ def _fla_problem(q: torch.Tensor) -> str | None:
 
 
 def _delta_rule_fla(q, k, v, beta, initial_state, scale):  # pragma: no cover - needs CUDA + fla
-    """UNTESTED here (no CUDA, no fla on the CI machine). fla takes the same [B, T, H, D] layout,
-    beta [B, T, H] and state [B, H, Dk, Dv]; it needs q, k, v, beta in one dtype, reads the initial
-    state in fp32 and returns the final state in fp32. Older fla versions default to head_first=True,
-    so head_first=False is passed where the signature still has it."""
+    """Not run by CI (no CUDA, no fla there); benchmarks/gpu_suite.py ran it once on an H200 with fla
+    0.6.0: output, final state and gradients within bf16 rounding of the chunked reference. fla takes the
+    same [B, T, H, D] layout, beta [B, T, H] and state [B, H, Dk, Dv]; it needs q, k, v, beta in one dtype,
+    reads the initial state in fp32 and returns the final state in fp32. Older fla versions default to
+    head_first=True, so head_first=False is passed where the signature still has it."""
     chunk_delta_rule = _fla_chunk_delta_rule()
     kwargs = {"scale": q.shape[-1] ** -0.5 if scale is None else scale,
               "initial_state": None if initial_state is None else initial_state.float().contiguous(),
