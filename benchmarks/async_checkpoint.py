@@ -1,7 +1,7 @@
 """Step time while a checkpoint is saved, synchronous against asynchronous (checkpoint.async_save), as JSON.
 
-Each run is `launcher.trainer.train` itself, one process (a 1-rank gloo group) in a fresh Python process,
-fp32 on CPU, with `--threads` torch threads. The wall time of step k is the time between the step records
+Each run is `launcher.trainer.train` itself, one process in a fresh Python process (on CPU: a 1-rank gloo
+group, fp32, with `--threads` torch threads). The wall time of step k is the time between the step records
 k-1 and k of the run (MetricsWriter.log), so it covers everything between them: the training step, and a save
 called after step k-1 (its blocking part), and a publish. A save after step s therefore lands in step s+1; an
 async save stays in flight until it is published after step p (the first step boundary where its write is
@@ -17,7 +17,10 @@ tens of seconds, each save's steps are also compared with the steps just before 
 the issue's goal, steps during an async save within 5% of steps without one, is read from that.
 
     .venv/bin/python benchmarks/async_checkpoint.py [--dim 256] [--layers 10] [--steps 36] [--every 6]
-        [--warmup 3] [--repeats 2] [--threads N] [--out FILE]
+        [--warmup 3] [--repeats 2] [--threads N] [--set section.key=value ...] [--out FILE]
+
+On a CUDA machine the runs train on the GPU (as `train` does wherever CUDA is), so the same script measures
+an async save where its copy is a device-to-host copy (benchmarks/gpu_suite.py runs it so).
 
 On a 2-core machine the background write and hashing compete with training for the same cores and the GIL.
 """
@@ -52,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
     p.add_argument("--repeats", type=int, default=2, help="runs of each mode (alternating, each a fresh process)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="further config overrides (after --dim/--layers, so they can replace them)")
     p.add_argument("--out", default="benchmarks/results/async_checkpoint.json")
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # internal: run one mode, print JSON
     args = p.parse_args()
@@ -92,7 +97,8 @@ def run_mode(args) -> dict:
             f"run.dir={run_dir}", "run.tensorboard=false", "train.eval_every=0", "train.eval_batches=1",
             "train.sample_prompt=", "run.log_every=1000",
             f"checkpoint.every={0 if args.mode == 'none' else args.every}",
-            f"checkpoint.async_save={str(args.mode == 'async').lower()}", "checkpoint.keep_last=1"])
+            f"checkpoint.async_save={str(args.mode == 'async').lower()}", "checkpoint.keep_last=1",
+            *args.overrides])
         started = time.perf_counter()
         train(cfg)
         total = time.perf_counter() - started

@@ -17,12 +17,15 @@ Sections (`--sections`, default all, cheapest first so that a short lease return
   itself, bf16, without and with torch.compile: median tokens/s and MFU after the warm-up steps, MFU against
   the device's dense bf16 datasheet peak (launcher/metrics.py). The embedded corpus' 4096-token vocabulary
   keeps the data local (the GPU machine has no network); the parameter count is the run's own.
+- `checkpoint`: benchmarks/async_checkpoint.py on the GPU (a 0.15B Llama, sequence 2048, a save every 20 of 60
+  steps, one run per mode): the save call and the steps during a save against the steps before it, sync and
+  async, where the async copy is a device-to-host copy and the host cores are free.
 
 A section that fails records its traceback and the suite goes on; the JSON is rewritten after every
 section (a lease that ends mid-run keeps what finished) and the exit status is 1 if any section failed.
 `--budget-s` bounds the training runs: each gets what is left of it.
 
-    python benchmarks/gpu_suite.py [--sections moe,deltanet,attention,families,llama] [--out FILE]
+    python benchmarks/gpu_suite.py [--sections moe,deltanet,attention,families,llama,checkpoint] [--out FILE]
     python benchmarks/gpu_suite.py --cpu-smoke   # the same code at toy sizes on CPU (no GPU numbers)
 
 `--cpu-smoke` exists so the script's own plumbing is checked on machines without a GPU; its JSON says
@@ -50,13 +53,19 @@ from models.moe.model import grouped_swiglu, looped_swiglu, split_swiglu  # noqa
 from parallel.context.flash_attn_kernel import flash_attn_available  # noqa: E402
 from parallel.context.kernel_choice import get_kernel  # noqa: E402
 
-SECTIONS = ("moe", "deltanet", "attention", "families", "llama")
+SECTIONS = ("moe", "deltanet", "attention", "families", "llama", "checkpoint")
 FAMILY_CONFIGS = ("llm/tiny", "moe/tiny", "deltanet/tiny", "deltanet/hybrid-tiny", "tokenformer/tiny",
                   "matformer/tiny", "solo/tiny")
 LLAMA_1B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.multiple_of=256",
             "train.seq_len=2048", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=30"]
 LLAMA_SMOKE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=64",
                "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4"]
+# checkpoint: a 0.15B Llama at the llama section's sequence and batch, a 1.8 GB checkpoint every 20 steps.
+CHECKPOINT_SIZES = ["--dim", "1024", "--layers", "12", "--steps", "60", "--every", "20", "--warmup", "5",
+                    "--set", "model.n_heads=16", "--set", "model.n_kv_heads=8", "--set", "model.multiple_of=256",
+                    "--set", "train.seq_len=2048", "--set", "train.global_batch_size=8",
+                    "--set", "train.micro_batch_size=4"]
+CHECKPOINT_SMOKE = ["--dim", "64", "--layers", "2", "--steps", "8", "--every", "3", "--warmup", "1"]
 QUIET_RUN = ["checkpoint.enabled=false", "run.tensorboard=false", "train.eval_every=0", "train.eval_batches=1",
              "train.sample_prompt=", "run.log_every=1000"]
 
@@ -150,6 +159,28 @@ def families(args, device) -> dict:
             print(f"  {config}: {result[config]}", flush=True)
     return {"steps": args.family_steps, "runs": result,
             "failed": [config for config, outcome in result.items() if "error" in outcome]}
+
+
+def checkpoint(args, device) -> dict:
+    """benchmarks/async_checkpoint.py on this device: step time while a sync / async save runs, one run each."""
+    sizes = CHECKPOINT_SMOKE if args.cpu_smoke else CHECKPOINT_SIZES
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
+        out = Path(tmp) / "async_checkpoint.json"
+        try:
+            run = subprocess.run([sys.executable, "benchmarks/async_checkpoint.py", *sizes, "--repeats", "1",
+                                  "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                                 timeout=max(1.0, args.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return {"error": "stopped: the suite's --budget-s ran out"}
+        if run.returncode != 0:
+            return {"error": f"exit {run.returncode}: {run.stderr[-3000:]}"}
+        result = json.loads(out.read_text())
+    keep = ("save_call_s", "during_save_vs_steps_before_it", "during_save_vs_steps_before_it_each",
+            "steps_per_save", "added_s_per_save", "median_step_s_without_save")
+    return {"arguments": sizes, "checkpoint_mb": result["checkpoint_mb"], "goal": result["goal_during_save_vs_none"],
+            "none_median_step_s": result["none"]["median_step_s"],
+            **{mode: {k: result[mode][k] for k in keep} for mode in ("sync", "async")},
+            "async_within_goal": result["async"]["within_goal"]}
 
 
 def attention(args, device) -> dict:
