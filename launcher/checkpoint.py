@@ -124,7 +124,8 @@ class OptimizerState(Stateful):
         self.per_parameter_options = False
 
     def _flattened(self) -> dict:
-        return {k: v for part, opt in self.pairs for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()}
+        return {k: v for part, opt in self.pairs
+                for k, v in get_optimizer_state_dict(part, opt, options=self._OPTIONS).items()}
 
     def state_dict(self):
         flat = self._flattened()
@@ -151,8 +152,9 @@ class OptimizerState(Stateful):
         for fqn, current in _options_by_parameter(self._flattened()).items():
             saved = by_parameter.get(fqn) if self.per_parameter_options else by_name.get(current["name"])
             if saved is None:
+                held = "per parameter" if self.per_parameter_options else f"for the groups {sorted(by_name)}"
                 raise RuntimeError(f"the optimizer state holds no param-group options for {fqn} (group "
-                                   f"{current['name']!r}); it has groups {sorted(by_name)}")
+                                   f"{current['name']!r}); it holds them {held}")
             for option, value in current.items():  # an option the saved state lacks (its name) keeps its value
                 flat[f"{_GROUP_PREFIX}{fqn}.{option}"] = saved.get(option, value)
         for part, opt in self.pairs:

@@ -42,7 +42,8 @@ def run(lr: float = 1e-2, steps: int = 3):
 def torch_flattened(parts, optimizers) -> dict:
     """torch's own flattened form: every option once per parameter."""
     options = StateDictOptions(flatten_optimizer_state_dict=True)
-    return {k: v for part, opt in zip(parts, optimizers) for k, v in get_optimizer_state_dict(part, opt, options=options).items()}
+    return {k: v for part, opt in zip(parts, optimizers)
+            for k, v in get_optimizer_state_dict(part, opt, options=options).items()}
 
 
 def assert_same_optimizers(got, want):

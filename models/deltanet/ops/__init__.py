@@ -56,8 +56,8 @@ from models.deltanet.ops.state_map import (apply_state_map, compose_state_maps, 
 
 __all__ = ["BACKENDS", "LINEAR_BACKENDS", "RULES", "apply_mixer_rule", "apply_state_map", "compose_state_maps",
            "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_state_map", "fla_available",
-           "fla_import_error", "fold_state_maps", "linear_attention", "linear_attention_chunked", "linear_attention_recurrent",
-           "linear_attention_state_map", "mixer_rule_state_map"]
+           "fla_import_error", "fold_state_maps", "linear_attention", "linear_attention_chunked",
+           "linear_attention_recurrent", "linear_attention_state_map", "mixer_rule_state_map"]
 
 BACKENDS = ("auto", "chunked", "recurrent", "fla")
 LINEAR_BACKENDS = ("auto", "chunked", "recurrent")  # no fla path for the baseline: it is a CPU-side comparison
