@@ -114,14 +114,16 @@ class Pipeline:
         last stage (which sees each micro-batch's part of it)."""
         args = inputs if self.has_first else ()
         target = target if self.has_last else None
+        # return_outputs=False: the last stage keeps no micro-batch's output (its logits) past that micro-batch's
+        # loss; by default a schedule holds all of them until the step ends, to return them merged.
         if backward or self.eval_by_training_step:
             with torch.enable_grad():
-                self.schedule.step(*args, target=target, **every_stage)
+                self.schedule.step(*args, target=target, return_outputs=False, **every_stage)
             if not backward:
                 for part in self.parts:
                     part.zero_grad(set_to_none=True)
         else:
-            self.schedule.eval(*args, target=target, **every_stage)
+            self.schedule.eval(*args, target=target, return_outputs=False, **every_stage)
 
     @torch.no_grad()
     def forward(self, inputs: tuple, every_stage: dict) -> torch.Tensor | None:

@@ -26,6 +26,33 @@ def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = 
             "sample": summary["sample"]}
 
 
+def pipeline_outputs_kept(run_dir: str, cache: str, overrides: list[str], keep: bool = False) -> dict:
+    """Check body: one training run under pp; after every pipeline step, how many micro-batch outputs this
+    rank's stages still hold, and the losses. `keep`: the schedule asked to return its outputs (torch's
+    default), the negative control."""
+    from parallel.pipeline import Pipeline
+
+    real_run, kept = Pipeline.run, []
+
+    def run(self, *args, **kwargs):
+        if keep:
+            step = self.schedule.step
+            self.schedule.step = lambda *a, **k: step(*a, **{**k, "return_outputs": True})
+        try:
+            real_run(self, *args, **kwargs)
+        finally:
+            if keep:
+                del self.schedule.step
+        kept.append(sum(len(stage.output_chunks) for stage in self.stages))
+
+    Pipeline.run = run
+    try:
+        losses = train_losses(run_dir, cache, overrides)
+    finally:
+        Pipeline.run = real_run
+    return {"most_kept": max(kept), "losses": losses}
+
+
 def hf_directory(directory: Path, cache: Path, seed: int = 7) -> Path:
     """A Hugging Face directory (fp32) of the tiny LLM of tiny_overrides initialized with `seed` (the runs use
     another, so a run that starts from it shows in its losses), written in this process; returns it."""

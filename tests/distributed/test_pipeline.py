@@ -38,8 +38,13 @@ def two(runs_dir, data_cache):
     runs["pp2_stop"] = train_check(runs_dir / "pp2_to_pp1", data_cache, *pp("1f1b"), MICRO2, STOP)
     runs["pp2_stop_v1"] = train_check(runs_dir / "v1_to_v2", data_cache, *pp("1f1b"), MICRO2, STOP)
     runs["resume_v2"] = train_check(runs_dir / "v1_to_v2", data_cache, *pp("interleaved-1f1b"), MICRO2)
+    for keep in (False, True):
+        runs[f"outputs_kept_{keep}"] = ("tests.distributed.runs:pipeline_outputs_kept", {
+            "run_dir": str(runs_dir / f"outputs_kept_{keep}"), "cache": str(data_cache),
+            "overrides": [*pp("1f1b"), MICRO2, "run.stop_at_step=2"], "keep": keep})
     results = run_world(2, list(runs.values()), runs_dir / "world2")
-    return dict(zip(runs, (r.value() for r in results)))
+    # The outputs-kept checks report from rank 1, which holds 1F1B's last stage (and the logits).
+    return {name: r.value(1 if name.startswith("outputs_kept") else 0) for name, r in zip(runs, results)}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +76,16 @@ def one(runs_dir, data_cache, two):
 @pytest.mark.parametrize("schedule", list(SCHEDULES) + ["layout"])
 def test_every_schedule_matches_one_process(two, reference, schedule):
     assert_same_losses(two[schedule]["losses"], reference["losses"])
+
+
+def test_the_last_stage_keeps_no_micro_batch_outputs(two, reference_losses):
+    """The schedule is told not to return its outputs, so the last stage drops each micro-batch's logits after
+    its loss instead of holding all of them until the step ends; told to return them (torch's default), the
+    same measure finds all 4 micro-batches' outputs held, with the same losses."""
+    kept, control = two["outputs_kept_False"], two["outputs_kept_True"]
+    assert kept["most_kept"] == 0 and control["most_kept"] == 4
+    assert_same_losses(kept["losses"], reference_losses[:2])
+    assert_same_losses(control["losses"], reference_losses[:2])
 
 
 def test_perturbed_run_fails_the_comparison(two, reference_losses):
