@@ -101,8 +101,9 @@ def rank_memory(model: ProbedModel, layout: Layout, n_micro: int, compute_bytes:
     activations, gradients = max(moments, key=sum)
     terms["activations"] = activations
     terms["gradients"] = gradients
-    if dims.pp > 1 and last in held:  # torch's schedule keeps each micro-batch's output
-        terms["pipeline outputs kept"] = n_micro * last.memory.output / dims.tp
+    if dims.pp > 1 and last in held:  # torch's stage keeps each micro-batch's output from its forward to its backward
+        terms["pipeline outputs until backward"] = \
+            in_flight(layout.pp_schedule, n_stages - 1, n_stages, n_micro) * last.memory.output / dims.tp
     return RankMemory(terms, pp_rank)
 
 
