@@ -20,12 +20,14 @@ Sections (`--sections`, default all, cheapest first so that a short lease return
 - `checkpoint`: benchmarks/async_checkpoint.py on the GPU (a 0.15B Llama, sequence 2048, a save every 20 of 60
   steps, one run per mode): the save call and the steps during a save against the steps before it, sync and
   async, where the async copy is a device-to-host copy and the host cores are free.
+- `tests`: pytest over the tests that skip without CUDA (tests/gpu, the fla and flash-attn kernel tests).
 
 A section that fails records its traceback and the suite goes on; the JSON is rewritten after every
 section (a lease that ends mid-run keeps what finished) and the exit status is 1 if any section failed.
 `--budget-s` bounds the training runs: each gets what is left of it.
 
-    python benchmarks/gpu_suite.py [--sections moe,deltanet,attention,families,llama,checkpoint] [--out FILE]
+    python benchmarks/gpu_suite.py [--sections moe,deltanet,attention,families,llama,checkpoint,tests]
+        [--out FILE]
     python benchmarks/gpu_suite.py --cpu-smoke   # the same code at toy sizes on CPU (no GPU numbers)
 
 `--cpu-smoke` exists so the script's own plumbing is checked on machines without a GPU; its JSON says
@@ -53,7 +55,10 @@ from models.moe.model import grouped_swiglu, looped_swiglu, split_swiglu  # noqa
 from parallel.context.flash_attn_kernel import flash_attn_available  # noqa: E402
 from parallel.context.kernel_choice import get_kernel  # noqa: E402
 
-SECTIONS = ("moe", "deltanet", "attention", "families", "llama", "checkpoint")
+SECTIONS = ("moe", "deltanet", "attention", "families", "llama", "checkpoint", "tests")
+# The tests that skip without CUDA (or without fla / flash-attn there).
+GPU_TESTS = ["tests/gpu", "tests/unit/test_deltanet_ops.py::test_fla_matches_chunked_on_gpu",
+             "tests/unit/test_context_kernels.py::test_flash_attn_kernel_matches_math_kernel"]
 FAMILY_CONFIGS = ("llm/tiny", "moe/tiny", "deltanet/tiny", "deltanet/hybrid-tiny", "tokenformer/tiny",
                   "matformer/tiny", "solo/tiny")
 LLAMA_1B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_kv_heads=8", "model.multiple_of=256",
@@ -181,6 +186,22 @@ def checkpoint(args, device) -> dict:
             "none_median_step_s": result["none"]["median_step_s"],
             **{mode: {k: result[mode][k] for k in keep} for mode in ("sync", "async")},
             "async_within_goal": result["async"]["within_goal"]}
+
+
+def tests(args, device) -> dict:
+    """pytest over the GPU-only tests: its summary line, and each test that did not pass."""
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *GPU_TESTS],
+                             cwd=REPO, capture_output=True, text=True,
+                             timeout=max(1.0, args.deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return {"error": "stopped: the suite's --budget-s ran out"}
+    lines = run.stdout.strip().splitlines()
+    result = {"exit_code": run.returncode, "summary": lines[-1] if lines else run.stderr[-500:],
+              "not_passed": [line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))]}
+    if run.returncode not in (0, 5):  # 5: no test collected (tests that all skip give 0)
+        result["failed"] = [line for line in lines if line.startswith(("FAILED", "ERROR"))] or [result["summary"]]
+    return result
 
 
 def attention(args, device) -> dict:
