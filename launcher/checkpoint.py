@@ -129,13 +129,13 @@ class OptimizerState(Stateful):
 
     def state_dict(self):
         flat = self._flattened()
+        if self.per_parameter_options:  # the template of a checkpoint saved before groups had names
+            state = {k: v for k, v in flat.items() if not (k.startswith(_GROUP_PREFIX) and k.endswith(".name"))}
+            return _canonical_order(state, self.parts, _optimizer_key)
         state = {k: v for k, v in flat.items() if not k.startswith(_GROUP_PREFIX)}
         for fqn, options in _options_by_parameter(flat).items():
             for option, value in options.items():
-                if self.per_parameter_options:  # the template of a checkpoint saved before groups had names
-                    if option != "name":
-                        state[f"{_GROUP_PREFIX}{fqn}.{option}"] = value
-                elif state.setdefault(key := f"{_OPTIONS_PREFIX}{options['name']}.{option}", value) != value:
+                if state.setdefault(key := f"{_OPTIONS_PREFIX}{options['name']}.{option}", value) != value:
                     raise RuntimeError(f"param group {options['name']!r} has {option}={value} for {fqn} but "
                                        f"{state[key]} for another parameter")
         return _canonical_order(state, self.parts, _optimizer_key)
