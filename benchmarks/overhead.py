@@ -19,9 +19,9 @@ hits both alike), and a run's speed is tokens per step over its *median* step ti
 `--warmup` steps (robust to the odd step slowed down by another process). The medians over
 `--repeats` runs per side are compared (`ratio`), and so is each repeat's back-to-back pair of runs
 (`paired_ratio_median`, the goal's measure: on a shared VM whose speed drifts by tens of percent between
-runs, the pooled medians can pair a fast phase of one side with a slow phase of the other). Both sides must produce the same losses (1e-5
-relative), or the comparison is not apples to apples and the script exits non-zero. The goal is
-a ratio >= 0.95.
+runs, the pooled medians can pair a fast phase of one side with a slow phase of the other). Both sides
+must produce the same losses (1e-5 relative), or the comparison is not apples to apples and the script
+exits non-zero. The goal is a paired ratio >= 0.95.
 
     .venv/bin/python benchmarks/overhead.py [--config configs/llm/tiny.yaml] [--steps 30]
         [--warmup 5] [--repeats 4] [--threads N] [--set section.key=value ...] [--out FILE]

@@ -114,8 +114,8 @@ class Pipeline:
         last stage (which sees each micro-batch's part of it)."""
         args = inputs if self.has_first else ()
         target = target if self.has_last else None
-        # return_outputs=False: the last stage keeps no micro-batch's output (its logits) past that micro-batch's
-        # loss; by default a schedule holds all of them until the step ends, to return them merged.
+        # return_outputs=False: the last stage keeps a micro-batch's output (its logits) only until that
+        # micro-batch's backward; by default a schedule holds all of them until the step ends, to return them merged.
         if backward or self.eval_by_training_step:
             with torch.enable_grad():
                 self.schedule.step(*args, target=target, return_outputs=False, **every_stage)
