@@ -101,6 +101,22 @@ def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
+OUT_OF_BUDGET = "stopped: the suite's --budget-s ran out"
+
+
+def time_left(args) -> float:
+    """Seconds a subprocess may still run under --budget-s (at least one, so that it starts)."""
+    return max(1.0, args.deadline - time.monotonic())
+
+
+def run_within_budget(args, command: list[str]) -> subprocess.CompletedProcess | dict:
+    """`command` run from the repository, or {"error": ...} when --budget-s runs out first."""
+    try:
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=time_left(args))
+    except subprocess.TimeoutExpired:
+        return {"error": OUT_OF_BUDGET}
+
+
 def start_training(args, config: str, sets: list[str], run_dir: str) -> subprocess.Popen:
     """`shardwright train configs/<config>.yaml` with `sets` as --set overrides, its metrics in run_dir."""
     sets = [*sets, *QUIET_RUN, f"run.dir={run_dir}"]
@@ -112,11 +128,11 @@ def start_training(args, config: str, sets: list[str], run_dir: str) -> subproce
 def finish_training(args, run: subprocess.Popen, run_dir: str) -> tuple[list[dict], str] | dict:
     """(step records of metrics.jsonl, stdout), or {"error": ...} when the run failed or ran out of budget."""
     try:
-        stdout, stderr = run.communicate(timeout=max(1.0, args.deadline - time.monotonic()))
+        stdout, stderr = run.communicate(timeout=time_left(args))
     except subprocess.TimeoutExpired:
         run.kill()
         stdout, stderr = run.communicate()
-        return {"error": f"stopped: the suite's --budget-s ran out; stderr tail: {stderr[-1500:]}"}
+        return {"error": f"{OUT_OF_BUDGET}; stderr tail: {stderr[-1500:]}"}
     if run.returncode != 0:
         return {"error": f"exit {run.returncode}: {stderr[-3000:]}"}
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
@@ -171,12 +187,10 @@ def checkpoint(args, device) -> dict:
     sizes = CHECKPOINT_SMOKE if args.cpu_smoke else CHECKPOINT_SIZES
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
         out = Path(tmp) / "async_checkpoint.json"
-        try:
-            run = subprocess.run([sys.executable, "benchmarks/async_checkpoint.py", *sizes, "--repeats", "1",
-                                  "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                                 timeout=max(1.0, args.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return {"error": "stopped: the suite's --budget-s ran out"}
+        run = run_within_budget(args, [sys.executable, "benchmarks/async_checkpoint.py", *sizes, "--repeats", "1",
+                                       "--out", str(out)])
+        if isinstance(run, dict):
+            return run
         if run.returncode != 0:
             return {"error": f"exit {run.returncode}: {run.stderr[-3000:]}"}
         result = json.loads(out.read_text())
@@ -190,12 +204,10 @@ def checkpoint(args, device) -> dict:
 
 def tests(args, device) -> dict:
     """pytest over the GPU-only tests: its summary line, and each test that did not pass."""
-    try:
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *GPU_TESTS],
-                             cwd=REPO, capture_output=True, text=True,
-                             timeout=max(1.0, args.deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        return {"error": "stopped: the suite's --budget-s ran out"}
+    run = run_within_budget(args, [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+                                   *GPU_TESTS])
+    if isinstance(run, dict):
+        return run
     lines = run.stdout.strip().splitlines()
     result = {"exit_code": run.returncode, "summary": lines[-1] if lines else run.stderr[-500:],
               "not_passed": [line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))]}
