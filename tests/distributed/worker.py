@@ -9,6 +9,12 @@ import traceback
 
 import torch.distributed as dist
 
+from data.indexed import _megatron_indexed_dataset
+
+# The fork server imports this module (harness._PRELOAD), so megatron.core, which takes seconds of CPU to import,
+# is imported once there rather than in every rank that opens an indexed dataset.
+_megatron_indexed_dataset()
+
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
