@@ -20,6 +20,8 @@ import json
 import os
 import random
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -314,14 +316,33 @@ class _ErrnoKeepingWriter(dcp.FileSystemWriter):
             raise cause from None
 
 
+def lower_this_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (nice 19), so that where training keeps every core busy
+    (a CPU run) a background save's write and hashing take only the cycles training leaves. Linux sets nice per
+    thread; elsewhere it would apply to the whole process, so there it does nothing."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+class _BackgroundWriter(_ErrnoKeepingWriter):
+    """The writer of an async save: DCP runs the save, write included, on a thread of its own, which the first
+    call of the save (set_up_storage_writer) gives the lowest priority."""
+
+    def set_up_storage_writer(self, *args, **kwargs):
+        lower_this_thread_priority()
+        return super().set_up_storage_writer(*args, **kwargs)
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, rank: int, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.async_save = async_save
-        self._group = None  # async: the gloo group of the background write's collectives, apart from training's
-        self._hasher = ThreadPoolExecutor(max_workers=1) if async_save else None
+        # async: the gloo group of the background write's collectives, apart from training's; made here, where every
+        # rank constructs its Checkpointer at start-up, rather than in the step that first saves
+        self._group = dist.new_group(backend="gloo") if async_save else None
+        self._hasher = ThreadPoolExecutor(max_workers=1, initializer=lower_this_thread_priority) if async_save else None
         self._pending = None  # async: (step, meta, staging directory, future of this rank's checksums share)
 
     def latest_dir(self) -> Path | None:
@@ -389,10 +410,8 @@ class Checkpointer:
         if self.async_save:
             if write_more is not None:
                 raise ValueError("async_save writes DCP state only: an engine's own files are written synchronously")
-            if self._group is None:
-                self._group = dist.new_group(backend="gloo")
             # Copies every tensor (CPU too: FileSystemWriter stages without a cache), then writes on a thread.
-            written = dcp.async_save(state, checkpoint_id=staging, storage_writer=_ErrnoKeepingWriter(staging),
+            written = dcp.async_save(state, checkpoint_id=staging, storage_writer=_BackgroundWriter(staging),
                                      process_group=self._group)
             self._pending = (step, meta, staging, self._hasher.submit(self._hash_share, staging, written))
             return None

@@ -7,11 +7,14 @@ import collections
 import copy
 import hashlib
 import json
+import os
 import pickle
 import random
 import resource
 import shutil
 import signal
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +378,31 @@ def test_an_async_save_writes_the_state_of_when_it_was_called(tmp_path):
     loaded = {"w": torch.zeros_like(weights)}
     safe_load(loaded, tmp_path / "checkpoints" / "step-1")
     assert torch.equal(loaded["w"], torch.arange(1 << 20, dtype=torch.float32))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_an_async_save_writes_and_hashes_at_the_lowest_priority_leaving_training_s_own(tmp_path, monkeypatch):
+    """The threads that write and hash an async save run at nice 19, so that training keeps the cores it has
+    busy; the thread that called save (training's) keeps its priority."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    priorities = {}
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def recording(name, function):
+        def call(*args, **kwargs):
+            priorities[name] = priority()
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(launcher.checkpoint._BackgroundWriter, "write_data",
+                        recording("write", launcher.checkpoint._BackgroundWriter.write_data))
+    monkeypatch.setattr(launcher.checkpoint, "file_sha256", recording("hash", launcher.checkpoint.file_sha256))
+    training = priority()
+    checkpointer = launcher.checkpoint.Checkpointer(tmp_path, keep_last=1, rank=0, async_save=True)
+    checkpointer.save(1, {"w": torch.ones(8)}, {})
+    assert checkpointer.wait() == tmp_path / "checkpoints" / "step-1"
+    assert training < 19 and priority() == training
+    assert priorities == {"write": 19, "hash": 19}
