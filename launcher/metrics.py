@@ -15,14 +15,14 @@ import torch
 from tqdm import tqdm
 
 from launcher.errors import UserError
+from planner.devices import DEVICES_FILE, datasheet_peak_flops
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device name fragment.
-_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # devices.yaml's names of the compute dtypes
 
 
 class PeakFlops:
     """Peak FLOP/s of one process, the denominator of MFU: run.peak_flops when configured, else a known
-    GPU's datasheet figure, else measured: the best of several short matmul timings, made once per device,
+    GPU's datasheet figure for the dtype (planner/devices.yaml, the planner's too), else measured: the best of several short matmul timings, made once per device,
     dtype and thread count and kept in peak_flops.json under the user's cache dir, so every run on a
     machine divides by the same figure. A measurement on a busy machine comes out low; a step that then
     achieves more proves it: the measured peak is raised to that rate (and cached), said once, so MFU from a
@@ -36,9 +36,9 @@ class PeakFlops:
             return
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
-            peak = next((peak for fragment, peak in _GPU_PEAKS.items() if fragment in name), None)
+            peak = datasheet_peak_flops(name, _DTYPE_KEYS[dtype])
             if peak is not None:
-                self.value, self.how = peak, f"datasheet bf16 peak of {name}"
+                self.value, self.how = peak, f"datasheet {_DTYPE_KEYS[dtype]} peak of {name} ({DEVICES_FILE.name})"
                 return
         self.measured = True
         self.key = _machine_key(device, dtype)

@@ -4,8 +4,9 @@ from pathlib import Path
 
 from launcher.config import load_config
 from launcher.errors import UserError
+from planner.devices import devices
 from planner.search import USABLE_MEMORY, Candidate, Plan, evaluate, one_layer_bytes, plan
-from planner.step_time import devices, device
+from planner.step_time import device
 
 GIB = 2**30
 

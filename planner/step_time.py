@@ -3,17 +3,13 @@ bandwidth of the link its group spans (NVLink inside a node, the network across 
 compute, and the pipeline bubble. A roofline, not a simulation: docs/plan.md says what it leaves out."""
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
-
-import yaml
 
 from launcher.errors import UserError
 from parallel.data_parallel import uses_fsdp
 from parallel.mesh import MESH_DIMS
+from planner.devices import DEVICES_FILE, devices
 from planner.memory import GRAD_BYTES, Layout, stage_pieces
 from planner.probe import ProbedModel
-
-DEVICES_FILE = Path(__file__).with_name("devices.yaml")
 
 
 @dataclass(frozen=True)
@@ -26,10 +22,6 @@ class Device:
     network_bytes_per_s: float
     matmul_efficiency: float
     gpus_per_node: int
-
-
-def devices() -> dict:
-    return yaml.safe_load(DEVICES_FILE.read_text())
 
 
 def device(key: str, gpus_per_node: int, memory_gib: float | None = None, matmul_efficiency: float | None = None,

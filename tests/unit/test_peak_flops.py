@@ -34,3 +34,23 @@ def test_measured_once_then_cached_and_raised_by_a_faster_step():
     assert second.mfu(first.value * 3) == 1.0  # never above 100%
     assert second.mfu(first.value * 3) == 1.0 and len(lines) == 1 and "raised" in lines[0]  # said once
     assert list(json.loads(peak_cache_file().read_text()).values()) == [first.value * 3]
+
+
+def test_a_known_gpu_divides_by_the_planner_s_datasheet_peak_of_its_dtype_and_no_other_gpu_does(monkeypatch):
+    """MFU on a GPU the planner has a profile for uses that profile's peak for the run's dtype (one table for
+    both); a name not listed exactly (an H100 PCIe is slower than the SXM) falls back to measuring."""
+    import launcher.metrics
+    from planner.devices import devices
+
+    monkeypatch.setattr(launcher.metrics, "_measure_matmul_flops", lambda device, dtype: 1.0)
+    for profile in devices().values():
+        assert profile["cuda_names"], profile["name"]
+        for cuda_name in profile["cuda_names"]:
+            monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: cuda_name)
+            for dtype, key in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                peak = PeakFlops(torch.device("cuda"), dtype, configured=0, log=pytest.fail)
+                assert peak.value == profile["peak_tflops"][key] * 1e12 and not peak.measured
+                assert f"datasheet {key} peak of {cuda_name}" in peak.how
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    peak = PeakFlops(torch.device("cuda"), torch.bfloat16, configured=0, log=pytest.fail)
+    assert peak.measured and peak.value == 1.0
