@@ -48,8 +48,8 @@ def plan_command(args) -> int:
     usable = USABLE_MEMORY * dev.memory_bytes
     layer = one_layer_bytes(cfg, dev)
     if layer > usable:
-        raise UserError(f"{dev.memory_bytes / GIB:.1f} GiB per GPU is smaller than one layer of this model "
-                        f"({layer / GIB:.1f} GiB: its parameters and one sequence's activations at tp="
+        raise UserError(f"{size(dev.memory_bytes)} per GPU is smaller than one layer of this model "
+                        f"({size(layer)}: its parameters and one sequence's activations at tp="
                         f"{dev.gpus_per_node}); use GPUs with more memory or a shorter train.seq_len")
     result = plan(cfg, world, dev)
     print(f"plan: {cfg.model.family}, {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step, on "
@@ -63,9 +63,9 @@ def plan_command(args) -> int:
     print_families(result)
     if not result.ranked:
         closest = min(result.best_per_family.values(), key=lambda c: c.memory.total)
-        raise UserError(f"no layout fits in {usable / GIB:.1f} GiB per GPU; the closest, {closest.layout.describe()}, "
-                        f"needs {closest.memory.total / GIB:.1f} GiB, most of it {closest.memory.largest()} "
-                        f"({closest.memory.terms[closest.memory.largest()] / GIB:.1f} GiB); add GPUs or memory")
+        raise UserError(f"no layout fits in {size(usable)} per GPU; the closest, {closest.layout.describe()}, "
+                        f"needs {size(closest.memory.total)}, most of it {closest.memory.largest()} "
+                        f"({size(closest.memory.terms[closest.memory.largest()])}); add GPUs or memory")
     if args.write:
         best = result.ranked[0].cfg
         best.dump(Path(args.write))
@@ -74,16 +74,38 @@ def plan_command(args) -> int:
     return 0
 
 
+def unit_of_bytes(n: float) -> tuple[str, float]:
+    """GiB for what a large model needs, MiB below a tenth of one (a small model's plan is not all 0.0 GiB)."""
+    return ("GiB", GIB) if n >= GIB / 10 else ("MiB", 2**20)
+
+
+def unit_of_seconds(t: float) -> tuple[str, float]:
+    return ("s", 1.0) if t >= 0.1 else ("ms", 1e-3) if t >= 1e-4 else ("µs", 1e-6)
+
+
+def size(n: float) -> str:
+    unit, scale = unit_of_bytes(n)
+    return f"{n / scale:.1f} {unit}"
+
+
+def duration(t: float) -> str:
+    unit, scale = unit_of_seconds(t)
+    return f"{t / scale:.2f} {unit}"
+
+
 def describe(p: Plan, c: Candidate) -> str:
     tokens_per_gpu = c.cfg.train.global_batch_size * c.cfg.train.seq_len / (c.time.total * p.world)
-    return (f"{c.layout.describe()}: {c.memory.total / GIB:.1f} GiB per GPU, step {c.time.total:.2f} s, "
+    return (f"{c.layout.describe()}: {size(c.memory.total)} per GPU, step {duration(c.time.total)}, "
             f"{tokens_per_gpu:,.0f} tokens/s per GPU, MFU {100 * c.time.mfu(p.device, p.world):.1f}%")
 
 
 def terms(c: Candidate) -> str:
-    memory = ", ".join(f"{name} {value / GIB:.1f}" for name, value in c.memory.terms.items() if value)
-    time = ", ".join(f"{name} {value:.2f}" for name, value in c.time.terms.items() if value)
-    return f"memory GiB: {memory} | time s: {time}"
+    """The memory and time terms of a candidate, each line in the unit of its largest term."""
+    bytes_unit, bytes_scale = unit_of_bytes(max(c.memory.terms.values()))
+    time_unit, time_scale = unit_of_seconds(max(c.time.terms.values()))
+    memory = ", ".join(f"{name} {value / bytes_scale:.1f}" for name, value in c.memory.terms.items() if value)
+    time = ", ".join(f"{name} {value / time_scale:.2f}" for name, value in c.time.terms.items() if value)
+    return f"memory {bytes_unit}: {memory} | time {time_unit}: {time}"
 
 
 def print_own_layout(cfg, p: Plan) -> None:
@@ -93,7 +115,7 @@ def print_own_layout(cfg, p: Plan) -> None:
         print(f"the config's own layout cannot run on {p.world} GPUs: {e}")
         return
     verdict = "fits" if p.fits(own) else (f"does not fit: largest term {own.memory.largest()} "
-                                          f"{own.memory.terms[own.memory.largest()] / GIB:.1f} GiB")
+                                          f"{size(own.memory.terms[own.memory.largest()])}")
     print(f"the config's own layout: {describe(p, own)}; {verdict}")
 
 
@@ -109,13 +131,13 @@ def print_families(p: Plan) -> None:
             continue
         if not p.fits(c):
             largest = c.memory.largest()
-            print(f"  {name}: does not fit: its smallest, {c.layout.describe()}, needs {c.memory.total / GIB:.1f} GiB; "
-                  f"largest term {largest} {c.memory.terms[largest] / GIB:.1f} GiB")
+            print(f"  {name}: does not fit: its smallest, {c.layout.describe()}, needs {size(c.memory.total)}; "
+                  f"largest term {largest} {size(c.memory.terms[largest])}")
         elif winner is not None and c.time.total < 1.01 * winner.time.total:
-            print(f"  {name}: best {c.layout.describe()} is as fast (within 1%) but needs {c.memory.total / GIB:.1f} "
-                  f"GiB per GPU against {winner.memory.total / GIB:.1f}")
+            print(f"  {name}: best {c.layout.describe()} is as fast (within 1%) but needs {size(c.memory.total)} "
+                  f"per GPU against {size(winner.memory.total)}")
         elif winner is not None:
             extra = {k: v - winner.time.terms.get(k, 0.0) for k, v in c.time.terms.items()}
             worst = max(extra, key=extra.get)
             print(f"  {name}: best {c.layout.describe()} is {100 * (c.time.total / winner.time.total - 1):.0f}% "
-                  f"slower, most of it {worst} (+{extra[worst]:.2f} s)")
+                  f"slower, most of it {worst} (+{duration(extra[worst])})")

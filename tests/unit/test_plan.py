@@ -1,5 +1,6 @@
 """`shardwright plan`: the live-bytes counter, the meta-device probe, the search (only layouts `train` accepts),
 predicted against measured memory of real in-process training steps, and the CLI's refusals."""
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,6 @@ def test_write_emits_the_best_layout_as_a_config_train_takes(capsys, tmp_path):
     dims = validate(written, 4)
     best = out.split("\n1. ", 1)[1].split(":", 1)[0]
     assert best.startswith(dims.describe()) and f"mbs={written.train.micro_batch_size}" in best
+    # The tiny model needs MiB and microseconds: every figure of the report is printed in a unit that shows it.
+    figures = re.findall(r"(\d+\.\d+) (GiB|MiB|s|ms|µs)\b", out)
+    assert {unit for _, unit in figures} >= {"MiB", "µs"} and all(float(value) > 0 for value, _ in figures), out
