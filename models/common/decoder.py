@@ -10,18 +10,19 @@ from torch import nn
 
 class TransformerBlock(nn.Module):
     """A pre-norm residual block: h = x + attention(attention_norm(x), positions, document_ids=...), then
-    h + feed_forward(ffn_norm(h)). document_ids travel as a keyword, so tensor-parallel input plans
-    (which lay out the positional inputs) leave them as they are."""
+    h + feed_forward(ffn_norm(h), **ffn_kwargs). document_ids travel as a keyword, so tensor-parallel input
+    plans (which lay out the positional inputs) leave them as they are; so do ffn_kwargs, a family's further
+    inputs of its feed-forward (MatFormer's per-row widths)."""
 
     def __init__(self, attention_norm: nn.Module, attention: nn.Module, ffn_norm: nn.Module, feed_forward: nn.Module):
         super().__init__()
         self.attention_norm, self.attention = attention_norm, attention
         self.ffn_norm, self.feed_forward = ffn_norm, feed_forward
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, document_ids: torch.Tensor | None = None,
+                **ffn_kwargs) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions, document_ids=document_ids)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), **ffn_kwargs)
 
 
 class Decoder(nn.Module):

@@ -113,13 +113,6 @@ class NestedSwiGLU(nn.Module):
         return self.compute(x, self.w1.weight, self.w3.weight, self.w2.weight, runs=runs, hidden=self.hidden_dim)
 
 
-class MatFormerBlock(TransformerBlock):
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None, document_ids: torch.Tensor | None = None,
-                ffn_runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, document_ids=document_ids)
-        return h + self.feed_forward(self.ffn_norm(h), runs=ffn_runs)
-
-
 def width_runs(ffn_widths: torch.Tensor) -> list[tuple[int, list[int]]]:
     """(rows, per-layer widths) of each run of consecutive rows of ffn_widths [rows, n_layers] that share a submodel."""
     vectors, counts = torch.unique_consecutive(ffn_widths, dim=0, return_counts=True)
@@ -129,9 +122,9 @@ def width_runs(ffn_widths: torch.Tensor) -> list[tuple[int, list[int]]]:
 class MatFormer(Decoder):
     def __init__(self, cfg: MatFormerConfig):
         super().__init__(cfg, Embedding(cfg.vocab_size, cfg.dim, cfg.init_std),
-                         {str(i): MatFormerBlock(RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg),
-                                                 RMSNorm(cfg.dim, cfg.norm_eps),
-                                                 NestedSwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std, cfg.out_std))
+                         {str(i): TransformerBlock(RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg),
+                                                   RMSNorm(cfg.dim, cfg.norm_eps),
+                                                   NestedSwiGLU(cfg.dim, cfg.ffn_hidden_dim, cfg.init_std, cfg.out_std))
                           for i in range(cfg.n_layers)},
                          RMSNorm(cfg.dim, cfg.norm_eps), Linear(cfg.dim, cfg.vocab_size, cfg.init_std),
                          cfg.tie_embeddings)
@@ -144,7 +137,7 @@ class MatFormer(Decoder):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for name, layer in self.layers.items():
             layer_runs = [(rows, widths[int(name)]) for rows, widths in runs] if runs is not None else None
-            h = layer(h, positions, document_ids=document_ids, ffn_runs=layer_runs)
+            h = layer(h, positions, document_ids=document_ids, runs=layer_runs)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
