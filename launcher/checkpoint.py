@@ -319,9 +319,14 @@ class _ErrnoKeepingWriter(dcp.FileSystemWriter):
 def lower_this_thread_priority() -> None:
     """Give the calling thread the lowest CPU priority (nice 19), so that where training keeps every core busy
     (a CPU run) a background save's write and hashing take only the cycles training leaves. Linux sets nice per
-    thread; elsewhere it would apply to the whole process, so there it does nothing."""
-    if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    thread; elsewhere it would apply to the whole process, so there it does nothing, as it does on the main
+    thread (training's: an unprivileged process could not raise it again). Best effort: a refusal leaves the
+    priority as it was."""
+    if sys.platform == "linux" and threading.current_thread() is not threading.main_thread():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
 
 
 class _BackgroundWriter(_ErrnoKeepingWriter):

@@ -22,11 +22,12 @@ _DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # devices.yaml's 
 
 class PeakFlops:
     """Peak FLOP/s of one process, the denominator of MFU: run.peak_flops when configured, else a known
-    GPU's datasheet figure for the dtype (planner/devices.yaml, the planner's too), else measured: the best of several short matmul timings, made once per device,
-    dtype and thread count and kept in peak_flops.json under the user's cache dir, so every run on a
-    machine divides by the same figure. A measurement on a busy machine comes out low; a step that then
-    achieves more proves it: the measured peak is raised to that rate (and cached), said once, so MFU from a
-    measured peak never exceeds 100%. A configured or datasheet peak is kept as given."""
+    GPU's datasheet figure for the dtype (planner/devices.yaml, the planner's too), else measured: the best of
+    several short matmul timings, made once per device, dtype and thread count and kept in peak_flops.json under
+    the user's cache dir, so every run on a machine divides by the same figure. A measurement on a busy machine
+    comes out low; a step that then achieves more proves it: the measured peak is raised to that rate (and
+    cached), said once, so MFU from a measured peak never exceeds 100%. A configured or datasheet peak is kept
+    as given."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, configured: float, log=print):
         self.log = log
@@ -36,7 +37,7 @@ class PeakFlops:
             return
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
-            peak = datasheet_peak_flops(name, _DTYPE_KEYS[dtype])
+            peak = datasheet_peak_flops(name, _DTYPE_KEYS[dtype]) if dtype in _DTYPE_KEYS else None
             if peak is not None:
                 self.value, self.how = peak, f"datasheet {_DTYPE_KEYS[dtype]} peak of {name} ({DEVICES_FILE.name})"
                 return

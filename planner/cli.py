@@ -53,7 +53,7 @@ def plan_command(args) -> int:
                         f"{dev.gpus_per_node}); use GPUs with more memory or a shorter train.seq_len")
     result = plan(cfg, world, dev)
     print(f"plan: {cfg.model.family}, {cfg.train.global_batch_size} x {cfg.train.seq_len} tokens per step, on "
-          f"{args.nodes} x {args.gpus_per_node} {dev.name} ({usable / GIB:.0f} of {dev.memory_bytes / GIB:.0f} GiB "
+          f"{args.nodes} x {args.gpus_per_node} {dev.name} ({size(usable)} of {size(dev.memory_bytes)} "
           f"usable, {dev.peak_flops / 1e12:.0f} TFLOP/s bf16 peak x {dev.matmul_efficiency} efficiency)")
     print(f"{result.tried} layouts tried, {result.valid} valid, {len(result.ranked)} fit")
     for rank, c in enumerate(result.ranked[:args.top], 1):

@@ -401,8 +401,10 @@ def test_an_async_save_writes_and_hashes_at_the_lowest_priority_leaving_training
                         recording("write", launcher.checkpoint._BackgroundWriter.write_data))
     monkeypatch.setattr(launcher.checkpoint, "file_sha256", recording("hash", launcher.checkpoint.file_sha256))
     training = priority()
+    if training == 19:
+        pytest.skip("the tests run at nice 19 already: a lowered thread would not differ from training's")
     checkpointer = launcher.checkpoint.Checkpointer(tmp_path, keep_last=1, rank=0, async_save=True)
     checkpointer.save(1, {"w": torch.ones(8)}, {})
     assert checkpointer.wait() == tmp_path / "checkpoints" / "step-1"
-    assert training < 19 and priority() == training
+    assert priority() == training
     assert priorities == {"write": 19, "hash": 19}
