@@ -52,6 +52,7 @@ from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
 from launcher.init_from import CONSOLIDATED_KEY
 from launcher.megatron_import import GPT_CONFIG, stacked_name
 from launcher.optim import Optimizers
+from launcher.precision import DTYPES
 from launcher.trainer import model_inputs
 from launcher.weights import checkpoint_reader
 from models import FAMILIES, configured_spec, get_model_spec
@@ -65,7 +66,6 @@ PRESERVED_RTOL = 1e-5
 TO_HF = "to-hf"  # the sub-command every family with an "hf" state-dict adapter has
 TO_MEGATRON = "to-megatron"  # ... and with a "megatron" one
 TO_FILE = "to-file"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def checkpoint_commands() -> dict[str, tuple[str, CheckpointCommand]]:

@@ -15,9 +15,8 @@ import torch
 from tqdm import tqdm
 
 from launcher.errors import UserError
+from launcher.precision import DTYPES
 from planner.devices import DEVICES_FILE, datasheet_peak_flops
-
-_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float32: "fp32"}  # devices.yaml's names of the compute dtypes
 
 
 class PeakFlops:
@@ -37,9 +36,10 @@ class PeakFlops:
             return
         if device.type == "cuda":
             name = torch.cuda.get_device_name(device)
-            peak = datasheet_peak_flops(name, _DTYPE_KEYS[dtype]) if dtype in _DTYPE_KEYS else None
+            dtype_name = next((key for key, value in DTYPES.items() if value == dtype), None)
+            peak = datasheet_peak_flops(name, dtype_name) if dtype_name is not None else None
             if peak is not None:
-                self.value, self.how = peak, f"datasheet {_DTYPE_KEYS[dtype]} peak of {name} ({DEVICES_FILE.name})"
+                self.value, self.how = peak, f"datasheet {dtype_name} peak of {name} ({DEVICES_FILE.name})"
                 return
         self.measured = True
         self.key = _machine_key(device, dtype)

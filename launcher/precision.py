@@ -8,6 +8,8 @@ and warns when bf16 is asked for on a CPU that would emulate it.
 """
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # compute dtypes by the names configs and devices.yaml use
+
 
 def cpu_has_native_bf16() -> bool:
     """oneDNN's own test (the one PyTorch's CPU bf16 kernels go by)."""
