@@ -133,6 +133,8 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
             without += [w for k, w in run["walls"].items() if k > args.warmup and k not in touched]
         save_calls = [c for run in runs[mode] for c in run["save_call_s"]]
         out[mode] = {"median_step_s_without_save": statistics.median(without),
+                     # Steps between saves against a run without any: what saving leaves behind (docs/performance.md).
+                     "without_save_vs_none_median": statistics.median(without) / baseline,
                      "median_step_s_during_save": statistics.median(during),
                      "mean_step_s_during_save": statistics.mean(during),
                      "during_save_vs_none_median": statistics.median(during) / baseline,

@@ -27,6 +27,7 @@ from launcher.checkpoint import (Checkpointer, RNGState, check_same_engine, chec
                                  checkpoint_meta, engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
+from launcher.cpu_threads import describe_openmp
 from launcher.deepspeed_engine import ZeroOptimizers, check_deepspeed_config, deepspeed_config
 from launcher.distributed import detect_world, init_distributed
 from launcher.errors import PREEMPTED_EXIT, UserError
@@ -230,7 +231,7 @@ def train(cfg: Config) -> dict:
     dims, resume_from, saved, starting_weights = preflight(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
     lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
-    allocator_note = keep_freed_memory() if device.type == "cpu" else None
+    cpu_notes = [keep_freed_memory(), describe_openmp(torch.get_num_threads())] if device.type == "cpu" else []
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
     model_cfg = cfg.model_config()
@@ -331,8 +332,8 @@ def train(cfg: Config) -> dict:
                  f"on {dims.world_size} {device.type} process(es), "
                  f"{'bf16' if bf16 else 'fp32'}, {t.global_batch_size} x {t.seq_len} tokens per step")
     metrics.info(f"MFU baseline: {peak.value / 1e9:.1f} GFLOP/s per process ({peak.how})")
-    if allocator_note:
-        metrics.info(allocator_note)
+    for note in filter(None, cpu_notes):
+        metrics.info(note)
     if precision_note:
         metrics.info(precision_note)
 
