@@ -13,6 +13,11 @@ on CPU:
   worth 4-11% of tokens/s here: without it on both sides, the ratio measured the two processes'
   allocation histories (0.935-0.946 before the trainer tuned malloc).
 
+Also, `--interleaved` runs (fresh processes too) train both in one process, one step each in turn: the trainer,
+with a bare step on a model of its own run before each of its steps, timed apart (the trainer's `train_step` only,
+without its ~0.1 ms of data loading). Their ratio (`interleaved_ratio_median`) is free of what separates two
+processes on a shared VM, which the cross-process ratios are not: the same side's runs differ by up to 13% here.
+
 Every run is a fresh Python process (so neither side inherits the other's heap, allocator or
 thread-pool state), the sides alternate in the order ABBA, BAAB, ... (so a drift of the machine
 hits both alike), and a run's speed is tokens per step over its *median* step time after
@@ -24,7 +29,7 @@ must produce the same losses (1e-5 relative), or the comparison is not apples to
 exits non-zero. The goal is a paired ratio >= 0.95.
 
     .venv/bin/python benchmarks/overhead.py [--config configs/llm/tiny.yaml] [--steps 30]
-        [--warmup 5] [--repeats 4] [--threads N] [--set section.key=value ...] [--out FILE]
+        [--warmup 5] [--repeats 4] [--interleaved 2] [--threads N] [--set section.key=value ...] [--out FILE]
 
 Numbers from a shared or small (e.g. 2-core) machine are noisy; compare runs on a quiet one.
 """
@@ -48,7 +53,7 @@ from launcher.config import Config, load_config
 from launcher.cpu_memory import keep_freed_memory
 from launcher.metrics import describe_machine
 from launcher.optim import build_optimizer, build_scheduler
-from launcher.trainer import train
+from launcher.trainer import TrainStep, train
 from models import get_model_spec
 from parallel.init import init_parameters
 
@@ -63,10 +68,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     p.add_argument("--repeats", type=int, default=4, help="runs of each side (alternating, each a fresh process)")
+    p.add_argument("--interleaved", type=int, default=2, help="runs training both sides in one process, in turn")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", default="benchmarks/results/overhead.json")
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side, print JSON
+    p.add_argument("--side", choices=(*SIDES, "interleaved"), help=argparse.SUPPRESS)  # internal: one run, as JSON
     args = p.parse_args()
     if not 0 <= args.warmup < args.steps:
         p.error("--warmup must be at least 0 and less than --steps")
@@ -106,16 +112,16 @@ def fetch_batches(cfg: Config) -> list:
     return [loader.micro_batches(step) for step in range(t.steps)]
 
 
-def run_bare(cfg: Config, batches: list) -> tuple[list[float], list[float]]:
-    """Losses and tokens/s of every step of a plain PyTorch loop over pre-fetched batches."""
+def bare_stepper(cfg: Config):
+    """A plain PyTorch training step on a model of its own: step(micro_batches) -> (loss, seconds)."""
     t = cfg.train
     model = get_model_spec(cfg.model.family).model_cls(cfg.model_config())
     init_parameters(model, t.seed)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     n_tokens = t.global_batch_size * t.seq_len
-    losses, throughput = [], []
-    for micro_batches in batches:
+
+    def step(micro_batches: list) -> tuple[float, float]:
         started = time.perf_counter()
         loss_sum = torch.zeros(())
         for batch in micro_batches:
@@ -128,9 +134,45 @@ def run_bare(cfg: Config, batches: list) -> tuple[list[float], list[float]]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append((loss_sum / n_tokens).item())
-        throughput.append(n_tokens / (time.perf_counter() - started))
+        loss = (loss_sum / n_tokens).item()
+        return loss, time.perf_counter() - started
+    return step
+
+
+def run_bare(cfg: Config, batches: list) -> tuple[list[float], list[float]]:
+    """Losses and tokens/s of every step of a plain PyTorch loop over pre-fetched batches."""
+    n_tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    step = bare_stepper(cfg)
+    losses, throughput = [], []
+    for micro_batches in batches:
+        loss, seconds = step(micro_batches)
+        losses.append(loss)
+        throughput.append(n_tokens / seconds)
     return losses, throughput
+
+
+def run_interleaved(args) -> dict:
+    """One process training both: before each trainer step, a bare step on the same step's batches; both timed."""
+    bare_step, batches = None, None
+    bare_s, trainer_s = [], []
+    real_train_step = TrainStep.train_step
+
+    def train_step(steps, micro_batches):
+        _loss, seconds = bare_step(batches[len(bare_s)])
+        bare_s.append(seconds)
+        started = time.perf_counter()
+        record = real_train_step(steps, micro_batches)
+        trainer_s.append(time.perf_counter() - started)
+        return record
+
+    TrainStep.train_step = train_step
+    with tempfile.TemporaryDirectory(prefix="overhead-") as run_dir:
+        cfg = run_config(args, run_dir)
+        keep_freed_memory()
+        batches = fetch_batches(cfg)
+        bare_step = bare_stepper(cfg)
+        train(cfg)
+    return {"bare_step_s": bare_s, "trainer_step_s": trainer_s}
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:
@@ -143,6 +185,10 @@ def run_side(args) -> dict:
     """This process's one run of `args.side`: its losses and per-step tokens/s."""
     torch.set_num_threads(args.threads)
     cfg = run_config(args, "unused")
+    if args.side == "interleaved":
+        result = run_interleaved(args)
+        dist.destroy_process_group()
+        return result
     if args.side == "bare":
         keep_freed_memory()
         losses, throughput = run_bare(cfg, fetch_batches(cfg))
@@ -175,6 +221,15 @@ def main() -> int:
                          "step_tokens_per_s": steady, "loss_rel_diff": max_rel_diff(result["losses"], reference)})
             print(f"  {side:12s} run {repeat}: {runs[-1]['tokens_per_s']:.0f} tokens/s (median step)", flush=True)
 
+    interleaved = []
+    for run in range(args.interleaved):
+        result = spawn_side("interleaved")
+        pairs = list(zip(result["bare_step_s"], result["trainer_step_s"]))[args.warmup:]
+        # tokens/s of the trainer over the bare loop's, per step: bare time over trainer time
+        interleaved.append(statistics.median(bare / trainer for bare, trainer in pairs))
+        print(f"  interleaved  run {run}: trainer step / bare step speed {interleaved[-1]:.3f} (median step)",
+              flush=True)
+
     def median(side):
         return statistics.median(r["tokens_per_s"] for r in runs if r["side"] == side)
     shardwright, bare = median("shardwright"), median("bare")
@@ -187,13 +242,16 @@ def main() -> int:
               "machine": describe_machine(), "shardwright_tokens_per_s": shardwright,
               "bare_tokens_per_s": bare, "ratio": shardwright / bare, "paired_ratios": paired,
               "paired_ratio_median": statistics.median(paired), "goal": GOAL,
-              "meets_goal": statistics.median(paired) >= GOAL, "max_loss_rel_diff": loss_diff, "runs": runs}
+              "meets_goal": statistics.median(paired) >= GOAL, "interleaved_ratios": interleaved,
+              "interleaved_ratio_median": statistics.median(interleaved) if interleaved else None,
+              "max_loss_rel_diff": loss_diff, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"overhead: shardwright {shardwright:.0f} tokens/s, bare {bare:.0f} tokens/s (medians over runs: ratio "
           f"{result['ratio']:.3f}); median of the back-to-back pairs' ratios {result['paired_ratio_median']:.3f} "
-          f"(goal {GOAL}: {'met' if result['meets_goal'] else 'NOT met'}), max loss rel diff {loss_diff:.2e} -> {out}")
+          f"(goal {GOAL}: {'met' if result['meets_goal'] else 'NOT met'}); in one process, step by step, "
+          f"{', '.join(f'{r:.3f}' for r in interleaved) or 'not run'}; max loss rel diff {loss_diff:.2e} -> {out}")
     if loss_diff > LOSS_RTOL:
         print(f"error: the bare loop's losses differ from the trainer's by {loss_diff:.2e} relative (> {LOSS_RTOL}), "
               "so the two do not train the same thing and the ratio means nothing", file=sys.stderr)
