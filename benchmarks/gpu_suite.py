@@ -195,7 +195,7 @@ def checkpoint(args, device) -> dict:
             return {"error": f"exit {run.returncode}: {run.stderr[-3000:]}"}
         result = json.loads(out.read_text())
     keep = ("save_call_s", "during_save_vs_steps_before_it", "during_save_vs_steps_before_it_each",
-            "steps_per_save", "added_s_per_save", "median_step_s_without_save")
+            "steps_per_save", "added_s_per_save", "median_step_s_without_save", "without_save_vs_none_median")
     return {"arguments": sizes, "checkpoint_mb": result["checkpoint_mb"], "goal": result["goal_during_save_vs_none"],
             "none_median_step_s": result["none"]["median_step_s"],
             **{mode: {k: result[mode][k] for k in keep} for mode in ("sync", "async")},
