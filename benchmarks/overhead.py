@@ -4,19 +4,21 @@ Both sides train the same model (same init, optimizer, schedule, micro-batches a
 on CPU:
 
 - shardwright: `launcher.trainer.train` itself, one process (a 1-rank gloo group). Its per-step
-  time covers data loading, the loss all-reduce, grad norm, scheduler and metrics writing —
-  the overhead measured here; the final eval and sample fall outside it. Step times come from
-  the step records in `<run.dir>/metrics.jsonl`.
+  time covers data loading, the loss all-reduce, grad norm and scheduler — the overhead measured
+  here; writing the step's metrics record comes after its time is taken, and the final eval and
+  sample fall outside it. Step times come from the step records in `<run.dir>/metrics.jsonl`.
 - bare: forward, cross entropy, backward, clip, step, zero_grad and `.item()` on the loss, over
   batches fetched before timing, so it does no data work at all: an upper bound. It gets the
   malloc tuning the trainer applies on CPU (launcher/cpu_memory.py), which is not overhead but
   worth 4-11% of tokens/s here: without it on both sides, the ratio measured the two processes'
   allocation histories (0.935-0.946 before the trainer tuned malloc).
 
-Also, `--interleaved` runs (fresh processes too) train both in one process, one step each in turn: the trainer,
-with a bare step on a model of its own run before each of its steps, timed apart (the trainer's `train_step` only,
-without its ~0.1 ms of data loading). Their ratio (`interleaved_ratio_median`) is free of what separates two
-processes on a shared VM, which the cross-process ratios are not: the same side's runs differ by up to 13% here.
+Also, `--interleaved` runs (fresh processes too) train both in one process, a step of each in turn: the trainer,
+with a bare step on a model of its own run before or after each of its steps (alternating), timed apart (the
+trainer's `train_step` only, without its ~0.1 ms of data loading). Their ratio (`interleaved_ratio_median`) is free
+of what separates two processes on a shared VM, which the cross-process ratios are not: the same side's runs differ
+by up to 17% here.
+Both sides' losses are checked against the first fresh run's as below.
 
 Every run is a fresh Python process (so neither side inherits the other's heap, allocator or
 thread-pool state), the sides alternate in the order ABBA, BAAB, ... (so a drift of the machine
@@ -152,17 +154,26 @@ def run_bare(cfg: Config, batches: list) -> tuple[list[float], list[float]]:
 
 
 def run_interleaved(args) -> dict:
-    """One process training both: before each trainer step, a bare step on the same step's batches; both timed."""
+    """One process training both, a step of each in turn on the same step's batches, the order alternating (AB BA BA
+    AB ...: whatever going first costs falls on both alike); each side's losses and step times."""
     bare_step, batches = None, None
-    bare_s, trainer_s = [], []
+    bare, trainer = {"losses": [], "step_s": []}, {"losses": [], "step_s": []}
     real_train_step = TrainStep.train_step
 
     def train_step(steps, micro_batches):
-        _loss, seconds = bare_step(batches[len(bare_s)])
-        bare_s.append(seconds)
+        k = len(bare["losses"])
+        if k % 4 in (0, 3):
+            loss, seconds = bare_step(batches[k])
+            bare["losses"].append(loss)
+            bare["step_s"].append(seconds)
         started = time.perf_counter()
         record = real_train_step(steps, micro_batches)
-        trainer_s.append(time.perf_counter() - started)
+        trainer["step_s"].append(time.perf_counter() - started)
+        trainer["losses"].append(record["loss"])
+        if k % 4 in (1, 2):
+            loss, seconds = bare_step(batches[k])
+            bare["losses"].append(loss)
+            bare["step_s"].append(seconds)
         return record
 
     TrainStep.train_step = train_step
@@ -172,7 +183,7 @@ def run_interleaved(args) -> dict:
         batches = fetch_batches(cfg)
         bare_step = bare_stepper(cfg)
         train(cfg)
-    return {"bare_step_s": bare_s, "trainer_step_s": trainer_s}
+    return {"bare": bare, "trainer": trainer}
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:
@@ -184,11 +195,11 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 def run_side(args) -> dict:
     """This process's one run of `args.side`: its losses and per-step tokens/s."""
     torch.set_num_threads(args.threads)
-    cfg = run_config(args, "unused")
     if args.side == "interleaved":
         result = run_interleaved(args)
         dist.destroy_process_group()
         return result
+    cfg = run_config(args, "unused")
     if args.side == "bare":
         keep_freed_memory()
         losses, throughput = run_bare(cfg, fetch_batches(cfg))
@@ -221,12 +232,14 @@ def main() -> int:
                          "step_tokens_per_s": steady, "loss_rel_diff": max_rel_diff(result["losses"], reference)})
             print(f"  {side:12s} run {repeat}: {runs[-1]['tokens_per_s']:.0f} tokens/s (median step)", flush=True)
 
-    interleaved = []
+    interleaved, interleaved_loss_diff = [], 0.0
     for run in range(args.interleaved):
         result = spawn_side("interleaved")
-        pairs = list(zip(result["bare_step_s"], result["trainer_step_s"]))[args.warmup:]
+        pairs = list(zip(result["bare"]["step_s"], result["trainer"]["step_s"]))[args.warmup:]
         # tokens/s of the trainer over the bare loop's, per step: bare time over trainer time
         interleaved.append(statistics.median(bare / trainer for bare, trainer in pairs))
+        interleaved_loss_diff = max(interleaved_loss_diff, max_rel_diff(result["bare"]["losses"], reference),
+                                    max_rel_diff(result["trainer"]["losses"], reference))
         print(f"  interleaved  run {run}: trainer step / bare step speed {interleaved[-1]:.3f} (median step)",
               flush=True)
 
@@ -236,9 +249,9 @@ def main() -> int:
     # Each repeat's two runs are back to back: their ratio sees the same machine state.
     speed = {(r["repeat"], r["side"]): r["tokens_per_s"] for r in runs}
     paired = [speed[k, "shardwright"] / speed[k, "bare"] for k in range(args.repeats)]
-    loss_diff = max(r["loss_rel_diff"] for r in runs)
+    loss_diff = max(interleaved_loss_diff, *(r["loss_rel_diff"] for r in runs))
     result = {"benchmark": "overhead", "config": args.config, "overrides": args.overrides, "steps": args.steps,
-              "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+              "warmup": args.warmup, "repeats": args.repeats, "interleaved": args.interleaved, "threads": args.threads,
               "machine": describe_machine(), "shardwright_tokens_per_s": shardwright,
               "bare_tokens_per_s": bare, "ratio": shardwright / bare, "paired_ratios": paired,
               "paired_ratio_median": statistics.median(paired), "goal": GOAL,

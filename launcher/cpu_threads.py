@@ -5,37 +5,53 @@ before they sleep, so that the next op starts at once. libgomp cuts that spin to
 holds more OpenMP threads than CPUs, and a second team keeps it there for the rest of the run: the first time
 another thread runs a parallel op it gets a team of its own, e.g. a gloo worker copying the result of a large
 collective (a DCP save gathers its plans through one). From then on the team sleeps between most ops and each op pays
-to wake it: on a 2-core machine the tiny config at dim 256 trained 15-20% slower after its first checkpoint, sync or
+to wake it: on a 2-core machine the tiny config at dim 256 trained 10-20% slower after its first checkpoint, sync or
 async, its small element-wise ops twice as slow (docs/performance.md). OMP_WAIT_POLICY=ACTIVE raises the cut-down
-spin to 1000 iterations, and GOMP_SPINCOUNT=300000 keeps the usual one (ACTIVE alone would keep idle threads
-spinning, on their cores, for minutes). libgomp reads both once, when torch loads it, so the launcher package sets
-them, where the user has not, before anything imports torch (launcher/__init__.py); the processes it starts inherit
-them.
+spin to 1000 iterations, and GOMP_SPINCOUNT=300000 keeps the usual one (libgomp's default but on Intel's hybrid
+CPUs; ACTIVE alone would keep idle threads spinning, on their cores, for minutes). libgomp reads both once, when
+torch loads it, so the launcher package sets them, where the user has set neither and torch bundles libgomp, before
+anything imports torch (launcher/__init__.py); the processes it starts inherit them.
 """
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 SETTINGS = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
-_libgomp_saw: dict[str, str | None] = {}  # the settings this process's libgomp read (or will read) at load
+_libgomp_saw: dict[str, str | None] = {}  # what this process's libgomp read (or will read) when torch loads it
+
+
+def torch_bundles_libgomp() -> bool:
+    """Whether the torch this Python imports ships GNU OpenMP (pip's Linux wheels do; a build on LLVM's or Intel's
+    OpenMP does not, and there OMP_WAIT_POLICY=ACTIVE alone means threads that never sleep). Looked up without
+    importing torch."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return False
+    package = Path(spec.origin).parent
+    return any(path for folder in (package / "lib", package.with_name("torch.libs"))
+               for path in folder.glob("libgomp*.so*"))
 
 
 def set_openmp_defaults() -> None:
-    """Put SETTINGS into the environment where unset: for this process's libgomp unless torch is loaded already,
-    and for every process it starts either way."""
+    """Put SETTINGS into the environment where the user has set neither (a choice of either is kept whole: in libgomp
+    an explicit spin count overrides the wait policy's), for torch's own libgomp only: for this process's unless torch
+    is loaded already, and for the processes it starts either way."""
     before = {name: os.environ.get(name) for name in SETTINGS}
-    for name, value in SETTINGS.items():
-        os.environ.setdefault(name, value)
-    _libgomp_saw.update(before if "torch" in sys.modules else {name: os.environ[name] for name in SETTINGS})
+    if all(value is None for value in before.values()) and torch_bundles_libgomp():
+        os.environ.update(SETTINGS)
+    _libgomp_saw.update(before if "torch" in sys.modules else {name: os.environ.get(name) for name in SETTINGS})
 
 
 def describe_openmp(n_threads: int) -> str | None:
-    """A line for the log of a CPU run with `n_threads` torch threads: whether its idle OpenMP threads keep spinning,
-    and if not the fix. None for one thread: no team to wake, and other threads' ops then run single-threaded too."""
-    if n_threads <= 1:
+    """A line for the log of a CPU run with `n_threads` torch threads: what its libgomp started with and, unless idle
+    threads keep spinning, the fix. None for one thread (no team to wake, and other threads' ops then run on one
+    thread too) and for a torch without libgomp."""
+    if n_threads <= 1 or not torch_bundles_libgomp():
         return None
     saw = " ".join(f"{name}={_libgomp_saw.get(name) or '(unset)'}" for name in SETTINGS)
-    if all(_libgomp_saw.get(name) == value for name, value in SETTINGS.items()):
-        return f"OpenMP: {saw}: idle threads keep spinning between ops once other threads run parallel ops too"
-    return (f"OpenMP: this process's libgomp started with {saw}, so once another thread runs a parallel op (a "
-            f"checkpoint's collectives do) torch's threads sleep between ops and CPU training slows (15-20% on 2 cores: "
-            f"docs/performance.md); start it with " + " ".join(f"{k}={v}" for k, v in SETTINGS.items()))
+    if (_libgomp_saw.get("OMP_WAIT_POLICY") or "").strip().lower() == "active":
+        return f"OpenMP: libgomp started with {saw}: idle threads keep spinning between ops"
+    return (f"OpenMP: libgomp started with {saw}: once another thread has run a parallel op (a checkpoint's "
+            f"collectives do), torch's threads sleep between ops and CPU training slows (10-20% on 2 cores: "
+            f"docs/performance.md); start with " + " ".join(f"{k}={v}" for k, v in SETTINGS.items()))
