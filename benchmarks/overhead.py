@@ -160,20 +160,22 @@ def run_interleaved(args) -> dict:
     bare, trainer = {"losses": [], "step_s": []}, {"losses": [], "step_s": []}
     real_train_step = TrainStep.train_step
 
+    def bare_turn(k: int) -> None:
+        loss, seconds = bare_step(batches[k])
+        bare["losses"].append(loss)
+        bare["step_s"].append(seconds)
+
     def train_step(steps, micro_batches):
-        k = len(bare["losses"])
-        if k % 4 in (0, 3):
-            loss, seconds = bare_step(batches[k])
-            bare["losses"].append(loss)
-            bare["step_s"].append(seconds)
+        k = len(trainer["losses"])
+        bare_first = k % 4 in (0, 3)
+        if bare_first:
+            bare_turn(k)
         started = time.perf_counter()
         record = real_train_step(steps, micro_batches)
         trainer["step_s"].append(time.perf_counter() - started)
         trainer["losses"].append(record["loss"])
-        if k % 4 in (1, 2):
-            loss, seconds = bare_step(batches[k])
-            bare["losses"].append(loss)
-            bare["step_s"].append(seconds)
+        if not bare_first:
+            bare_turn(k)
         return record
 
     TrainStep.train_step = train_step

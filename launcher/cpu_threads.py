@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 SETTINGS = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
-_libgomp_saw: dict[str, str | None] = {}  # what this process's libgomp read (or will read) when torch loads it
+# What this process's libgomp read (or will read) when torch loads it; empty when torch does not bundle libgomp.
+_libgomp_saw: dict[str, str | None] = {}
 
 
 def torch_bundles_libgomp() -> bool:
@@ -37,8 +38,10 @@ def set_openmp_defaults() -> None:
     """Put SETTINGS into the environment where the user has set neither (a choice of either is kept whole: in libgomp
     an explicit spin count overrides the wait policy's), for torch's own libgomp only: for this process's unless torch
     is loaded already, and for the processes it starts either way."""
+    if not torch_bundles_libgomp():
+        return
     before = {name: os.environ.get(name) for name in SETTINGS}
-    if all(value is None for value in before.values()) and torch_bundles_libgomp():
+    if all(value is None for value in before.values()):
         os.environ.update(SETTINGS)
     _libgomp_saw.update(before if "torch" in sys.modules else {name: os.environ.get(name) for name in SETTINGS})
 
@@ -47,7 +50,7 @@ def describe_openmp(n_threads: int) -> str | None:
     """A line for the log of a CPU run with `n_threads` torch threads: what its libgomp started with and, unless idle
     threads keep spinning, the fix. None for one thread (no team to wake, and other threads' ops then run on one
     thread too) and for a torch without libgomp."""
-    if n_threads <= 1 or not torch_bundles_libgomp():
+    if n_threads <= 1 or not _libgomp_saw:
         return None
     saw = " ".join(f"{name}={_libgomp_saw.get(name) or '(unset)'}" for name in SETTINGS)
     if (_libgomp_saw.get("OMP_WAIT_POLICY") or "").strip().lower() == "active":
