@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from launcher.trainer import preflight, train  # torch-heavy: only once the arguments are known good
+    import torch.distributed as dist  # torch-heavy: only once the arguments are known good
+
+    from launcher.trainer import preflight, train
 
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1")
@@ -53,7 +55,20 @@ def _train(args) -> int:
     if world.launcher != "single" and args.nproc_per_node > 1:
         raise UserError(f"--nproc-per-node is for starting a local world, but this process is already rank "
                         f"{world.rank} of a {world.launcher} world of {world.world_size}; drop the flag")
-    train(cfg)
+    makes_group = not dist.is_initialized()  # train joins a caller's process group, else makes one
+
+    def destroy_made_group() -> None:
+        # A process that exits with gloo's worker threads alive can abort at interpreter exit ("terminate called
+        # without an active exception", pytorch/pytorch#190489), as a run refused for a locked run.dir once did in CI.
+        if makes_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    try:
+        train(cfg)
+    except (UserError, DataError, SystemExit):  # refused, or stopped after a checkpoint: ends as cleanly as success
+        destroy_made_group()
+        raise
+    destroy_made_group()
     return 0
 
 

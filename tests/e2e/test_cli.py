@@ -184,3 +184,39 @@ def test_checkpoint_from_a_different_tokenizer(tmp_path, data_cache, finished_ru
     result = shardwright("train", str(TINY), *sets(run_dir, data_cache, "train.steps=4", f"data.source={corpus}"))
     assert_one_error_line(result, "tokenizer")
     assert tree_digest(run_dir) == before
+
+
+ENDS_WITH_GROUP = """
+import fcntl, os, sys
+import torch.distributed as dist
+from launcher.cli import main
+from launcher.config import load_config
+from launcher.errors import UserError
+from launcher.run_lock import LOCK_FILE
+from launcher.trainer import train
+config, run_dir, *settings = sys.argv[1:]
+os.makedirs(run_dir)
+held = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT)
+fcntl.flock(held, fcntl.LOCK_EX)  # another run holds run.dir: refused after the process group is made
+if sys.argv[-1] == "cli":
+    code = main(["train", config, *(a for s in settings[:-1] for a in ("--set", s))])
+else:
+    try:
+        train(load_config(config, settings[:-1]))
+    except UserError:
+        code = 2
+print(code, dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("entry", ["cli", "train"])
+def test_a_refused_run_leaves_no_process_group_to_abort_at_exit(tmp_path, data_cache, entry):
+    """The command destroys the process group it made when the run is refused (here: run.dir locked, found after the
+    group exists): a process exiting with gloo's threads alive can abort ("terminate called without an active
+    exception", seen once in CI). Negative control: train() itself, which joins or makes a group and leaves it."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", ENDS_WITH_GROUP, str(TINY), str(run_dir),
+                           *tiny_overrides(run_dir, data_cache), entry], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["2", "False" if entry == "cli" else "True"], done.stdout[-2000:]
