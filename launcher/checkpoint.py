@@ -41,6 +41,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from launcher.config import Config
 from launcher.deepspeed_engine import SUBDIR
+from launcher.distributed import all_reduce
 from launcher.errors import UserError
 from launcher.optim import Optimizers
 from launcher.safe_dcp import load as safe_load
@@ -435,7 +436,7 @@ class Checkpointer:
         if self._pending is None:
             return None
         done = torch.tensor(float(self._pending[3].done()))
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        all_reduce(done, op=dist.ReduceOp.MIN)
         return self.wait() if done.item() else None
 
     def wait(self) -> Path | None:

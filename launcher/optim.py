@@ -3,11 +3,11 @@ import math
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from launcher.config import TrainSection
+from launcher.distributed import all_reduce
 from parallel.tensor_parallel import full_tensor
 
 
@@ -102,7 +102,7 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
             by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
     squares = sum(full_tensor(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
     squares = torch.as_tensor(squares, dtype=torch.float32)
-    dist.all_reduce(squares, group=pp_group)
+    all_reduce(squares, group=pp_group)
     norm = squares.sqrt().item()
     if max_norm > 0 and norm > max_norm:
         for grads in by_mesh.values():  # a Python scalar multiplies DTensors and plain tensors alike

@@ -29,7 +29,7 @@ from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.cpu_threads import describe_openmp
 from launcher.deepspeed_engine import ZeroOptimizers, check_deepspeed_config, deepspeed_config
-from launcher.distributed import detect_world, init_distributed
+from launcher.distributed import all_reduce, detect_world, init_distributed
 from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_records, training_flops
@@ -122,7 +122,7 @@ class TrainStep:
         # One collective for both, in fp64: exact for integer counts below 2^53 whatever the count's dtype.
         counts = torch.stack([n_terms.to(torch.float64), torch.tensor(float(pairs), device=n_terms.device,
                                                                       dtype=torch.float64)])
-        dist.all_reduce(counts, group=self.batch_group)
+        all_reduce(counts, group=self.batch_group)
         n_terms, self.attention_pairs = counts[0].to(n_terms.dtype), int(counts[1]) // self.dims.cp
         # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
         self.loss_scale.copy_(self.dims.dp * self.dims.cp / n_terms)
@@ -148,8 +148,8 @@ class TrainStep:
         sums = torch.stack(self.loss_sums[-len(batches):]).sum(0) if self.loss_sums else \
             torch.zeros(1 + len(self.metric_names), device=self.device)
         if self.pipeline is not None:
-            dist.all_reduce(sums, group=self.pp_group)  # only the last stage computed the loss
-        dist.all_reduce(sums, group=self.batch_group)
+            all_reduce(sums, group=self.pp_group)  # only the last stage computed the loss
+        all_reduce(sums, group=self.batch_group)
         values = (sums / n_terms).tolist()
         return {"loss": values[0], **dict(zip(self.metric_names, values[1:]))}
 
@@ -499,7 +499,7 @@ def catch_stop_signals() -> list[int]:
 def all_finite(*values: float) -> bool:
     """Whether every rank has only finite values: one tiny all-reduce, so that all ranks skip a step alike."""
     bad = torch.tensor(float(not all(math.isfinite(v) for v in values)))
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    all_reduce(bad, op=dist.ReduceOp.MAX)
     return not bad.item()
 
 
@@ -507,5 +507,5 @@ def stop_signal(received: list[int]) -> int:
     """The stop signal any rank has received, 0 if none: one tiny all-reduce, so that every rank
     stops after the same step and none is left waiting in a collective."""
     flag = torch.tensor(max(received, default=0))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag)
