@@ -159,7 +159,8 @@ class TrainStep:
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         record = self.forward_backward(micro_batches, backward=True)
-        reduce_partial_grads(p for part in self.parts for p in part.parameters())
+        if self.dims.tp > 1:  # only tensor parallelism leaves gradients Partial
+            reduce_partial_grads(p for part in self.parts for p in part.parameters())
         record.update(self.run_hook(self.spec.hooks.after_backward))
         record["grad_norm"] = self.optimizers.clip_grad_norm(self.parts, self.grad_clip, self.pp_group)
         record["lr"] = self.optimizers.lr
