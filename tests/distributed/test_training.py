@@ -1,18 +1,21 @@
 """Run-level parity: the same tiny config under every data-parallel layout, with and without
 gradient accumulation, and across a stop/resume (also onto a different dp size), gives the same
 per-step losses as one process (fp32, relative difference <= 1e-5); with activation checkpointing
-(full, selective) or compiled blocks, FSDP2 gives the plain FSDP2 run's losses."""
+(full, selective) or compiled blocks, FSDP2 gives the plain FSDP2 run's losses. bf16 on CPU (autocast on
+one process, FSDP2's parameter dtype on two) computes its matmuls in bf16 and stays close to fp32."""
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check, train_losses
 
 
 def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, list[float]]:
-    """Train each run (name -> (run directory name, overrides)) in one world of nproc ranks, in order."""
-    checks = [train_check(tmp / run_dir, cache, *overrides) for run_dir, overrides in runs.values()]
+    """Train each run (name -> (run directory name, overrides)) in one world of nproc ranks, in order; a run whose
+    name ends in "_dtypes" also records the dtypes its linear layers computed in (train_dtypes)."""
+    checks = [(dtypes_check if name.endswith("_dtypes") else train_check)(tmp / run_dir, cache, *overrides)
+              for name, (run_dir, overrides) in runs.items()]
     results = run_world(nproc, checks, tmp / f"world{nproc}")
     return dict(zip(runs, (r.value() for r in results)))
 
@@ -25,8 +28,40 @@ def runs_dir(tmp_path_factory) -> Path:
 STOP = "run.stop_at_step=5"  # the schedule still spans 10 steps
 
 
+THIS = __name__
+BF16 = "train.mixed_precision=bf16"
+# bf16 against fp32, per-step losses of the 10-step tiny run: measured 1.2e-7 to 1.7e-5 relative on one process
+# (autocast), up to 1.2e-4 at 20 steps on two (FSDP2); the bar leaves room for other CPUs' bf16 kernels.
+BF16_RTOL = 2e-3
+
+
+def train_dtypes(run_dir: str, cache: str, overrides: list[str]) -> dict:
+    """Check body: train_losses, and the dtypes of what F.linear (every nn.Linear) computed during the run."""
+    import torch.nn.functional as F
+
+    real_linear, dtypes = F.linear, set()
+
+    def linear(*args, **kwargs):
+        out = real_linear(*args, **kwargs)
+        dtypes.add(str(out.dtype))
+        return out
+
+    F.linear = linear
+    try:
+        losses = train_losses(run_dir, cache, overrides)
+    finally:
+        F.linear = real_linear
+    return {"losses": losses, "linear_dtypes": sorted(dtypes)}
+
+
+def dtypes_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
+    return f"{THIS}:train_dtypes", {"run_dir": str(run_dir), "cache": str(cache), "overrides": list(overrides)}
+
+
 def one_process_checks(workdir: Path, cache: Path) -> dict:
-    return {"single_accum": train_check(workdir / "single_accum", cache, "train.micro_batch_size=2")}
+    return {"single_accum": train_check(workdir / "single_accum", cache, "train.micro_batch_size=2"),
+            "single_fp32_dtypes": dtypes_check(workdir / "single_fp32_dtypes", cache),
+            "single_bf16": dtypes_check(workdir / "single_bf16", cache, BF16)}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +82,7 @@ def two_processes(runs_dir, data_cache, singles):
         "stop_at_5": ("resume_same", ["train.micro_batch_size=4", STOP]),
         "resume_to_10": ("resume_same", ["train.micro_batch_size=4"]),
         "dp2_stop_at_5": ("resume_other", ["train.micro_batch_size=4", STOP]),
+        "fsdp2_bf16_dtypes": ("fsdp2_bf16", ["train.micro_batch_size=4", BF16]),
     })
 
 
@@ -98,6 +134,21 @@ def test_compiled_blocks_match_plain_run(two_processes):
 @pytest.mark.parametrize("run", ["fsdp4", "hsdp_2x2", "hsdp_2x2_accum", "ddp4"])
 def test_four_process_layouts_match_one_process(four_processes, singles, run):
     assert_same_losses(four_processes[run], singles["single"])
+
+
+@pytest.mark.parametrize("run", ["single_bf16", "fsdp2_bf16"])
+def test_bf16_on_cpu_computes_in_bf16_close_to_fp32(one_process, two_processes, singles, run):
+    """train.mixed_precision=bf16 on CPU: autocast on one process, FSDP2's bf16 parameters on two. Every linear
+    layer computes in bf16 (the fp32 run, the negative control, in fp32), and the losses stay within BF16_RTOL of
+    fp32's."""
+    result = (one_process[f"test_training:{run}"].value() if run == "single_bf16" else
+              two_processes[f"{run}_dtypes"])
+    assert result["linear_dtypes"] == ["torch.bfloat16"]
+    assert one_process["test_training:single_fp32_dtypes"].value()["linear_dtypes"] == ["torch.float32"]
+    fp32 = singles["single"]
+    assert len(result["losses"]) == len(fp32)
+    for step, (got, want) in enumerate(zip(result["losses"], fp32), start=1):
+        assert abs(got - want) <= BF16_RTOL * abs(want), f"step {step}: bf16 {got} vs fp32 {want}"
 
 
 def test_stop_and_resume_matches_uninterrupted(two_processes, singles):
