@@ -103,9 +103,16 @@ def terms(c: Candidate) -> str:
     """The memory and time terms of a candidate, each line in the unit of its largest term."""
     bytes_unit, bytes_scale = unit_of_bytes(max(c.memory.terms.values()))
     time_unit, time_scale = unit_of_seconds(max(c.time.terms.values()))
-    memory = ", ".join(f"{name} {value / bytes_scale:.1f}" for name, value in c.memory.terms.items() if value)
-    time = ", ".join(f"{name} {value / time_scale:.2f}" for name, value in c.time.terms.items() if value)
+    memory = ", ".join(f"{name} {scaled(value, bytes_scale, 1)}" for name, value in c.memory.terms.items() if value)
+    time = ", ".join(f"{name} {scaled(value, time_scale, 2)}" for name, value in c.time.terms.items() if value)
     return f"memory {bytes_unit}: {memory} | time {time_unit}: {time}"
+
+
+def scaled(value: float, scale: float, decimals: int) -> str:
+    """value / scale with `decimals` decimals; a term too small for them keeps one significant digit instead of
+    reading 0.0 beside the terms it is listed with."""
+    x = value / scale
+    return f"{x:.{decimals}f}" if round(x, decimals) else f"{x:.1g}"
 
 
 def print_own_layout(cfg, p: Plan) -> None:

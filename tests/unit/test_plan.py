@@ -112,3 +112,18 @@ def test_write_emits_the_best_layout_as_a_config_train_takes(capsys, tmp_path):
     # The tiny model needs MiB and microseconds: every figure of the report is printed in a unit that shows it.
     figures = re.findall(r"(\d+\.\d+) (GiB|MiB|s|ms|µs)\b", out)
     assert {unit for _, unit in figures} >= {"MiB", "µs"} and all(float(value) > 0 for value, _ in figures), out
+
+
+def test_a_small_term_is_not_printed_as_zero():
+    """A candidate's terms line is in the unit of its largest term; one far smaller keeps a significant digit."""
+    from types import SimpleNamespace
+
+    from planner.cli import terms
+    from planner.memory import RankMemory
+    from planner.step_time import StepTime
+
+    candidate = SimpleNamespace(memory=RankMemory({"parameters": 3 * 2**30, "activations": 2**20}, pp_rank=0),
+                                time=StepTime({"compute": 2.0, "pipeline bubble": 0.001}, model_flops=1.0))
+    line = terms(candidate)
+    assert "parameters 3.0" in line and "activations 0.001" in line
+    assert "compute 2.00" in line and "pipeline bubble 0.001" in line
