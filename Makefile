@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: train test test-deepspeed venv clean
+.PHONY: train test test-deepspeed gpu-wheels venv clean
 
 # The stamp depends on pyproject.toml: a change there (a new package or dependency) reinstalls into the
 # existing .venv, where an editable install would otherwise not see a newly listed package.
@@ -41,5 +41,13 @@ test-deepspeed: $(DS_VENV)
 	DS_ACCELERATOR=cpu $(DS_PY) -m pytest -q tests/unit/test_deepspeed_import.py tests/unit/test_deepspeed_config.py \
 		tests/distributed/test_deepspeed_engine.py
 
+# The packages benchmarks/gpu_suite.py uses beyond torch, as wheels for a GPU machine without network (its own
+# Python: GPU_PYTHON), carried there as .whl (docs/performance.md has the commands on both sides).
+GPU_PYTHON := 3.12
+GPU_WHEELS := megatron-core==0.16.1 fla-core==0.6.0 flash-linear-attention==0.6.0
+gpu-wheels: $(VENV)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--platform manylinux_2_28_x86_64 --platform any -d .whl $(GPU_WHEELS)
+
 clean:
-	rm -rf .venv .venv-deepspeed runs
+	rm -rf .venv .venv-deepspeed runs .whl
