@@ -13,10 +13,14 @@ from parallel.tensor_parallel import full_tensor
 
 def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     """AdamW over matrices (decayed) and vectors (norm gains: not decayed). DTensors and plain
-    tensors go into separate groups: foreach kernels run per group and refuse a mix of the two
+    tensors go into separate groups: its multi-tensor kernels run per group and refuse a mix of the two
     (e.g. a router weight replicated over tp beside tensor-parallel weights when no FSDP makes all DTensors).
     Each group is named by its options alone ("decayed" / "not_decayed"), whatever the layout: checkpoints
-    store the options once per name (launcher/checkpoint.py: OptimizerState)."""
+    store the options once per name (launcher/checkpoint.py: OptimizerState).
+
+    torch's fused kernel (one pass over each parameter's state) rather than its foreach ops: on CPU an update
+    takes a seventh of the time (benchmarks/optimizer_step.py: 0.52 against 3.50 ms for the tiny LLM), and it is
+    torchtitan's default on GPUs."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for decayed in (True, False):
@@ -25,7 +29,7 @@ def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
             if members:
                 groups.append({"params": members, "weight_decay": t.weight_decay if decayed else 0.0,
                                "name": "decayed" if decayed else "not_decayed"})
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
 
 
 def lr_factor(step: int, t: TrainSection) -> float:
