@@ -19,8 +19,8 @@ def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
     store the options once per name (launcher/checkpoint.py: OptimizerState).
 
     torch's fused kernel (one pass over each parameter's state) rather than its foreach ops: on CPU an update
-    takes a seventh of the time (benchmarks/optimizer_step.py: 0.52 against 3.50 ms for the tiny LLM), and it is
-    torchtitan's default on GPUs."""
+    takes a seventh of the time (benchmarks/optimizer_step.py: 0.52 against 3.50 ms for the tiny config's
+    model), and it is torchtitan's default on GPUs."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = []
     for decayed in (True, False):
