@@ -45,7 +45,7 @@ from launcher.distributed import all_reduce
 from launcher.errors import UserError
 from launcher.optim import Optimizers
 from launcher.safe_dcp import load as safe_load
-from launcher.safe_dcp import read_metadata
+from launcher.safe_dcp import METADATA_FILE, read_metadata
 from models.spec import architecture
 from parallel.init import canonical_name, stored_orders, to_canonical, to_stored
 from parallel.mesh import ParallelDims
@@ -368,15 +368,18 @@ class Checkpointer:
         pointer = self.root / "latest"
         return f"{pointer.read_text().strip()} (checkpoints/latest)" if pointer.exists() else "none (none saved yet)"
 
-    def resume_point(self, fallback: bool) -> tuple[Path | None, dict | None]:
-        """(checkpoint, check_complete of it) a run resumes from: the one `latest` names, verified. If it fails
-        verification and `fallback`, the newest earlier checkpoint that passes (checksums recorded and matching),
-        its record noting under "fallback" what was skipped and why; otherwise the refusal."""
+    def resume_point(self, fallback: bool, check: Callable[[Path], dict] | None = None
+                     ) -> tuple[Path | None, dict | None]:
+        """(checkpoint, check of it) a run resumes from: the one `latest` names, verified by `check`
+        (check_complete, or check_complete_everywhere in a world). If it fails verification and `fallback`, the
+        newest earlier checkpoint that passes (checksums recorded and matching), its record noting under "fallback"
+        what was skipped and why; otherwise the refusal."""
+        check = check or check_complete
         latest = self.latest_dir()
         if latest is None:
             return None, None
         try:
-            return latest, check_complete(latest)
+            return latest, check(latest)
         except UserError as refusal:
             if not fallback:
                 raise UserError(f"{refusal}; or set checkpoint.fallback=true to resume from the newest verified "
@@ -386,7 +389,7 @@ class Checkpointer:
                              reverse=True)
             for _, path in earlier:
                 try:
-                    saved = check_complete(path)
+                    saved = check(path)
                 except UserError:
                     continue
                 if saved["verified"]:
@@ -517,9 +520,11 @@ class Checkpointer:
                 shutil.rmtree(path)
 
 
-def check_complete(path: Path) -> dict:
+def check_complete(path: Path, share: tuple[int, int] | None = None) -> dict:
     """Verify a checkpoint before anything reads its tensors: meta.json (its fields' checksum), the SHA-256 of every
     file recorded at save, the DCP metadata (restricted unpickling), and every shard holding the bytes it says.
+    `share` (rank, world size): hash only this rank's share of the shard files (every rank still hashes the DCP
+    metadata before unpickling it); check_complete_everywhere makes the ranks' verdicts one.
 
     Returns the DCP metadata's per-key tensor sizes and dtypes, the meta.json contents under "meta", the keys, and
     "verified": whether checksums were recorded (checkpoints saved before they were are loaded unverified).
@@ -534,11 +539,13 @@ def check_complete(path: Path) -> dict:
         raise damaged(f"{META_FILE}: {type(e).__name__}: {e}") from None
     if not isinstance(meta, dict) or (META_SHA256 in meta and meta[META_SHA256] != _fields_sha256(meta)):
         raise damaged(f"{META_FILE} does not match its checksum")
-    recorded = meta.get(FILES_SHA256)
-    for name, digest in (recorded or {}).items():  # first: a damaged .metadata is named before it is unpickled
+    recorded = meta.get(FILES_SHA256) or {}
+    shards = sorted(name for name in recorded if name != METADATA_FILE)
+    hashed = [name for name in recorded if name == METADATA_FILE] + (shards[share[0]::share[1]] if share else shards)
+    for name in hashed:  # first: a damaged .metadata is named before it is unpickled
         if not (path / name).is_file():
             raise damaged(f"{name} is missing")
-        if file_sha256(path / name) != digest:
+        if file_sha256(path / name) != recorded[name]:
             raise damaged(f"{name} does not match its checksum")
     metadata = read_metadata(path)
     needed: dict[str, int] = {}
@@ -552,7 +559,23 @@ def check_complete(path: Path) -> dict:
     tensors = {key: md for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
     return {"sizes": {key: tuple(md.size) for key, md in tensors.items()},
             "dtypes": {key: md.properties.dtype for key, md in tensors.items()},
-            "meta": meta, "keys": set(metadata.state_dict_metadata), "verified": recorded is not None}
+            "meta": meta, "keys": set(metadata.state_dict_metadata), "verified": meta.get(FILES_SHA256) is not None}
+
+
+def check_complete_everywhere(path: Path) -> dict:
+    """check_complete of `path` by every rank of the world, each hashing its share of the shard files (a
+    checkpoint is read once in all, not once per rank); the first refusal of any rank, in rank order, is raised on
+    every rank, so that all ranks resume from the same checkpoint or none does."""
+    try:
+        saved, refusal = check_complete(path, share=(dist.get_rank(), dist.get_world_size())), None
+    except UserError as e:
+        saved, refusal = None, str(e)
+    refusals = [None] * dist.get_world_size()
+    dist.all_gather_object(refusals, refusal)
+    first = next((r for r in refusals if r is not None), None)
+    if first is not None:
+        raise UserError(first)
+    return saved
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Path]:

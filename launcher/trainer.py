@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import (Checkpointer, RNGState, check_same_engine, check_same_model, check_same_tokenizer,
-                                 checkpoint_meta, engine_name, training_state)
+from launcher.checkpoint import (Checkpointer, RNGState, check_complete_everywhere, check_same_engine, check_same_model,
+                                 check_same_tokenizer, checkpoint_meta, engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.cpu_threads import describe_openmp
@@ -229,9 +229,11 @@ class TrainStep:
 def train(cfg: Config) -> dict:
     """Run (or resume) the training described by `cfg` in the current world; return a summary."""
     world = detect_world()
-    dims, resume_from, saved, starting_weights = preflight(cfg, world.world_size)
+    dims = validated_layout(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
     lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
+    # Verified by all ranks together, each hashing its share of the checkpoint's files: read once, not once per rank.
+    resume_from, saved, starting_weights = starting_point(cfg, dims, check_complete_everywhere)
     cpu_notes = [keep_freed_memory(), describe_openmp(torch.get_num_threads())] if device.type == "cpu" else []
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
@@ -433,15 +435,28 @@ def train(cfg: Config) -> dict:
 
 
 def preflight(cfg: Config, world_size: int):
-    """Everything that can be checked before a process group exists: the config, the layout, and
-    the checkpoint a run would resume from (complete, and made for this model), or else the weights it
-    would start from (checkpoint.init_from: StartingWeights, else None). The checkpoint is verified against its
-    checksums; with checkpoint.fallback, a damaged latest one gives way to the newest verified one."""
+    """Everything that can be checked before a process group exists, in one process (the launcher of a local world,
+    `shardwright submit`): the config and layout (validated_layout), and the starting point (starting_point), its
+    checkpoint hashed whole here."""
+    dims = validated_layout(cfg, world_size)
+    return (dims, *starting_point(cfg, dims))
+
+
+def validated_layout(cfg: Config, world_size: int) -> ParallelDims:
+    """The config's layout on world_size ranks, and for parallel.engine=deepspeed its DeepSpeed settings."""
     dims = validate(cfg, world_size)
     if cfg.parallel.engine == "deepspeed":
         check_deepspeed_config(cfg, dims)  # installed, and every pass-through key one DeepSpeed reads
+    return dims
+
+
+def starting_point(cfg: Config, dims: ParallelDims, check=None):
+    """(checkpoint, its record, None): the checkpoint a run would resume from (complete, and made for this model),
+    or (None, None, the weights it would start from: checkpoint.init_from's StartingWeights, else None). The
+    checkpoint is verified against its checksums by `check` (check_complete: in this process); with
+    checkpoint.fallback, a damaged latest one gives way to the newest verified one."""
     resume_from, saved = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).resume_point(
-        cfg.checkpoint.fallback)
+        cfg.checkpoint.fallback, check)
     starting_weights = None
     if resume_from is not None:
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
@@ -451,7 +466,7 @@ def preflight(cfg: Config, world_size: int):
     elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights
         starting_weights = open_starting_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family),
                                                  cfg.model_config())
-    return dims, resume_from, saved, starting_weights
+    return resume_from, saved, starting_weights
 
 
 def greedy_sample(next_token, tokenizer, prompt: str, n_tokens: int, max_length: int) -> str:
