@@ -541,7 +541,7 @@ def check_complete(path: Path, share: tuple[int, int] | None = None) -> dict:
         raise damaged(f"{META_FILE} does not match its checksum")
     recorded = meta.get(FILES_SHA256) or {}
     shards = sorted(name for name in recorded if name != METADATA_FILE)
-    hashed = [name for name in recorded if name == METADATA_FILE] + (shards[share[0]::share[1]] if share else shards)
+    hashed = ([METADATA_FILE] if METADATA_FILE in recorded else []) + (shards[share[0]::share[1]] if share else shards)
     for name in hashed:  # first: a damaged .metadata is named before it is unpickled
         if not (path / name).is_file():
             raise damaged(f"{name} is missing")
