@@ -2,13 +2,17 @@
 PATH, under any layout: weights only, at step 0, with a fresh optimizer, schedule and data position. Once the run
 has saved a checkpoint, a restart resumes from it and never reads PATH again.
 
-PATH is recognized by its files as one of FORMATS (the first that recognizes it), each checked against the run's
-model before any process group starts (one line on any problem), then read by every rank after its model parts
-are materialized and initialized (launcher/weights.py: StartingWeights). A native checkpoint of another family
+PATH is recognized by its files as one of starting_formats (the first that recognizes it), each checked against the
+run's model (one line on any problem) before anything reads its tensors: in the launcher before any worker starts,
+and again in the world, where the ranks verify a shardwright checkpoint's checksums together (each hashing its share
+of the files); it is then read by every rank after its model parts are materialized and initialized
+(launcher/weights.py: StartingWeights). A native checkpoint of another family
 starts the run when the run's family lists it in ModelSpec.starts_from (e.g. a language model that gains image
 inputs); its tensors are mapped by that function.
 """
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,10 +32,12 @@ def _is_native(path: Path) -> bool:
     return (path / META_FILE).is_file() or (path / "checkpoints" / "latest").is_file()
 
 
-def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights:
-    """Another run's checkpoint (any layout): its model tensors only, resharded by DCP to this run's layout."""
+def _open_native(path: Path, spec: ModelSpec, model_cfg, where: str, check: Callable[[Path], dict]
+                 ) -> StartingWeights:
+    """Another run's checkpoint (any layout), verified by `check`: its model tensors only, resharded by DCP to this
+    run's layout."""
     checkpoint, _ = find_checkpoint(path)
-    saved = check_complete(checkpoint)
+    saved = check(checkpoint)
     if saved["meta"].get("family") != spec.name and saved["meta"].get("family") in spec.starts_from:
         return _open_other_family(checkpoint, saved, spec, model_cfg, where)
     check_same_model(saved["meta"], spec.name, architecture(model_cfg), checkpoint)
@@ -70,8 +76,6 @@ def _open_other_family(checkpoint: Path, saved: dict, spec: ModelSpec, model_cfg
                            tokenizer=saved["meta"].get("tokenizer"))
 
 
-NATIVE_FORMAT = WeightFormat("a shardwright run directory or one of its checkpoints/step-<N>", _is_native, _open_native)
-
 # The safetensors metadata entry of a consolidated file (`convert to-file`): JSON of the checkpoint's meta.json
 # fields family, model (architecture), tokenizer and step.
 CONSOLIDATED_KEY = "shardwright"
@@ -104,16 +108,26 @@ def _open_consolidated(path: Path, spec: ModelSpec, model_cfg, where: str) -> St
 
 CONSOLIDATED_FORMAT = WeightFormat("a consolidated .safetensors file (`convert to-file`)", _is_consolidated,
                                    _open_consolidated)
-FORMATS = (NATIVE_FORMAT, CONSOLIDATED_FORMAT, HF_FORMAT, MEGATRON_FORMAT, DEEPSPEED_FORMAT)
 
 
-def open_starting_weights(path: Path | str, spec: ModelSpec, model_cfg) -> StartingWeights:
-    """The weights at `path` (checkpoint.init_from) checked against the run's model; UserError otherwise."""
+def starting_formats(check: Callable[[Path], dict]) -> tuple[WeightFormat, ...]:
+    """The formats a run starts from, in the order they are tried; `check` verifies a shardwright checkpoint, the
+    only format that records checksums (check_complete, or check_complete_everywhere in a world)."""
+    native = WeightFormat("a shardwright run directory or one of its checkpoints/step-<N>", _is_native,
+                          partial(_open_native, check=check))
+    return native, CONSOLIDATED_FORMAT, HF_FORMAT, MEGATRON_FORMAT, DEEPSPEED_FORMAT
+
+
+def open_starting_weights(path: Path | str, spec: ModelSpec, model_cfg, check: Callable[[Path], dict] = check_complete
+                          ) -> StartingWeights:
+    """The weights at `path` (checkpoint.init_from) checked against the run's model, a shardwright checkpoint
+    verified by `check`; UserError otherwise."""
     path = Path(path)
     where = f"checkpoint.init_from={path}"
+    formats = starting_formats(check)
     if not path.exists():
-        raise UserError(f"{where} does not exist; pass " + " or ".join(f.name for f in FORMATS))
-    for weight_format in FORMATS:
+        raise UserError(f"{where} does not exist; pass " + " or ".join(f.name for f in formats))
+    for weight_format in formats:
         if weight_format.recognizes(path):
             return weight_format.open(path, spec, model_cfg, where)
-    raise UserError(f"{where} is none of the formats a run starts from: " + "; ".join(f.name for f in FORMATS))
+    raise UserError(f"{where} is none of the formats a run starts from: " + "; ".join(f.name for f in formats))

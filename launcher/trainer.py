@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import (Checkpointer, RNGState, check_complete_everywhere, check_same_engine, check_same_model,
-                                 check_same_tokenizer, checkpoint_meta, engine_name, training_state)
+from launcher.checkpoint import (Checkpointer, RNGState, check_complete, check_complete_everywhere, check_same_engine,
+                                 check_same_model, check_same_tokenizer, checkpoint_meta, engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.cpu_threads import describe_openmp
@@ -232,7 +233,8 @@ def train(cfg: Config) -> dict:
     dims = validated_layout(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
     lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
-    # Verified by all ranks together, each hashing its share of the checkpoint's files: read once, not once per rank.
+    # A checkpoint (the run's own, or init_from's) is verified by all ranks together, each hashing its share of its
+    # files: read once in all, not once per rank.
     resume_from, saved, starting_weights = starting_point(cfg, dims, check_complete_everywhere)
     cpu_notes = [keep_freed_memory(), describe_openmp(torch.get_num_threads())] if device.type == "cpu" else []
     rank = dist.get_rank()
@@ -450,11 +452,12 @@ def validated_layout(cfg: Config, world_size: int) -> ParallelDims:
     return dims
 
 
-def starting_point(cfg: Config, dims: ParallelDims, check=None):
+def starting_point(cfg: Config, dims: ParallelDims, check: Callable[[Path], dict] = check_complete):
     """(checkpoint, its record, None): the checkpoint a run would resume from (complete, and made for this model),
-    or (None, None, the weights it would start from: checkpoint.init_from's StartingWeights, else None). The
-    checkpoint is verified against its checksums by `check` (check_complete: in this process); with
-    checkpoint.fallback, a damaged latest one gives way to the newest verified one."""
+    or (None, None, the weights it would start from: checkpoint.init_from's StartingWeights, else None). A
+    checkpoint, the run's own or one init_from names, is verified against its checksums by `check` (check_complete:
+    in this process; check_complete_everywhere: by the world together); with checkpoint.fallback, a damaged latest
+    one of the run's own gives way to the newest verified one."""
     resume_from, saved = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).resume_point(
         cfg.checkpoint.fallback, check)
     starting_weights = None
@@ -465,7 +468,7 @@ def starting_point(cfg: Config, dims: ParallelDims, check=None):
             read_records(Path(cfg.run.dir) / "metrics.jsonl")
     elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights
         starting_weights = open_starting_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family),
-                                                 cfg.model_config())
+                                                 cfg.model_config(), check)
     return resume_from, saved, starting_weights
 
 

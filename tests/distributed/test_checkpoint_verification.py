@@ -1,6 +1,6 @@
 """A world verifies a checkpoint together: each rank hashes its share of the shard files (the checkpoint is read
 once in all, not once per rank), and a damaged file refuses the checkpoint on every rank, fallback included,
-whichever rank hashed it."""
+whichever rank hashed it. So does a run that starts from another run's checkpoint (checkpoint.init_from)."""
 from pathlib import Path
 
 import pytest
@@ -20,15 +20,29 @@ def verify_together(root: str) -> dict:
     import launcher.checkpoint as checkpoint
     from launcher.errors import UserError
 
+    from launcher.init_from import open_starting_weights
+    from models import get_model_spec
+    from models.llm.model import LLMConfig
+    from models.spec import architecture
+
     rank = dist.get_rank()
+    spec, model_cfg = get_model_spec("llm"), LLMConfig(dim=32, n_layers=2, n_heads=4, vocab_size=64, multiple_of=16)
+    meta = {"family": "llm", "model": architecture(model_cfg)}  # what init_from compares with the run's model
     checkpointer = checkpoint.Checkpointer(Path(root), keep_last=2, rank=rank)
     for step in (2, 4):  # a key per rank: each rank writes its own shard file
-        checkpointer.save(step, {f"rank{rank}": torch.full((1000,), float(step + rank))}, {})
+        checkpointer.save(step, {f"rank{rank}": torch.full((1000,), float(step + rank))}, meta)
+    if rank == 0:
+        (Path(root) / "config.yaml").write_text("")  # a run directory, as init_from recognizes one
+    dist.barrier()
     latest = checkpointer.latest_dir()
-    hashed, real_sha256 = [], checkpoint.file_sha256
-    checkpoint.file_sha256 = lambda path: hashed.append(path.name) or real_sha256(path)
+    hashed = {"resume": [], "init_from": []}
+    real_sha256 = checkpoint.file_sha256
     try:
-        checkpoint.check_complete_everywhere(latest)
+        for use, verify in (("resume", lambda: checkpoint.check_complete_everywhere(latest)),
+                            ("init_from", lambda: open_starting_weights(root, spec, model_cfg,
+                                                                        checkpoint.check_complete_everywhere))):
+            checkpoint.file_sha256 = lambda path, use=use: hashed[use].append(path.name) or real_sha256(path)
+            verify()
     finally:
         checkpoint.file_sha256 = real_sha256
     shards = sorted(path.name for path in latest.glob("*.distcp"))
@@ -39,13 +53,17 @@ def verify_together(root: str) -> dict:
         data[-1] ^= 0xFF
         victim.write_bytes(bytes(data))
     dist.barrier()
-    try:
-        checkpoint.check_complete_everywhere(latest)
-        refusal = None
-    except UserError as e:
-        refusal = str(e)
+    refusals = {}
+    for use, verify in (("resume", lambda: checkpoint.check_complete_everywhere(latest)),
+                        ("init_from", lambda: open_starting_weights(root, spec, model_cfg,
+                                                                    checkpoint.check_complete_everywhere))):
+        try:
+            verify()
+            refusals[use] = None
+        except UserError as e:
+            refusals[use] = str(e)
     resumed, record = checkpointer.resume_point(fallback=True, check=checkpoint.check_complete_everywhere)
-    return {"hashed": hashed, "shards": shards, "refusal": refusal, "resumed": resumed.name,
+    return {"hashed": hashed, "shards": shards, "refusals": refusals, "resumed": resumed.name,
             "fallback": record.get("fallback")}
 
 
@@ -56,18 +74,20 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [result.value(rank) for rank in range(2)]
 
 
-def test_each_rank_hashes_its_share_and_together_they_hash_every_file(ranks):
+@pytest.mark.parametrize("use", ["resume", "init_from"])
+def test_each_rank_hashes_its_share_and_together_they_hash_every_file(ranks, use):
     shards = ranks[0]["shards"]
     assert len(shards) == 2
-    assert ranks[0]["hashed"] == [".metadata", shards[0]]  # the DCP metadata on every rank: it is unpickled
-    assert ranks[1]["hashed"] == [".metadata", shards[1]]
+    assert ranks[0]["hashed"][use] == [".metadata", shards[0]]  # the DCP metadata on every rank: it is unpickled
+    assert ranks[1]["hashed"][use] == [".metadata", shards[1]]
 
 
-def test_a_damaged_shard_is_refused_on_every_rank_also_where_it_was_not_hashed(ranks):
+@pytest.mark.parametrize("use", ["resume", "init_from"])
+def test_a_damaged_shard_is_refused_on_every_rank_also_where_it_was_not_hashed(ranks, use):
     """Rank 0 never hashed rank 1's shard (the test above), yet it refuses the checkpoint with rank 1's line."""
     shards = ranks[0]["shards"]
-    assert ranks[0]["refusal"] == ranks[1]["refusal"]
-    assert f"{shards[1]} does not match its checksum" in ranks[0]["refusal"]
+    assert ranks[0]["refusals"][use] == ranks[1]["refusals"][use]
+    assert f"{shards[1]} does not match its checksum" in ranks[0]["refusals"][use]
 
 
 def test_a_fallback_resumes_every_rank_from_the_same_earlier_checkpoint(ranks):
