@@ -21,7 +21,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from launcher.config import load_config, validate
+from launcher.config import load_config
 from launcher.errors import UserError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch.template"
@@ -73,7 +73,7 @@ def add_arguments(parser) -> None:
 
 
 def submit(args) -> int:
-    from launcher.trainer import PREEMPTED_EXIT, preflight  # torch-heavy: only once the arguments are parsed
+    from launcher.trainer import PREEMPTED_EXIT, starting_point, validated_layout  # torch-heavy: once args parse
 
     for name in ("nodes", "gpus_per_node", "chain", "signal_lead", "cpus_per_task"):
         value = getattr(args, name)
@@ -82,11 +82,11 @@ def submit(args) -> int:
     cfg = load_config(args.config, args.overrides)
     world_size = args.nodes * args.gpus_per_node
     try:
-        validate(cfg, world_size)
+        dims = validated_layout(cfg, world_size)
     except UserError as e:
         raise UserError(f"{e} (world size {world_size} = --nodes {args.nodes} x --gpus-per-node "
                         f"{args.gpus_per_node}); nothing was submitted") from None
-    preflight(cfg, world_size)  # and the checkpoint a job would resume from
+    starting_point(cfg, dims)  # the checkpoint a job would resume from, or the weights it would start from
     sbatch = shutil.which("sbatch")
     if sbatch is None and not args.dry_run:
         raise UserError("sbatch not found on PATH: run this where Slurm's commands are installed (a login node), "

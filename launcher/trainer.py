@@ -437,9 +437,9 @@ def train(cfg: Config) -> dict:
 
 
 def preflight(cfg: Config, world_size: int):
-    """Everything that can be checked before a process group exists, in one process (the launcher of a local world,
-    `shardwright submit`): the config and layout (validated_layout), and the starting point (starting_point), its
-    checkpoint hashed whole here."""
+    """Everything that can be checked before a process group exists, in one process (the launcher of a local world;
+    `shardwright submit` runs the two parts itself, so that a layout refusal names its --nodes): the config and
+    layout (validated_layout), and the starting point (starting_point), its checkpoint hashed whole here."""
     dims = validated_layout(cfg, world_size)
     return (dims, *starting_point(cfg, dims))
 
