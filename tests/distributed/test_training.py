@@ -1,8 +1,9 @@
 """Run-level parity: the same tiny config under every data-parallel layout, with and without
 gradient accumulation, and across a stop/resume (also onto a different dp size), gives the same
-per-step losses as one process (fp32, relative difference <= 1e-5); with activation checkpointing
-(full, selective) or compiled blocks, FSDP2 gives the plain FSDP2 run's losses. bf16 on CPU (autocast on
-one process, FSDP2's parameter dtype on two) computes its matmuls in bf16 and stays close to fp32."""
+per-step losses as one process (fp32, relative difference <= 1e-5), and its model is sharded (or replicated) as the
+layout says; with activation checkpointing (full, selective) or compiled blocks, FSDP2 gives the plain FSDP2 run's
+losses. bf16 on CPU (autocast on one process, FSDP2's parameter dtype on two) computes its matmuls in bf16 and stays
+close to fp32."""
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,10 @@ from tests.distributed.harness import run_world
 from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check, train_losses
 
 
-def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, list[float]]:
-    """Train each run (name -> (run directory name, overrides)) in one world of nproc ranks, in order; a run whose
-    name ends in "_dtypes" also records the dtypes its linear layers computed in (train_dtypes)."""
-    checks = [(dtypes_check if name.endswith("_dtypes") else train_check)(tmp / run_dir, cache, *overrides)
-              for name, (run_dir, overrides) in runs.items()]
+def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
+    """Train each run (name -> (run directory name, overrides)) in one world of nproc ranks, in order; each run's
+    record (train_recorded)."""
+    checks = [recorded_check(tmp / run_dir, cache, *overrides) for run_dir, overrides in runs.values()]
     results = run_world(nproc, checks, tmp / f"world{nproc}")
     return dict(zip(runs, (r.value() for r in results)))
 
@@ -30,38 +30,65 @@ STOP = "run.stop_at_step=5"  # the schedule still spans 10 steps
 
 THIS = __name__
 BF16 = "train.mixed_precision=bf16"
-# bf16 against fp32, per-step losses of the 10-step tiny run: measured 1.2e-7 to 1.7e-5 relative on one process
-# (autocast), up to 1.2e-4 at 20 steps on two (FSDP2); the bar leaves room for other CPUs' bf16 kernels.
+# bf16 against fp32, per-step losses of the 10-step tiny run, largest relative difference: on a CPU with native
+# bf16 (AVX512-BF16) 1.7e-5 on one process (autocast), 1.2e-4 at 20 steps on two (FSDP2); where bf16 is emulated
+# (AVX512 without BF16) 9.7e-4 and 5.1e-4. The negative control: the same bf16 run with the learning rate 10% off
+# (Adam's steps scale with it) lands further than the bar: measured 6.9e-3 where bf16 is emulated (fp32: 1% off moves
+# the losses 5.1e-4).
 BF16_RTOL = 2e-3
+BF16_CONTROL_LR_FACTOR = 1.1
 
 
-def train_dtypes(run_dir: str, cache: str, overrides: list[str]) -> dict:
-    """Check body: train_losses, and the dtypes of what F.linear (every nn.Linear) computed during the run."""
+def bf16_control_lr() -> str:
+    from launcher.config import load_config
+    from tests.conftest import TINY
+
+    return f"train.lr={load_config(TINY).train.lr * BF16_CONTROL_LR_FACTOR!r}"
+
+
+def train_recorded(run_dir: str, cache: str, overrides: list[str]) -> dict:
+    """Check body: train_losses; the dtypes of what F.linear (every nn.Linear) computed during the run; and how
+    data parallelism wrapped the model parallelize returned: each parameter's (mesh dims, placements) or "plain",
+    the number of FSDP units, and whether DDP (replicate) holds it."""
     import torch.nn.functional as F
+    from torch.distributed._composable.replicate import replicate
+    from torch.distributed.fsdp import FSDPModule
 
-    real_linear, dtypes = F.linear, set()
+    import launcher.trainer
+    from tests.distributed.sharding import placements
+
+    real_linear, real_parallelize, dtypes, layouts = F.linear, launcher.trainer.parallelize, set(), []
 
     def linear(*args, **kwargs):
         out = real_linear(*args, **kwargs)
         dtypes.add(str(out.dtype))
         return out
 
-    F.linear = linear
+    def parallelize(*args, **kwargs):
+        model = real_parallelize(*args, **kwargs)
+        layouts.append({"placements": sorted({"plain" if where is None else f"{where[0]} {where[1]}"
+                                              for where in placements(model).values()}),
+                        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+                        "ddp": replicate.state(model) is not None})
+        return model
+
+    F.linear, launcher.trainer.parallelize = linear, parallelize
     try:
         losses = train_losses(run_dir, cache, overrides)
     finally:
-        F.linear = real_linear
-    return {"losses": losses, "linear_dtypes": sorted(dtypes)}
+        F.linear, launcher.trainer.parallelize = real_linear, real_parallelize
+    return {"losses": losses, "linear_dtypes": sorted(dtypes), "layout": layouts}
 
 
-def dtypes_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
-    return f"{THIS}:train_dtypes", {"run_dir": str(run_dir), "cache": str(cache), "overrides": list(overrides)}
+def recorded_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
+    return f"{THIS}:train_recorded", {"run_dir": str(run_dir), "cache": str(cache), "overrides": list(overrides)}
 
 
 def one_process_checks(workdir: Path, cache: Path) -> dict:
     return {"single_accum": train_check(workdir / "single_accum", cache, "train.micro_batch_size=2"),
-            "single_fp32_dtypes": dtypes_check(workdir / "single_fp32_dtypes", cache),
-            "single_bf16": dtypes_check(workdir / "single_bf16", cache, BF16)}
+            "single_fp32": recorded_check(workdir / "single_fp32", cache),
+            "single_bf16": recorded_check(workdir / "single_bf16", cache, BF16),
+            "single_bf16_lr_off": recorded_check(workdir / "single_bf16_lr_off", cache, BF16, bf16_control_lr())}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +109,7 @@ def two_processes(runs_dir, data_cache, singles):
         "stop_at_5": ("resume_same", ["train.micro_batch_size=4", STOP]),
         "resume_to_10": ("resume_same", ["train.micro_batch_size=4"]),
         "dp2_stop_at_5": ("resume_other", ["train.micro_batch_size=4", STOP]),
-        "fsdp2_bf16_dtypes": ("fsdp2_bf16", ["train.micro_batch_size=4", BF16]),
+        "fsdp2_bf16": ("fsdp2_bf16", ["train.micro_batch_size=4", BF16]),
     })
 
 
@@ -108,19 +135,19 @@ def test_gradient_accumulation_matches(singles):
 
 @pytest.mark.parametrize("run", ["fsdp2", "fsdp2_accum"])
 def test_two_process_layouts_match_one_process(two_processes, singles, run):
-    assert_same_losses(two_processes[run], singles["single"])
+    assert_same_losses(two_processes[run]["losses"], singles["single"])
 
 
 def test_perturbed_run_fails_the_comparison(two_processes, singles):
     """Negative control: FSDP2 with the learning rate off by LR_PERTURBATION does not match."""
-    assert_losses_differ(two_processes["fsdp2_lr_perturbed"], singles["single"])
+    assert_losses_differ(two_processes["fsdp2_lr_perturbed"]["losses"], singles["single"])
 
 
 @pytest.mark.parametrize("run", ["fsdp2_ac_full", "fsdp2_ac_selective"])
 def test_activation_checkpointing_matches_plain_run(two_processes, run):
     """Recomputing in backward under FSDP2 (which re-gathers the block's parameters for it) runs the
     same kernels on the same inputs: measured bitwise equal to the plain run."""
-    assert_same_losses(two_processes[run], two_processes["fsdp2"])
+    assert_same_losses(two_processes[run]["losses"], two_processes["fsdp2"]["losses"])
 
 
 def test_compiled_blocks_match_plain_run(two_processes):
@@ -128,12 +155,12 @@ def test_compiled_blocks_match_plain_run(two_processes):
     The one compiled run of the suite: building its C++ kernels (for the training graph, and again
     for eval's no-grad forward) makes it ~35 s on a cold inductor cache with both cores free, vs
     ~4 s for the plain run (~6 s warm)."""
-    assert_same_losses(two_processes["fsdp2_compile"], two_processes["fsdp2"])
+    assert_same_losses(two_processes["fsdp2_compile"]["losses"], two_processes["fsdp2"]["losses"])
 
 
 @pytest.mark.parametrize("run", ["fsdp4", "hsdp_2x2", "hsdp_2x2_accum", "ddp4"])
 def test_four_process_layouts_match_one_process(four_processes, singles, run):
-    assert_same_losses(four_processes[run], singles["single"])
+    assert_same_losses(four_processes[run]["losses"], singles["single"])
 
 
 @pytest.mark.parametrize("run", ["single_bf16", "fsdp2_bf16"])
@@ -141,21 +168,64 @@ def test_bf16_on_cpu_computes_in_bf16_close_to_fp32(one_process, two_processes, 
     """train.mixed_precision=bf16 on CPU: autocast on one process, FSDP2's bf16 parameters on two. Every linear
     layer computes in bf16 (the fp32 run, the negative control, in fp32), and the losses stay within BF16_RTOL of
     fp32's."""
-    result = (one_process[f"test_training:{run}"].value() if run == "single_bf16" else
-              two_processes[f"{run}_dtypes"])
+    result = one_process[f"test_training:{run}"].value() if run == "single_bf16" else two_processes[run]
     assert result["linear_dtypes"] == ["torch.bfloat16"]
-    assert one_process["test_training:single_fp32_dtypes"].value()["linear_dtypes"] == ["torch.float32"]
-    fp32 = singles["single"]
-    assert len(result["losses"]) == len(fp32)
-    for step, (got, want) in enumerate(zip(result["losses"], fp32), start=1):
+    assert one_process["test_training:single_fp32"].value()["linear_dtypes"] == ["torch.float32"]
+    assert_close_to_fp32(result["losses"], singles["single"])
+
+
+def test_bf16_bar_rejects_a_learning_rate_off_by_ten_percent(one_process, singles):
+    """Negative control of the bf16 bar: a bf16 run whose learning rate is BF16_CONTROL_LR_FACTOR off fails it."""
+    with pytest.raises(AssertionError, match="bf16 .* vs fp32"):
+        assert_close_to_fp32(one_process["test_training:single_bf16_lr_off"].value()["losses"], singles["single"])
+
+
+def assert_close_to_fp32(bf16: list[float], fp32: list[float]) -> None:
+    assert len(bf16) == len(fp32) > 0
+    for step, (got, want) in enumerate(zip(bf16, fp32), start=1):
         assert abs(got - want) <= BF16_RTOL * abs(want), f"step {step}: bf16 {got} vs fp32 {want}"
 
 
+# What each data-parallel layout makes of the tiny LLM: every parameter's (mesh dims, placements) ("plain": not a
+# DTensor), its FSDP units (the 4 blocks and the root), and whether DDP holds it.
+FSDP = {"placements": ["('dp_shard_cp',) (Shard(dim=0),)"], "fsdp_units": 5, "ddp": False}
+DATA_PARALLEL_LAYOUTS = {
+    "fsdp2": FSDP, "fsdp4": FSDP,
+    "hsdp_2x2": {"placements": ["('fsdp_replicate', 'fsdp_shard') (Replicate(), Shard(dim=0))"], "fsdp_units": 5,
+                 "ddp": False},
+    "ddp4": {"placements": ["plain"], "fsdp_units": 0, "ddp": True},
+    "single_fp32": {"placements": ["plain"], "fsdp_units": 0, "ddp": False},
+}
+
+
+def recorded_layout(run: str, one_process, two_processes, four_processes) -> dict:
+    record = (one_process[f"test_training:{run}"].value() if run.startswith("single") else
+              two_processes[run] if run in two_processes else four_processes[run])
+    (layout,) = record["layout"]  # one model part: no pipeline
+    return layout
+
+
+@pytest.mark.parametrize("run", DATA_PARALLEL_LAYOUTS)
+def test_each_layout_shards_the_model_as_it_says(one_process, two_processes, four_processes, run):
+    """The runs the parity tests compare are sharded as their layouts say: a layout that sharded nothing (or
+    replicated where it should shard) would still give the same losses."""
+    assert recorded_layout(run, one_process, two_processes, four_processes) == DATA_PARALLEL_LAYOUTS[run]
+
+
+def test_layout_check_rejects_every_other_layout(one_process, two_processes, four_processes):
+    """Negative control: each run's layout fails the check of every layout that differs from its own."""
+    for run in DATA_PARALLEL_LAYOUTS:
+        got = recorded_layout(run, one_process, two_processes, four_processes)
+        for other, want in DATA_PARALLEL_LAYOUTS.items():
+            if want != DATA_PARALLEL_LAYOUTS[run]:
+                assert got != want, f"{run} passes as {other}"
+
+
 def test_stop_and_resume_matches_uninterrupted(two_processes, singles):
-    assert_same_losses(two_processes["stop_at_5"], singles["single"][:5])
-    assert_same_losses(two_processes["resume_to_10"], singles["single"][5:])
+    assert_same_losses(two_processes["stop_at_5"]["losses"], singles["single"][:5])
+    assert_same_losses(two_processes["resume_to_10"]["losses"], singles["single"][5:])
 
 
 def test_resume_on_a_different_dp_size(four_processes, two_processes, singles):
-    assert_same_losses(two_processes["dp2_stop_at_5"], singles["single"][:5])
-    assert_same_losses(four_processes["resume_dp2_on_dp4"], singles["single"][5:])
+    assert_same_losses(two_processes["dp2_stop_at_5"]["losses"], singles["single"][:5])
+    assert_same_losses(four_processes["resume_dp2_on_dp4"]["losses"], singles["single"][5:])
