@@ -30,11 +30,10 @@ STOP = "run.stop_at_step=5"  # the schedule still spans 10 steps
 
 THIS = __name__
 BF16 = "train.mixed_precision=bf16"
-# bf16 against fp32, per-step losses of the 10-step tiny run, largest relative difference: on a CPU with native
-# bf16 (AVX512-BF16) 1.7e-5 on one process (autocast), 1.2e-4 at 20 steps on two (FSDP2); where bf16 is emulated
-# (AVX512 without BF16) 9.7e-4 and 5.1e-4. The negative control: the same bf16 run with the learning rate 10% off
-# (Adam's steps scale with it) lands further than the bar: measured 6.9e-3 where bf16 is emulated (fp32: 1% off moves
-# the losses 5.1e-4).
+# bf16 against fp32, per-step losses of the 10-step tiny run, largest relative difference: 9.7e-4 on one process
+# (autocast) and 5.1e-4 on two (FSDP2), measured on an AVX512-BF16 CPU (an earlier VM of that kind gave 1.7e-5 and,
+# at 20 steps, 1.2e-4). The negative control: the same bf16 run with the learning rate 10% off (Adam's steps scale
+# with it) lands 6.9e-3 away, beyond the bar (in fp32, 1% off moves the losses 5.1e-4).
 BF16_RTOL = 2e-3
 BF16_CONTROL_LR_FACTOR = 1.1
 
