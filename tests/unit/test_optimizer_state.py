@@ -73,6 +73,8 @@ def test_options_are_saved_once_per_group_name_and_load_onto_every_parameter():
     # Negative control: a saved option changed is what the loaded groups hold, so the comparison sees it.
     saved["param_group_options.decayed.lr"] *= 2
     OptimizerState(new_parts, new_optimizers).load_state_dict(saved)
+    decayed = [g for g in new_optimizers[0].param_groups if g["weight_decay"] == 0.1]
+    assert decayed and all(g["lr"] == saved["param_group_options.decayed.lr"] for g in decayed)
     with pytest.raises(AssertionError):
         assert_same_optimizers(new_optimizers, optimizers)
 
