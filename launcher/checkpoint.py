@@ -371,21 +371,24 @@ class Checkpointer:
     def resume_point(self, fallback: bool, check: Callable[[Path], dict] | None = None
                      ) -> tuple[Path | None, dict | None]:
         """(checkpoint, check of it) a run resumes from: the one `latest` names, verified by `check`
-        (check_complete, or check_complete_everywhere in a world). If it fails verification and `fallback`, the
-        newest earlier checkpoint that passes (checksums recorded and matching), its record noting under "fallback"
-        what was skipped and why; otherwise the refusal."""
+        (check_complete, or check_complete_everywhere in a world). If it fails verification (or `latest` names no
+        checkpoint directory) and `fallback`, the newest earlier checkpoint that passes (checksums recorded and
+        matching), its record noting under "fallback" what was skipped and why; otherwise the refusal."""
         check = check or check_complete
-        latest = self.latest_dir()
-        if latest is None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
             return None, None
+        named = pointer.read_text().strip()  # what a fallback falls back from, also when it is no checkpoint
         try:
+            latest = self.latest_dir()
             return latest, check(latest)
         except UserError as refusal:
             if not fallback:
                 raise UserError(f"{refusal}; or set checkpoint.fallback=true to resume from the newest verified "
                                 f"earlier checkpoint") from None
+            below = _step_of(named)  # None: `latest` names no step-<N>, so every checkpoint is earlier
             earlier = sorted(((s, p) for p in self.root.iterdir()
-                              if (s := _step_of(p.name)) is not None and s < _step_of(latest.name) and p.is_dir()),
+                              if (s := _step_of(p.name)) is not None and (below is None or s < below) and p.is_dir()),
                              reverse=True)
             for _, path in earlier:
                 try:
@@ -393,7 +396,7 @@ class Checkpointer:
                 except UserError:
                     continue
                 if saved["verified"]:
-                    return path, {**saved, "fallback": f"{latest} failed verification ({refusal})"}
+                    return path, {**saved, "fallback": f"{self.root / named} failed verification ({refusal})"}
             raise UserError(f"{refusal}; checkpoint.fallback=true found no verified earlier checkpoint in "
                             f"{self.root}") from None
 
@@ -545,7 +548,11 @@ def check_complete(path: Path, share: tuple[int, int] | None = None) -> dict:
     for name in hashed:  # first: a damaged .metadata is named before it is unpickled
         if not (path / name).is_file():
             raise damaged(f"{name} is missing")
-        if file_sha256(path / name) != recorded[name]:
+        try:
+            digest = file_sha256(path / name)
+        except OSError as e:  # unreadable (EACCES, EIO) or gone since is_file: a refusal, on every rank of a world
+            raise damaged(f"{name} could not be read: {type(e).__name__}: {e.strerror or e}") from None
+        if digest != recorded[name]:
             raise damaged(f"{name} does not match its checksum")
     metadata = read_metadata(path)
     needed: dict[str, int] = {}

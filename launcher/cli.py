@@ -9,7 +9,7 @@ from launcher.config import load_config
 from launcher.convert import add_arguments as add_convert_arguments, convert_command
 from launcher.data_commands import add_prepare_arguments, add_tokenizer_arguments, prepare_command, tokenizer_command
 from launcher.distributed import detect_world, launch_local_world
-from launcher.errors import USER_ERROR_EXIT, UserError
+from launcher.errors import PREEMPTED_EXIT, USER_ERROR_EXIT, UserError
 from launcher.processes import AGENT_PID_ENV, die_with_parent
 from launcher.run_lock import hold_run_lock
 from launcher.submit import add_arguments as add_submit_arguments, submit
@@ -51,7 +51,10 @@ def _train(args) -> int:
         preflight(cfg, args.nproc_per_node)  # fail here, once, rather than in every worker
         lock_fd = hold_run_lock(cfg.run.dir) if cfg.run.lock else None  # for the world's life, restarts included
         worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
-        return launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd)
+        code = launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd)
+        # torchrun exits 75 after any stop signal it forwarded; without checkpoints the workers saved nothing (rank 0
+        # said so) and a requeue would start again from step 0.
+        return USER_ERROR_EXIT if code == PREEMPTED_EXIT and not cfg.checkpoint.enabled else code
     if world.launcher != "single" and args.nproc_per_node > 1:
         raise UserError(f"--nproc-per-node is for starting a local world, but this process is already rank "
                         f"{world.rank} of a {world.launcher} world of {world.world_size}; drop the flag")
@@ -85,9 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(args)
         return submit(args) if args.command == "submit" else _train(args)
     except (UserError, DataError) as e:
-        if detect_world().rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        print(error_line(e, detect_world().rank), file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
+
+
+def error_line(error: Exception, rank: int) -> str:
+    """The line a refused command prints on each rank that raised: `error: ...` on rank 0; on another rank the same,
+    after `[rank N] `. Most refusals are raised alike on every rank (a config, a verified checkpoint, a locked
+    run.dir, a stop); one raised on a single rank (a file it alone cannot read) would otherwise be said nowhere, as
+    its rank knows no more than that it failed. So a world of N ranks says such a refusal up to N times, each line
+    after the first naming its rank."""
+    return f"{'' if rank == 0 else f'[rank {rank}] '}error: {error}"
 
 
 if __name__ == "__main__":

@@ -55,6 +55,15 @@ def lr_factor(step: int, t: TrainSection) -> float:
     return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
+def schedule_note(t: TrainSection) -> str | None:
+    """The line a run logs when its warmup covers the whole run (a short test run of a config made for longer
+    ones): the learning rate then rises throughout, never reaching train.lr nor its decay. Allowed, but said."""
+    if t.warmup_steps < t.steps:
+        return None
+    return (f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate rises for the whole run, "
+            f"its last update at {lr_factor(t.steps - 1, t):.3g} x train.lr={t.lr:g}, and never decays")
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, t=t))
 

@@ -34,7 +34,7 @@ from launcher.distributed import all_reduce, detect_world, init_distributed
 from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_records, training_flops
-from launcher.optim import Optimizers
+from launcher.optim import Optimizers, schedule_note
 from launcher.precision import choose_precision
 from launcher.run_lock import lock_for_world
 from models import configured_spec, get_model_spec
@@ -339,8 +339,8 @@ def train(cfg: Config) -> dict:
     metrics.info(f"MFU baseline: {peak.value / 1e9:.1f} GFLOP/s per process ({peak.how})")
     for note in filter(None, cpu_notes):
         metrics.info(note)
-    if precision_note:
-        metrics.info(precision_note)
+    for note in filter(None, (precision_note, schedule_note(t))):
+        metrics.info(note)
 
     def published(path: Path | None) -> None:
         if path is not None:
@@ -398,7 +398,12 @@ def train(cfg: Config) -> dict:
             save(step)
         stop = stop_signal(stop_signals)  # every rank, every step: all stop after the same step
         if stop and step != last_step:
-            if cfg.checkpoint.enabled and not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            if not cfg.checkpoint.enabled:  # nothing to resume from: exit 75 would requeue a job from step 0 forever
+                metrics.close()
+                raise UserError(f"{signal.Signals(stop).name} received: stopped after step {step} without a "
+                                f"checkpoint (checkpoint.enabled=false), so running again starts from step 0; set "
+                                f"checkpoint.enabled=true for a run that resumes after a stop signal")
+            if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(step)
             published(checkpointer.wait())
             metrics.info(f"{signal.Signals(stop).name} received: stopped after step {step}; exit code "

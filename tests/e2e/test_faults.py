@@ -5,6 +5,7 @@ losses of an uninterrupted run; no payload ever runs. The faults injected per ki
 the end of the module (the issue's closing note quotes them)."""
 import collections
 import copy
+import errno
 import hashlib
 import json
 import os
@@ -140,6 +141,85 @@ def test_a_checkpoint_without_checksums_loads_unverified(tmp_path, data_cache, b
     assert code == 0, output[-3000:]
     assert "step-4 at step 4 unverified (it has no checksums" in output
     assert losses_of(run_dir) == reference_losses
+
+
+def test_an_unreadable_checkpoint_file_is_refused_in_one_line(tmp_path, data_cache, base_run, capsys, monkeypatch):
+    """A shard that cannot be read (EACCES here; EIO or a file gone since it was listed alike) is refused like a
+    damaged one: one line, on every rank of a world (an OSError escaped check_complete_everywhere on the rank that
+    read it, while the others waited in its all_gather_object until the timeout)."""
+    run_dir = copy_of(base_run, tmp_path)
+    before = tree_digest(run_dir)
+    shard = file_of_kind(run_dir / "checkpoints" / "step-4", "shard")
+    shard.chmod(0)
+    if os.access(shard, os.R_OK):  # root reads it all the same: fail its read as the kernel would for anyone else
+        real_sha256 = launcher.checkpoint.file_sha256
+
+        def file_sha256(path: Path) -> str:
+            if path.name == shard.name:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_sha256(path)
+
+        monkeypatch.setattr(launcher.checkpoint, "file_sha256", file_sha256)
+    FAULTS["unreadable shard"] += 1
+    try:
+        line = error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache)), "step-4",
+                          f"{shard.name} could not be read: PermissionError: Permission denied",
+                          "checkpoint.fallback=true")
+    finally:
+        shard.chmod(0o644)
+    assert "damaged" in line
+    assert tree_digest(run_dir) == before
+
+
+@pytest.mark.parametrize("fallback", ["false", "true"])
+def test_latest_naming_a_missing_checkpoint(tmp_path, data_cache, base_run, reference_losses, capsys, fallback):
+    """`latest` names step-4, which is gone: refused in one line naming it, or with checkpoint.fallback=true resumed
+    from the newest verified earlier checkpoint, like a damaged one."""
+    run_dir = copy_of(base_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    FAULTS["latest names a missing checkpoint"] += 1
+    before = tree_digest(run_dir)
+    code, output = shardwright(capsys, "train", str(TINY),
+                               *sets(run_dir, data_cache, f"checkpoint.fallback={fallback}"))
+    if fallback == "false":
+        error_line(code, output, "points at 'step-4', which is not a checkpoint directory",
+                   "checkpoint.fallback=true")
+        assert tree_digest(run_dir) == before
+        return
+    assert code == 0, output[-3000:]
+    assert "step-4 failed verification" in output and f"resumed from {run_dir}/checkpoints/step-2 at step 2" in output
+    assert losses_of(run_dir) == reference_losses  # bit-identical
+
+
+@pytest.mark.parametrize("checkpoints", ["true", "false"])
+def test_a_stop_signal_exits_75_only_with_a_checkpoint_to_resume_from(tmp_path, data_cache, capsys, monkeypatch,
+                                                                      checkpoints):
+    """SIGUSR1 (Slurm's time-limit warning) during step 3: the run stops after it. With checkpoints, that step is
+    saved and the run exits 75 (a Slurm job requeues itself and resumes). With checkpoint.enabled=false nothing is
+    saved, so a requeue would start again from step 0, forever: one line and exit 2 instead."""
+    run_dir = tmp_path / "run"
+    real_step, calls = TrainStep.train_step, []
+
+    def train_step(self, micro_batches):
+        calls.append(len(calls) + 1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # recorded by the trainer's handler, acted on after the step
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(TrainStep, "train_step", train_step)
+    FAULTS["SIGUSR1 in process"] += 1
+    args = ["train", str(TINY), *sets(run_dir, data_cache, f"checkpoint.enabled={checkpoints}")]
+    if checkpoints == "true":
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            main(args)
+        assert stopped.value.code == 75, capsys.readouterr().err[-3000:]
+        assert "SIGUSR1 received: stopped after step 3; exit code 75" in capsys.readouterr().out
+        assert (run_dir / "checkpoints" / "latest").read_text() == "step-3"
+        return
+    error_line(*shardwright(capsys, *args), "SIGUSR1 received: stopped after step 3 without a checkpoint",
+               "checkpoint.enabled=true")
+    assert not (run_dir / "checkpoints").exists() and max(losses_of(run_dir)) == 3
 
 
 class _CreatesMarker:

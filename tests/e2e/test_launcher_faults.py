@@ -163,6 +163,25 @@ def test_stop_signal_to_torchrun_or_one_worker(tmp_path, data_cache, target):
     assert_all_gone(pids, within=5)
 
 
+def test_a_stop_signal_without_checkpoints_does_not_ask_for_a_requeue(tmp_path, data_cache):
+    """SIGTERM to the launcher of a run with checkpoint.enabled=false: the world stops after a step, but with nothing
+    saved a requeue (exit 75) would start it again from step 0, forever; one line and exit 2 instead (torchrun itself
+    exits 75 after any stop signal it forwarded)."""
+    launch = Launch(tmp_path, tmp_path / "run", data_cache, "train.steps=1000", "checkpoint.enabled=false")
+    launch.wait_for_step(1)
+    pids = [launch.proc.pid, launch.torchrun(), *launch.workers().values()]
+    launch.proc.send_signal(signal.SIGTERM)
+    FAULTS["SIGTERM to the launcher, no checkpoints"] += 1
+    assert launch.finish() == 2, launch.err.read_text()[-3000:]
+    stderr = launch.err.read_text()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "SIGTERM received: stopped after step" in errors[0] and "without a checkpoint" in errors[0], errors
+    assert "checkpoint.enabled=true" in errors[0]
+    assert not (launch.run_dir / "checkpoints").exists()
+    assert_all_gone(pids, within=5)
+
+
 @pytest.mark.parametrize("victim", ["launcher", "torchrun"])
 def test_sigkill_leaves_no_orphan(tmp_path, data_cache, victim):
     """SIGKILL of the launcher: its torchrun stops the world as a stop signal would. SIGKILL of torchrun:

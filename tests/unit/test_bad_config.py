@@ -82,6 +82,20 @@ def test_no_processes(capsys):
     assert capsys.readouterr().err == "error: --nproc-per-node 0: give a number of processes >= 1\n"
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_refusal_is_said_on_whichever_rank_raised_it(tmp_path, capsys, monkeypatch, rank):
+    """A worker of a world (here rank `rank` of 2) refused: rank 0 says `error: ...`; any other rank says it too,
+    naming itself, as a refusal of that rank alone would otherwise end the world with exit 2 and no line at all."""
+    FAULTS["refusal on one rank"] += 1
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    missing = tmp_path / "node-without-the-mount" / "config.yaml"
+    assert main(["train", str(missing)]) == USER_ERROR_EXIT
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    assert capsys.readouterr().err == (f"{prefix}error: config file '{missing}' does not exist; pass a YAML file such "
+                                       f"as one of the tiny.yaml files under configs/\n")
+
+
 MATFORMER = TINY.parents[1] / "matformer" / "tiny.yaml"  # 4 layers, granularities [0.125, 0.25, 0.5, 1]
 
 

@@ -331,6 +331,34 @@ def test_train_sizes_must_be_positive(key):
     assert f"train.{key}=0" in _invalid(1, f"train.{key}=0")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (("train.eval_batches=0",), "train.eval_batches=0 must be >= 1"),  # the run's final eval would have nothing
+    (("train.eval_every=-2",), "train.eval_every=-2 must be >= 0"),
+    (("train.warmup_steps=-1",), "train.warmup_steps=-1 must be >= 0"),  # would shift the cosine
+])
+def test_eval_and_warmup_ranges(overrides, message):
+    """eval_batches 0 crashed the run's last line; a negative warmup shifted the schedule."""
+    error = _invalid(1, *overrides)
+    assert message in error and "\n" not in error, error
+
+
+@pytest.mark.parametrize("overrides", [("train.warmup_steps=0",), ("train.steps=5", "train.warmup_steps=20"),
+                                       ("train.eval_batches=1", "train.eval_every=0")])
+def test_eval_and_warmup_limits_pass(overrides):
+    validate(load_config(TINY, list(overrides)), 1)
+
+
+def test_a_warmup_covering_the_whole_run_is_said():
+    """A short run of a config made for longer ones (warmup 20, 5 steps) trains, and its log says the learning
+    rate never reaches its peak; a warmup shorter than the run says nothing."""
+    from launcher.optim import schedule_note
+
+    note = schedule_note(load_config(TINY, ["train.steps=5", "train.warmup_steps=20"]).train)
+    assert note == ("train.warmup_steps=20 >= train.steps=5: the learning rate rises for the whole run, its last "
+                    "update at 0.25 x train.lr=0.003, and never decays")
+    assert schedule_note(load_config(TINY, ["train.steps=21", "train.warmup_steps=20"]).train) is None
+
+
 @pytest.mark.parametrize("key, bad, options", [
     ("lr_schedule", "linear", ("cosine", "wsd", "constant")),
     ("mixed_precision", "fp16", ("auto", "bf16", "fp32")),
