@@ -77,8 +77,10 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # Under tensor parallelism the weight is a DTensor sharded on channels like x (see
-        # parallelize.py); its local shard is what this rank's channels use.
+        # parallelize.py); its local shard is what this rank's channels use. In x's dtype: under autocast
+        # the fp32 weight would promote the bf16 activations (and the delta rule would miss fla's kernels).
         weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
+        weight = weight.to(x.dtype)
         K, T = self.kernel_size, x.shape[1]
         before = self.halo(x) if self.halo is not None else x.new_zeros(x.shape[0], K - 1, x.shape[2])
         padded = torch.cat([before.to(x.dtype), x], dim=1)  # [B, T + K - 1, C]
@@ -109,8 +111,10 @@ class MixerRule(nn.Module):
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(sum(x^2) + eps) over the last dim (fla's l2norm)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+    """x / sqrt(sum(x^2) + eps) over the last dim (fla's l2norm): in at least fp32, returned in x's dtype (CUDA
+    autocast computes pow, sum and rsqrt in fp32 and would otherwise hand the delta rule fp32 q and k)."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class DeltaNetLayer(nn.Module):

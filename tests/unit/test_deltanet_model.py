@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import FAMILIES, get_model_spec
-from models.deltanet.model import DeltaNet, DeltaNetConfig, DeltaNetLayer, ShortConvolution
+from models.deltanet.model import DeltaNet, DeltaNetConfig, DeltaNetLayer, ShortConvolution, l2_normalize
 from models.deltanet.ops import linear_attention_recurrent
 from models.deltanet.parallelize import check_layout, contiguous_problem
 from models.llm.model import Attention
@@ -45,6 +45,24 @@ def test_short_conv_is_causal_depthwise():
     ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), (3, 0)), conv.weight.unsqueeze(1),
                                      groups=3).transpose(1, 2)
     torch.testing.assert_close(y, torch.nn.functional.silu(ref))
+
+
+def test_mixer_gets_bf16_inputs_under_bf16_autocast():
+    """Under autocast the fp32 conv weights must not promote q, k, v to fp32: the delta rule's "auto" picks fla
+    on CUDA only for fp16/bf16 inputs. l2_normalize computes in fp32 (as CUDA autocast computes its pow, sum
+    and rsqrt) and returns x's dtype. An fp32 model without autocast stays fp32."""
+    model = _model()
+    seen = []
+    model.layers["0"].attention.core_mixer.register_forward_hook(lambda _m, args, _out: seen.append(args))
+    tokens = torch.randint(0, 50, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        model(tokens)
+    assert [x.dtype for x in seen[-1]] == [torch.bfloat16] * 4
+    with torch.no_grad():
+        model(tokens)
+    assert [x.dtype for x in seen[-1]] == [torch.float32] * 4
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    assert torch.equal(l2_normalize(x), l2_normalize(x.float()).bfloat16())
 
 
 def test_linear_rule_is_the_layer_without_beta():
