@@ -1,8 +1,10 @@
 """The GPU block kernel over flash-attn's log-sum-exp returning functions.
 
 UNTESTED: flash-attn is not installed where this was written and no test runs it; it follows the
-published signatures. `kernel_choice.get_kernel` selects it only for CUDA tensors and raises when flash-attn is
-missing. The shim covers the two signatures in the wild, found by parameter name:
+published signatures. `kernel_choice.get_kernel` selects it only for CUDA tensors and raises when flash-attn's
+kernels do not import (not installed, or its compiled extension broken). The shim covers the two signatures in
+the wild, found by parameter name (from 2.7 the functions are torch custom ops: their own signature is
+(*args, **kwargs), the wrapped function's is the one read):
   >= 2.7: _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left,
           window_size_right, softcap, alibi_slopes, return_softmax) -> (out, lse, S_dmask, rng_state)
   <= 2.6: the same with window_size=(left, right) (softcap from 2.6), returning 8 values with the
@@ -14,7 +16,8 @@ Packed documents (UNTESTED as well) go through the varlen functions `_flash_attn
 with cu_seqlens, one kernel call per block. Their lse is [H, total_q] (flash-attn >= 2.5; older
 versions padded it to [B, H, max_seqlen], which is refused rather than misread).
 """
-import importlib.util
+import functools
+import importlib
 import inspect
 
 import torch
@@ -23,14 +26,28 @@ from parallel.context.documents import shared_document_segments
 from parallel.context.kernels import check_causal_block
 
 
+@functools.cache
+def flash_attn_import_error() -> str | None:
+    """Why flash-attn's kernels cannot be used here (None when they can): its interface module imports the
+    compiled extension (flash_attn_2_cuda), which fails when flash-attn is missing or was built for another
+    torch or CUDA."""
+    try:
+        importlib.import_module("flash_attn.flash_attn_interface")
+    except Exception as e:  # ImportError, or OSError / RuntimeError from loading the extension
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return flash_attn_import_error() is None
 
 
 def _supported_arguments(function, arguments: dict) -> dict:
     """`arguments` with the no-window setting spelled the way this flash-attn version spells it,
     restricted to the parameters `function` has (older versions lack softcap)."""
-    parameters = inspect.signature(function).parameters
+    # A custom op's own signature is (*args, **kwargs): the parameters are its wrapped function's.
+    signed = function._init_fn if isinstance(function, torch.library.CustomOpDef) else function
+    parameters = inspect.signature(signed).parameters
     if "window_size" in parameters:
         arguments["window_size"] = (-1, -1)
     else:

@@ -1,11 +1,14 @@
 """parallel/context on one process: block kernels against autograd on plain softmax, the merge of
 partials, the single-rank ring path, the sequence layouts and the one-line errors."""
+import sys
+
 import pytest
 import torch
 
 from parallel.context import (ContextParallelAttention, CpuFlashKernel, MathKernel, SequenceLayout, get_kernel,
                               merge_partials, ring_attention)
-from parallel.context.flash_attn_kernel import FlashAttnKernel, flash_attn_available
+from parallel.context.flash_attn_kernel import (FlashAttnKernel, _supported_arguments, flash_attn_available,
+                                                flash_attn_import_error)
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}  # (query heads, kv heads)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -155,6 +158,43 @@ def test_flash_attn_requested_but_missing_is_an_error():
         get_kernel("flash_attn", torch.device("cuda"))
     with pytest.raises(ValueError, match=r"not importable"):
         get_kernel("auto", torch.device("cuda"))
+
+
+@torch.library.custom_op("shardwright_test::flash_attn_forward", mutates_args=())
+def fake_flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
+                            causal: bool, window_size_left: int, window_size_right: int, softcap: float,
+                            alibi_slopes: torch.Tensor | None, return_softmax: bool) -> torch.Tensor:
+    """flash-attn >= 2.7's _flash_attn_forward signature, a torch custom op as there (its own signature is
+    (*args, **kwargs))."""
+    return q * softmax_scale
+
+
+def test_flash_attn_arguments_reach_a_custom_op():
+    q = torch.randn(1, 4, 2, 8)
+    arguments = _supported_arguments(fake_flash_attn_forward, dict(
+        q=q, k=q, v=q, dropout_p=0.0, softmax_scale=0.5, causal=True, softcap=0.0, alibi_slopes=None,
+        return_softmax=False, deterministic=True))  # deterministic: a backward's argument, not the forward's
+    assert sorted(arguments) == sorted(["q", "k", "v", "dropout_p", "softmax_scale", "causal", "window_size_left",
+                                        "window_size_right", "softcap", "alibi_slopes", "return_softmax"])
+    assert (arguments["window_size_left"], arguments["window_size_right"]) == (-1, -1)
+    torch.testing.assert_close(fake_flash_attn_forward(**arguments), q * 0.5)
+
+
+@pytest.mark.skipif(flash_attn_available(), reason="flash-attn is installed")
+def test_flash_attn_without_its_compiled_extension_is_unavailable(tmp_path, monkeypatch):
+    """A flash_attn package whose extension does not import (built for another torch, say) is unavailable, with
+    the import error as the reason, rather than failing at the first kernel call."""
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "flash_attn_interface.py").write_text("import flash_attn_2_cuda\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    flash_attn_import_error.cache_clear()
+    try:
+        assert not flash_attn_available()
+        assert "No module named 'flash_attn_2_cuda'" in flash_attn_import_error()
+    finally:
+        sys.modules.pop("flash_attn", None)
+        flash_attn_import_error.cache_clear()
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()), reason="needs CUDA and flash-attn")
