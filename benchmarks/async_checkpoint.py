@@ -7,8 +7,11 @@ called after step k-1 (its blocking part), and a publish. A save after step s th
 async save stays in flight until it is published after step p (the first step boundary where its write is
 done), so steps s+1 .. p+1 are the steps "during a save". Other steps (after `--warmup`) are steps without one.
 
-Modes, alternating in every repeat: `none` (no saves in the loop), `sync`, `async` (a save every `--every`
-steps; the final save comes after the last step record and is not timed). Per mode: the median wall of steps
+Modes, alternating in every repeat: `none` (no saves at all: checkpoint.enabled=false), `sync`, `async` (a save
+every `--every` steps; the final save comes after the last step record and is not timed). An async save whose
+write is still running when the next save is called is waited for there, so its steps run into the next save's
+(or, before the final save, it is left out of the timing): `saves_in_flight_at_next_save` counts them, and
+above zero `--every` is too short for a save on this machine. Per mode: the median wall of steps
 without a save, the median and mean wall of steps during a save, their ratio to the `none` median, the time a
 save adds to the run (sum of the walls of steps during saves minus as many `none` medians, per save), and the
 wall of the save call itself (the blocking part). Because a shared VM's speed drifts by tens of percent over
@@ -32,14 +35,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project need not be installed (gpu_suite.py)
 
-import launcher.checkpoint
-import launcher.metrics
-from launcher.config import load_config
-from launcher.metrics import describe_machine
-from launcher.trainer import train
+import torch  # noqa: E402
+
+import launcher.checkpoint  # noqa: E402
+import launcher.metrics  # noqa: E402
+from launcher.config import load_config  # noqa: E402
+from launcher.metrics import describe_machine  # noqa: E402
+from launcher.trainer import train  # noqa: E402
 
 MODES = ("none", "sync", "async")
 GOAL = 1.05
@@ -68,9 +74,10 @@ def parse_args() -> argparse.Namespace:
 def run_mode(args) -> dict:
     """One run: {"walls": {step: seconds}, "saves": [(save step, step after which it was published)], ...}."""
     torch.set_num_threads(args.threads)
-    stamps, saves, published = {}, [], []
-    real_log, real_save, real_publish = (launcher.metrics.MetricsWriter.log, launcher.checkpoint.Checkpointer.save,
-                                         launcher.checkpoint.Checkpointer._publish)
+    stamps, saves, published, in_flight_at_next_save = {}, [], [], []
+    real_log, real_save, real_publish, real_wait = (
+        launcher.metrics.MetricsWriter.log, launcher.checkpoint.Checkpointer.save,
+        launcher.checkpoint.Checkpointer._publish, launcher.checkpoint.Checkpointer.wait)
 
     def log(writer, record, show):
         real_log(writer, record, show)
@@ -88,28 +95,36 @@ def run_mode(args) -> dict:
         published.append((step, max(stamps)))
         return real_publish(checkpointer, step, *rest)
 
+    def wait(checkpointer):
+        # poll() waits only for a finished write: a wait on an unfinished in-loop save is the next save's.
+        pending = checkpointer._pending
+        if pending is not None and pending[0] < args.steps and not pending[3].done():
+            in_flight_at_next_save.append((pending[0], max(stamps)))
+        return real_wait(checkpointer)
+
     launcher.metrics.MetricsWriter.log = log
     launcher.checkpoint.Checkpointer.save = save
     launcher.checkpoint.Checkpointer._publish = publish
+    launcher.checkpoint.Checkpointer.wait = wait
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config(args.config, [
             f"model.dim={args.dim}", f"model.n_layers={args.layers}", f"train.steps={args.steps}",
             f"run.dir={run_dir}", "run.tensorboard=false", "train.eval_every=0", "train.eval_batches=1",
             "train.sample_prompt=", "run.log_every=1000",
+            f"checkpoint.enabled={str(args.mode != 'none').lower()}",  # none: not even the final save
             f"checkpoint.every={0 if args.mode == 'none' else args.every}",
             f"checkpoint.async_save={str(args.mode == 'async').lower()}", "checkpoint.keep_last=1",
             *args.overrides])
         started = time.perf_counter()
         train(cfg)
         total = time.perf_counter() - started
-        size = sum(f.stat().st_size for f in (launcher.checkpoint.Path(run_dir) / "checkpoints").rglob("*")
-                   if f.is_file())
+        size = sum(f.stat().st_size for f in (Path(run_dir) / "checkpoints").rglob("*") if f.is_file())
     walls = {k: stamps[k] - stamps[k - 1] for k in stamps if k - 1 in stamps}
     # Saves published before the last step (its record is the last timed one).
     in_loop = dict(saves)
     return {"walls": walls, "saves": [(s, p) for s, p in published if s in in_loop and p < args.steps],
             "save_call_s": [in_loop[s] for s, p in published if s in in_loop and p < args.steps],
-            "run_s": total, "checkpoint_bytes": size}
+            "in_flight_at_next_save": in_flight_at_next_save, "run_s": total, "checkpoint_bytes": size}
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
@@ -141,6 +156,7 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
                      "during_save_vs_steps_before_it": statistics.median(local),
                      "during_save_vs_steps_before_it_each": local,
                      "steps_per_save": statistics.mean(in_flight),
+                     "saves_in_flight_at_next_save": sum(len(run["in_flight_at_next_save"]) for run in runs[mode]),
                      "save_call_s": statistics.median(save_calls),
                      "added_s_per_save": statistics.mean(added)}
     out["async"]["within_goal"] = out["async"]["during_save_vs_steps_before_it"] <= GOAL

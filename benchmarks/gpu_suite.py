@@ -17,14 +17,16 @@ Sections (`--sections`, default all, cheapest first so that a short lease return
   itself, bf16, without and with torch.compile: median tokens/s and MFU after the warm-up steps, MFU against
   the device's dense bf16 datasheet peak (launcher/metrics.py). The embedded corpus' 4096-token vocabulary
   keeps the data local (the GPU machine has no network); the parameter count is the run's own.
-- `checkpoint`: benchmarks/async_checkpoint.py on the GPU (a 0.15B Llama, sequence 2048, a save every 20 of 60
+- `checkpoint`: benchmarks/async_checkpoint.py on the GPU (a 0.15B Llama, sequence 2048, a save every 80 of 240
   steps, one run per mode): the save call and the steps during a save against the steps before it, sync and
-  async, where the async copy is a device-to-host copy and the host cores are free.
+  async, where the async copy is a device-to-host copy and the host cores are free, and how many async saves
+  were still being written when the next save came (then their steps overlap: --every too short).
 - `tests`: pytest over the tests that skip without CUDA (tests/gpu, the fla and flash-attn kernel tests).
 
 A section that fails records its traceback and the suite goes on; the JSON is rewritten after every
-section (a lease that ends mid-run keeps what finished) and the exit status is 1 if any section failed.
-`--budget-s` bounds the training runs: each gets what is left of it.
+section (a lease that ends mid-run keeps what finished) and the exit status is 1 if any section failed, or
+any part of one (a llama run, a family's run, a test). `--budget-s` bounds the training runs and the
+checkpoint and tests sections: each gets what is left of it, and one stopped by it keeps its output's tail.
 
     python benchmarks/gpu_suite.py [--sections moe,deltanet,attention,families,llama,checkpoint,tests]
         [--out FILE]
@@ -35,7 +37,9 @@ section (a lease that ends mid-run keeps what finished) and the exit status is 1
 """
 import argparse
 import json
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +56,7 @@ import torch  # noqa: E402
 from launcher.metrics import describe_machine  # noqa: E402
 from models.deltanet.ops import delta_rule, fla_available, fla_import_error  # noqa: E402
 from models.moe.model import grouped_swiglu, looped_swiglu, split_swiglu  # noqa: E402
-from parallel.context.flash_attn_kernel import flash_attn_available  # noqa: E402
+from parallel.context.flash_attn_kernel import flash_attn_available, flash_attn_import_error  # noqa: E402
 from parallel.context.kernel_choice import get_kernel  # noqa: E402
 
 SECTIONS = ("moe", "deltanet", "attention", "families", "llama", "checkpoint", "tests")
@@ -65,8 +69,9 @@ LLAMA_1B = ["model.dim=2048", "model.n_layers=16", "model.n_heads=32", "model.n_
             "train.seq_len=2048", "train.global_batch_size=8", "train.micro_batch_size=4", "train.steps=30"]
 LLAMA_SMOKE = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "train.seq_len=64",
                "train.global_batch_size=4", "train.micro_batch_size=2", "train.steps=4"]
-# checkpoint: a 0.15B Llama at the llama section's sequence and batch, a 1.8 GB checkpoint every 20 steps.
-CHECKPOINT_SIZES = ["--dim", "1024", "--layers", "12", "--steps", "60", "--every", "20", "--warmup", "5",
+# checkpoint: a 0.15B Llama at the llama section's sequence and batch, a 1.8 GB checkpoint every 80 steps: an
+# async save (stage, write, SHA-256: a few seconds) has 80 steps of 0.05-0.07 s to finish before the next one.
+CHECKPOINT_SIZES = ["--dim", "1024", "--layers", "12", "--steps", "240", "--every", "80", "--warmup", "5",
                     "--set", "model.n_heads=16", "--set", "model.n_kv_heads=8", "--set", "model.multiple_of=256",
                     "--set", "train.seq_len=2048", "--set", "train.global_batch_size=8",
                     "--set", "train.micro_batch_size=4"]
@@ -110,11 +115,21 @@ def time_left(args) -> float:
 
 
 def run_within_budget(args, command: list[str]) -> subprocess.CompletedProcess | dict:
-    """`command` run from the repository, or {"error": ...} when --budget-s runs out first."""
+    """`command` run from the repository, or {"error": ...} with its output's tail when --budget-s runs out
+    first. It runs in a session of its own so that the timeout kills its whole process group: its own children
+    (async_checkpoint's training runs, pytest's) would otherwise outlive it and compete with later sections."""
+    run = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           start_new_session=True)
     try:
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=time_left(args))
+        stdout, stderr = run.communicate(timeout=time_left(args))
     except subprocess.TimeoutExpired:
-        return {"error": OUT_OF_BUDGET}
+        os.killpg(run.pid, signal.SIGKILL)
+        stdout, stderr = run.communicate()  # what it wrote before, kept by the first communicate
+        return {"error": f"{OUT_OF_BUDGET}; stdout tail: {stdout[-1500:]}; stderr tail: {stderr[-1500:]}"}
+    except KeyboardInterrupt:  # its own session does not get the terminal's ^C
+        os.killpg(run.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
 
 
 def start_training(args, config: str, sets: list[str], run_dir: str) -> subprocess.Popen:
@@ -195,7 +210,8 @@ def checkpoint(args, device) -> dict:
             return {"error": f"exit {run.returncode}: {run.stderr[-3000:]}"}
         result = json.loads(out.read_text())
     keep = ("save_call_s", "during_save_vs_steps_before_it", "during_save_vs_steps_before_it_each",
-            "steps_per_save", "added_s_per_save", "median_step_s_without_save", "without_save_vs_none_median")
+            "steps_per_save", "saves_in_flight_at_next_save", "added_s_per_save", "median_step_s_without_save",
+            "without_save_vs_none_median")
     return {"arguments": sizes, "checkpoint_mb": result["checkpoint_mb"], "goal": result["goal_during_save_vs_none"],
             "none_median_step_s": result["none"]["median_step_s"],
             **{mode: {k: result[mode][k] for k in keep} for mode in ("sync", "async")},
@@ -218,7 +234,8 @@ def tests(args, device) -> dict:
 
 def attention(args, device) -> dict:
     if not flash_attn_available():
-        return {"skipped": "flash-attn is not installed (pip install shardwright[gpu])"}
+        return {"skipped": f"flash-attn's kernels do not import: {flash_attn_import_error()} "
+                           "(pip install shardwright[gpu])"}
     flash, math = get_kernel("flash_attn", device), get_kernel("math", device)
     g = torch.Generator(device=device).manual_seed(0)
     b, t, h, d = 2, 1024, 8, 128
@@ -333,6 +350,13 @@ def moe(args, device) -> dict:
             "cases": results}
 
 
+def section_failed(result: dict) -> bool:
+    """Whether a section's result records a failure anywhere in it: an "error" or a non-empty "failed" (llama
+    keeps each run's error under the run's name, families each config's)."""
+    return "error" in result or bool(result.get("failed")) or any(
+        isinstance(value, dict) and section_failed(value) for value in result.values())
+
+
 def main() -> int:
     args = parse_args()
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
@@ -349,7 +373,7 @@ def main() -> int:
             report["sections"][section] = globals()[section](args, device)
         except Exception:  # the suite's job is to report what broke, then measure the rest
             report["sections"][section] = {"error": traceback.format_exc()}
-        if "error" in report["sections"][section] or report["sections"][section].get("failed"):
+        if section_failed(report["sections"][section]):
             failed.append(section)
         report["sections"][section]["seconds"] = time.perf_counter() - t0
         report["total_seconds"] = time.perf_counter() - started

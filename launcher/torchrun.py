@@ -28,7 +28,7 @@ def world_exit_code(failures: dict[int, ProcessFailure], max_restarts: int) -> i
     failure = failures[rank]
     if failure.exitcode == PREEMPTED_EXIT:  # every rank stopped after the same step; rank 0 logged it
         return PREEMPTED_EXIT
-    if failure.exitcode == USER_ERROR_EXIT:  # rank 0 printed the error line
+    if failure.exitcode == USER_ERROR_EXIT:  # the rank that raised it printed the error line (launcher/cli.py)
         return USER_ERROR_EXIT
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
     print(f"error: rank {rank} (pid {failure.pid}) {how}"
