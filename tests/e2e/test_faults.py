@@ -386,6 +386,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_resumes(tmp_path, data_cache,
     monkeypatch.undo()
     code, output = shardwright(capsys, "train", str(TINY), *settings)
     assert code == 0, output[-3000:]
+    assert f"resumed from {checkpoints / 'step-4'} at step 4" in output  # not a fresh run, which has the same losses
     assert losses_of(run_dir) == reference_losses
 
 
@@ -397,6 +398,7 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, data_cache, base_run
     code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache))
     assert code == 0, output[-3000:]
     assert "metrics.jsonl: dropped its last line, cut short" in output
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-4'} at step 4" in output
     assert losses_of(run_dir) == reference_losses
 
 
@@ -440,7 +442,8 @@ def test_async_saves_publish_verified_checkpoints_that_resume_exactly(tmp_path, 
     shutil.rmtree(checkpoints / "step-4")
     shutil.rmtree(checkpoints / "step-6")
     (checkpoints / "latest").write_text("step-2")
-    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN, "checkpoint.async_save=true")))
+    resumed = train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN, "checkpoint.async_save=true")))
+    assert len(resumed["losses"]) == len(reference_losses) - 2  # steps 3.. only: resumed, not started afresh
     assert losses_of(run_dir) == pytest.approx(reference_losses, rel=1e-6)
 
 
