@@ -264,6 +264,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def files_in(directory: Path) -> list[str]:
+    """Every file under `directory`, as paths relative to it."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
 def _step_of(name: str) -> int | None:
     prefix, _, number = name.partition("-")
     return int(number) if prefix == "step" and number.isdigit() else None
@@ -425,7 +430,7 @@ class Checkpointer:
             # Copies every tensor (CPU too: FileSystemWriter stages without a cache), then writes on a thread.
             written = dcp.async_save(state, checkpoint_id=staging, storage_writer=_BackgroundWriter(staging),
                                      process_group=self._group)
-            self._pending = (step, meta, staging, self._hasher.submit(self._hash_share, staging, written))
+            self._pending = (step, meta, staging, self._hasher.submit(self._hash_share, staging, written, self._group))
             return None
         try:
             # Raises on every rank if any rank's write failed.
@@ -458,13 +463,23 @@ class Checkpointer:
             self._refuse_failed_write(step, staging, e)
         return self._publish(step, meta, staging, share)
 
-    def _hash_share(self, staging: Path, written: Future | None = None) -> dict[str, str]:
-        """SHA-256 of this rank's share of the files (read back while still in the page cache), once `written`
-        (an async save's write) is done: every rank's, as DCP's save returns only when all ranks have written."""
+    def _hash_share(self, staging: Path, written: Future | None = None, group: dist.ProcessGroup | None = None
+                    ) -> dict[str, str]:
+        """SHA-256 of this rank's share of the checkpoint's files, once `written` (an async save's write) is done
+        (collective over `group`, all ranks). The files are the union of what the ranks list in `staging`: a rank
+        lists at least the files it wrote, where a network file system may show it other nodes' new files late,
+        so no rank's listing alone is complete. File i of the union is hashed by the (i mod k)-th of the k ranks
+        that listed it: once, by a rank that sees it (rank i mod world size where every rank sees every file)."""
         if written is not None:
             written.result()
-        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-        return {name: file_sha256(staging / name) for name in files[self.rank::dist.get_world_size()]}
+        listings = [None] * dist.get_world_size(group)
+        dist.all_gather_object(listings, files_in(staging), group=group)
+        listed_by: dict[str, list[int]] = {}
+        for rank, listing in enumerate(listings):
+            for name in listing:
+                listed_by.setdefault(name, []).append(rank)
+        return {name: file_sha256(staging / name) for i, name in enumerate(sorted(listed_by))
+                if listed_by[name][i % len(listed_by[name])] == self.rank}
 
     def _publish(self, step: int, meta: dict, staging: Path, share: dict[str, str]) -> Path:
         """rank 0 writes meta.json with every rank's checksums, renames staging to step-<step>, moves `latest`."""

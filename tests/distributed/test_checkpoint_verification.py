@@ -67,11 +67,57 @@ def verify_together(root: str) -> dict:
             "fallback": record.get("fallback")}
 
 
+def hash_with_a_late_listing(root: str, async_save: bool) -> dict:
+    """Check body: a save in which rank 1 does not yet list the shard rank 0 wrote (a network file system showing
+    another node's new file late); which files each rank hashed, and which meta.json records."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    import launcher.checkpoint as checkpoint
+
+    rank = dist.get_rank()
+    checkpointer = checkpoint.Checkpointer(Path(root), keep_last=1, rank=rank, async_save=async_save)
+    real_files_in, real_sha256, hashed = checkpoint.files_in, checkpoint.file_sha256, []
+    if rank == 1:
+        checkpoint.files_in = lambda directory: [name for name in real_files_in(directory) if name != "__0_0.distcp"]
+    checkpoint.file_sha256 = lambda path: hashed.append(path.name) or real_sha256(path)
+    try:
+        checkpointer.save(2, {f"rank{rank}": torch.full((1000,), float(rank))}, {})
+        checkpointer.wait()
+    finally:
+        checkpoint.files_in, checkpoint.file_sha256 = real_files_in, real_sha256
+    latest = checkpointer.latest_dir()
+    return {"hashed": hashed, "recorded": sorted(json.loads((latest / checkpoint.META_FILE).read_text())
+                                                   [checkpoint.FILES_SHA256]),
+            "files": sorted(name for name in real_files_in(latest) if name != checkpoint.META_FILE)}
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     workdir = tmp_path_factory.mktemp("verify-together")
     (result,) = run_world(2, [(f"{THIS}:verify_together", {"root": str(workdir / "run")})], workdir)
     return [result.value(rank) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def late_listing(tmp_path_factory) -> dict[str, list[dict]]:
+    workdir = tmp_path_factory.mktemp("late-listing")
+    results = run_world(2, [(f"{THIS}:hash_with_a_late_listing", {"root": str(workdir / kind), "async_save": kind == "async"})
+                            for kind in ("sync", "async")], workdir)
+    return {kind: [result.value(rank) for rank in range(2)] for kind, result in zip(("sync", "async"), results)}
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_every_file_is_hashed_once_though_a_rank_lists_it_late(late_listing, kind):
+    """The files hashed at save are the union of the ranks' listings, each hashed by a rank that listed it: rank 1,
+    which did not list rank 0's shard, leaves it to rank 0, and meta.json records every file (a rank hashing its
+    slice of its own listing hashed some files twice and left others unrecorded, so never verified)."""
+    rank0, rank1 = late_listing[kind]
+    assert rank0["recorded"] == rank0["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert "__0_0.distcp" not in rank1["hashed"]
+    assert sorted(rank0["hashed"] + rank1["hashed"]) == rank0["files"]
 
 
 @pytest.mark.parametrize("use", ["resume", "init_from"])
