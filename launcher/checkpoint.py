@@ -344,6 +344,20 @@ class _BackgroundWriter(_ErrnoKeepingWriter):
         return super().set_up_storage_writer(*args, **kwargs)
 
 
+def on_rank0(rank: int, action: Callable[[], None]) -> OSError | None:
+    """Run `action` (file operations only rank 0 makes) on rank 0; every rank gets the OSError it raised, or None.
+    Collective: the other ranks would otherwise wait for a failed rank 0 in their next collective until the
+    timeout, rather than refuse alike."""
+    failure = [None]
+    if rank == 0:
+        try:
+            action()
+        except OSError as e:
+            failure = [e]
+    dist.broadcast_object_list(failure, src=0)
+    return failure[0]
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, rank: int, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
@@ -418,12 +432,15 @@ class Checkpointer:
         the checkpoint once every rank's write is done. A save still pending is published first."""
         self.wait()
         staging = self.root / f".staging-step-{step}"
-        if self.rank == 0:
+
+        def make_staging():
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob(".staging-step-*"):
                 shutil.rmtree(leftover)
             staging.mkdir()
-        dist.barrier()
+
+        if (failure := on_rank0(self.rank, make_staging)) is not None:
+            self._refuse_failed_write(step, staging, failure)
         if self.async_save:
             if write_more is not None:
                 raise ValueError("async_save writes DCP state only: an engine's own files are written synchronously")
@@ -486,25 +503,19 @@ class Checkpointer:
         final = self.root / f"step-{step}"
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, share)
-        failure = [None]
-        if self.rank == 0:
+
+        def publish():
             record = {"step": step, **meta, FILES_SHA256: {k: v for share in shares for k, v in sorted(share.items())}}
-            try:
-                _write_atomically(staging / META_FILE, json.dumps({**record, META_SHA256: _fields_sha256(record)},
-                                                                  indent=1))
-                if final.exists():  # left by a crash after publish but before `latest` moved: never current
-                    shutil.rmtree(final)
-                os.rename(staging, final)
-                fsync_dir(self.root)
-                _write_atomically(self.root / "latest", final.name)
-            except OSError as e:
-                failure = [e]
-        dist.broadcast_object_list(failure, src=0)  # every rank fails alike when rank 0 could not publish
-        if failure[0] is not None:
-            self._refuse_failed_write(step, staging, failure[0])
-        if self.rank == 0:
+            _write_atomically(staging / META_FILE, json.dumps({**record, META_SHA256: _fields_sha256(record)}, indent=1))
+            if final.exists():  # left by a crash after publish but before `latest` moved: never current
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            fsync_dir(self.root)
+            _write_atomically(self.root / "latest", final.name)
             self._prune(keep=final.name)
-        dist.barrier()
+
+        if (failure := on_rank0(self.rank, publish)) is not None:
+            self._refuse_failed_write(step, staging, failure)
         return final
 
     def _refuse_failed_write(self, step: int, staging: Path, error: BaseException) -> None:
@@ -535,7 +546,9 @@ class Checkpointer:
         steps = sorted((s, p) for p in self.root.iterdir() if (s := _step_of(p.name)) is not None)
         for _, path in steps[:-self.keep_last] if self.keep_last > 0 else []:
             if path.name != keep:
-                shutil.rmtree(path)
+                # Best effort (e.g. NFS keeps a file another process holds open): what is left is never `latest`,
+                # fails verification if a fallback comes to it, and the next save's prune tries again.
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def check_complete(path: Path, share: tuple[int, int] | None = None) -> dict:

@@ -94,6 +94,27 @@ def hash_with_a_late_listing(root: str, async_save: bool) -> dict:
             "files": sorted(name for name in real_files_in(latest) if name != checkpoint.META_FILE)}
 
 
+def rank0_fails_to_stage(root: str) -> str | None:
+    """Check body: a save whose staging rank 0 cannot prepare (a leftover `.staging-step-*` that is a file, which
+    rmtree refuses); the refusal this rank raised, within the world's collective timeout rather than after it."""
+    import torch
+    import torch.distributed as dist
+
+    import launcher.checkpoint as checkpoint
+    from launcher.errors import UserError
+
+    rank = dist.get_rank()
+    if rank == 0:
+        (Path(root) / "checkpoints").mkdir(parents=True)
+        (Path(root) / "checkpoints" / ".staging-step-1").write_text("not a directory")
+    dist.barrier()
+    try:
+        checkpoint.Checkpointer(Path(root), keep_last=1, rank=rank).save(2, {f"rank{rank}": torch.ones(10)}, {})
+    except UserError as e:
+        return str(e)
+    return None
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     workdir = tmp_path_factory.mktemp("verify-together")
@@ -139,3 +160,12 @@ def test_a_damaged_shard_is_refused_on_every_rank_also_where_it_was_not_hashed(r
 def test_a_fallback_resumes_every_rank_from_the_same_earlier_checkpoint(ranks):
     assert [r["resumed"] for r in ranks] == ["step-2", "step-2"]
     assert all("step-4 failed verification" in r["fallback"] for r in ranks)
+
+
+def test_a_failure_of_rank_0s_file_operations_is_refused_on_every_rank(tmp_path):
+    """Only rank 0 prepares the staging directory (and publishes and prunes); when it fails, every rank refuses
+    with its line instead of waiting for rank 0 in the next collective until the timeout."""
+    (result,) = run_world(2, [(f"{THIS}:rank0_fails_to_stage", {"root": str(tmp_path / "run")})], tmp_path,
+                          collective_timeout_s=30)
+    refusals = [result.value(rank) for rank in range(2)]
+    assert refusals[0] == refusals[1] and "while saving step 2" in refusals[0] and "ENOTDIR" in refusals[0]
