@@ -379,7 +379,7 @@ class Checkpointer:
         path = self.root / name
         if _step_of(name) is None or not path.is_dir():
             raise UserError(f"{pointer} points at '{name}', which is not a checkpoint directory; "
-                            f"point it at an existing checkpoints/step-<N> or delete it to start fresh")
+                            f"point it at an existing checkpoints/step-<N>, or use a new run.dir to start over")
         return path
 
     def last_complete(self) -> str:
@@ -506,7 +506,8 @@ class Checkpointer:
 
         def publish():
             record = {"step": step, **meta, FILES_SHA256: {k: v for share in shares for k, v in sorted(share.items())}}
-            _write_atomically(staging / META_FILE, json.dumps({**record, META_SHA256: _fields_sha256(record)}, indent=1))
+            _write_atomically(staging / META_FILE,
+                              json.dumps({**record, META_SHA256: _fields_sha256(record)}, indent=1))
             if final.exists():  # left by a crash after publish but before `latest` moved: never current
                 shutil.rmtree(final)
             os.rename(staging, final)
@@ -562,7 +563,7 @@ def check_complete(path: Path, share: tuple[int, int] | None = None) -> dict:
     """
     def damaged(why: str) -> UserError:
         return UserError(f"checkpoint {path} is damaged ({why}); point checkpoints/latest at an earlier "
-                         f"step-<N> or delete it to start fresh")
+                         f"step-<N>, or use a new run.dir to start over")
 
     try:
         meta = json.loads((path / META_FILE).read_bytes().decode())
@@ -632,9 +633,12 @@ def find_checkpoint(source: Path) -> tuple[Path, Path]:
 
 def check_same_model(saved: dict, family: str, model: dict, path: Path) -> None:
     """Refuse a checkpoint of another family or architecture (execution fields may differ)."""
+    if saved.get("family") != family:
+        raise UserError(f"{path} holds a {saved.get('family')} model, not a {family} one; use a new run.dir or the "
+                        f"checkpoint's model config")
     saved_model = saved.get("model", {})
     diff = {k: (saved_model.get(k), v) for k, v in model.items() if saved_model.get(k) != v}
-    if saved.get("family") != family or diff:
+    if diff:
         raise UserError(f"{path} holds a {saved.get('family')} model with a different shape "
                         f"({', '.join(f'{k}: checkpoint {a} vs config {b}' for k, (a, b) in diff.items())}); "
                         f"use a new run.dir or the checkpoint's model config")

@@ -327,13 +327,15 @@ def check_run_dir(run_dir: Path) -> None:
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_dir():
         raise UserError(f"{latest} is a directory; it should be a text file naming a checkpoint (step-<N>): "
-                        f"remove it, then write the name of a complete checkpoints/step-<N> into it or start fresh")
+                        f"remove it, then write the name of a complete checkpoints/step-<N> into it, or use a new "
+                        f"run.dir to start over")
     if latest.is_file():
         try:
             latest.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             raise UserError(f"{latest} is not text (not UTF-8); it should name a checkpoint (step-<N>): write the "
-                            f"name of a complete checkpoints/step-<N> into it, or delete it to start fresh") from None
+                            f"name of a complete checkpoints/step-<N> into it, or use a new run.dir to start "
+                            f"over") from None
 
 
 ENGINES = ("torch", "deepspeed")

@@ -54,7 +54,8 @@ def read_metadata(checkpoint: Path) -> Metadata:
             metadata = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise UserError(f"checkpoint {checkpoint} has no {METADATA_FILE} (DCP's index of its shards): it is "
-                        f"incomplete; point checkpoints/latest at an earlier step-<N> or delete it") from None
+                        f"incomplete; point checkpoints/latest at an earlier step-<N>, or use a new run.dir to "
+                        f"start over") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
             KeyError, OSError) as e:  # what a damaged or crafted pickle raises
         raise UserError(f"{path} is not DCP metadata ({type(e).__name__}: {e}); the checkpoint is damaged or was "
@@ -112,4 +113,4 @@ def load(state: dict, checkpoint: Path, no_dist: bool = False) -> None:
         first = failures[0] if failures else e
         raise UserError(f"checkpoint {checkpoint} could not be read ({type(first).__name__}: "
                         f"{(str(first).splitlines() or [''])[0]}); it is damaged: point checkpoints/latest at an "
-                        f"earlier step-<N> or delete it") from None
+                        f"earlier step-<N>, or use a new run.dir to start over") from None

@@ -148,3 +148,5 @@ def test_resume_compares_the_architecture_not_how_it_is_computed():
     with pytest.raises(UserError, match="conv_size: checkpoint 4 vs config 2"):
         check_same_model(meta, "deltanet", architecture(DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, conv_size=2)),
                          Path("ckpt"))
+    with pytest.raises(UserError, match="ckpt holds a deltanet model, not a llm one"):  # not "a different shape"
+        check_same_model(meta, "llm", architecture(saved), Path("ckpt"))
