@@ -23,7 +23,8 @@ def reference_attention(q, k, v, causal: bool, scale: float | None = None):
     k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if causal:
-        scores = scores.masked_fill(torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v), torch.logsumexp(scores, -1)
 
 
@@ -200,11 +201,16 @@ def test_flash_attn_without_its_compiled_extension_is_unavailable(tmp_path, monk
 @pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()), reason="needs CUDA and flash-attn")
 @pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
 def test_flash_attn_kernel_matches_math_kernel(heads):
+    """flash-attn's bf16 kernel and the math kernel in bf16, each against the fp64 reference on the same inputs:
+    flash-attn's error (out, lse, dq, dk, dv) at most twice the math kernel's, plus a floor for where the math
+    kernel happens to be exact."""
     q, k, v, dout = (t.cuda() for t in random_qkv(heads, torch.bfloat16, seq=64, dim=64))
     for causal in (True, False):
+        reference = reference_with_grads(q, k, v, dout, causal)
         out, lse = FlashAttnKernel().fwd(q, k, v, causal, 0.125)
         math_out, math_lse = MathKernel().fwd(q, k, v, causal, 0.125)
         grads = FlashAttnKernel().bwd(dout, q, k, v, out, lse, causal, 0.125)
         math_grads = MathKernel().bwd(dout, q, k, v, math_out, math_lse, causal, 0.125)
-        for got, want in zip((out, lse, *grads), (math_out, math_lse, *math_grads)):
-            assert max_error(got, want) <= 3e-2
+        for name, got, math, want in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads),
+                                         (math_out, math_lse, *math_grads), reference):
+            assert max_error(got, want) <= 2 * max_error(math, want) + 1e-3, (name, causal)
