@@ -1,5 +1,6 @@
 """`shardwright` command line. Bad input ends with one line `error: ...` and exit code 2."""
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -62,8 +63,12 @@ def _train(args) -> int:
 
     def destroy_made_group() -> None:
         # A process that exits with gloo's worker threads alive can abort at interpreter exit ("terminate called
-        # without an active exception", pytorch/pytorch#190489), as a run refused for a locked run.dir once did in CI.
+        # without an active exception", pytorch/pytorch#190489), as a run refused for a locked run.dir once did in CI,
+        # and rank 1 of a finished two-process run once more. The run's device meshes (and a tensor) are left in
+        # reference cycles when train returns (measured); collected here, while the interpreter is whole, rather than
+        # at its teardown after the groups are gone.
         if makes_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
     try:
