@@ -22,12 +22,15 @@ train: $(VENV)
 	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2 --set run.dir=runs/llm-tiny/$$(date +%Y%m%d-%H%M%S)
 
 # Two pytest workers, whole test files each (a file's multi-process world and its checks stay together). On the
-# 2-core CI machine the whole run took 16-20 min this way against 18.5-24.4 min serially.
+# 2-core CI machine the whole run took 16-20 min this way against 18.5-24.4 min serially. Then the DeepSpeed tests,
+# which skip in the main venv, in theirs (about a minute with its build): CI runs them too.
 test: $(VENV)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(MAKE) --no-print-directory test-deepspeed
 
 # DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU: the
-# checkpoint import, parallel.engine=deepspeed's config checks and runs) skip in `make test` and run here.
+# checkpoint import, parallel.engine=deepspeed's config checks and runs) skip in the main venv and run here, in a
+# venv of their own; `make test` ends with them.
 DS_PY := .venv-deepspeed/bin/python
 DS_VENV := .venv-deepspeed/.installed
 $(DS_VENV): pyproject.toml
