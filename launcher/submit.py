@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from launcher.config import load_config
-from launcher.errors import UserError
+from launcher.errors import PREEMPTED_EXIT, USER_ERROR_EXIT, UserError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch.template"
 DEFAULT_SIGNAL_LEAD_S = 120
@@ -73,7 +73,7 @@ def add_arguments(parser) -> None:
 
 
 def submit(args) -> int:
-    from launcher.trainer import PREEMPTED_EXIT, starting_point, validated_layout  # torch-heavy: once args parse
+    from launcher.trainer import starting_point, validated_layout  # torch-heavy: only once the arguments are parsed
 
     for name in ("nodes", "gpus_per_node", "chain", "signal_lead", "cpus_per_task"):
         value = getattr(args, name)
@@ -231,14 +231,13 @@ def _detect_device(partition: str | None, strict: bool) -> str:
 
 
 def torchrun_node(argv: list[str]) -> int:
-    """One node's share of a job: torchrun with two changes. Its agent ignores SIGUSR1 (meant for the
+    """One node's share of a job: torchrun with these changes. Its agent ignores SIGUSR1 (meant for the
     workers, which inherit the disposition until the trainer installs its handler), and a worker
-    that exits with PREEMPTED_EXIT makes this exit with it too (torchrun itself would exit 1)."""
+    that exits with PREEMPTED_EXIT makes this exit with it too (torchrun itself would exit 1), one that refused
+    with USER_ERROR_EXIT (its line printed) likewise."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import parse_args, run
-
-    from launcher.trainer import PREEMPTED_EXIT
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
@@ -249,7 +248,7 @@ def torchrun_node(argv: list[str]) -> int:
             print(f"[shardwright] workers stopped early after a checkpoint (exit code {PREEMPTED_EXIT})",
                   file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
-        return 1
+        return USER_ERROR_EXIT if USER_ERROR_EXIT in codes else 1
     except RendezvousConnectionError as e:
         # Also what a node sees when the first node's torchrun, which holds the store, ends before it.
         print(f"[shardwright] torchrun lost the rendezvous store: {e}", file=sys.stderr, flush=True)

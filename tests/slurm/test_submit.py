@@ -4,6 +4,7 @@ jobs carries a run on, hostile values stay inert, and a bad layout never reaches
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -143,3 +144,24 @@ def test_missing_sbatch_is_one_clear_line(tmp_path, data_cache):
                  env=dict(os.environ, PATH="/nonexistent"))
     assert_one_error_line(result, "sbatch not found", "slurm/local-cluster.sh up", "--dry-run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("codes, want", [([75, -15], 75), ([2, -15], 2), ([1, -15], 1), ([-9, -15], 1)])
+def test_a_nodes_exit_code_says_how_its_workers_ended(monkeypatch, request, codes, want):
+    """torchrun exits 1 whenever a worker failed; the node's share of a job passes on a stop after a checkpoint
+    (75: the job requeues) and a refusal (2: a worker printed its line) instead, and 1 for anything else."""
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from launcher.submit import torchrun_node
+
+    failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+                for rank, code in enumerate(codes)}
+
+    def failed_run(_args):
+        raise ChildFailedError("train", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "run", failed_run)
+    usr1 = signal.getsignal(signal.SIGUSR1)  # torchrun_node ignores it, for the agent
+    request.addfinalizer(lambda: signal.signal(signal.SIGUSR1, usr1))
+    assert torchrun_node(["--nproc-per-node", "2", "-m", "launcher", "train", "x.yaml"]) == want
