@@ -308,6 +308,8 @@ def train(cfg: Config) -> dict:
         # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks, a converted
         # one (launcher/convert.py) none at all, one saved before RNG states were tensors a pickle (not read).
         has_rng = f"rng.{rng.key}.torch" in saved["keys"]
+        # Which ranks keep their seeded RNG, known alike on every rank (the checkpoint's keys), said by rank 0.
+        without_rng = [r for r in range(dims.world_size) if f"rng.{RNGState(r, False).key}.torch" not in saved["keys"]]
         checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"},
                           zero and zero.load)
         rng.with_cuda = torch.cuda.is_available()  # from here on every save holds them
@@ -319,8 +321,9 @@ def train(cfg: Config) -> dict:
                          f"verified checkpoint")
         metrics.info(f"resumed from {resume_from} at step {start_step}"
                      + ("" if saved["verified"] else " unverified (it has no checksums: saved by an older version)")
-                     + ("" if has_rng else " (it holds no RNG state of rank 0 as tensors, e.g. a converted or older "
-                                            "checkpoint: seed RNG kept)"))
+                     + ("" if not without_rng else
+                        f" (it holds no RNG state as tensors for {describe_ranks(without_rng, dims.world_size)}, e.g. "
+                        f"a converted or older checkpoint, or one from a smaller world: their seed RNG kept)"))
     if saved is not None and cfg.checkpoint.init_from:
         metrics.info(f"checkpoint.init_from={cfg.checkpoint.init_from} ignored: the run resumes from its own "
                      f"checkpoint")
@@ -475,6 +478,17 @@ def starting_point(cfg: Config, dims: ParallelDims, check: Callable[[Path], dict
         starting_weights = open_starting_weights(cfg.checkpoint.init_from, get_model_spec(cfg.model.family),
                                                  cfg.model_config(), check)
     return resume_from, saved, starting_weights
+
+
+def describe_ranks(ranks: list[int], world_size: int) -> str:
+    """e.g. "every rank", "rank 3", "ranks 2-3" (consecutive) or "ranks 0, 5"."""
+    if len(ranks) == world_size:
+        return "every rank"
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
 
 
 def greedy_sample(next_token, tokenizer, prompt: str, n_tokens: int, max_length: int) -> str:

@@ -225,6 +225,9 @@ def test_stop_and_resume_matches_uninterrupted(two_processes, singles):
     assert_same_losses(two_processes["resume_to_10"]["losses"], singles["single"][5:])
 
 
-def test_resume_on_a_different_dp_size(four_processes, two_processes, singles):
+def test_resume_on_a_different_dp_size(runs_dir, four_processes, two_processes, singles):
     assert_same_losses(two_processes["dp2_stop_at_5"]["losses"], singles["single"][:5])
     assert_same_losses(four_processes["resume_dp2_on_dp4"]["losses"], singles["single"][5:])
+    # The checkpoint of two ranks has no RNG streams for ranks 2 and 3, which keep their seeded ones: said once.
+    log = (runs_dir / "world4" / "rank0.log").read_text()
+    assert log.count("it holds no RNG state as tensors for ranks 2-3") == 1, log[-3000:]
