@@ -53,7 +53,7 @@ def _train(args) -> int:
         lock_fd = hold_run_lock(cfg.run.dir) if cfg.run.lock else None  # for the world's life, restarts included
         worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
         code = launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd)
-        # torchrun exits 75 after any stop signal it forwarded; without checkpoints the workers saved nothing (rank 0
+        # torchrun exits 75 after any stop signal it forwarded; without checkpoints the workers saved nothing (and
         # said so) and a requeue would start again from step 0.
         return USER_ERROR_EXIT if code == PREEMPTED_EXIT and not cfg.checkpoint.enabled else code
     if world.launcher != "single" and args.nproc_per_node > 1:

@@ -307,9 +307,9 @@ def train(cfg: Config) -> dict:
         check_same_tokenizer(saved["meta"], meta, resume_from)
         # RNG streams are per rank: a checkpoint from a smaller world has none for the new ranks, a converted
         # one (launcher/convert.py) none at all, one saved before RNG states were tensors a pickle (not read).
-        has_rng = f"rng.{rng.key}.torch" in saved["keys"]
-        # Which ranks keep their seeded RNG, known alike on every rank (the checkpoint's keys), said by rank 0.
+        # Known alike on every rank (the checkpoint's keys), so that rank 0 can say which ranks keep their seed RNG.
         without_rng = [r for r in range(dims.world_size) if f"rng.{RNGState(r, False).key}.torch" not in saved["keys"]]
+        has_rng = rank not in without_rng
         checkpointer.load(resume_from, state if has_rng else {k: v for k, v in state.items() if k != "rng"},
                           zero and zero.load)
         rng.with_cuda = torch.cuda.is_available()  # from here on every save holds them
