@@ -93,17 +93,24 @@ def main(argv: list[str] | None = None) -> int:
             return plan_command(args)
         return submit(args) if args.command == "submit" else _train(args)
     except (UserError, DataError) as e:
-        print(error_line(e, detect_world().rank), file=sys.stderr, flush=True)
+        say_refusal(e, detect_world().rank)
         return USER_ERROR_EXIT
 
 
-def error_line(error: Exception, rank: int) -> str:
-    """The line a refused command prints on each rank that raised: `error: ...` on rank 0; on another rank the same,
-    after `[rank N] `. Most refusals are raised alike on every rank (a config, a verified checkpoint, a locked
-    run.dir, a stop); one raised on a single rank (a file it alone cannot read) would otherwise be said nowhere, as
-    its rank knows no more than that it failed. So a world of N ranks says such a refusal up to N times, each line
-    after the first naming its rank."""
-    return f"{'' if rank == 0 else f'[rank {rank}] '}error: {error}"
+def say_refusal(error: Exception, rank: int) -> None:
+    """Rank 0 prints `error: ...`. Most refusals are raised alike on every rank (a config, a verified checkpoint, a
+    stop), but one may be raised on another rank alone (a file only it cannot read): under torchrun such a rank
+    records it in its torchelastic error file, whose line torchrun's side prints when rank 0 did not refuse
+    (launcher/torchrun.py, launcher/submit.py), so a world says a refusal once; without an error file (a world
+    started otherwise) it prints it itself, naming its rank."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(error)
+    else:
+        print(f"[rank {rank}] error: {error}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

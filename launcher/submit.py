@@ -234,10 +234,12 @@ def torchrun_node(argv: list[str]) -> int:
     """One node's share of a job: torchrun with these changes. Its agent ignores SIGUSR1 (meant for the
     workers, which inherit the disposition until the trainer installs its handler), and a worker
     that exits with PREEMPTED_EXIT makes this exit with it too (torchrun itself would exit 1), one that refused
-    with USER_ERROR_EXIT (its line printed) likewise."""
+    with USER_ERROR_EXIT likewise, its line said once (launcher/torchrun.py: refused_line)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import parse_args, run
+
+    from launcher.torchrun import refused_line
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
@@ -248,7 +250,11 @@ def torchrun_node(argv: list[str]) -> int:
             print(f"[shardwright] workers stopped early after a checkpoint (exit code {PREEMPTED_EXIT})",
                   file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
-        return USER_ERROR_EXIT if USER_ERROR_EXIT in codes else 1
+        if USER_ERROR_EXIT not in codes:
+            return 1
+        if (line := refused_line(e.failures)) is not None:  # no rank 0 here, or it did not refuse
+            print(line, file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
     except RendezvousConnectionError as e:
         # Also what a node sees when the first node's torchrun, which holds the store, ends before it.
         print(f"[shardwright] torchrun lost the rendezvous store: {e}", file=sys.stderr, flush=True)

@@ -5,7 +5,8 @@ most one line instead of torchrun's tracebacks.
     0   the world finished
     75  it stopped after a stop signal (SIGTERM/SIGUSR1 forwarded by the launcher, or one sent to the
         workers), each rank having checkpointed: run the same command to resume
-    2   the workers refused their input (rank 0 printed the `error:` line)
+    2   the workers refused their input: rank 0 printed the `error:` line, or, when another rank alone refused,
+        this process prints that rank's line from its error file (refused_line)
     1   a worker failed (after run.max_restarts restarts): one line names it; its output is above
 """
 import logging
@@ -28,7 +29,9 @@ def world_exit_code(failures: dict[int, ProcessFailure], max_restarts: int) -> i
     failure = failures[rank]
     if failure.exitcode == PREEMPTED_EXIT:  # every rank stopped after the same step; rank 0 logged it
         return PREEMPTED_EXIT
-    if failure.exitcode == USER_ERROR_EXIT:  # the rank that raised it printed the error line (launcher/cli.py)
+    if failure.exitcode == USER_ERROR_EXIT:
+        if (line := refused_line(failures)) is not None:
+            print(line, file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
     how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
     print(f"error: rank {rank} (pid {failure.pid}) {how}"
@@ -36,6 +39,22 @@ def world_exit_code(failures: dict[int, ProcessFailure], max_restarts: int) -> i
           f"run the same command to resume from the last checkpoint (run.max_restarts restarts a world automatically)",
           file=sys.stderr, flush=True)
     return 1
+
+
+def refused_line(failures: dict[int, ProcessFailure]) -> str | None:
+    """The `error:` line of a world whose workers refused their input, for this process to print: None when rank 0
+    refused too (it printed the line, launcher/cli.py), else the refusal of the first other rank that did, which
+    that rank recorded in its torchelastic error file instead of printing (so that a refusal every rank raises is
+    said once), or a line saying it left none."""
+    refused = sorted((f.timestamp, rank) for rank, f in failures.items() if f.exitcode == USER_ERROR_EXIT)
+    if not refused or any(rank == 0 for _, rank in refused):
+        return None
+    rank = refused[0][1]
+    message = failures[rank].message
+    message = message.get("message") if isinstance(message, dict) else None
+    if not message:
+        return f"error: rank {rank} refused its input without saying why (no error file); its output is above"
+    return f"error: {message.split(': ', 1)[-1]} (rank {rank})"
 
 
 def main(argv: list[str]) -> int:

@@ -64,7 +64,7 @@ def shardwright(capsys, *args: str) -> tuple[int, str]:
 
 def error_line(code: int, output: str, *fragments: str) -> str:
     assert code == USER_ERROR_EXIT, output[-3000:]
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    errors = [line for line in output.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]

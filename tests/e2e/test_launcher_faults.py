@@ -130,7 +130,7 @@ def test_stop_signal_to_the_launcher_and_a_second_run(tmp_path, data_cache):
     second = shardwright("train", str(TINY), *sets(launch.run_dir, data_cache, *WORLD, "train.steps=1000"))
     FAULTS["second run on a locked run directory"] += 1
     assert second.returncode == 2, second.stderr[-3000:]
-    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in second.stderr.splitlines() if "error:" in line]
     assert errors == [f"error: run directory {launch.run_dir} is in use by another run (host {socket.gethostname()} "
                       f"pid {launch.proc.pid}): wait for it to end or stop it, or set another run.dir"], second.stderr
     dry = shardwright("submit", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--dry-run",
@@ -174,7 +174,7 @@ def test_a_stop_signal_without_checkpoints_does_not_ask_for_a_requeue(tmp_path, 
     FAULTS["SIGTERM to the launcher, no checkpoints"] += 1
     assert launch.finish() == 2, launch.err.read_text()[-3000:]
     stderr = launch.err.read_text()
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "SIGTERM received: stopped after step" in errors[0] and "without a checkpoint" in errors[0], errors
     assert "checkpoint.enabled=true" in errors[0]
@@ -195,7 +195,7 @@ def test_sigkill_leaves_no_orphan(tmp_path, data_cache, victim):
     code = launch.finish()
     if victim == "torchrun":
         assert code == 1
-        errors = [line for line in launch.err.read_text().splitlines() if line.startswith("error:")]
+        errors = [line for line in launch.err.read_text().splitlines() if "error:" in line]
         assert len(errors) == 1 and "was killed by SIGKILL, and its workers with it" in errors[0], errors
         assert "Traceback" not in launch.err.read_text()
     assert_all_gone(pids, within=60)

@@ -21,7 +21,7 @@ HOSTILE = "it's a \"run\" $(touch pwned) `touch pwned2`; x"
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]

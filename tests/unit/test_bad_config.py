@@ -84,16 +84,44 @@ def test_no_processes(capsys):
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_refusal_is_said_on_whichever_rank_raised_it(tmp_path, capsys, monkeypatch, rank):
-    """A worker of a world (here rank `rank` of 2) refused: rank 0 says `error: ...`; any other rank says it too,
-    naming itself, as a refusal of that rank alone would otherwise end the world with exit 2 and no line at all."""
+    """A worker of a world started without torchrun (here rank `rank` of 2) refused: rank 0 says `error: ...`; any
+    other rank says it too, naming itself, as a refusal of that rank alone would otherwise end the world with exit 2
+    and no line at all."""
     FAULTS["refusal on one rank"] += 1
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
     missing = tmp_path / "node-without-the-mount" / "config.yaml"
     assert main(["train", str(missing)]) == USER_ERROR_EXIT
     prefix = "" if rank == 0 else f"[rank {rank}] "
     assert capsys.readouterr().err == (f"{prefix}error: config file '{missing}' does not exist; pass a YAML file such "
                                        f"as one of the tiny.yaml files under configs/\n")
+
+
+def test_under_torchrun_a_refusal_of_another_rank_alone_is_said_once_by_the_agent(tmp_path, capsys, monkeypatch):
+    """Under torchrun, rank 1 records its refusal in its torchelastic error file instead of printing it (a refusal
+    every rank raises is then said once, by rank 0); torchrun's side prints it, naming the rank, only when rank 0
+    did not refuse too."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from launcher.torchrun import refused_line
+
+    FAULTS["refusal on one rank, under torchrun"] += 1
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    missing = tmp_path / "node-without-the-mount" / "config.yaml"
+    assert main(["train", str(missing)]) == USER_ERROR_EXIT
+    assert capsys.readouterr().err == ""
+    refused = ProcessFailure(local_rank=1, pid=101, exitcode=USER_ERROR_EXIT, error_file=str(error_file))
+    stopped = ProcessFailure(local_rank=0, pid=100, exitcode=-15, error_file=str(tmp_path / "none.json"))
+    assert refused_line({0: stopped, 1: refused}) == (f"error: config file '{missing}' does not exist; pass a YAML "
+                                                      f"file such as one of the tiny.yaml files under configs/ (rank 1)")
+    rank0_refused = ProcessFailure(local_rank=0, pid=100, exitcode=USER_ERROR_EXIT, error_file=str(tmp_path / "x"))
+    assert refused_line({0: rank0_refused, 1: refused}) is None  # rank 0 printed it
+    silent = ProcessFailure(local_rank=1, pid=101, exitcode=USER_ERROR_EXIT, error_file=str(tmp_path / "none.json"))
+    assert "rank 1 refused its input without saying why" in refused_line({0: stopped, 1: silent})
 
 
 MATFORMER = TINY.parents[1] / "matformer" / "tiny.yaml"  # 4 layers, granularities [0.125, 0.25, 0.5, 1]
