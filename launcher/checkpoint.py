@@ -513,10 +513,11 @@ class Checkpointer:
             os.rename(staging, final)
             fsync_dir(self.root)
             _write_atomically(self.root / "latest", final.name)
-            self._prune(keep=final.name)
 
         if (failure := on_rank0(self.rank, publish)) is not None:
             self._refuse_failed_write(step, staging, failure)
+        if self.rank == 0:  # best effort, after the checkpoint is published: nothing in it can fail the save
+            self._prune(keep=final.name)
         return final
 
     def _refuse_failed_write(self, step: int, staging: Path, error: BaseException) -> None:
@@ -525,11 +526,12 @@ class Checkpointer:
             raise error
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        what = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
-                errno.EFBIG: "file size limit reached"}.get(cause.errno, "write failed")
-        raise UserError(f"{what} on the file system at {_mount_point(self.root)} while saving step {step} "
-                        f"({errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}); the last complete "
-                        f"checkpoint is {self.last_complete()}, and the partial one was removed: free space "
+        space = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file size limit reached"}.get(cause.errno)
+        fix = "free space" if space else f"fix what {cause.filename or 'the file system'} refused"
+        raise UserError(f"{space or 'write failed'} on the file system at {_mount_point(self.root)} while saving step "
+                        f"{step} ({errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}); the last "
+                        f"complete checkpoint is {self.last_complete()}, and the partial one was removed: {fix} "
                         f"and rerun to resume from it") from None
 
     def load(self, path: Path, state: dict, read_more: Callable[[Path], None] | None = None) -> None:
@@ -544,7 +546,10 @@ class Checkpointer:
 
     def _prune(self, keep: str) -> None:
         """Delete all but the newest keep_last checkpoints; never `keep`, the one just saved and verified."""
-        steps = sorted((s, p) for p in self.root.iterdir() if (s := _step_of(p.name)) is not None)
+        try:
+            steps = sorted((s, p) for p in self.root.iterdir() if (s := _step_of(p.name)) is not None)
+        except OSError:  # the next save's prune tries again
+            return
         for _, path in steps[:-self.keep_last] if self.keep_last > 0 else []:
             if path.name != keep:
                 # Best effort (e.g. NFS keeps a file another process holds open): what is left is never `latest`,

@@ -57,7 +57,8 @@ def lr_factor(step: int, t: TrainSection) -> float:
 
 def schedule_note(t: TrainSection) -> str | None:
     """The line a run logs when its warmup covers the whole run (a short test run of a config made for longer
-    ones): the learning rate then rises throughout, never reaching train.lr nor its decay. Allowed, but said."""
+    ones): the learning rate then rises throughout, reaching train.lr at most on the last update, and never decays.
+    Allowed, but said."""
     if t.warmup_steps < t.steps:
         return None
     return (f"train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the learning rate rises for the whole run, "

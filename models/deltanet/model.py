@@ -77,21 +77,21 @@ class ShortConvolution(nn.Module):
 
     def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         # Under tensor parallelism the weight is a DTensor sharded on channels like x (see
-        # parallelize.py); its local shard is what this rank's channels use. In x's dtype: under autocast
-        # the fp32 weight would promote the bf16 activations (and the delta rule would miss fla's kernels).
+        # parallelize.py); its local shard is what this rank's channels use. Computed in at least fp32 and
+        # returned in x's dtype: under autocast the fp32 weight would otherwise hand the bf16 activations on as
+        # fp32 (and the delta rule would miss fla's kernels).
         weight = self.weight.to_local() if isinstance(self.weight, DTensor) else self.weight
-        weight = weight.to(x.dtype)
         K, T = self.kernel_size, x.shape[1]
         before = self.halo(x) if self.halo is not None else x.new_zeros(x.shape[0], K - 1, x.shape[2])
-        padded = torch.cat([before.to(x.dtype), x], dim=1)  # [B, T + K - 1, C]
+        padded = torch.cat([before.to(x.dtype), x], dim=1).to(torch.promote_types(x.dtype, weight.dtype))
         if document_ids is None:
-            return F.silu(sum(padded[:, i:i + T] * weight[:, i] for i in range(K)))
+            return F.silu(sum(padded[:, i:i + T] * weight[:, i] for i in range(K))).to(x.dtype)
         # Ids of the K-1 tokens before the first; without a halo those tokens are zeros, any id will do.
         before_ids = (self.halo(document_ids.unsqueeze(-1)).squeeze(-1) if self.halo is not None
                       else document_ids[:, :1].expand(-1, K - 1))
         ids = torch.cat([before_ids, document_ids], dim=1)
         return F.silu(sum(padded[:, i:i + T] * weight[:, i] * (ids[:, i:i + T] == document_ids).unsqueeze(-1)
-                          for i in range(K)))
+                          for i in range(K))).to(x.dtype)
 
 
 class MixerRule(nn.Module):

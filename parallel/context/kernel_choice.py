@@ -1,7 +1,7 @@
 """Choosing a block kernel by name for a device (see kernels.py for the interface)."""
 import torch
 
-from parallel.context.flash_attn_kernel import FlashAttnKernel, flash_attn_available
+from parallel.context.flash_attn_kernel import FlashAttnKernel, flash_attn_available, flash_attn_import_error
 from parallel.context.kernels import BlockKernel, CpuFlashKernel, MathKernel
 
 KERNEL_NAMES = ("auto", "math", "cpu_flash", "flash_attn")
@@ -26,6 +26,7 @@ def get_kernel(name: str, device: torch.device) -> BlockKernel:
     if device.type != "cuda":
         raise ValueError(f"the flash_attn kernel runs on CUDA tensors, got {device}; use kernel 'cpu_flash' or 'math'")
     if not flash_attn_available():
-        raise ValueError("the flash_attn kernel needs the flash-attn package, which is not importable; install "
-                         "shardwright[gpu] or choose kernel 'math'")
+        raise ValueError(f"the flash_attn kernel needs flash-attn's kernels, which do not import "
+                         f"({flash_attn_import_error()}); install shardwright[gpu] (flash-attn built for this torch "
+                         f"and CUDA) or choose kernel 'math'")
     return FlashAttnKernel()

@@ -169,3 +169,4 @@ def test_a_failure_of_rank_0s_file_operations_is_refused_on_every_rank(tmp_path)
                           collective_timeout_s=30)
     refusals = [result.value(rank) for rank in range(2)]
     assert refusals[0] == refusals[1] and "while saving step 2" in refusals[0] and "ENOTDIR" in refusals[0]
+    assert "fix what" in refusals[0] and ".staging-step-1" in refusals[0] and "free space" not in refusals[0]

@@ -145,8 +145,9 @@ def test_a_checkpoint_without_checksums_loads_unverified(tmp_path, data_cache, b
 
 def test_an_unreadable_checkpoint_file_is_refused_in_one_line(tmp_path, data_cache, base_run, capsys, monkeypatch):
     """A shard that cannot be read (EACCES here; EIO or a file gone since it was listed alike) is refused like a
-    damaged one: one line, on every rank of a world (an OSError escaped check_complete_everywhere on the rank that
-    read it, while the others waited in its all_gather_object until the timeout)."""
+    damaged one, in one line: a UserError, which check_complete_everywhere agrees across the ranks of a world (an
+    OSError escaped it on the rank that read the file, while the others waited in its all_gather_object until the
+    timeout). One process here."""
     run_dir = copy_of(base_run, tmp_path)
     before = tree_digest(run_dir)
     shard = file_of_kind(run_dir / "checkpoints" / "step-4", "shard")

@@ -155,9 +155,10 @@ def test_errors_name_the_problem():
 
 @pytest.mark.skipif(flash_attn_available(), reason="flash-attn is installed")
 def test_flash_attn_requested_but_missing_is_an_error():
-    with pytest.raises(ValueError, match=r"flash-attn package, which is not importable"):
+    # The reason is the import error itself (here: no flash_attn module at all).
+    with pytest.raises(ValueError, match=r"flash-attn's kernels, which do not import \(ModuleNotFoundError: No module"):
         get_kernel("flash_attn", torch.device("cuda"))
-    with pytest.raises(ValueError, match=r"not importable"):
+    with pytest.raises(ValueError, match=r"do not import"):
         get_kernel("auto", torch.device("cuda"))
 
 
