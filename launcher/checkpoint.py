@@ -607,12 +607,17 @@ def check_complete_everywhere(path: Path) -> dict:
     """check_complete of `path` by every rank of the world, each hashing its share of the shard files (a
     checkpoint is read once in all, not once per rank); the first refusal of any rank, in rank order, is raised on
     every rank, so that all ranks resume from the same checkpoint or none does."""
+    failure = None
     try:
         saved, refusal = check_complete(path, share=(dist.get_rank(), dist.get_world_size())), None
     except UserError as e:
         saved, refusal = None, str(e)
+    except Exception as e:  # a bug, not the checkpoint's fault: still gathered, so no rank waits for this one
+        saved, refusal, failure = None, f"rank {dist.get_rank()} failed verifying {path}: {type(e).__name__}: {e}", e
     refusals = [None] * dist.get_world_size()
     dist.all_gather_object(refusals, refusal)
+    if failure is not None:
+        raise failure  # with its traceback, where it happened
     first = next((r for r in refusals if r is not None), None)
     if first is not None:
         raise UserError(first)

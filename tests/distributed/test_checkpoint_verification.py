@@ -115,6 +115,29 @@ def rank0_fails_to_stage(root: str) -> str | None:
     return None
 
 
+def rank1_fails_unexpectedly(root: str) -> str:
+    """Check body: rank 1's verification fails with an exception that is no refusal (a bug); what each rank
+    raised, within the world's collective timeout rather than after it."""
+    import torch
+    import torch.distributed as dist
+
+    import launcher.checkpoint as checkpoint
+
+    rank = dist.get_rank()
+    checkpointer = checkpoint.Checkpointer(Path(root), keep_last=1, rank=rank)
+    checkpointer.save(2, {f"rank{rank}": torch.ones(10)}, {})
+    real_read = checkpoint.read_metadata
+    if rank == 1:
+        checkpoint.read_metadata = lambda path: (_ for _ in ()).throw(RuntimeError("a bug"))
+    try:
+        checkpoint.check_complete_everywhere(checkpointer.latest_dir())
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        checkpoint.read_metadata = real_read
+    return "no error"
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     workdir = tmp_path_factory.mktemp("verify-together")
@@ -170,3 +193,12 @@ def test_a_failure_of_rank_0s_file_operations_is_refused_on_every_rank(tmp_path)
     refusals = [result.value(rank) for rank in range(2)]
     assert refusals[0] == refusals[1] and "while saving step 2" in refusals[0] and "ENOTDIR" in refusals[0]
     assert "fix what" in refusals[0] and ".staging-step-1" in refusals[0] and "free space" not in refusals[0]
+
+
+def test_an_unexpected_failure_on_one_rank_reaches_every_rank(tmp_path):
+    """An exception that is no refusal, on rank 1 only, is raised there as it is and as a refusal naming it on
+    rank 0, which would otherwise wait for rank 1 in the verdicts' gather until the timeout."""
+    (result,) = run_world(2, [(f"{THIS}:rank1_fails_unexpectedly", {"root": str(tmp_path / "run")})], tmp_path,
+                          collective_timeout_s=30)
+    assert result.value(1) == "RuntimeError: a bug"
+    assert result.value(0).startswith("UserError: rank 1 failed verifying") and "RuntimeError: a bug" in result.value(0)
