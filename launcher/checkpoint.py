@@ -394,17 +394,14 @@ class Checkpointer:
         checkpoint directory) and `fallback`, the newest earlier checkpoint that passes (checksums recorded and
         matching), its record noting under "fallback" what was skipped and why; otherwise the refusal."""
         check = check or check_complete
-        pointer = self.root / "latest"
-        if not pointer.exists():
-            return None, None
-        named = pointer.read_text().strip()  # what a fallback falls back from, also when it is no checkpoint
         try:
             latest = self.latest_dir()
-            return latest, check(latest)
+            return (None, None) if latest is None else (latest, check(latest))
         except UserError as refusal:
             if not fallback:
                 raise UserError(f"{refusal}; or set checkpoint.fallback=true to resume from the newest verified "
                                 f"earlier checkpoint") from None
+            named = (self.root / "latest").read_text().strip()  # what it falls back from, also when no checkpoint
             below = _step_of(named)  # None: `latest` names no step-<N>, so every checkpoint is earlier
             earlier = sorted(((s, p) for p in self.root.iterdir()
                               if (s := _step_of(p.name)) is not None and (below is None or s < below) and p.is_dir()),
