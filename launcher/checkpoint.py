@@ -373,12 +373,13 @@ class Checkpointer:
     def latest_dir(self) -> Path | None:
         """The checkpoint directory `latest` points at (not yet verified: check_complete); None for a fresh run."""
         pointer = self.root / "latest"
-        if not pointer.exists():
-            return None
-        name = pointer.read_text().strip()
+        return self._checkpoint_named(pointer.read_text().strip()) if pointer.exists() else None
+
+    def _checkpoint_named(self, name: str) -> Path:
+        """The checkpoint directory `latest` names, or the refusal saying it names none."""
         path = self.root / name
         if _step_of(name) is None or not path.is_dir():
-            raise UserError(f"{pointer} points at '{name}', which is not a checkpoint directory; "
+            raise UserError(f"{self.root / 'latest'} points at '{name}', which is not a checkpoint directory; "
                             f"point it at an existing checkpoints/step-<N>, or use a new run.dir to start over")
         return path
 
@@ -387,26 +388,28 @@ class Checkpointer:
         pointer = self.root / "latest"
         return f"{pointer.read_text().strip()} (checkpoints/latest)" if pointer.exists() else "none (none saved yet)"
 
-    def resume_point(self, fallback: bool, check: Callable[[Path], dict] | None = None
+    def resume_point(self, fallback: bool, check: Callable[[Path], dict] | None = None,
+                     agree: Callable[[tuple], tuple] = lambda candidates: candidates
                      ) -> tuple[Path | None, dict | None]:
         """(checkpoint, check of it) a run resumes from: the one `latest` names, verified by `check`
         (check_complete, or check_complete_everywhere in a world). If it fails verification (or `latest` names no
         checkpoint directory) and `fallback`, the newest earlier checkpoint that passes (checksums recorded and
-        matching), its record noting under "fallback" what was skipped and why; otherwise the refusal."""
+        matching), its record noting under "fallback" what was skipped and why; otherwise the refusal. In a world,
+        `agree` (as_rank0_sees) gives every rank rank 0's reading of `latest` and of the earlier checkpoints, so
+        that all ranks verify the same ones in the same order."""
         check = check or check_complete
+        named, refusal, earlier = agree(self._resume_candidates())
+        if named is None:
+            return None, None
         try:
-            latest = self.latest_dir()
-            return (None, None) if latest is None else (latest, check(latest))
+            if refusal is not None:
+                raise UserError(refusal)
+            return self.root / named, check(self.root / named)
         except UserError as refusal:
             if not fallback:
                 raise UserError(f"{refusal}; or set checkpoint.fallback=true to resume from the newest verified "
                                 f"earlier checkpoint") from None
-            named = (self.root / "latest").read_text().strip()  # what it falls back from, also when no checkpoint
-            below = _step_of(named)  # None: `latest` names no step-<N>, so every checkpoint is earlier
-            earlier = sorted(((s, p) for p in self.root.iterdir()
-                              if (s := _step_of(p.name)) is not None and (below is None or s < below) and p.is_dir()),
-                             reverse=True)
-            for _, path in earlier:
+            for path in earlier:
                 try:
                     saved = check(path)
                 except UserError:
@@ -415,6 +418,23 @@ class Checkpointer:
                     return path, {**saved, "fallback": f"{self.root / named} failed verification ({refusal})"}
             raise UserError(f"{refusal}; checkpoint.fallback=true found no verified earlier checkpoint in "
                             f"{self.root}") from None
+
+    def _resume_candidates(self) -> tuple[str | None, str | None, list[Path]]:
+        """(the name `latest` holds, None for a fresh run; why it names no checkpoint directory, or None; the
+        checkpoints earlier than it, newest first: every one when it names no step-<N>)."""
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None, None, []
+        named, refusal = pointer.read_text().strip(), None
+        try:
+            self._checkpoint_named(named)
+        except UserError as e:
+            refusal = str(e)
+        below = _step_of(named)
+        earlier = sorted(((s, p) for p in self.root.iterdir()
+                          if (s := _step_of(p.name)) is not None and (below is None or s < below) and p.is_dir()),
+                         reverse=True)
+        return named, refusal, [path for _, path in earlier]
 
     def save(self, step: int, state: dict, meta: dict, write_more: Callable[[Path], None] | None = None
              ) -> Path | None:
@@ -478,12 +498,13 @@ class Checkpointer:
         return self._publish(step, meta, staging, share)
 
     def _hash_share(self, staging: Path, written: Future | None = None, group: dist.ProcessGroup | None = None
-                    ) -> dict[str, str]:
+                    ) -> dict[str, str] | OSError:
         """SHA-256 of this rank's share of the checkpoint's files, once `written` (an async save's write) is done
         (collective over `group`, all ranks). The files are the union of what the ranks list in `staging`: a rank
         lists at least the files it wrote, where a network file system may show it other nodes' new files late,
         so no rank's listing alone is complete. File i of the union is hashed by the (i mod k)-th of the k ranks
-        that listed it: once, by a rank that sees it (rank i mod world size where every rank sees every file)."""
+        that listed it: once, by a rank that sees it (rank i mod world size where every rank sees every file).
+        A file this rank cannot read is returned as the OSError, for _publish to refuse on every rank."""
         if written is not None:
             written.result()
         listings = [None] * dist.get_world_size(group)
@@ -492,14 +513,21 @@ class Checkpointer:
         for rank, listing in enumerate(listings):
             for name in listing:
                 listed_by.setdefault(name, []).append(rank)
-        return {name: file_sha256(staging / name) for i, name in enumerate(sorted(listed_by))
-                if listed_by[name][i % len(listed_by[name])] == self.rank}
+        try:
+            return {name: file_sha256(staging / name) for i, name in enumerate(sorted(listed_by))
+                    if listed_by[name][i % len(listed_by[name])] == self.rank}
+        except OSError as e:
+            return e
 
-    def _publish(self, step: int, meta: dict, staging: Path, share: dict[str, str]) -> Path:
-        """rank 0 writes meta.json with every rank's checksums, renames staging to step-<step>, moves `latest`."""
+    def _publish(self, step: int, meta: dict, staging: Path, share: dict[str, str] | OSError) -> Path:
+        """rank 0 writes meta.json with every rank's checksums, renames staging to step-<step>, moves `latest`.
+        A rank that could not hash its share (`share` an OSError) fails the save on every rank: gathered with the
+        shares, rather than raised there alone while the others wait for it in this gather until the timeout."""
         final = self.root / f"step-{step}"
         shares = [None] * dist.get_world_size()
         dist.all_gather_object(shares, share)
+        if (failure := next((s for s in shares if isinstance(s, OSError)), None)) is not None:
+            self._refuse_failed_write(step, staging, failure)
 
         def publish():
             record = {"step": step, **meta, FILES_SHA256: {k: v for share in shares for k, v in sorted(share.items())}}
@@ -526,7 +554,7 @@ class Checkpointer:
         space = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                  errno.EFBIG: "file size limit reached"}.get(cause.errno)
         fix = "free space" if space else f"fix what {cause.filename or 'the file system'} refused"
-        raise UserError(f"{space or 'write failed'} on the file system at {_mount_point(self.root)} while saving step "
+        raise UserError(f"{space or 'file access failed'} on the file system at {_mount_point(self.root)} while saving step "
                         f"{step} ({errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}); the last "
                         f"complete checkpoint is {self.last_complete()}, and the partial one was removed: {fix} "
                         f"and rerun to resume from it") from None
@@ -619,6 +647,14 @@ def check_complete_everywhere(path: Path) -> dict:
     if first is not None:
         raise UserError(first)
     return saved
+
+
+def as_rank0_sees(value):
+    """`value` as rank 0 computed it, on every rank (a broadcast): what rank 0 read from the file system, where the
+    nodes of a network file system may briefly see different contents (attribute caching)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def find_checkpoint(source: Path) -> tuple[Path, Path]:

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from launcher.checkpoint import (Checkpointer, RNGState, check_complete, check_complete_everywhere, check_same_engine,
-                                 check_same_model, check_same_tokenizer, checkpoint_meta, engine_name, training_state)
+from launcher.checkpoint import (Checkpointer, RNGState, as_rank0_sees, check_complete, check_complete_everywhere,
+                                 check_same_engine, check_same_model, check_same_tokenizer, checkpoint_meta,
+                                 engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.cpu_threads import describe_openmp
@@ -235,7 +236,7 @@ def train(cfg: Config) -> dict:
     lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
     # A checkpoint (the run's own, or init_from's) is verified by all ranks together, each hashing its share of its
     # files: read once in all, not once per rank.
-    resume_from, saved, starting_weights = starting_point(cfg, dims, check_complete_everywhere)
+    resume_from, saved, starting_weights = starting_point(cfg, dims, check_complete_everywhere, as_rank0_sees)
     cpu_notes = [keep_freed_memory(), describe_openmp(torch.get_num_threads())] if device.type == "cpu" else []
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
@@ -460,14 +461,16 @@ def validated_layout(cfg: Config, world_size: int) -> ParallelDims:
     return dims
 
 
-def starting_point(cfg: Config, dims: ParallelDims, check: Callable[[Path], dict] = check_complete):
+def starting_point(cfg: Config, dims: ParallelDims, check: Callable[[Path], dict] = check_complete,
+                   agree: Callable[[tuple], tuple] = lambda candidates: candidates):
     """(checkpoint, its record, None): the checkpoint a run would resume from (complete, and made for this model),
     or (None, None, the weights it would start from: checkpoint.init_from's StartingWeights, else None). A
     checkpoint, the run's own or one init_from names, is verified against its checksums by `check` (check_complete:
-    in this process; check_complete_everywhere: by the world together); with checkpoint.fallback, a damaged latest
-    one of the run's own gives way to the newest verified one."""
+    in this process; check_complete_everywhere: by the world together, which resumes from what rank 0 reads
+    `latest` to name: `agree` as_rank0_sees); with checkpoint.fallback, a damaged latest one of the run's own gives
+    way to the newest verified one."""
     resume_from, saved = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).resume_point(
-        cfg.checkpoint.fallback, check)
+        cfg.checkpoint.fallback, check, agree)
     starting_weights = None
     if resume_from is not None:
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)

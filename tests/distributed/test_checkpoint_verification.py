@@ -45,6 +45,13 @@ def verify_together(root: str) -> dict:
             verify()
     finally:
         checkpoint.file_sha256 = real_sha256
+    # rank 1 reading a stale `latest` (a network file system's attribute cache): the world resumes from what rank 0
+    # reads; without agreeing, rank 1 would resume from another checkpoint (the control)
+    if rank == 1:
+        checkpointer._resume_candidates = lambda: ("step-2", None, [])
+    views = {how: checkpointer.resume_point(False, checkpoint.check_complete_everywhere, agree)[0].name
+             for how, agree in (("agreed", checkpoint.as_rank0_sees), ("each its own", lambda candidates: candidates))}
+    vars(checkpointer).pop("_resume_candidates", None)
     shards = sorted(path.name for path in latest.glob("*.distcp"))
     dist.barrier()
     if rank == 0:  # flip a byte of the shard rank 1 hashes: sizes and metadata stay valid, only its checksum fails
@@ -62,9 +69,9 @@ def verify_together(root: str) -> dict:
             refusals[use] = None
         except UserError as e:
             refusals[use] = str(e)
-    resumed, record = checkpointer.resume_point(fallback=True, check=checkpoint.check_complete_everywhere)
+    resumed, record = checkpointer.resume_point(True, checkpoint.check_complete_everywhere, checkpoint.as_rank0_sees)
     return {"hashed": hashed, "shards": shards, "refusals": refusals, "resumed": resumed.name,
-            "fallback": record.get("fallback")}
+            "fallback": record.get("fallback"), "views": views}
 
 
 def hash_with_a_late_listing(root: str, async_save: bool) -> dict:
@@ -113,6 +120,36 @@ def rank0_fails_to_stage(root: str) -> str | None:
     except UserError as e:
         return str(e)
     return None
+
+
+def rank1_cannot_hash(root: str, async_save: bool) -> dict:
+    """Check body: a save whose files rank 1 cannot read back to hash (EIO), after a good one; the refusal this rank
+    raised, within the world's collective timeout rather than after it, and what `latest` names then."""
+    import errno
+
+    import torch
+    import torch.distributed as dist
+
+    import launcher.checkpoint as checkpoint
+    from launcher.errors import UserError
+
+    rank = dist.get_rank()
+    checkpointer = checkpoint.Checkpointer(Path(root), keep_last=2, rank=rank, async_save=async_save)
+    checkpointer.save(2, {f"rank{rank}": torch.ones(10)}, {})
+    checkpointer.wait()
+    real_sha256, refusal = checkpoint.file_sha256, None
+    if rank == 1:
+        checkpoint.file_sha256 = lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error", str(path)))
+    try:
+        checkpointer.save(4, {f"rank{rank}": torch.ones(10)}, {})
+        checkpointer.wait()
+    except UserError as e:
+        refusal = str(e)
+    finally:
+        checkpoint.file_sha256 = real_sha256
+    dist.barrier()
+    return {"refusal": refusal, "latest": checkpointer.latest_dir().name,
+            "left": sorted(path.name for path in (Path(root) / "checkpoints").iterdir())}
 
 
 def rank1_fails_unexpectedly(root: str) -> str:
@@ -185,6 +222,13 @@ def test_a_fallback_resumes_every_rank_from_the_same_earlier_checkpoint(ranks):
     assert all("step-4 failed verification" in r["fallback"] for r in ranks)
 
 
+def test_every_rank_resumes_from_the_checkpoint_rank_0_reads_latest_to_name(ranks):
+    """Rank 1 reads a stale `latest` (step-2): the world still resumes from rank 0's step-4; the control, each rank
+    going by its own reading, shows rank 1 would otherwise have verified and resumed from step-2."""
+    assert [r["views"]["agreed"] for r in ranks] == ["step-4", "step-4"]
+    assert [r["views"]["each its own"] for r in ranks] == ["step-4", "step-2"]
+
+
 def test_a_failure_of_rank_0s_file_operations_is_refused_on_every_rank(tmp_path):
     """Only rank 0 prepares the staging directory (and publishes and prunes); when it fails, every rank refuses
     with its line instead of waiting for rank 0 in the next collective until the timeout."""
@@ -202,3 +246,18 @@ def test_an_unexpected_failure_on_one_rank_reaches_every_rank(tmp_path):
                           collective_timeout_s=30)
     assert result.value(1) == "RuntimeError: a bug"
     assert result.value(0).startswith("UserError: rank 1 failed verifying") and "RuntimeError: a bug" in result.value(0)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_file_one_rank_cannot_hash_at_save_fails_the_save_on_every_rank(tmp_path, kind):
+    """Rank 1 cannot read a file it hashes (EIO): every rank refuses the save with the same line, instead of rank 1
+    alone while rank 0 waits for its checksums until the timeout; the partial checkpoint is removed and `latest`
+    still names the last complete one."""
+    (result,) = run_world(2, [(f"{THIS}:rank1_cannot_hash", {"root": str(tmp_path / kind), "async_save": kind == "async"})],
+                          tmp_path, collective_timeout_s=30)
+    rank0, rank1 = result.value(0), result.value(1)
+    assert rank0["refusal"] == rank1["refusal"]
+    assert "while saving step 4 (EIO" in rank0["refusal"] and ".staging-step-4" in rank0["refusal"]
+    assert "the last complete checkpoint is step-2" in rank0["refusal"]
+    assert rank0["latest"] == rank1["latest"] == "step-2"
+    assert rank0["left"] == ["latest", "step-2"]
