@@ -134,7 +134,10 @@ def _forward(q, k, v, ring: _Ring, causal: bool, zigzag: bool, kernel: BlockKern
             block_out, block_lse = kernel.fwd(q[:, rows], kv[0][:, block.keys], kv[1][:, block.keys],
                                               block.causal, scale, **block_documents)
             if out is None:  # step 0: the own, diagonal block covers every row (a token sees itself)
-                out, lse = block_out.to(acc), block_lse.to(acc)
+                # Copies, always: the merges below write into them in place, and selective activation
+                # checkpointing may hold the kernel's own outputs for the recompute (.to of the same dtype
+                # would hand back those very tensors).
+                out, lse = block_out.to(acc, copy=True), block_lse.to(acc, copy=True)
             else:
                 out[:, rows], lse[:, :, rows] = merge_partials(out[:, rows], lse[:, :, rows], block_out, block_lse)
         if step + 1 < ring.size:

@@ -1,5 +1,6 @@
 """Context parallelism in training: the tiny config with its sequences split over cp ranks
-(ring zigzag / contiguous, Ulysses, hybrid), alone and with FSDP, TP and PP, and checkpoints moved
+(ring zigzag / contiguous, Ulysses, hybrid), alone and with FSDP, TP and PP (and selective activation
+checkpointing), and checkpoints moved
 between cp layouts, gives the one-process losses (fp32, relative 1e-5); the greedy sample after
 training, run through the cp ranks, gives the one-process text."""
 from pathlib import Path
@@ -60,6 +61,8 @@ def two(runs_dir, data_cache):
         "ring_lr_perturbed": ("ring_lr_perturbed", ["parallel.cp=2", perturbed_lr()]),
         "ring_contiguous": ("ring_contiguous", ["parallel.cp=2", "parallel.cp_layout=contiguous"]),
         "ulysses": ("ulysses", ["parallel.cp=2", "parallel.cp_mode=ulysses"]),
+        # the ring merges into its first block's outputs in place, which selective checkpointing may hold
+        "ring_ac_selective": ("ring_ac_selective", ["parallel.cp=2", "train.activation_checkpoint=selective"]),
         "cp2_stop": ("cp2_to_cp1", ["parallel.cp=2", STOP]),
         "cp2_stop_for_4": ("cp2_to_dp2", ["parallel.cp=2", STOP]),
         "documents_dp2": ("documents_dp2", [*documents(data_cache), "train.micro_batch_size=4"]),
@@ -77,6 +80,9 @@ def four(runs_dir, data_cache, two):
         "cp2_pp2": ("cp2_pp2", ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=2"]),
         "ring4": ("ring4", ["parallel.cp=4"]),
         "hybrid_2x2": ("hybrid_2x2", ["parallel.cp=4", "parallel.cp_mode=hybrid", "parallel.cp_ulysses=2", *SAMPLE]),
+        "hybrid_2x2_ac_selective": ("hybrid_2x2_ac_selective", ["parallel.cp=4", "parallel.cp_mode=hybrid",
+                                                                "parallel.cp_ulysses=2",
+                                                                "train.activation_checkpoint=selective"]),
         "ulysses2_dp2_resume": ("cp2_to_dp2", ["parallel.cp=2", "parallel.cp_mode=ulysses", "train.micro_batch_size=4"]),
         "documents_hybrid_2x2": ("documents_hybrid_2x2", [*documents(data_cache), "parallel.cp=4",
                                                           "parallel.cp_mode=hybrid", "parallel.cp_ulysses=2"]),
@@ -89,7 +95,7 @@ def one(runs_dir, data_cache, four):
     return _world(1, runs_dir, data_cache, {"cp1_resumed": ("cp2_to_cp1", [])})
 
 
-@pytest.mark.parametrize("run", ["ring", "ring_contiguous", "ulysses"])
+@pytest.mark.parametrize("run", ["ring", "ring_contiguous", "ulysses", "ring_ac_selective"])
 def test_cp2_matches_one_process(two, reference_losses, run):
     assert_same_losses(two[run]["losses"], reference_losses)
 
@@ -99,7 +105,7 @@ def test_perturbed_run_fails_the_comparison(two, reference_losses):
     assert_losses_differ(two["ring_lr_perturbed"]["losses"], reference_losses)
 
 
-@pytest.mark.parametrize("run", ["cp2_dp2", "cp2_tp2", "cp2_pp2", "ring4", "hybrid_2x2"])
+@pytest.mark.parametrize("run", ["cp2_dp2", "cp2_tp2", "cp2_pp2", "ring4", "hybrid_2x2", "hybrid_2x2_ac_selective"])
 def test_cp_composed_matches_one_process(four, reference_losses, run):
     assert_same_losses(four[run]["losses"], reference_losses)
 
