@@ -38,8 +38,9 @@ LLAMA_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
                 "norm_eps", "rope_theta", "tie_embeddings", "init_std", "scaled_residual_init", "ffn_hidden_dims"}
 
 
-# config.json fields an import must match -> (the run's config key that sets it, LlamaConfig's default when absent;
-# a callable takes the config). Checked for equality with what export_config writes for the run's model.
+# config.json fields an import must match -> (the run's config key that sets it, the value when the config class
+# leaves it None, as Mixtral's head_dim; a callable takes the config). Checked, as transformers reads config.json
+# (as_transformers_reads), for equality with what export_config writes for the run's model.
 IMPORTED_FIELDS = {
     "hidden_size": ("model.dim", 4096), "num_hidden_layers": ("model.n_layers", 32),
     "num_attention_heads": ("model.n_heads", 32),
@@ -129,7 +130,7 @@ class LlamaAdapter:
             ours = self.export_config(model_cfg, max_position_embeddings=0)
         except ValueError as e:
             return [str(e)]
-        return imported_field_problems(config, ours, IMPORTED_FIELDS)
+        return imported_field_problems(config, ours, IMPORTED_FIELDS, as_transformers_reads)
 
     def export_config(self, model_cfg: LLMConfig, max_position_embeddings: int) -> dict:
         check_mapped(model_cfg, LLAMA_FIELDS, "LlamaConfig")
@@ -139,12 +140,35 @@ class LlamaAdapter:
                 "attention_bias": False, "mlp_bias": False}
 
 
-def imported_field_problems(config: dict, ours: dict, fields: dict[str, tuple]) -> list[str]:
+def as_transformers_reads(config: dict) -> dict:
+    """config.json as transformers builds its config class from it: the class's own defaults for what it omits (a
+    Mixtral's rope_theta is 1e6, not Llama's 1e4), transformers 4's rope_theta and rope_scaling merged into
+    rope_parameters as transformers 5 does (a rope_scaling beside rope_parameters included); fields left None
+    (computed by the model, e.g. head_dim) are left out. ValueError when transformers cannot build it."""
+    from transformers import AutoConfig
+
+    try:
+        built = AutoConfig.for_model(**config)
+    except Exception as e:  # transformers raises what the class's __init__ raises
+        raise ValueError(f"transformers cannot read config.json as a {config.get('model_type')} config "
+                         f"({type(e).__name__}: {e})") from None
+    return {key: value for key, value in built.to_dict().items() if value is not None}
+
+
+def imported_field_problems(config: dict, ours: dict, fields: dict[str, tuple], read=lambda config: config
+                            ) -> list[str]:
     """config.json against what export_config writes for the run's model (`ours`): its model_type, then each of
-    `fields` (HF key -> (the run's config key that sets it, the HF default when absent))."""
+    `fields` (HF key -> (the run's config key that sets it, the HF default when absent)) as `read`
+    (as_transformers_reads for a transformers class) gives them."""
     if config.get("model_type") != ours["model_type"]:
         return [f"config.json has model_type {config.get('model_type')!r}; this run's model imports "
                 f"{ours['model_type']!r}"]
+    try:
+        config = read(config)
+    except ImportError:
+        return ["reading a Hugging Face config.json needs transformers: pip install 'shardwright[hf]'"]
+    except ValueError as e:
+        return [str(e)]
     problems = []
     for hf_key, (config_key, default) in fields.items():
         theirs = _hf_value(config, hf_key, default)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from models.llm.hf import (IMPORTED_FIELDS, HF_LAYER, LLAMA_FIELDS, NATIVE_LAYER, LlamaAdapter, check_mapped,
-                           decoder_config, imported_field_problems)
+from models.llm.hf import (IMPORTED_FIELDS, HF_LAYER, LLAMA_FIELDS, NATIVE_LAYER, LlamaAdapter, as_transformers_reads,
+                           check_mapped, decoder_config, imported_field_problems)
 from models.moe.model import MoEConfig
 
 MOE_FIELDS = {"n_experts", "top_k", "moe_hidden_dim", "n_shared_experts", "n_dense_layers", "router", "renormalize",
@@ -122,19 +122,11 @@ class MoEAdapter:
             ours = self.export_config(model_cfg, max_position_embeddings=0)
         except ValueError as e:
             return [str(e)]
-        # config.json omits the class's defaults (transformers writes what differs from them).
-        try:
-            from transformers import AutoConfig
-        except ImportError:
-            return ["checking a MoE class's config.json needs transformers: pip install 'shardwright[hf]'"]
-
-        defaults = AutoConfig.for_model(ours["model_type"]).to_dict() if config.get("model_type") == ours[
-            "model_type"] else {}
         fields = {key: hint for key, hint in IMPORTED_FIELDS.items() if key in ours and key not in _MOE_HINTS}
-        fields |= {key: (hint, defaults.get(key)) for key, hint in _MOE_HINTS.items() if key in ours}
+        fields |= {key: (hint, None) for key, hint in _MOE_HINTS.items() if key in ours}
         if hf_form(model_cfg) is MIXTRAL:
-            fields["intermediate_size"] = ("model.moe_hidden_dim", defaults.get("intermediate_size"))
-        return imported_field_problems(config, ours, fields)
+            fields["intermediate_size"] = ("model.moe_hidden_dim", None)
+        return imported_field_problems(config, ours, fields, as_transformers_reads)
 
     @staticmethod
     def _layer_from_native(native: dict[str, torch.Tensor], form: _Form, cfg: MoEConfig) -> dict[str, torch.Tensor]:

@@ -140,6 +140,21 @@ def test_a_config_field_llama_cannot_express_is_named():
         LlamaAdapter().export_config(WithQKNorm(vocab_size=TEST_VOCAB), 64)
 
 
+def test_config_json_is_read_as_transformers_reads_it():
+    """A rope_scaling beside rope_parameters is what transformers 5 merges in (a linear scaling here, which the
+    run's RoPE does not compute): refused, naming the merged rope_parameters; the export itself passes (control),
+    and a config.json transformers cannot build is one line."""
+    model_cfg = get_model_spec("llm").config_cls(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=TEST_VOCAB)
+    adapter = LlamaAdapter()
+    exported = adapter.export_config(model_cfg, 64)
+    assert adapter.config_problems(exported, model_cfg) == []
+    scaled = {**exported, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}
+    (problem,) = adapter.config_problems(scaled, model_cfg)
+    assert problem.startswith("config.json has rope_parameters=") and "'linear'" in problem
+    (problem,) = adapter.config_problems({**exported, "num_attention_heads": 3}, model_cfg)
+    assert problem.startswith("transformers cannot read config.json as a llama config")
+
+
 def cli_error(capsys, *argv: str) -> str:
     assert main(["convert", "to-hf", *argv]) == USER_ERROR_EXIT
     err = capsys.readouterr().err.strip()

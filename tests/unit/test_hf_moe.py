@@ -122,6 +122,24 @@ def test_a_config_no_transformers_class_expresses_is_named(fields, field):
         MoEAdapter().export_config(moe_config(**fields), 64)
 
 
+@pytest.mark.parametrize("architecture, named", [
+    ("MixtralForCausalLM", ["rms_norm_eps=1e-05", "rope_parameters={'rope_theta': 1000000.0"]),
+    ("Qwen2MoeForCausalLM", []),  # its class's defaults are the run's values
+    ("Glm4MoeForCausalLM", ["rms_norm_eps=1e-05"]),
+])
+def test_fields_config_json_omits_take_the_class_defaults(architecture, named):
+    """A config.json without rms_norm_eps and rope_parameters means the class's own defaults (Mixtral's RoPE theta
+    is 1e6, not Llama's 1e4): named where they differ from the run's model, accepted where they do not."""
+    cfg = moe_config(**FORMS[architecture])
+    exported = MoEAdapter().export_config(cfg, 64)
+    assert MoEAdapter().config_problems(exported, cfg) == []
+    omitted = {key: value for key, value in exported.items() if key not in ("rms_norm_eps", "rope_parameters")}
+    problems = MoEAdapter().config_problems(omitted, cfg)
+    assert len(problems) == len(named)
+    for problem, value in zip(sorted(problems), sorted(named)):
+        assert problem.startswith(f"config.json has {value}")
+
+
 def test_an_untrained_selection_bias_from_hf_is_refused():
     cfg = moe_config(router="sigmoid")
     hf = MoEAdapter().from_native(random_model(cfg).state_dict(), cfg)
