@@ -8,6 +8,7 @@ Two kinds of data:
 `data_cfg` is any object with the DataSection attributes (launcher.config.DataSection).
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from data.loader import GlobalBatchLoader, PackedTokens
 from data.prepared import FORMAT, SPLITS, PreparedDataset, read_manifest
 from data.tokenizer import Tokenizer
 
+# The smallest share of a blend a dataset may have: the blend's blocks hold 1/share samples (data/blend.py).
+MIN_BLEND_SHARE = 1e-6
 
 @dataclass
 class BlendEntry:
@@ -40,9 +43,14 @@ def blend_entries(prepared: list) -> list[BlendEntry]:
             raise DataError(f"data.prepared[{i}] = {item!r} should be a path or a mapping with keys path and "
                             "(optionally) weight")
         weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise DataError(f"data.prepared[{i}].weight = {weight!r} should be a positive number")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            raise DataError(f"data.prepared[{i}].weight = {weight!r} should be a positive, finite number")
         entries.append(BlendEntry(Path(item["path"]).expanduser(), float(weight)))
+    share = min(e.weight for e in entries) / sum(e.weight for e in entries)
+    if share < MIN_BLEND_SHARE:
+        raise DataError(f"data.prepared gives a dataset {share:.1e} of the blend, below {MIN_BLEND_SHARE:g} (the blend is "
+                        f"laid out in blocks holding each dataset at least once: 1/share samples, in memory): raise "
+                        f"its weight or leave it out")
     paths = [e.path.resolve() for e in entries]
     if len(set(paths)) != len(paths):
         raise DataError("data.prepared names the same dataset twice: give it one entry with the summed weight")
@@ -52,9 +60,9 @@ def blend_entries(prepared: list) -> list[BlendEntry]:
 def split_fractions(splits) -> list[float]:
     """data.splits: relative sizes of train, valid, test, e.g. [98, 2, 0]."""
     if (not isinstance(splits, list) or len(splits) != 3
-            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in splits)
+            or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < math.inf for s in splits)
             or not splits[0] > 0):
-        raise DataError(f"data.splits = {splits!r} should be three non-negative numbers (train, valid, test), "
+        raise DataError(f"data.splits = {splits!r} should be three non-negative, finite numbers (train, valid, test), "
                         "train > 0, e.g. [98, 2, 0]")
     return [float(s) for s in splits]
 

@@ -164,8 +164,11 @@ class Config:
 
     def dump(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        try:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -383,7 +386,7 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise UserError(str(e)) from None
     t = cfg.train
     at_least = {"train.steps": 1, "train.global_batch_size": 1, "train.micro_batch_size": 1, "train.seq_len": 1,
-                "train.max_nonfinite_steps": 1, "train.warmup_steps": 0, "train.eval_every": 0, "train.eval_batches": 1,
+                "train.max_nonfinite_steps": 1, "train.warmup_steps": 0, "train.seed": 0, "train.eval_every": 0, "train.eval_batches": 1,
                 "data.vocab_size": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0, "run.max_restarts": 0,
                 "run.timeout_s": 1, "run.log_every": 1, "run.stop_at_step": 0, "run.peak_flops": 0}
     for name, least in at_least.items():

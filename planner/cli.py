@@ -37,6 +37,8 @@ def plan_command(args) -> int:
         raise UserError(f"--gpu-memory {args.gpu_memory}: give the GPU's memory in GiB, > 0")
     if args.matmul_efficiency is not None and not 0 < args.matmul_efficiency <= 1:
         raise UserError(f"--matmul-efficiency {args.matmul_efficiency}: give a fraction of peak in (0, 1]")
+    if args.write is not None and (Path(args.write).is_dir() or not Path(args.write).parent.is_dir()):
+        raise UserError(f"--write {args.write}: give the path of a file in an existing directory")
     overrides = list(args.overrides)
     if args.seq_len is not None:
         overrides.append(f"train.seq_len={args.seq_len}")

@@ -107,6 +107,8 @@ def plan(cfg: Config, world: int, dev: Device) -> Plan:
             candidates.append(evaluate(option, world, dev))
         except UserError as e:
             problems[str(e)] = problems.get(str(e), 0) + 1
+    if len(problems) == 1 and not candidates:  # every layout refused alike: the config's mistake, not the world's
+        raise UserError(next(iter(problems)))
     if not candidates:
         common = max(problems, key=problems.get) if problems else "no layout to try"
         raise UserError(f"{world} GPUs are more than this model and batch can use: every layout (tp within a node, "

@@ -177,7 +177,7 @@ def prepared_loaders(data_cfg, seq_len: int, global_batch_size: int, micro_batch
 
 def prompt_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """A text-only prompt: no image, so every patch is zero."""
-    return {**TEXT_DATA.prompt_batch(tokens), "patches": torch.zeros(*tokens.shape, PATCH_VALUES)}
+    return {**TEXT_DATA.prompt_batch(tokens), "patches": torch.zeros(*tokens.shape, PATCH_VALUES, device=tokens.device)}
 
 
 def caption_prompts(demo: ShapesDemo, images: range, blanked: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor,

@@ -266,8 +266,14 @@ def test_config_mistakes_are_named(root, tmp_path):
         check_and_open(tmp_path, "raw")
     with pytest.raises(DataError, match=r"data.prepared\[0\].weight = -1"):
         check_data_config(data_cfg(root, [{"path": str(root / "a"), "weight": -1}]))
+    with pytest.raises(DataError, match=r"data.prepared\[0\].weight = inf"):
+        check_data_config(data_cfg(root, [{"path": str(root / "a"), "weight": float("inf")}]))
+    with pytest.raises(DataError, match="gives a dataset 1.0e-07 of the blend"):  # its blocks: 10^7 samples each
+        check_data_config(data_cfg(root, [{"path": str(root / "a"), "weight": 1e7}, {"path": str(root / "b")}]))
     with pytest.raises(DataError, match="data.splits"):
         check_and_open(root, "a", splits=[90, 10])
+    with pytest.raises(DataError, match="data.splits"):
+        check_and_open(root, "a", splits=[float("inf"), 1, 0])
     with pytest.raises(DataError, match="the valid split of .* has no documents"):
         check_and_open(root, "a", splits=[100, 0, 0])
     with pytest.raises(DataError, match="data.source=stdlib and data.prepared"):

@@ -335,9 +335,11 @@ def test_train_sizes_must_be_positive(key):
     (("train.eval_batches=0",), "train.eval_batches=0 must be >= 1"),  # the run's final eval would have nothing
     (("train.eval_every=-2",), "train.eval_every=-2 must be >= 0"),
     (("train.warmup_steps=-1",), "train.warmup_steps=-1 must be >= 0"),  # would shift the cosine
+    (("train.seed=-1",), "train.seed=-1 must be >= 0"),  # numpy's generators take no negative seed
 ])
-def test_eval_and_warmup_ranges(overrides, message):
-    """eval_batches 0 crashed the run's last line; a negative warmup shifted the schedule."""
+def test_eval_warmup_and_seed_ranges(overrides, message):
+    """eval_batches 0 crashed the run's last line; a negative warmup shifted the schedule; a negative seed crashed
+    the loader on every rank."""
     error = _invalid(1, *overrides)
     assert message in error and "\n" not in error, error
 

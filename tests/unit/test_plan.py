@@ -59,6 +59,15 @@ def test_predicted_peak_is_within_tolerance_of_a_measured_run(tmp_path, data_cac
         assert abs(other / measured - 1) > TOLERANCE, (other, measured)
 
 
+@pytest.mark.parametrize("family", ["llm", "moe", "deltanet", "tokenformer", "matformer", "solo"])
+def test_every_familys_tiny_config_gets_a_plan_train_accepts(family):
+    """The probe runs each family's own model on the meta device (solo's prompt batch built its patches on the CPU
+    beside meta tokens, and plan failed for it)."""
+    result = plan(load_config(REPO / "configs" / family / "tiny.yaml"), 4, device("h100", 4))
+    assert result.ranked
+    validate(result.ranked[0].cfg, 4)
+
+
 def test_every_ranked_layout_passes_trains_validation_and_none_it_refuses():
     cfg = load_config(TINY)
     result = plan(cfg, 8, device("h100", 8))
@@ -89,10 +98,16 @@ def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
     (["--nodes", "1", "--gpus-per-node", "8", "--gpu", "h900"], "--gpu h900 has no profile"),
     (["--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "0.0001"], "smaller than one layer"),
     (["--nodes", "64", "--gpus-per-node", "8", "--global-batch-size", "1"], "more than this model and batch can use"),
-], ids=["no-nodes", "unknown-gpu", "memory-below-a-layer", "too-many-gpus"])
-def test_impossible_requests_get_one_line(capsys, args, words):
-    code, _, err = plan_cli(capsys, *args)
+    # a mistake every layout is refused for is said as it is, not as too many GPUs
+    (["--nodes", "1", "--gpus-per-node", "2", "--set", "train.lr_schedule=cosin"], "train.lr_schedule='cosin' is not"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--write", "{tmp}"], "give the path of a file in an existing directory"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--write", "{tmp}/missing/plan.yaml"], "in an existing directory"),
+], ids=["no-nodes", "unknown-gpu", "memory-below-a-layer", "too-many-gpus", "config-mistake", "write-to-a-directory",
+        "write-to-a-missing-directory"])
+def test_impossible_requests_get_one_line(capsys, tmp_path, args, words):
+    code, _, err = plan_cli(capsys, *(arg.format(tmp=tmp_path) for arg in args))
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
+    assert list(tmp_path.parent.glob(f"{tmp_path.name}.tmp")) == []  # --write left no file beside the directory
 
 
 def test_a_layout_that_does_not_fit_is_said_with_its_largest_term(capsys):
