@@ -11,14 +11,11 @@ Only safetensors are read: a pickled checkpoint (pytorch_model.bin, *.pt) is ref
 reads the full tensors of each layer it holds parameters of and keeps its shards: simple, and the peak is one
 layer per rank; reading only the shard's rows (safetensors slices) would cut the reading under FSDP/TP.
 """
-import json
 from pathlib import Path
-
-from safetensors import safe_open
 
 from launcher.errors import UserError
 from launcher.weights import (LayerwiseMapping, StartingWeights, WeightFormat, check_tensors, copy_streamed,
-                             expected_shapes, in_order)
+                             expected_shapes, in_order, open_safetensors, read_json_object)
 from models.spec import ModelSpec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,7 +33,7 @@ def _open(directory: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWe
     if adapter is None:
         raise UserError(f"{where}: model family {spec.name} has no Hugging Face mapping, so it cannot start from a "
                         f"Hugging Face checkpoint; drop checkpoint.init_from")
-    problems = adapter.config_problems(json.loads((directory / "config.json").read_text()), model_cfg)
+    problems = adapter.config_problems(read_json_object(directory / "config.json", where), model_cfg)
     if problems:
         raise UserError(f"{where} does not fit the run's model: {'; '.join(problems)}")
     shapes = _tensor_shapes(directory, where)
@@ -47,7 +44,7 @@ def _open(directory: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWe
     def load(names: list[str]) -> dict:
         tensors = {}
         for file, in_file in in_order({name: shapes[name][0] for name in names}):
-            with safe_open(file, framework="pt") as f:
+            with open_safetensors(file, where) as f:
                 tensors |= {name: f.get_tensor(name) for name in in_file}
         return tensors
 
@@ -62,8 +59,10 @@ def _tensor_shapes(directory: Path, where: str) -> dict[str, tuple[Path, list[in
     """Each tensor's (file, shape), from the safetensors headers: the index's weight map, or every *.safetensors."""
     weight_map = None
     if (directory / INDEX_FILE).is_file():
-        weight_map = {name: directory / file
-                      for name, file in json.loads((directory / INDEX_FILE).read_text())["weight_map"].items()}
+        index = read_json_object(directory / INDEX_FILE, where)
+        if not isinstance(index.get("weight_map"), dict):
+            raise UserError(f"{where}: {directory / INDEX_FILE} has no weight_map (tensor name -> file)")
+        weight_map = {name: directory / file for name, file in index["weight_map"].items()}
         files = sorted(set(weight_map.values()))
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -77,7 +76,7 @@ def _tensor_shapes(directory: Path, where: str) -> dict[str, tuple[Path, list[in
                 f"code): convert them to safetensors first" if pickled else ""))
     shapes = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file, where) as f:
             for name in f.keys():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # the index places it elsewhere (or nowhere): HF loaders read it from there

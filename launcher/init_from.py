@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from launcher.checkpoint import META_FILE, Checkpointer, ModelState, check_complete, check_same_model, find_checkpoint
 from launcher.deepspeed_import import DEEPSPEED_FORMAT
@@ -24,7 +23,7 @@ from launcher.errors import UserError
 from launcher.hf_import import HF_FORMAT
 from launcher.megatron_import import MEGATRON_FORMAT
 from launcher.weights import (StartingWeights, WeightFormat, check_tensors, checkpoint_reader, copy_streamed,
-                              expected_shapes, native_layer_group)
+                              expected_shapes, native_layer_group, open_safetensors)
 from models.spec import ModelSpec, architecture
 
 
@@ -87,19 +86,22 @@ def _is_consolidated(path: Path) -> bool:
 
 def _open_consolidated(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights:
     """A consolidated file: canonical names, read a tensor at a time."""
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path, where) as f:
         metadata = f.metadata() or {}
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     if CONSOLIDATED_KEY not in metadata:
         raise UserError(f"{where} is a safetensors file without shardwright's metadata (`convert to-file` writes it); "
                         f"for a Hugging Face checkpoint pass its directory (with config.json)")
-    record = json.loads(metadata[CONSOLIDATED_KEY])
+    try:
+        record = json.loads(metadata[CONSOLIDATED_KEY])
+    except ValueError:
+        raise UserError(f"{where}: the {CONSOLIDATED_KEY} metadata of {path} is not JSON: the file is damaged") from None
     check_same_model(record, spec.name, architecture(model_cfg), path)
     check_tensors(where, {name: (name, shape) for name, shape in shapes.items()}, expected_shapes(spec, model_cfg))
 
     def read(wanted: set[str]):
         for name in (name for name in shapes if name in wanted):
-            with safe_open(path, framework="pt") as f:  # reopened: the pages read are unmapped after each tensor
+            with open_safetensors(path, where) as f:  # reopened: the pages read are unmapped after each tensor
                 yield name, f.get_tensor(name)
 
     return StartingWeights(f"the weights in {path} (step {record['step']})", lambda parts: copy_streamed(parts, read),

@@ -23,15 +23,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from launcher.errors import UserError
-from launcher.safe_dcp import SafeReader, read_metadata
-from launcher.weights import StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes
+from launcher.safe_dcp import load as safe_load
+from launcher.safe_dcp import read_metadata
+from launcher.weights import (StartingWeights, WeightFormat, check_tensors, copy_streamed, expected_shapes,
+                             read_json_object)
 from models.spec import ModelSpec
 
 METADATA_JSON = "metadata.json"  # Megatron's: {"sharded_backend": "torch_dist", ...}
@@ -97,7 +98,7 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
     directory = checkpoint_directory(path, where)
     metadata = _read_checkpoint(directory, where)
     if (directory / GPT_CONFIG).is_file():
-        problems = adapter.config_problems(json.loads((directory / GPT_CONFIG).read_text()), model_cfg)
+        problems = adapter.config_problems(read_json_object(directory / GPT_CONFIG, where), model_cfg)
         if problems:
             raise UserError(f"{where} does not fit the run's model: {'; '.join(problems)}")
 
@@ -117,7 +118,6 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
     check_tensors(where, {key: (key, shape) for key, shape in found.items()}, expected)
 
     def read(wanted: set[str]):
-        reader = SafeReader(directory)
         by_layer: dict[int | None, list[str]] = defaultdict(list)
         for name, filled in fills.items():
             if filled & wanted:
@@ -129,8 +129,9 @@ def _open(path: Path, spec: ModelSpec, model_cfg, where: str) -> StartingWeights
                 shape = expected[key]
                 regions[key] = ((layer,) + (0,) * (len(shape) - 1), torch.empty((1,) + shape[1:])) \
                     if layer is not None else ((0,) * len(shape), torch.empty(shape))
-            dcp.load({key: target for key, (_, target) in regions.items()}, storage_reader=reader,
-                     planner=_RegionPlanner(regions), no_dist=True)  # each rank reads its own layers, no collective
+            # each rank reads its own layers, no collective
+            safe_load({key: target for key, (_, target) in regions.items()}, directory, no_dist=True,
+                      planner=_RegionPlanner(regions), fix="copy it again from its source")
             tensors = {name: regions[stacked_name(name)[0]][1].squeeze(0) if layer is not None
                        else regions[name][1] for name in names}
             yield from ((n, t) for n, t in adapter.to_native(tensors, model_cfg).items() if n in wanted)

@@ -98,11 +98,14 @@ class SafePlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = value
 
 
-def load(state: dict, checkpoint: Path, no_dist: bool = False) -> None:
-    """dcp.load of `state` from `checkpoint` through SafeReader and SafePlanner; a refusal of either comes out as
-    its own UserError, any other read failure as a UserError naming the checkpoint."""
+def load(state: dict, checkpoint: Path, no_dist: bool = False, planner: DefaultLoadPlanner | None = None,
+         fix: str = "point checkpoints/latest at an earlier step-<N>, or use a new run.dir to start over") -> None:
+    """dcp.load of `state` from `checkpoint` through SafeReader and `planner` (SafePlanner by default); a refusal of
+    either comes out as its own UserError, any other read failure as a UserError naming the checkpoint, then
+    `fix`."""
     try:
-        dcp.load(state, storage_reader=SafeReader(checkpoint), planner=SafePlanner(checkpoint), no_dist=no_dist)
+        dcp.load(state, storage_reader=SafeReader(checkpoint), planner=planner or SafePlanner(checkpoint),
+                 no_dist=no_dist)
     except UserError:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps every rank's error
@@ -112,5 +115,4 @@ def load(state: dict, checkpoint: Path, no_dist: bool = False) -> None:
                 raise failure from None
         first = failures[0] if failures else e
         raise UserError(f"checkpoint {checkpoint} could not be read ({type(first).__name__}: "
-                        f"{(str(first).splitlines() or [''])[0]}); it is damaged: point checkpoints/latest at an "
-                        f"earlier step-<N>, or use a new run.dir to start over") from None
+                        f"{(str(first).splitlines() or [''])[0]}); it is damaged: {fix}") from None

@@ -1,12 +1,15 @@
 """What every format a run can start from (`checkpoint.init_from`, launcher/init_from.py) shares: the checked
 weights a run starts from, and the checks and the streamed copy into a rank's model parts."""
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from launcher.errors import UserError
@@ -34,6 +37,28 @@ class WeightFormat:
     recognizes: Callable[[Path], bool]  # cheap: file names only
     # open(path, spec, model_cfg, where): the checked weights; UserError (one line, prefixed by `where`) otherwise
     open: Callable[[Path, ModelSpec, Any, str], StartingWeights]
+
+
+def read_json_object(path: Path, where: str) -> dict:
+    """The JSON object `path` holds (a config.json, an index), or the refusal naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{where}: {path} is not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+@contextmanager
+def open_safetensors(path: Path, where: str):
+    """safe_open of `path`, a damaged file (truncated, not safetensors) refused naming it, also when a tensor is
+    read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise UserError(f"{where}: {path} is not a readable safetensors file ({e}); copy it again") from None
 
 
 def expected_shapes(spec: ModelSpec, model_cfg) -> dict[str, tuple[int, ...]]:

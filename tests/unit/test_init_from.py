@@ -4,6 +4,7 @@ checkpoint, not the import; bad directories end with one line before any process
 unpickled. Tiny models, fp32, one process (train() runs in the test process)."""
 import dataclasses
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -165,6 +166,28 @@ def test_pickled_weights_are_refused_and_never_unpickled(exported, data_cache, t
     assert not marker.exists()
 
 
+def _damage(directory: Path, name: str, how: str) -> None:
+    path = directory / name
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:-1000])
+    else:
+        path.write_bytes(how.encode() if how.startswith(("{", "[")) else os.urandom(5000))
+
+
+@pytest.mark.parametrize("name, how, line", [
+    ("config.json", "{not json", "config.json is not readable JSON"),
+    ("config.json", "[1, 2]", "config.json holds a JSON list, not an object"),
+    ("model.safetensors", "truncated", "model.safetensors is not a readable safetensors file"),
+    ("model.safetensors", "random", "model.safetensors is not a readable safetensors file"),
+    ("model.safetensors.index.json", "{", "model.safetensors.index.json is not readable JSON"),
+    ("model.safetensors.index.json", '{"metadata": {}}', "model.safetensors.index.json has no weight_map"),
+])
+def test_a_damaged_hugging_face_file_is_one_line(exported, data_cache, tmp_path, capsys, name, how, line):
+    hf = shutil.copytree(exported[1], tmp_path / "hf")
+    _damage(hf, name, how)
+    assert line in train_error(capsys, tmp_path / "run", data_cache, hf)
+
+
 def test_a_config_mismatch_names_the_key(exported, data_cache, tmp_path, capsys):
     err = train_error(capsys, tmp_path / "run", data_cache, exported[1], "model.dim=128")
     assert "hidden_size=64" in err and "model.dim" in err
@@ -229,6 +252,9 @@ def test_a_consolidated_file_round_trips_bit_for_bit(trained, data_cache, tmp_pa
     save_file(tensors, tmp_path / "plain.safetensors")
     err = train_error(capsys, tmp_path / "run3", data_cache, tmp_path / "plain.safetensors")
     assert "without shardwright's metadata" in err
+    _damage(tmp_path, "weights.safetensors", "truncated")
+    err = train_error(capsys, tmp_path / "run4", data_cache, file, "model.tie_embeddings=true")
+    assert "weights.safetensors is not a readable safetensors file" in err
 
 
 def test_to_file_refuses_an_existing_output_and_another_suffix(trained, tmp_path, capsys):

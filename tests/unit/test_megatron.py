@@ -130,11 +130,19 @@ def bad_checkpoints(megatron, tmp_path) -> dict[str, tuple[Path, str]]:
     hostile = shutil.copytree(megatron["export"], tmp_path / "hostile")
     marker = tmp_path / "unpickled"
     (hostile / ".metadata").write_bytes(pickle.dumps(_Hostile(str(marker))))
+    bad_config = shutil.copytree(megatron["export"], tmp_path / "bad-config")
+    (bad_config / "gpt_config.json").write_text("{")
+    truncated = shutil.copytree(megatron["export"], tmp_path / "truncated")
+    shard = max(truncated.glob("*.distcp"), key=lambda path: path.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
     return {"missing": (missing, "missing (no tensor for): decoder.final_layernorm.weight"),
             "wrong shape": (wide, "tensor output_layer.weight has shape [1024, 65] but the run's output_layer.weight "
                                   "has [1024, 64]"),
             "zarr": (zarr, "backend 'zarr'; only 'torch_dist' is read"),
-            "pickle": (hostile, "it refers to posix.system, which DCP metadata never holds")}
+            "pickle": (hostile, "it refers to posix.system, which DCP metadata never holds"),
+            "config not JSON": (bad_config, "gpt_config.json is not readable JSON"),
+            # found while reading, after the checks: the same one line
+            "truncated shard": (truncated, "it is damaged: copy it again from its source")}
 
 
 class _Hostile:
