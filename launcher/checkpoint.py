@@ -253,10 +253,11 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync of a file (its data) or a directory (its entries: a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -536,7 +537,7 @@ class Checkpointer:
             if final.exists():  # left by a crash after publish but before `latest` moved: never current
                 shutil.rmtree(final)
             os.rename(staging, final)
-            fsync_dir(self.root)
+            fsync_path(self.root)
             _write_atomically(self.root / "latest", final.name)
 
         if (failure := on_rank0(self.rank, publish)) is not None:

@@ -29,6 +29,7 @@ arguments of the same model.
 """
 import argparse
 import copy
+import glob
 import json
 import os
 import shutil
@@ -43,12 +44,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from launcher.checkpoint import (Checkpointer, check_complete, check_same_model, check_same_tokenizer,
-                                 checkpoint_meta, find_checkpoint, fsync_dir, training_state)
+                                 checkpoint_meta, find_checkpoint, fsync_path, training_state)
 from launcher.config import Config, load_config
 from launcher.deepspeed_engine import SUBDIR
 from launcher.distributed import World, init_distributed
 from launcher.errors import UserError
-from launcher.hf_files import MAX_SHARD_SIZE, write_hf_files
+from launcher.hf_files import MAX_SHARD_SIZE, check_max_shard_size, write_hf_files
 from launcher.init_from import CONSOLIDATED_KEY
 from launcher.megatron_import import GPT_CONFIG, stacked_name
 from launcher.optim import Optimizers
@@ -142,6 +143,7 @@ def convert(name: str, source: Path | str, out: Path | str, *options: str,
 
 def export_hf(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     """`convert to-hf`: OUT, a Hugging Face model directory of SOURCE's weights."""
+    check_max_shard_size(args.max_shard_size)
     out, checkpoint, run_dir, saved, spec, cfg, hf_config = open_export(args, log, "hf", TO_HF,
                                                                         "Hugging Face's format")
     adapter, model_cfg = spec.state_dict_adapters["hf"], cfg.model_config()
@@ -193,15 +195,15 @@ def export_file(args: argparse.Namespace, log: Callable[[str], None]) -> Path:
     out, checkpoint, run_dir, saved = open_source(args, log)
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: `convert {TO_FILE}` writes a .safetensors file; name it <something>.safetensors")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent} is not a directory: create it, or write the file elsewhere")
     cfg = source_config(run_dir, saved, checkpoint)
     log(f"convert {TO_FILE}: {checkpoint} (step {saved['meta']['step']}) -> {out} ({args.dtype})")
     layout, read = checkpoint_reader(checkpoint, saved, lambda native: native, DTYPES[args.dtype])
     tensors = read(list(layout))
     record = {key: saved["meta"][key] for key in ("family", "model", "tokenizer", "step")}
-    staging = out.with_name(f".{out.name}.converting")
-    save_file(tensors, staging, metadata={"format": "pt", CONSOLIDATED_KEY: json.dumps(record)})
-    os.rename(staging, out)
-    fsync_dir(out.parent)
+    with staged(out, directory=False) as staging:
+        save_file(tensors, staging, metadata={"format": "pt", CONSOLIDATED_KEY: json.dumps(record)})
     log(f"wrote {out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} values; start a run from "
         f"it with checkpoint.init_from={out}")
     return out
@@ -419,14 +421,63 @@ def publish(out: Path, cfg: Config, step: int, state: dict, meta: dict) -> None:
         cfg.dump(staging / "config.yaml")
 
 
+STAGING = ".{name}.converting-{pid}"
+
+
 @contextmanager
-def staged(out: Path):
-    """A staging directory next to OUT to write into, renamed to OUT once the block completes (so OUT exists
-    whole or not at all); an error leaves only the staging directory, which the next conversion clears."""
-    staging = out.with_name(f".{out.name}.converting")
-    if staging.exists():  # left by a conversion that crashed; never read
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+def staged(out: Path, directory: bool = True):
+    """A staging directory (or file path) of this process next to OUT to write into, published as OUT once the block
+    completes: every file synced to disk and given the umask's mode (safetensors writes 0600), then renamed to OUT
+    only if nothing else made OUT meanwhile. So OUT exists whole or not at all, and two conversions to the same OUT
+    never mix their files. An error leaves only the staging entry, which a later conversion to OUT clears once its
+    process is gone."""
+    for leftover in out.parent.glob(STAGING.format(name=glob.escape(out.name), pid="*")):
+        pid = leftover.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):  # a crashed conversion's; never read
+            _remove(leftover)
+    staging = out.with_name(STAGING.format(name=out.name, pid=os.getpid()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        staging.mkdir()
     yield staging
-    os.rename(staging, out)
-    fsync_dir(out.parent)
+    files = sorted(path for path in staging.rglob("*") if path.is_file()) if directory else [staging]
+    mode = 0o666 & ~_umask()
+    for path in files:
+        path.chmod(mode)
+        fsync_path(path)
+    try:
+        if directory:
+            fsync_path(staging)
+            os.mkdir(out)  # claims OUT: fails if another process made it meanwhile
+            os.rename(staging, out)  # onto the empty directory just made
+        else:
+            os.link(staging, out)  # fails if OUT exists, where a rename would replace it
+            staging.unlink()
+    except FileExistsError:
+        _remove(staging)
+        raise UserError(f"{out} was created by another process while this conversion ran, and was left as it is; "
+                        f"convert again to a path that does not exist") from None
+    fsync_path(out.parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -24,6 +24,16 @@ from launcher.errors import UserError
 MAX_SHARD_SIZE = "2GB"
 
 
+def check_max_shard_size(max_shard_size: int | str) -> None:
+    """Refuse a shard size huggingface_hub's splitter cannot read (e.g. "abc"), before anything is read or written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    try:
+        split_torch_state_dict_into_shards({"probe": torch.empty(1, device="meta")}, max_shard_size=max_shard_size)
+    except ValueError as e:
+        raise UserError(f"--max-shard-size {max_shard_size}: {e}") from None
+
+
 def _transformers():
     try:
         import transformers

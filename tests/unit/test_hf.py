@@ -4,9 +4,12 @@ permutation), its tokenizer encodes as ours, HF -> native -> HF is bit-identical
 line. Tiny models, fp32, one process (train() runs in the test process)."""
 import dataclasses
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
@@ -83,7 +86,7 @@ def test_export_computes_our_logits_in_transformers(trained, tmp_path, tie_embed
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] == tie_embeddings
     assert ("lm_head.weight" in load_file(out / "model.safetensors")) != tie_embeddings
-    assert not any(p.name.endswith(".converting") for p in tmp_path.iterdir())
+    assert not any(".converting" in p.name for p in tmp_path.iterdir())
 
 
 def test_export_without_the_rope_permutation_differs(trained, tmp_path, monkeypatch):
@@ -175,3 +178,50 @@ def test_a_family_without_a_hf_mapping_is_refused(trained, tmp_path, capsys, mon
                         lambda family: dataclasses.replace(spec, state_dict_adapters={}))
     assert "has no mapping to Hugging Face's format" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_shard_size_or_a_missing_directory_is_refused_before_anything_is_written(trained, tmp_path, capsys):
+    assert "--max-shard-size abc: Unit" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"),
+                                                     "--max-shard-size", "abc")
+    assert main(["convert", "to-file", str(trained(False)), str(tmp_path / "missing" / "w.safetensors")]) == \
+        USER_ERROR_EXIT
+    assert "missing is not a directory" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command, out", [("to-hf", "hf"), ("to-file", "w.safetensors")])
+def test_out_made_by_another_process_meanwhile_is_left_as_it_is(trained, tmp_path, capsys, monkeypatch, command, out):
+    """OUT appears while the conversion writes (another conversion to the same path published first): this one
+    refuses and removes its staging, OUT keeps the other's files; a dead conversion's staging is cleared, a live
+    one's kept. The control: without the competitor the same conversion publishes OUT, readable by the group."""
+    out = tmp_path / out
+    dead, live = (tmp_path / launcher.convert.STAGING.format(name=out.name, pid=pid) for pid in (2**22 + 1, 1))
+    dead.mkdir()
+    live.mkdir()
+    real_save_file = safetensors.torch.save_file
+
+    def competing_save_file(tensors, path, metadata=None):
+        real_save_file(tensors, path, metadata=metadata)
+        if out.exists():
+            return
+        if command == "to-hf":  # the other conversion publishes first
+            out.mkdir()
+            (out / "theirs").write_text("theirs")
+        else:
+            out.write_text("theirs")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", competing_save_file)
+    monkeypatch.setattr(launcher.convert, "save_file", competing_save_file)
+    assert main(["convert", command, str(trained(False)), str(out)]) == USER_ERROR_EXIT
+    assert "was created by another process while this conversion ran" in capsys.readouterr().err
+    assert (out / "theirs" if command == "to-hf" else out).read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save_file)
+    monkeypatch.setattr(launcher.convert, "save_file", real_save_file)
+    control = tmp_path / f"control-{out.name}"
+    assert main(["convert", command, str(trained(False)), str(control)]) == 0
+    weights = control / "model.safetensors" if command == "to-hf" else control
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask  # safetensors alone writes 0600
