@@ -52,7 +52,7 @@ def prepare(inputs: list[str], output: str | Path, tokenizer: str | Path, *, tex
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     output = check_output_location(output)
-    files = resolve_inputs(list(inputs), fmt)
+    files = resolve_inputs(list(inputs), fmt, output)
     tok = load_tokenizer(tokenizer)
     if bos and tok.bos_id < 0:
         raise DataError(f"tokenizer {tok.model_path} has no BOS piece: drop --bos")

@@ -40,9 +40,10 @@ TEXT_UNITS = ("document", "paragraph", "line")
 BATCH_ROWS = 1000  # rows per read batch
 
 
-def resolve_inputs(patterns: list[str], fmt: str | None = None) -> list[Path]:
+def resolve_inputs(patterns: list[str], fmt: str | None = None, output: Path | None = None) -> list[Path]:
     """The files named by paths, globs and directories (their files with a known extension,
-    hidden ones left out), in sorted order. A pattern that matches nothing is an error (a typo
+    hidden ones left out), in sorted order, but none under `output` (the dataset being written, when it lies inside
+    an input directory: its manifest.json is no input). A pattern that matches nothing is an error (a typo
     would silently drop data)."""
     if not patterns:
         raise DataError("no input files given: pass files, globs (quoted, e.g. 'corpus/*.jsonl') or directories")
@@ -63,6 +64,8 @@ def resolve_inputs(patterns: list[str], fmt: str | None = None) -> list[Path]:
             matches = [Path(expanded)]
         else:
             raise DataError(f"input {pattern} does not exist")
+        if output is not None:
+            matches = [path for path in matches if output.resolve() not in path.resolve().parents]
         for path in matches:
             file_format(path, fmt)  # refuses unknown extensions
             if path not in files:

@@ -3,6 +3,7 @@ import bz2
 import gzip
 import json
 import os
+import shutil
 
 import pytest
 
@@ -97,6 +98,19 @@ def test_rerun_is_a_no_op_unless_forced(corpus, tokenizer_path, tmp_path):
         prepare(inputs, out, tokenizer_path, bos=True, **quiet)
     assert prepare(inputs, out, tokenizer_path, bos=True, force=True, **quiet)["bos_id"] == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} != before
+
+
+def test_an_output_inside_the_input_directory_is_no_input(corpus, tokenizer_path, tmp_path):
+    """The output's own files (manifest.json) are never read as input: the rerun is a no-op, not "inputs changed"."""
+    files, _ = corpus
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in files:
+        shutil.copy(f, raw)
+    first = prepare([str(raw)], raw / "out", tokenizer_path, **quiet)
+    lines = []
+    assert prepare([str(raw)], raw / "out", tokenizer_path, log=lines.append, progress=False) == first
+    assert "nothing to do" in lines[-1]
 
 
 def test_a_failed_prepare_leaves_the_old_output_alone(corpus, tokenizer_path, prepared, tmp_path):
