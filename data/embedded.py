@@ -18,7 +18,7 @@ from data.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = ["PreparedData", "prepare_embedded", "open_indexed"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: copies of a text on one side of the train/valid split
 _DATA_FILES = ("tokenizer.model", "train.bin", "train.idx", "valid.bin", "valid.idx")
 
 
@@ -167,16 +167,28 @@ def _write_cache(out_dir: Path, documents: list[str], settings: dict, log) -> di
 def _valid_split(documents: list[str], valid_fraction: float) -> list[bool]:
     """Which documents are validation: in the order of a hash of their text, those that still
     fit in valid_fraction of all characters (sizes vary 1000-fold, so counting documents would
-    not do). At least the smallest document if none fits; the rest are train."""
-    by_hash = sorted(range(len(documents)), key=lambda i: _text_hash(documents[i]))
+    not do). At least the smallest document if none fits; the rest are train. The copies of a
+    text (the stdlib corpus repeats some docstrings) go to one side together: a text in both
+    would be validated on what was trained on."""
+    copies: dict[bytes, list[int]] = {}
+    for i, doc in enumerate(documents):
+        copies.setdefault(_text_hash(doc), []).append(i)
+    if len(copies) < 2:
+        raise DataError(f"the corpus has {len(copies)} distinct document(s); a train/valid split needs at least 2")
     budget = valid_fraction * sum(len(doc) for doc in documents)
     is_valid = [False] * len(documents)
-    for i in by_hash:
-        if len(documents[i]) <= budget:
+
+    def make_valid(text: bytes) -> None:
+        for i in copies[text]:
             is_valid[i] = True
-            budget -= len(documents[i])
+
+    for text in sorted(copies):
+        size = sum(len(documents[i]) for i in copies[text])
+        if size <= budget:
+            make_valid(text)
+            budget -= size
     if not any(is_valid):
-        is_valid[min(range(len(documents)), key=lambda i: len(documents[i]))] = True
+        make_valid(_text_hash(min(documents, key=len)))
     return is_valid
 
 

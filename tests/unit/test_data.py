@@ -3,12 +3,13 @@
 import json
 import shutil
 import threading
+from collections import Counter
 
 import pytest
 import torch
 
 from data.corpus import embedded_documents
-from data.embedded import open_indexed, prepare_embedded
+from data.embedded import _valid_split, open_indexed, prepare_embedded
 from data.errors import DataError
 from data.loader import GlobalBatchLoader, PackedTokens
 
@@ -124,6 +125,19 @@ def test_train_and_valid_split_the_corpus(prepared, documents):
     # Documents keep corpus order within a split.
     assert train == [doc for doc in documents if doc in set(train)]
     assert prepared.num_valid_tokens < prepared.num_train_tokens
+
+
+def test_copies_of_a_text_stay_on_one_side_of_the_split():
+    """The stdlib corpus holds some docstrings more than once: every copy is train or every copy valid."""
+
+    documents = embedded_documents("stdlib")
+    is_valid = _valid_split(documents, VALID_FRACTION)
+    sides: dict[str, set[bool]] = {}
+    for doc, valid in zip(documents, is_valid):
+        sides.setdefault(doc, set()).add(valid)
+    assert any(n > 1 for n in Counter(documents).values())  # the case exists
+    assert all(len(side) == 1 for side in sides.values())
+    assert 0 < sum(is_valid) < len(documents)
 
 
 def test_packed_samples_tile_the_token_stream(prepared, documents):
