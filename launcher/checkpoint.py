@@ -663,7 +663,8 @@ def find_checkpoint(source: Path) -> tuple[Path, Path]:
     if (source / META_FILE).is_file():
         checkpoint, run_dir = source, source.parent.parent
     elif not source.is_dir():
-        raise UserError(f"{source} does not exist; pass a run directory or one of its checkpoints/step-<N>")
+        what = "is a file" if source.exists() else "does not exist"
+        raise UserError(f"{source} {what}; pass a run directory or one of its checkpoints/step-<N>")
     elif (checkpoint := Checkpointer(source, keep_last=0, rank=0).latest_dir()) is not None:
         run_dir = source
     else:

@@ -9,6 +9,7 @@ only). Anything else is refused with one line naming the file or entry.
 """
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -104,8 +105,11 @@ def load(state: dict, checkpoint: Path, no_dist: bool = False, planner: DefaultL
     either comes out as its own UserError, any other read failure as a UserError naming the checkpoint, then
     `fix`."""
     try:
-        dcp.load(state, storage_reader=SafeReader(checkpoint), planner=planner or SafePlanner(checkpoint),
-                 no_dist=no_dist)
+        with warnings.catch_warnings():
+            # one process reading is what no_dist says: torch's warning that it assumes so is noise in convert's output
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, storage_reader=SafeReader(checkpoint), planner=planner or SafePlanner(checkpoint),
+                     no_dist=no_dist)
     except UserError:
         raise
     except (Exception, CheckpointException) as e:  # CheckpointException (a BaseException) wraps every rank's error

@@ -45,6 +45,10 @@ def plan_command(args) -> int:
     if args.global_batch_size is not None:
         overrides.append(f"train.global_batch_size={args.global_batch_size}")
     cfg = load_config(args.config, overrides)
+    if cfg.parallel.engine != "torch":
+        raise UserError(f"plan searches the torch engine's layouts (FSDP2, tp, pp, cp, ep); {args.config} sets "
+                        f"parallel.engine={cfg.parallel.engine}, whose memory it does not model: plan with "
+                        f"--set parallel.engine=torch")
     dev = device(args.gpu, args.gpus_per_node, args.gpu_memory, args.matmul_efficiency)
     world = args.nodes * args.gpus_per_node
     usable = USABLE_MEMORY * dev.memory_bytes

@@ -181,6 +181,10 @@ def test_a_family_without_a_hf_mapping_is_refused(trained, tmp_path, capsys, mon
 
 
 def test_a_bad_shard_size_or_a_missing_directory_is_refused_before_anything_is_written(trained, tmp_path, capsys):
+    (tmp_path / "weights.safetensors").write_text("")
+    assert "weights.safetensors is a file; pass a run directory" in cli_error(
+        capsys, str(tmp_path / "weights.safetensors"), str(tmp_path / "hf"))
+    (tmp_path / "weights.safetensors").unlink()
     assert "--max-shard-size abc: Unit" in cli_error(capsys, str(trained(False)), str(tmp_path / "hf"),
                                                      "--max-shard-size", "abc")
     assert main(["convert", "to-file", str(trained(False)), str(tmp_path / "missing" / "w.safetensors")]) == \

@@ -102,8 +102,9 @@ def plan_cli(capsys, *args: str) -> tuple[int, str, str]:
     (["--nodes", "1", "--gpus-per-node", "2", "--set", "train.lr_schedule=cosin"], "train.lr_schedule='cosin' is not"),
     (["--nodes", "1", "--gpus-per-node", "2", "--write", "{tmp}"], "give the path of a file in an existing directory"),
     (["--nodes", "1", "--gpus-per-node", "2", "--write", "{tmp}/missing/plan.yaml"], "in an existing directory"),
+    (["--nodes", "1", "--gpus-per-node", "2", "--set", "parallel.engine=deepspeed"], "whose memory it does not model"),
 ], ids=["no-nodes", "unknown-gpu", "memory-below-a-layer", "too-many-gpus", "config-mistake", "write-to-a-directory",
-        "write-to-a-missing-directory"])
+        "write-to-a-missing-directory", "deepspeed-engine"])
 def test_impossible_requests_get_one_line(capsys, tmp_path, args, words):
     code, _, err = plan_cli(capsys, *(arg.format(tmp=tmp_path) for arg in args))
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
