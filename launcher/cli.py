@@ -4,6 +4,7 @@ import gc
 import os
 import signal
 import sys
+from pathlib import Path
 
 from data.errors import DataError
 from launcher.config import load_config
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     import torch.distributed as dist  # torch-heavy: only once the arguments are known good
 
+    from launcher.checkpoint import Checkpointer
     from launcher.trainer import preflight, train
 
     if args.nproc_per_node < 1:
@@ -52,7 +54,13 @@ def _train(args) -> int:
         preflight(cfg, args.nproc_per_node)  # fail here, once, rather than in every worker
         lock_fd = hold_run_lock(cfg.run.dir) if cfg.run.lock else None  # for the world's life, restarts included
         worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
+        checkpoints = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0)
+        started_from = checkpoints.last_complete()
         code = launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd)
+        if code == PREEMPTED_EXIT and cfg.checkpoint.enabled and checkpoints.last_complete() == started_from:
+            # A signal before the workers could handle it (while they started): no rank saved or said anything.
+            print(f"[shardwright] stopped by a signal before the first step; nothing new was saved (last checkpoint: "
+                  f"{started_from}): run the same command to start again", file=sys.stderr, flush=True)
         # torchrun exits 75 after any stop signal it forwarded; without checkpoints the workers saved nothing (and
         # said so) and a requeue would start again from step 0.
         return USER_ERROR_EXIT if code == PREEMPTED_EXIT and not cfg.checkpoint.enabled else code

@@ -105,7 +105,11 @@ def check_deepspeed_config(cfg: Config, dims: ParallelDims) -> None:
     for key in cfg.parallel.deepspeed:
         if key in OWNED:
             raise UserError(f"parallel.deepspeed.{key} is set from {OWNED[key]}; set that instead")
-    for key in cfg.parallel.deepspeed.get("zero_optimization", {}) or {}:
+    zero = cfg.parallel.deepspeed.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"parallel.deepspeed.zero_optimization = {zero!r} should be a mapping of DeepSpeed's ZeRO "
+                        f"keys, e.g. {{reduce_bucket_size: 5e8}}")
+    for key in zero:
         if key in OWNED_ZERO:
             raise UserError(f"parallel.deepspeed.zero_optimization.{key} is set from {OWNED_ZERO[key]}; set that "
                             f"instead")

@@ -27,7 +27,9 @@ def detect_world() -> World:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun")
-    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # A step of one task (an interactive `srun --pty bash`, a one-task job) is no world to join: its process runs
+    # alone, and may start a local one (--nproc-per-node).
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), "srun")
     return World(0, 1, 0, "single")
 

@@ -235,13 +235,15 @@ def torchrun_node(argv: list[str]) -> int:
     workers, which inherit the disposition until the trainer installs its handler), and a worker
     that exits with PREEMPTED_EXIT makes this exit with it too (torchrun itself would exit 1), one that refused
     with USER_ERROR_EXIT likewise, its line said once (launcher/torchrun.py: refused_line)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import parse_args, run
 
-    from launcher.torchrun import refused_line
+    from launcher.torchrun import quiet_agent_warnings, refused_line
 
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    quiet_agent_warnings()
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
@@ -255,6 +257,8 @@ def torchrun_node(argv: list[str]) -> int:
         if (line := refused_line(e.failures)) is not None:  # no rank 0 here, or it did not refuse
             print(line, file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
+    except SignalException:  # Slurm signalled this agent too; it passed the signal to the workers, which checkpoint
+        return PREEMPTED_EXIT
     except RendezvousConnectionError as e:
         # Also what a node sees when the first node's torchrun, which holds the store, ends before it.
         print(f"[shardwright] torchrun lost the rendezvous store: {e}", file=sys.stderr, flush=True)

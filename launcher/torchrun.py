@@ -57,6 +57,15 @@ def refused_line(failures: dict[int, ProcessFailure]) -> str | None:
     return f"error: {message.split(': ', 1)[-1]} (rank {rank})"
 
 
+def quiet_agent_warnings() -> None:
+    """The agent's warnings ("Received 15 death signal", "Sending process N closing signal") would bury the line
+    that says how the world ended; rank 0 logs its stop, and a restarted world logs its resume. torch gives each
+    elastic module's logger a level of its own, so the parent's level alone does not reach them."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str]) -> int:
     try:  # the launcher's death stops this world as a stop signal does: workers checkpoint, then exit
         die_with_parent(signal.SIGTERM, int(os.environ[LAUNCHER_PID_ENV]))
@@ -64,9 +73,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
     os.environ[AGENT_PID_ENV] = str(os.getpid())  # the workers die with this process (launcher/cli.py)
-    # The agent's warnings ("Received 15 death signal", "Sending process N closing signal") would bury the line
-    # that says how the world ended; rank 0 logs its stop, and a restarted world logs its resume.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    quiet_agent_warnings()
     args = parse_args(argv)
     try:
         run(args)

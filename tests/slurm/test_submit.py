@@ -146,20 +146,25 @@ def test_missing_sbatch_is_one_clear_line(tmp_path, data_cache):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("codes, want", [([75, -15], 75), ([2, -15], 2), ([1, -15], 1), ([-9, -15], 1)])
+@pytest.mark.parametrize("codes, want", [([75, -15], 75), ([2, -15], 2), ([1, -15], 1), ([-9, -15], 1),
+                                         ("SIGTERM to the agent", 75)])
 def test_a_nodes_exit_code_says_how_its_workers_ended(monkeypatch, request, codes, want):
     """torchrun exits 1 whenever a worker failed; the node's share of a job passes on a stop after a checkpoint
-    (75: the job requeues) and a refusal (2: a worker printed its line) instead, and 1 for anything else."""
+    (75: the job requeues) and a refusal (2: a worker printed its line) instead, and 1 for anything else. Slurm
+    signals the node's torchrun as well as the workers: its agent raises SignalException once it has passed the
+    signal on, and the job still requeues (it ended FAILED, exit 1, with a traceback)."""
     import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     from launcher.submit import torchrun_node
 
-    failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
-                for rank, code in enumerate(codes)}
-
     def failed_run(_args):
-        raise ChildFailedError("train", failures)
+        if isinstance(codes, str):
+            raise SignalException("Process 1 got signal: 15", sigval=signal.SIGTERM)
+        raise ChildFailedError("train", {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code,
+                                                              error_file="/nonexistent")
+                                         for rank, code in enumerate(codes)})
 
     monkeypatch.setattr(torch.distributed.run, "run", failed_run)
     usr1 = signal.getsignal(signal.SIGUSR1)  # torchrun_node ignores it, for the agent

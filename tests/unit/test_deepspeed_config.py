@@ -74,6 +74,10 @@ def test_through_the_cli_nothing_starts(tmp_path, capsys):
                                "instead"),
     ("{zero_optimization: {stage: 3}}", "parallel.deepspeed.zero_optimization.stage is set from parallel.zero_stage; "
                                         "set that instead"),
+    ("{zero_optimization: 5}", "parallel.deepspeed.zero_optimization = 5 should be a mapping of DeepSpeed's ZeRO keys, "
+                               "e.g. {reduce_bucket_size: 5e8}"),
+    ("{zero_optimization: null}", "parallel.deepspeed.zero_optimization = None should be a mapping of DeepSpeed's ZeRO "
+                                  "keys, e.g. {reduce_bucket_size: 5e8}"),
 ])
 def test_keys_the_run_sets_are_refused(tmp_path, override, message):
     assert refusal(tmp_path, DEEPSPEED, f"parallel.deepspeed={override}") == message
