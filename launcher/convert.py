@@ -168,7 +168,7 @@ def open_export(args: argparse.Namespace, log: Callable[[str], None], adapter_ke
     family = saved["meta"].get("family")
     spec = get_model_spec(family)
     if adapter_key not in spec.state_dict_adapters:
-        able = [f for f in FAMILIES if adapter_key in get_model_spec(f).state_dict_adapters]
+        able = [f for f in FAMILIES if _exports(get_model_spec(f), adapter_key)]
         raise UserError(f"{checkpoint} holds a {family} model, which has no mapping to {target}; `convert {command}` "
                         f"converts {', '.join(able)} checkpoints")
     cfg = source_config(run_dir, saved, checkpoint)
@@ -177,6 +177,12 @@ def open_export(args: argparse.Namespace, log: Callable[[str], None], adapter_ke
     except ValueError as e:
         raise UserError(f"convert {command}: {checkpoint} cannot be expressed as {target}: {e}") from None
     return out, checkpoint, run_dir, saved, spec, cfg, exported_config
+
+
+def _exports(spec: ModelSpec, adapter_key: str) -> bool:
+    """Whether the family writes the format: it has an adapter for it that is not import-only."""
+    adapter = spec.state_dict_adapters.get(adapter_key)
+    return adapter is not None and getattr(adapter, "exports", True)
 
 
 TO_FILE_HELP = "one safetensors file of a checkpoint's weights (canonical names), which checkpoint.init_from reads"

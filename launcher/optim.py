@@ -125,12 +125,19 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
 
 
 class _ScheduleState:
+    """The schedule's place: the step count every part's scheduler shares, all that is saved. A scheduler's
+    per-group values stay its own: pipeline stages may hold different groups (a TokenFormer stage without norm
+    gains has no not_decayed group), so one stage's values loaded into another's scheduler broke its next step.
+    Checkpoints holding a whole scheduler's state (earlier versions) load the same way."""
+
     def __init__(self, schedulers):
         self.schedulers = schedulers
 
     def state_dict(self) -> dict:
-        return self.schedulers[0].state_dict()
+        return {"last_epoch": self.schedulers[0].last_epoch, "_step_count": self.schedulers[0]._step_count}
 
     def load_state_dict(self, state: dict) -> None:
         for scheduler in self.schedulers:
-            scheduler.load_state_dict(state)
+            scheduler.last_epoch, scheduler._step_count = state["last_epoch"], state["_step_count"]
+            scheduler._last_lr = [base * factor(scheduler.last_epoch)
+                                  for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

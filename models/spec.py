@@ -94,7 +94,8 @@ class StateDictAdapter(Protocol):
     parameter names and layouts (the names ModelState saves), and the family's model config to that format's.
     A ValueError names what the other format cannot express (a tensor, a config field). An import maps one layer's
     tensors at a time (launcher/hf_import.py), first as meta tensors (names and shapes only): to_native must map
-    any such part of a state dict and check values only on tensors that hold data."""
+    any such part of a state dict and check values only on tensors that hold data. An import-only mapping (SOLO's start
+    from a Llama) sets `exports = False`, and its from_native / export_config raise the ValueError saying why."""
 
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: Any) -> dict[str, torch.Tensor]: ...
 

@@ -42,6 +42,7 @@ class LlamaStartAdapter:
     is Mistral's only up to that many tokens. SOLO itself has no Hugging Face form."""
 
     llama = LlamaAdapter()
+    exports = False
 
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: SOLOConfig) -> dict[str, torch.Tensor]:
         return from_language_model(self.llama.to_native(state_dict, model_cfg), model_cfg)

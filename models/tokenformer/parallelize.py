@@ -104,9 +104,16 @@ def check_layout(cfg: TokenFormerConfig, dims: ParallelDims, options: Paralleliz
     if cfg.qkv_tensor_parallel not in QKV_TENSOR_PARALLEL:
         problems.append(f"model.qkv_tensor_parallel={cfg.qkv_tensor_parallel!r} is not one of "
                         f"{', '.join(QKV_TENSOR_PARALLEL)}")
+    for kind in ("qkv", "proj", "ffn"):
+        if getattr(cfg, f"{kind}_tau") < 0:
+            problems.append(f"model.{kind}_tau={getattr(cfg, f'{kind}_tau')} must be >= 0 (0: the square root of "
+                            f"model.{kind}_tokens)")
     if cfg.dim % cfg.n_heads:
         problems.append(f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}")
-    elif cfg.rotary_dim % 2:
+    if not 0 <= cfg.rotary_fraction <= 1:
+        problems.append(f"model.rotary_fraction={cfg.rotary_fraction} must be between 0 and 1 (the fraction of each "
+                        f"head's dims RoPE rotates)")
+    elif cfg.dim % cfg.n_heads == 0 and cfg.rotary_dim % 2:
         problems.append(f"model.rotary_fraction={cfg.rotary_fraction} rotates {cfg.rotary_dim} of the {cfg.head_dim} "
                         f"dims of a head; it must be an even number")
     if dims.tp > 1:

@@ -132,10 +132,15 @@ RUNS2 = {"dp2": ["train.micro_batch_size=4"], "tp2": ["parallel.tp=2", "parallel
 
 @pytest.fixture(scope="module")
 def two(runs_dir, data_cache, one) -> dict:
+    # pp2 stopped at step 5 and resumed in the same directory: its stages hold different optimizer groups (only the
+    # last has a norm with parameters), which a resume once gave one stage's schedule of the other's
+    stopped_and_resumed = [train_check(runs_dir / "pp2_resumed", data_cache, *SMALL, *RUNS2["pp2"], *stop, config=TINY)
+                           for stop in (["run.stop_at_step=5"], [])]
     checks = tp_checks(2) + [run(runs_dir, data_cache, name, *o, summary=True) for name, o in RUNS2.items()]
-    results = iter(r.value() for r in run_world(2, checks, runs_dir / "world2"))
+    results = iter(r.value() for r in run_world(2, checks + stopped_and_resumed, runs_dir / "world2"))
     return {"tp": [next(results) for _ in TP_CASES[2]], "local_norm": next(results),
-            "runs": dict(zip(RUNS2, results))}
+            "runs": {name: next(results) for name in RUNS2}, "pp2_stopped": next(results),
+            "pp2_resumed": next(results)}
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +188,11 @@ def test_tiny_run_tp2_dp2_with_activation_checkpointing_matches_one_process(four
 
 def test_tiny_run_pp2_matches_one_process(two, one):
     assert_same_losses(two["runs"]["pp2"]["losses"], one["untied"])
+
+
+def test_pp2_resumes_with_each_stages_own_optimizer_groups(two, one):
+    assert_same_losses(two["pp2_stopped"], one["untied"][:5])
+    assert_same_losses(two["pp2_resumed"], one["untied"][5:])
 
 
 def test_greedy_sample_under_tp_matches_one_process(two, one):

@@ -229,3 +229,11 @@ def test_out_made_by_another_process_meanwhile_is_left_as_it_is(trained, tmp_pat
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(weights.stat().st_mode) == 0o666 & ~umask  # safetensors alone writes 0600
+
+
+def test_the_families_to_hf_names_are_those_it_exports():
+    """SOLO's "hf" mapping imports a Llama as its start and exports nothing: a refusal listing what `convert to-hf`
+    converts leaves it out."""
+    exports = {family: launcher.convert._exports(get_model_spec(family), "hf") for family in launcher.convert.FAMILIES}
+    assert exports == {"llm": True, "moe": True, "deltanet": True, "tokenformer": False, "matformer": False,
+                       "solo": False}

@@ -138,3 +138,11 @@ def test_layout_problems_name_the_misfit():
     assert spec.check_layout(dataclasses.replace(cfg, normalization="l3"), ParallelDims.resolve(world_size=1),
                              ParallelizeOptions())
     assert spec.check_layout(cfg, ParallelDims.resolve(world_size=2, pp=2, dp_shard=1), ParallelizeOptions())
+    # values the model would take, then fail on mid-run (rotary dims beyond the head, a negative range of angles)
+    for fraction in (1.5, -0.5):
+        (problem,) = spec.check_layout(dataclasses.replace(cfg, rotary_fraction=fraction),
+                                       ParallelDims.resolve(world_size=1), ParallelizeOptions())
+        assert problem.startswith(f"model.rotary_fraction={fraction} must be between 0 and 1")
+    (problem,) = spec.check_layout(dataclasses.replace(cfg, ffn_tau=-1.0), ParallelDims.resolve(world_size=1),
+                                   ParallelizeOptions())
+    assert problem.startswith("model.ffn_tau=-1.0 must be >= 0")
