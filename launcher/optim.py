@@ -126,8 +126,8 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
 
 class _ScheduleState:
     """The schedule's place: the step count every part's scheduler shares, all that is saved. A scheduler's
-    per-group values stay its own: pipeline stages may hold different groups (a TokenFormer stage without norm
-    gains has no not_decayed group), so one stage's values loaded into another's scheduler broke its next step.
+    per-group values stay its own: pipeline stages may hold different groups (a stage whose norms have no
+    parameters has no not_decayed group), so one stage's values loaded into another's scheduler broke its next step.
     Checkpoints holding a whole scheduler's state (earlier versions) load the same way."""
 
     def __init__(self, schedulers):

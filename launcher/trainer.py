@@ -270,7 +270,7 @@ def train(cfg: Config) -> dict:
         pipeline = build_pipeline(model, spec.split_stage, lambda part: parallelize(part, spec.plan, dims, meshes, options),
                                   spec.n_layers(model_cfg), meshes.pp, p.pp_schedule,
                                   stages_per_rank(p.pp_schedule, p.pp_stages_per_rank), p.pp_layout, n_micro,
-                                  steps.pipeline_loss, device)
+                                  steps.pipeline_loss, device, spec.hooks.discard_records)
         parts = pipeline.parts
     elif p.engine == "deepspeed":
         parts = [model]  # the ZeRO engine wraps it once initialized (below)

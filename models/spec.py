@@ -87,6 +87,9 @@ class TrainingHooks:
     setup: Callable[[nn.Module, StepContext], None] | None = None  # once, after the weights are initialized
     after_backward: Callable[[nn.Module], dict[str, float]] | None = None  # before clipping
     after_optimizer_step: Callable[[nn.Module], dict[str, float]] | None = None
+    # Forget what forwards recorded in the part since its last step (statistics a step's hooks read): a pipeline
+    # stage's metadata-inference forward on the first step belongs to no step (parallel/pipeline.py).
+    discard_records: Callable[[nn.Module], None] | None = None
 
 
 class StateDictAdapter(Protocol):

@@ -7,6 +7,7 @@ from torch runs the micro-batches through the stages.
 """
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -162,11 +163,28 @@ def _receive(src: int, group, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+def _discarding(stage: PipelineStage, discard: Callable[[], None]) -> None:
+    """torch 2.13 infers a stage's activation shapes on the schedule's first step with a forward of the stage's
+    module, in training mode with gradients on (real inputs on the first stage, placeholders on the others), before
+    the micro-batches' own forwards: what that forward recorded in the module (routing statistics, say, NaN from
+    placeholders) belongs to no step, so `discard` runs right after it."""
+    infer = stage._forward_metadata_inference
+
+    def inferred(*args, **kwargs):
+        meta = infer(*args, **kwargs)
+        discard()
+        return meta
+
+    stage._forward_metadata_inference = inferred
+
+
 def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool, bool], None],
                    parallelize: Callable[[nn.Module], nn.Module], n_layers: int, pp_mesh, schedule: str,
-                   per_rank: int, layout: str, n_microbatches: int, loss_fn, device: torch.device) -> Pipeline:
+                   per_rank: int, layout: str, n_microbatches: int, loss_fn, device: torch.device,
+                   discard_records: Callable[[nn.Module], None] | None = None) -> Pipeline:
     """Cut `model` into this rank's stages with `split(part, layer_ids, is_first, is_last)`, apply
-    `parallelize` to each part, and build the named schedule over them."""
+    `parallelize` to each part, and build the named schedule over them. `discard_records(part)` (a family's
+    TrainingHooks.discard_records) runs after each stage's metadata-inference forward: see _discarding."""
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     n_stages = pp * per_rank
     layers = split_layers(n_layers, n_stages, layout)
@@ -177,7 +195,10 @@ def build_pipeline(model: nn.Module, split: Callable[[nn.Module, list[int], bool
         split(part, layers[stage_id], stage_id == 0, stage_id == n_stages - 1)
         part = parallelize(part)
         parts.append(part)
-        stages.append(PipelineStage(part, stage_id, n_stages, device, group=pp_mesh.get_group()))
+        stage = PipelineStage(part, stage_id, n_stages, device, group=pp_mesh.get_group())
+        if discard_records is not None:
+            _discarding(stage, partial(discard_records, part))
+        stages.append(stage)
     schedule_cls = get_schedule_class(SCHEDULES[schedule])
     try:
         # The loss is already normalized by the global count of its terms: no division by micro-batches.

@@ -26,6 +26,7 @@ model_spec = ModelSpec(
     check_layout=check_layout,
     n_layers=n_layers,
     split_stage=split_stage,
-    hooks=TrainingHooks(setup=weigh_aux_losses, after_optimizer_step=MoETransformer.end_step),
+    hooks=TrainingHooks(setup=weigh_aux_losses, after_optimizer_step=MoETransformer.end_step,
+                        discard_records=MoETransformer.reset_stats),
     state_dict_adapters={"hf": MoEAdapter()},
 )

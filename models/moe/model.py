@@ -65,7 +65,8 @@ class MoEConfig(LLMConfig):
     def __post_init__(self):
         super().__post_init__()
         check_sizes(self, positive=("n_experts", "top_k", "n_groups", "topk_groups"),
-                    non_negative=("moe_hidden_dim", "n_shared_experts", "n_dense_layers"))
+                    non_negative=("moe_hidden_dim", "n_shared_experts", "n_dense_layers", "aux_loss_coef",
+                                  "z_loss_coef", "bias_update_rate"))
 
     @property
     def expert_hidden_dim(self) -> int:
@@ -298,6 +299,11 @@ class MoETransformer(Transformer):
     def moe_layers(self) -> dict[str, MoE]:
         return {name.split(".")[1] if name.startswith("layers.") else name: m
                 for name, m in self.named_modules() if isinstance(m, MoE)}
+
+    def reset_stats(self) -> None:
+        """Forget the routing statistics of the forwards since the last end_step."""
+        for m in self.moe_layers().values():
+            m.reset_stats()
 
     def set_aux_loss_scale(self, scale: float) -> None:
         """Gradient weight of each forward's aux + z shares (see `MoE.aux_loss_scale`)."""

@@ -27,6 +27,7 @@ from models.llm.parallelize import apply_context_parallel_attention, attention_p
 from models.llm.parallelize import check_layout as llm_check_layout
 from models.llm.parallelize import tensor_parallel
 from models.moe.model import MoE, MoEConfig
+from parallel.data_parallel import uses_fsdp
 from parallel.expert import ExpertParallel, SumOverGroup
 from parallel.mesh import Meshes, ParallelDims
 from parallel.options import ParallelizeOptions
@@ -94,6 +95,13 @@ def check_layout(cfg: MoEConfig, dims: ParallelDims, options: ParallelizeOptions
                             f"least top_k={cfg.top_k} eligible experts")
         elif cfg.router == "sigmoid" and cfg.n_experts // cfg.n_groups < 2:
             problems.append("model.n_groups: sigmoid group scores sum the top-2 experts of a group; use >= 2 per group")
+    if dims.ep > 1 and options.activation_checkpoint == "selective" and uses_fsdp(dims):
+        # The experts' FSDP units sit inside the checkpointed blocks, and FSDP's hooks run a different number of
+        # profiler record_function ops in the recompute, which torch 2.13's selective checkpointing replays by count
+        # (pytorch/torchtitan#3427): the first backward fails.
+        problems.append(f"parallel.ep={dims.ep} with train.activation_checkpoint=selective fails under FSDP in torch "
+                        f"2.13 (selective checkpointing replays the FSDP hooks of the experts' own units by count: "
+                        f"pytorch/torchtitan#3427); use activation_checkpoint=full or none")
     if dims.tp > 1 and cfg.expert_hidden_dim % dims.tp:
         problems.append(f"parallel.tp={dims.tp} does not divide the expert hidden size {cfg.expert_hidden_dim} "
                         f"(model.moe_hidden_dim, or the ffn hidden size when 0), which expert tensor parallelism "

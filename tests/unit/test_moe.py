@@ -264,6 +264,25 @@ def test_tp_must_divide_the_expert_hidden_size():
                         ParallelizeOptions()) == []
 
 
+@pytest.mark.parametrize("field", ["aux_loss_coef", "z_loss_coef", "bias_update_rate"])
+def test_negative_loss_weights_and_bias_rates_are_refused(field):
+    """A negative aux coefficient rewards imbalance; a negative rate silently turned balancing off."""
+    with pytest.raises(ValueError, match=f"{field}=-0.1 must be >= 0"):
+        MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128, **{field: -0.1})
+
+
+def test_selective_checkpointing_is_refused_with_experts_of_their_own_fsdp_units():
+    """torch 2.13's selective checkpointing fails on the experts' FSDP units inside a block (pytorch/torchtitan#3427):
+    refused up front; full checkpointing, and selective without ep, are not."""
+    cfg = MoEConfig(dim=64, n_layers=2, n_heads=4, vocab_size=128)
+    ep2 = ParallelDims.resolve(dp_shard=2, ep=2, world_size=2)
+    (problem,) = check_layout(cfg, ep2, ParallelizeOptions(activation_checkpoint="selective"))
+    assert problem.startswith("parallel.ep=2 with train.activation_checkpoint=selective fails under FSDP")
+    assert check_layout(cfg, ep2, ParallelizeOptions(activation_checkpoint="full")) == []
+    assert check_layout(cfg, ParallelDims.resolve(dp_shard=2, world_size=2),
+                        ParallelizeOptions(activation_checkpoint="selective")) == []
+
+
 def test_ep_must_divide_dp_shard_times_cp():
     from parallel.mesh import LayoutError
 
