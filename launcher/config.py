@@ -5,6 +5,7 @@ with one clear line instead of a hung or crashed world.
 """
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -322,6 +323,9 @@ def cp_layout(p: ParallelSection, cp: int) -> SequenceLayout:
     return sequence_layout(p.cp_mode, p.cp_layout, cp, p.cp_ulysses)
 
 
+MAX_TIMEOUT_S = 10**9  # about 31 years: beyond what a datetime.timedelta (the collective timeout) holds, it overflows
+
+
 def check_run_dir(run_dir: Path) -> None:
     """run.dir is a directory (or not there yet) whose checkpoints/latest, if any, is a UTF-8 text file."""
     run_dir = run_dir.expanduser()
@@ -386,13 +390,30 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise UserError(str(e)) from None
     t = cfg.train
     at_least = {"train.steps": 1, "train.global_batch_size": 1, "train.micro_batch_size": 1, "train.seq_len": 1,
-                "train.max_nonfinite_steps": 1, "train.warmup_steps": 0, "train.seed": 0, "train.eval_every": 0, "train.eval_batches": 1,
-                "data.vocab_size": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0, "run.max_restarts": 0,
-                "run.timeout_s": 1, "run.log_every": 1, "run.stop_at_step": 0, "run.peak_flops": 0}
+                "train.max_nonfinite_steps": 1, "train.warmup_steps": 0, "train.seed": 0, "train.eval_every": 0,
+                "train.eval_batches": 1, "train.sample_tokens": 0, "train.lr": 0, "train.weight_decay": 0,
+                "train.grad_clip": 0, "data.vocab_size": 1, "checkpoint.every": 0, "checkpoint.keep_last": 0,
+                "run.max_restarts": 0, "run.timeout_s": 1, "run.log_every": 1, "run.stop_at_step": 0,
+                "run.peak_flops": 0}
+    # A NaN passes neither test: `not value >= least` refuses it, as `value < least` would not.
     for name, least in at_least.items():
         section, key = name.split(".")
-        if getattr(getattr(cfg, section), key) < least:
+        if not getattr(getattr(cfg, section), key) >= least:
             raise UserError(f"{name}={getattr(getattr(cfg, section), key)} must be >= {least}")
+    within = {"train.beta1": (0, 1, False), "train.beta2": (0, 1, False), "train.min_lr_ratio": (0, 1, True),
+              "train.decay_fraction": (0, 1, True), "run.timeout_s": (1, MAX_TIMEOUT_S, True),
+              "train.lr": (0, math.inf, False), "run.peak_flops": (0, math.inf, False)}
+    for name, (low, high, high_included) in within.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if not (low <= value <= high if high_included else low <= value < high):
+            raise UserError(f"{name}={value} must be in [{low:g}, {high:g}{']' if high_included else ')'}")
+    if not str(cfg.run.dir).strip():
+        raise UserError("run.dir is empty: give the directory the run writes (e.g. runs/my-run)")
+    if cfg.run.stop_at_step and not cfg.checkpoint.enabled:
+        raise UserError(f"run.stop_at_step={cfg.run.stop_at_step} with checkpoint.enabled=false: the invocation would "
+                        f"save nothing to continue from, and the next one would start again at step 0; enable "
+                        f"checkpoints or drop run.stop_at_step")
     check_run_dir(Path(cfg.run.dir))
     if t.global_batch_size % (t.micro_batch_size * dims.dp):
         raise UserError(

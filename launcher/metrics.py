@@ -211,9 +211,14 @@ class MetricsWriter:
         self.log_file.write(line + "\n")
         self.log_file.flush()
 
-    def log(self, record: dict, show: bool) -> None:
-        """One logged step (or eval) record: to jsonl and TensorBoard always, to the console if `show`."""
+    def log(self, record: dict, show: bool, record_it: bool = True) -> None:
+        """One logged step (or eval) record: to jsonl and TensorBoard (unless not `record_it`), to the console if
+        `show`."""
         if not self.enabled:
+            return
+        if not record_it:
+            if show:
+                self.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
             return
         self.records.append(record)
         self.jsonl.write(json.dumps(record) + "\n")

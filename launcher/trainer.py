@@ -331,7 +331,9 @@ def train(cfg: Config) -> dict:
     elif starting_weights is not None:
         metrics.info(f"initialized from {starting_weights.description}; optimizer, schedule and data start fresh at "
                      f"step 0")
-    if rank == 0:
+    # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
+    last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
+    if rank == 0 and start_step < last_step:  # an invocation with nothing to train leaves the run's record alone
         cfg.dump(run_dir / "config.yaml")
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
@@ -360,12 +362,10 @@ def train(cfg: Config) -> dict:
     losses, throughput, step_flops_per_token = [], [], []
     nonfinite_in_a_row = 0
     eval_record: dict[str, float] = {}
-    # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
-    last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
     if start_step >= last_step:
         metrics.info(f"nothing to train: {run_dir} is already at step {start_step}; raise train.steps "
                      f"(or run.stop_at_step) to continue, or use a new run.dir")
-    stop_signals = catch_stop_signals()  # from here SIGUSR1/SIGTERM stop the run after a step, with a checkpoint
+    stop_signals, usual_handlers = catch_stop_signals()  # from here SIGUSR1/SIGTERM stop the run after a step
     for step in range(start_step + 1, last_step + 1):
         started = time.perf_counter()
         record = steps.train_step(train_loader.micro_batches(train_loader.step))
@@ -415,9 +415,15 @@ def train(cfg: Config) -> dict:
             metrics.close()
             dist.barrier()
             sys.exit(PREEMPTED_EXIT)
+    # After the loop a signal ends the process as usual: a stop request during the final eval, save or sample was
+    # recorded and ignored, and the process ran on to the end.
+    release_stop_signals(usual_handlers)
+    # Recorded at the run's end, or where the loop left the eval to this one; at an early end (run.stop_at_step)
+    # only said: the run that goes on from here has no eval record at this step.
+    recorded = last_step == t.steps or bool(t.eval_every and last_step % t.eval_every == 0)
     if start_step < last_step:
         eval_record = steps.evaluate(valid_loader, t.eval_batches)
-        metrics.log({"step": last_step, **eval_record}, show=True)
+        metrics.log({"step": last_step, **eval_record}, show=True, record_it=recorded)
         if cfg.checkpoint.enabled:
             save(last_step)
     published(checkpointer.wait())
@@ -433,7 +439,7 @@ def train(cfg: Config) -> dict:
             part.eval()
         final_record = spec.data.final_evaluation(data, steps.greedy_tokens)
         if final_record:
-            metrics.log({"step": last_step, **final_record}, show=True)
+            metrics.log({"step": last_step, **final_record}, show=True, record_it=recorded)
         eval_record = {**eval_record, **final_record}
     mean_flops_per_token = sum(step_flops_per_token) / len(step_flops_per_token) if step_flops_per_token \
         else flops_per_token
@@ -526,15 +532,22 @@ def summarize(losses, throughput, eval_record, flops_per_token, peak_flops, worl
             "sample": sample, "lines": lines}
 
 
-def catch_stop_signals() -> list[int]:
+def catch_stop_signals() -> tuple[list[int], dict]:
     """SIGUSR1 (Slurm's warning before a time limit) and SIGTERM (preemption) are only recorded here;
     the training loop checks the record after each step (stop_signal). Until the loop starts they
-    keep their usual effect (SIGTERM ends the process), so a job cancelled while starting ends at once."""
+    keep their usual effect (SIGTERM ends the process), so a job cancelled while starting ends at once.
+    The record, and the handlers to put back when the loop ends (release_stop_signals)."""
     received: list[int] = []
+    usual = {}
     if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
         for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, lambda signum, _frame: received.append(signum))
-    return received
+            usual[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return received, usual
+
+
+def release_stop_signals(usual: dict) -> None:
+    for sig, handler in usual.items():
+        signal.signal(sig, handler)
 
 
 def all_finite(*values: float) -> bool:

@@ -72,11 +72,38 @@ def error_line(code: int, output: str, *fragments: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory, data_cache) -> dict[int, float]:
-    """The losses of an uninterrupted six-step run."""
+def reference_run(tmp_path_factory, data_cache) -> Path:
+    """An uninterrupted six-step run."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN)))
-    return losses_of(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference_losses(reference_run) -> dict[int, float]:
+    return losses_of(reference_run)
+
+
+def records_without_timing(run_dir: Path) -> list[dict]:
+    timing = ("tokens_per_s", "tflops", "mfu", "mem_peak_gib")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_stopped_early_and_resumed_records_what_the_uninterrupted_run_does(tmp_path, data_cache, base_run,
+                                                                                   reference_run):
+    """run.stop_at_step=4 then a resume: the same metrics.jsonl records as the uninterrupted run (the early end's
+    eval is said, not recorded, as the going run has none at step 4); an invocation with nothing left to train
+    leaves the run's config.yaml as it was. After the loop a stop signal has its usual effect again (a SIGTERM during
+    the final eval, save or sample was recorded and ignored)."""
+    run_dir = copy_of(base_run, tmp_path)
+    usual = signal.getsignal(signal.SIGTERM)
+    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN)))
+    assert signal.getsignal(signal.SIGTERM) is usual
+    assert records_without_timing(run_dir) == records_without_timing(reference_run)
+    recorded = (run_dir / "config.yaml").read_text()
+    train(load_config(TINY, tiny_overrides(run_dir, data_cache, *RUN[1:], "train.steps=4")))  # nothing to train
+    assert (run_dir / "config.yaml").read_text() == recorded
 
 
 @pytest.fixture(scope="module")

@@ -336,6 +336,19 @@ def test_train_sizes_must_be_positive(key):
     (("train.eval_every=-2",), "train.eval_every=-2 must be >= 0"),
     (("train.warmup_steps=-1",), "train.warmup_steps=-1 must be >= 0"),  # would shift the cosine
     (("train.seed=-1",), "train.seed=-1 must be >= 0"),  # numpy's generators take no negative seed
+    # torch's AdamW raised these mid-start (a traceback), or the run went on silently (negative lr: ascent)
+    (("train.lr=-1",), "train.lr=-1.0 must be >= 0"),
+    (("train.lr=.nan",), "train.lr=nan must be >= 0"),
+    (("train.beta1=1.5",), "train.beta1=1.5 must be in [0, 1)"),
+    (("train.weight_decay=-1",), "train.weight_decay=-1.0 must be >= 0"),
+    (("train.grad_clip=-1",), "train.grad_clip=-1.0 must be >= 0"),
+    (("train.min_lr_ratio=-1",), "train.min_lr_ratio=-1.0 must be in [0, 1]"),
+    (("train.decay_fraction=2",), "train.decay_fraction=2.0 must be in [0, 1]"),
+    (("train.sample_tokens=-1",), "train.sample_tokens=-1 must be >= 0"),
+    (("run.timeout_s=99999999999999",), "run.timeout_s=99999999999999 must be in [1, 1e+09]"),  # overflowed timedelta
+    (("run.peak_flops=.inf",), "run.peak_flops=inf must be in [0, inf)"),
+    (("run.dir=",), "run.dir is empty"),  # wrote into the current directory
+    (("run.stop_at_step=2", "checkpoint.enabled=false"), "run.stop_at_step=2 with checkpoint.enabled=false"),
 ])
 def test_eval_warmup_and_seed_ranges(overrides, message):
     """eval_batches 0 crashed the run's last line; a negative warmup shifted the schedule; a negative seed crashed
