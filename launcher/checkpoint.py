@@ -159,11 +159,14 @@ class OptimizerState(Stateful):
                 raise RuntimeError(f"the optimizer state holds no param-group options for {fqn} (group "
                                    f"{current['name']!r}); it holds them {held}")
             for option, value in current.items():  # an option the saved state lacks (its name) keeps its value
-                flat[f"{_GROUP_PREFIX}{fqn}.{option}"] = saved.get(option, value)
+                flat[f"{_GROUP_PREFIX}{fqn}.{option}"] = value if option in CONFIG_OPTIONS else saved.get(option, value)
         for part, opt in self.pairs:
             set_optimizer_state_dict(part, opt, flat, options=self._OPTIONS)
 
 
+# Param-group options the run's config sets (train.weight_decay, beta1, beta2): a resume applies the config's values,
+# as its config.yaml records them. The learning rate is the schedule's (launcher/optim.py: _ScheduleState).
+CONFIG_OPTIONS = ("weight_decay", "betas")
 _GROUP_PREFIX = "param_groups."  # torch's flattened form: param_groups.<parameter>.<option>
 _OPTIONS_PREFIX = "param_group_options."  # ours: param_group_options.<group name>.<option>
 

@@ -141,3 +141,7 @@ class _ScheduleState:
             scheduler.last_epoch, scheduler._step_count = state["last_epoch"], state["_step_count"]
             scheduler._last_lr = [base * factor(scheduler.last_epoch)
                                   for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            # Loaded after the optimizer (training_state's order), whose groups hold the saved run's lr: the next
+            # update takes this run's schedule (a changed train.lr, steps or warmup), as the step record says.
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler._last_lr):
+                group["lr"] = lr

@@ -23,11 +23,11 @@ class Stage(nn.Module):
         return next(iter(self.layers.values()))(x)
 
 
-def run(lr: float = 1e-2, steps: int = 3):
+def run(lr: float = 1e-2, steps: int = 3, **train):
     """Two parts (as two pipeline stages) with their AdamWs after `steps` scheduled steps (0: untrained)."""
     torch.manual_seed(0)
     parts = [Stage("first", 8, 16), Stage("second", 16, 4)]
-    t = TrainSection(steps=10, warmup_steps=2, lr=lr, weight_decay=0.1)
+    t = TrainSection(**{"steps": 10, "warmup_steps": 2, "lr": lr, "weight_decay": 0.1, **train})
     optimizers = [build_optimizer(part, t) for part in parts]
     schedulers = [build_scheduler(opt, t) for opt in optimizers]
     for _ in range(steps):
@@ -77,6 +77,36 @@ def test_options_are_saved_once_per_group_name_and_load_onto_every_parameter():
     assert decayed and all(g["lr"] == saved["param_group_options.decayed.lr"] for g in decayed)
     with pytest.raises(AssertionError):
         assert_same_optimizers(new_optimizers, optimizers)
+
+
+def test_a_resume_applies_the_configs_weight_decay_and_betas_and_keeps_the_rest():
+    """train.weight_decay / beta1 / beta2 changed for a resume are applied (config.yaml records them); options the
+    config does not set come from the checkpoint (control: a changed saved eps is what the groups get)."""
+    saved = OptimizerState(*run()).state_dict()
+    saved["param_group_options.decayed.eps"] = 1e-6
+    new_parts, new_optimizers = run(steps=0, weight_decay=0.5, beta1=0.5, beta2=0.6)
+    OptimizerState(new_parts, new_optimizers).load_state_dict(saved)
+    groups = [g for opt in new_optimizers for g in opt.param_groups]
+    assert {(g["name"], g["weight_decay"], g["betas"]) for g in groups} == {("decayed", 0.5, (0.5, 0.6)),
+                                                                             ("not_decayed", 0.0, (0.5, 0.6))}
+    assert {g["name"]: g["eps"] for g in groups} == {"decayed": 1e-6, "not_decayed": 1e-8}
+
+
+def test_a_resumed_schedule_applies_the_lr_it_reports():
+    """The schedule loads after the optimizer, whose groups hold the saved run's lr: with a changed schedule (here
+    train.steps) the next update uses the new schedule's lr, the one the step record logs."""
+    from launcher.optim import Optimizers
+
+    parts, _ = run(steps=0)
+    old = Optimizers(parts, TrainSection(steps=10, warmup_steps=2, lr=1e-2))
+    for _ in range(3):
+        old.step()
+    state = OptimizerState(parts, old.optimizers).state_dict()
+    new = Optimizers(parts, TrainSection(steps=100, warmup_steps=2, lr=1e-2))
+    OptimizerState(parts, new.optimizers).load_state_dict(state)
+    new.schedule_state.load_state_dict(old.schedule_state.state_dict())
+    applied = {g["lr"] for opt in new.optimizers for g in opt.param_groups}
+    assert applied == {new.lr} and new.lr != old.lr
 
 
 def test_state_saved_with_per_parameter_options_still_loads():
