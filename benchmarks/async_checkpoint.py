@@ -79,8 +79,8 @@ def run_mode(args) -> dict:
         launcher.metrics.MetricsWriter.log, launcher.checkpoint.Checkpointer.save,
         launcher.checkpoint.Checkpointer._publish, launcher.checkpoint.Checkpointer.wait)
 
-    def log(writer, record, show):
-        real_log(writer, record, show)
+    def log(writer, record, show, **options):
+        real_log(writer, record, show, **options)
         if "loss" in record:
             stamps[record["step"]] = time.perf_counter()
 
