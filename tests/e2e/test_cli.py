@@ -213,10 +213,12 @@ print(code, dist.is_initialized())
 def test_a_refused_run_leaves_no_process_group_to_abort_at_exit(tmp_path, data_cache, entry):
     """The command destroys the process group it made when the run is refused (here: run.dir locked, found after the
     group exists): a process exiting with gloo's threads alive can abort ("terminate called without an active
-    exception", seen once in CI). Negative control: train() itself, which joins or makes a group and leaves it."""
+    exception", seen once in CI). Negative control: train() itself, which joins or makes a group and leaves it: that
+    process is the one exposed to the abort at exit (it hit a CI run once), so only what it printed is asserted."""
     run_dir = tmp_path / "run"
     done = subprocess.run([sys.executable, "-c", ENDS_WITH_GROUP, str(TINY), str(run_dir),
                            *tiny_overrides(run_dir, data_cache), entry], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["2", "False" if entry == "cli" else "True"], done.stdout[-2000:]
+    if entry == "cli":
+        assert done.returncode == 0, done.stderr[-3000:]
