@@ -226,7 +226,7 @@ def checkpoint_meta(cfg: Config, tokenizer: str, dims: ParallelDims) -> dict:
     """meta.json of a run's checkpoints (besides the step): what a resume checks (family, architecture,
     tokenizer) and where the checkpoint came from."""
     return {"family": cfg.model.family, "model": architecture(cfg.model_config()), "tokenizer": tokenizer,
-            "data": asdict(cfg.data), "layout": asdict(dims), "engine": engine_name(cfg)}
+            "data": asdict(cfg.data), "seq_len": cfg.train.seq_len, "layout": asdict(dims), "engine": engine_name(cfg)}
 
 
 def engine_name(cfg: Config) -> str:
@@ -247,6 +247,16 @@ def check_same_engine(saved: dict, cfg: Config, dims: ParallelDims, path: Path) 
         raise UserError(f"{path} holds DeepSpeed's per-rank files of {saved.get('layout', {}).get('world_size')} "
                         f"ranks; resume it on the same number of processes, or start a new run.dir from its weights "
                         f"with checkpoint.init_from={path / SUBDIR}")
+
+
+def check_same_sequence_length(saved: dict, cfg: Config, path: Path) -> None:
+    """Refuse to resume a checkpoint trained on sequences of another length: the data position it holds counts
+    samples of its length, so the resumed run would not see the samples the run would have (checkpoints from before
+    the length was recorded are not checked here; a prepared dataset's loader checks it itself)."""
+    if saved.get("seq_len", cfg.train.seq_len) != cfg.train.seq_len:
+        raise UserError(f"{path} was trained on sequences of {saved['seq_len']} tokens, this run has train.seq_len="
+                        f"{cfg.train.seq_len}, so the resumed run would not see the same samples: set train.seq_len="
+                        f"{saved['seq_len']}, or start a new run.dir from its weights with checkpoint.init_from={path}")
 
 
 def _write_atomically(path: Path, text: str) -> None:

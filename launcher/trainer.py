@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from launcher.checkpoint import (Checkpointer, RNGState, as_rank0_sees, check_complete, check_complete_everywhere,
-                                 check_same_engine, check_same_model, check_same_tokenizer, checkpoint_meta,
-                                 engine_name, training_state)
+                                 check_same_engine, check_same_model, check_same_sequence_length,
+                                 check_same_tokenizer, checkpoint_meta, engine_name, training_state)
 from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.cpu_threads import describe_openmp
@@ -481,6 +481,7 @@ def starting_point(cfg: Config, dims: ParallelDims, check: Callable[[Path], dict
     if resume_from is not None:
         check_same_model(saved["meta"], cfg.model.family, architecture(cfg.model_config()), resume_from)
         check_same_engine(saved["meta"], cfg, dims, resume_from)
+        check_same_sequence_length(saved["meta"], cfg, resume_from)
         if (Path(cfg.run.dir) / "metrics.jsonl").exists():  # damage (other than a torn last line) stops every rank
             read_records(Path(cfg.run.dir) / "metrics.jsonl")
     elif cfg.checkpoint.init_from:  # a resume never re-imports: the run's own checkpoint holds its weights

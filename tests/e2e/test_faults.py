@@ -106,6 +106,16 @@ def test_a_run_stopped_early_and_resumed_records_what_the_uninterrupted_run_does
     assert (run_dir / "config.yaml").read_text() == recorded
 
 
+def test_a_resume_with_another_sequence_length_is_refused(tmp_path, data_cache, base_run, capsys):
+    """The checkpoint's data position counts samples of its sequence length: a resume at another one would train on
+    other samples (the embedded corpus' loader took it silently; a prepared dataset's refused it)."""
+    run_dir = copy_of(base_run, tmp_path)
+    before = tree_digest(run_dir)
+    error_line(*shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache, "train.seq_len=32")),
+               "was trained on sequences of", "train.seq_len=32")
+    assert tree_digest(run_dir) == before
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, data_cache) -> Path:
     """The same run stopped after step 4: checkpoints step-2 and step-4 (each test damages a copy)."""
