@@ -23,6 +23,7 @@ from data.tokenizer import Tokenizer
 # The smallest share of a blend a dataset may have: the blend's blocks hold 1/share samples (data/blend.py).
 MIN_BLEND_SHARE = 1e-6
 
+
 @dataclass
 class BlendEntry:
     path: Path

@@ -48,6 +48,7 @@ def resolve_inputs(patterns: list[str], fmt: str | None = None, output: Path | N
     if not patterns:
         raise DataError("no input files given: pass files, globs (quoted, e.g. 'corpus/*.jsonl') or directories")
     files: list[Path] = []
+    written = output.resolve() if output is not None else None
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         if glob.has_magic(expanded):
@@ -64,8 +65,8 @@ def resolve_inputs(patterns: list[str], fmt: str | None = None, output: Path | N
             matches = [Path(expanded)]
         else:
             raise DataError(f"input {pattern} does not exist")
-        if output is not None:
-            matches = [path for path in matches if output.resolve() not in path.resolve().parents]
+        if written is not None:
+            matches = [path for path in matches if written not in path.resolve().parents]
         for path in matches:
             file_format(path, fmt)  # refuses unknown extensions
             if path not in files:

@@ -412,12 +412,12 @@ class Checkpointer:
         `agree` (as_rank0_sees) gives every rank rank 0's reading of `latest` and of the earlier checkpoints, so
         that all ranks verify the same ones in the same order."""
         check = check or check_complete
-        named, refusal, earlier = agree(self._resume_candidates())
+        named, not_a_checkpoint, earlier = agree(self._resume_candidates())
         if named is None:
             return None, None
         try:
-            if refusal is not None:
-                raise UserError(refusal)
+            if not_a_checkpoint is not None:
+                raise UserError(not_a_checkpoint)
             return self.root / named, check(self.root / named)
         except UserError as refusal:
             if not fallback:

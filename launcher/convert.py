@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from launcher.checkpoint import (Checkpointer, check_complete, check_same_model, check_same_tokenizer,
-                                 checkpoint_meta, find_checkpoint, fsync_path, training_state)
+                                 checkpoint_meta, files_in, find_checkpoint, fsync_path, training_state)
 from launcher.config import Config, load_config
 from launcher.deepspeed_engine import SUBDIR
 from launcher.distributed import World, init_distributed
@@ -446,7 +446,7 @@ def staged(out: Path, directory: bool = True):
     if directory:
         staging.mkdir()
     yield staging
-    files = sorted(path for path in staging.rglob("*") if path.is_file()) if directory else [staging]
+    files = [staging / name for name in files_in(staging)] if directory else [staging]
     mode = 0o666 & ~_umask()
     for path in files:
         path.chmod(mode)
@@ -472,7 +472,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

@@ -17,7 +17,6 @@ Never unpickled: common.pt (a pickle of the non-tensor state), the layers' _extr
 entries (Megatron-LM) are not read; DCP's .metadata is a pickle, read as every checkpoint's is (launcher/safe_dcp.py:
 nothing but DCP's own metadata classes is built).
 """
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -145,10 +144,7 @@ def _read_checkpoint(directory: Path, where: str) -> dcp_metadata.Metadata:
     Megatron's torch_dist format."""
     if not (directory / METADATA_JSON).is_file():
         raise UserError(f"{where}: {directory} has no {METADATA_JSON}; is it a Megatron-Core dist checkpoint?")
-    try:
-        backend = json.loads((directory / METADATA_JSON).read_text()).get("sharded_backend")
-    except (json.JSONDecodeError, AttributeError):
-        raise UserError(f"{where}: {directory / METADATA_JSON} is not Megatron's checkpoint metadata") from None
+    backend = read_json_object(directory / METADATA_JSON, where).get("sharded_backend")
     if backend != "torch_dist":
         raise UserError(f"{where}: {directory} is a Megatron checkpoint of backend {backend!r}; only 'torch_dist' is "
                         f"read (convert it with Megatron's dist_checkpointing first)")

@@ -216,26 +216,20 @@ class MetricsWriter:
         `show`."""
         if not self.enabled:
             return
-        if not record_it:
-            if show:
-                self.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-            return
-        self.records.append(record)
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
         step = record["step"]
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("eval_") else f"train/{key}",
-                                       value, step)
-        if "loss" in record:
-            if self.bar:
-                self.bar.update(step - self.bar.n)
-                self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if show:
-                self.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-        elif show:
+        if record_it:
+            self.records.append(record)
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            if self.tb is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.tb.add_scalar(key.replace("_", "/", 1) if key.startswith("eval_") else f"train/{key}",
+                                           value, step)
+        if "loss" in record and self.bar:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if show:
             self.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
 
     def close(self) -> None:
