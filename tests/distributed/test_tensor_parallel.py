@@ -9,6 +9,7 @@ import pytest
 from tests.distributed.harness import run_world
 from tests.distributed.runs import assert_losses_differ, assert_same_losses, hf_directory, perturbed_lr, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
+from tests.distributed.test_training import recorded_check
 
 THIS = "tests.distributed.test_tensor_parallel"
 RTOL = 1e-5  # module-level parity, fp32
@@ -114,11 +115,11 @@ def tp2_world(runs_dir, data_cache):
     def run(name, run_dir, *overrides):
         return train_check(runs_dir / run_dir, data_cache, *overrides), name
     runs = [
-        run("tp2", "tp2", "parallel.tp=2"),
+        (recorded_check(runs_dir / "tp2", data_cache, "parallel.tp=2"), "tp2_recorded"),
         run("tp2_lr_perturbed", "tp2_lr_perturbed", "parallel.tp=2", perturbed_lr()),
         run("tp2_ac_selective", "tp2_ac_selective", "parallel.tp=2", "train.activation_checkpoint=selective"),
-        run("tp2_no_sp", "tp2_no_sp", "parallel.tp=2", "parallel.sequence_parallel=false",
-            "parallel.loss_parallel=false"),
+        (recorded_check(runs_dir / "tp2_no_sp", data_cache, "parallel.tp=2", "parallel.sequence_parallel=false",
+                        "parallel.loss_parallel=false"), "tp2_no_sp_recorded"),
         run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
@@ -127,8 +128,12 @@ def tp2_world(runs_dir, data_cache):
     ]
     results = iter(r.value() for r in run_world(2, _parity_checks(TP2_CASES + [PERTURBED_CASE]) + [c for c, _ in runs],
                                                 runs_dir / "world2"))
-    return {"parity": [next(results) for _ in TP2_CASES], "perturbed": next(results),
-            "runs": {name: next(results) for _, name in runs}}
+    parity, perturbed = [next(results) for _ in TP2_CASES], next(results)
+    done = {name: next(results) for _, name in runs}
+    for name in ("tp2", "tp2_no_sp"):  # the recorded runs: their losses, and how parallelize left the model
+        record = done.pop(f"{name}_recorded")
+        done[name], done[f"{name}_layout"] = record["losses"], record["layout"]
+    return {"parity": parity, "perturbed": perturbed, "runs": done}
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +205,20 @@ def test_module_parity_negative_control(tp2_world):
 @pytest.mark.parametrize("run", ["tp2", "tp2_no_sp"])
 def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
     assert_same_losses(tp2_world["runs"][run], reference_losses)
+
+
+# How the tiny LLM's parameters are placed after parallelize under tp=2 (test_training.train_recorded's record):
+# rows / columns over tp, the norms' gains replicated over the sequence shards under SP and plain without it.
+TP2_RUN_PLACEMENTS = {"tp2": ["('tp',) (Replicate(),)", "('tp',) (Shard(dim=0),)", "('tp',) (Shard(dim=1),)"],
+                      "tp2_no_sp": ["('tp',) (Shard(dim=0),)", "('tp',) (Shard(dim=1),)", "plain"]}
+
+
+@pytest.mark.parametrize("run", TP2_RUN_PLACEMENTS)
+def test_tp2_runs_are_sharded_over_tp(tp2_world, run):
+    """The runs the run-level parity tests compare were tensor-parallel: a tp=2 run whose model parallelize left
+    whole (each rank training all of it on the same batch) would give the one-process losses too."""
+    (layout,) = tp2_world["runs"][f"{run}_layout"]
+    assert layout == {"placements": TP2_RUN_PLACEMENTS[run], "fsdp_units": 0, "ddp": False}
 
 
 def test_perturbed_run_fails_the_comparison(tp2_world, reference_losses):
