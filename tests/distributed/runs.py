@@ -53,6 +53,25 @@ def pipeline_outputs_kept(run_dir: str, cache: str, overrides: list[str], keep: 
     return {"most_kept": max(kept), "losses": losses}
 
 
+def pipeline_summary(run_dir: str, cache: str, overrides: list[str]) -> dict:
+    """Check body: train_summary of a run under pp, with the class names of the torch schedules that ran its steps
+    (the schedule's name in the config picks one; every other schedule would give the same losses)."""
+    from parallel.pipeline import Pipeline
+
+    real_run, schedules = Pipeline.run, set()
+
+    def run(self, *args, **kwargs):
+        schedules.add(type(self.schedule).__name__)
+        return real_run(self, *args, **kwargs)
+
+    Pipeline.run = run
+    try:
+        summary = train_summary(run_dir, cache, overrides)
+    finally:
+        Pipeline.run = real_run
+    return {**summary, "schedules": sorted(schedules)}
+
+
 def hf_directory(directory: Path, cache: Path, seed: int = 7) -> Path:
     """A Hugging Face directory (fp32) of the tiny LLM of tiny_overrides initialized with `seed` (the runs use
     another, so a run that starts from it shows in its losses), written in this process; returns it."""

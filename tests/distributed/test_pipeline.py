@@ -29,8 +29,9 @@ def runs_dir(tmp_path_factory) -> Path:
 def two(runs_dir, data_cache):
     # Schedules that hold stages differently sample through the pipeline too: one stage per rank, looped, a V.
     sampled = {"1f1b", "interleaved-1f1b", "zbv"}
-    runs = {name: train_check(runs_dir / name, data_cache, *pp(name), MICRO2, *(SAMPLE if name in sampled else ()),
-                              summary=True) for name in SCHEDULES}
+    runs = {name: ("tests.distributed.runs:pipeline_summary",
+                   {"run_dir": str(runs_dir / name), "cache": str(data_cache),
+                    "overrides": [*pp(name), MICRO2, *(SAMPLE if name in sampled else ())]}) for name in SCHEDULES}
     runs["layout"] = train_check(runs_dir / "layout", data_cache, *pp("1f1b"), MICRO2, "parallel.pp_layout=E,L1|L3,H",
                                  summary=True)
     runs["1f1b_lr_perturbed"] = train_check(runs_dir / "1f1b_lr_perturbed", data_cache, *pp("1f1b"), MICRO2,
@@ -76,6 +77,19 @@ def one(runs_dir, data_cache, two):
 @pytest.mark.parametrize("schedule", list(SCHEDULES) + ["layout"])
 def test_every_schedule_matches_one_process(two, reference, schedule):
     assert_same_losses(two[schedule]["losses"], reference["losses"])
+
+
+# The torch schedule class each parallel.pp_schedule must run (torch.distributed.pipelining.schedules).
+SCHEDULE_CLASSES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B",
+                    "zero-bubble": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+                    "dualpipev": "ScheduleDualPipeV"}
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_each_schedule_runs_as_its_own_torch_schedule(two, schedule):
+    """The parity above cannot tell schedules apart (any schedule gives the same losses): each run's steps went
+    through the torch schedule its name stands for."""
+    assert two[schedule]["schedules"] == [SCHEDULE_CLASSES[schedule]]
 
 
 def test_the_last_stage_keeps_no_micro_batch_outputs(two, reference_losses):
