@@ -6,6 +6,7 @@
 - The trainer's first steps equal a plain PyTorch loop written here (same weights, batches and
   optimizer), so a trainer bug that would hit every layout alike cannot hide behind parity.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ def train_toy(run_dir: str, cache: str, overrides: list[str]) -> dict:
 
     register_family("toy", "tests.toy_family")
     summary = train(load_config(TINY, tiny_overrides(Path(run_dir), Path(cache), TOY, "train.steps=5", *overrides)))
-    return {"losses": summary["losses"], "eval": summary["eval"], "sample": summary["sample"]}
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    hook_calls = [r.get("after_backward_calls") for r in records if "loss" in r and "step" in r]
+    return {"losses": summary["losses"], "eval": summary["eval"], "sample": summary["sample"],
+            "after_backward_calls": hook_calls}
 
 
 def toy_check(run_dir: Path, cache: Path, *overrides: str) -> tuple[str, dict]:
@@ -155,6 +159,15 @@ def test_test_only_family_matches_one_process(one, two, layout):
     assert_same_losses(two[layout]["losses"], one["toy"]["losses"])
     assert one["toy"]["eval"].keys() == {"eval_loss", "eval_token_loss"}
     assert_same_eval(two[layout]["eval"], one["toy"]["eval"])
+
+
+@pytest.mark.parametrize("layout", ["one", *TOY_LAYOUTS])
+def test_the_after_backward_hook_runs_every_step_on_every_stage(one, two, layout):
+    """The toy's after_backward hook reports 1 per model part; the trainer sums a hook's metrics over the pipeline
+    stages, so every step's record holds 1 (2 under pp2: both stages). No family of models/ uses this hook: without
+    this test a trainer that never called it passed every test."""
+    run = one["toy"] if layout == "one" else two[layout]
+    assert run["after_backward_calls"] == [2.0 if layout == "pp2" else 1.0] * len(run["losses"])
 
 
 def test_test_only_family_loss_is_its_own(one):
