@@ -1,5 +1,8 @@
 """Training runs as harness checks, the loss comparison every run-level parity test uses, and its
 negative control."""
+import ast
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import TINY, cached_tokenizer, tiny_overrides
@@ -16,14 +19,68 @@ def train_losses(run_dir: str, cache: str, overrides: list[str], config: str = "
 
 def train_summary(run_dir: str, cache: str, overrides: list[str], config: str = "") -> dict:
     """Check body: one training run of `config` (default: the tiny LLM); its per-step losses, final eval loss and
-    final eval record (every eval metric)."""
+    final eval record (every eval metric), and how parallelize left the model (recording_layouts)."""
     from launcher.config import load_config
     from launcher.trainer import train
 
-    summary = train(load_config(Path(config) if config else TINY,
-                                tiny_overrides(Path(run_dir), Path(cache), *overrides)))
+    with recording_layouts() as layouts:
+        summary = train(load_config(Path(config) if config else TINY,
+                                    tiny_overrides(Path(run_dir), Path(cache), *overrides)))
     return {"losses": summary["losses"], "eval_loss": summary["eval_loss"], "eval": summary["eval"],
-            "sample": summary["sample"]}
+            "sample": summary["sample"], "layout": layouts}
+
+
+@contextmanager
+def recording_layouts():
+    """A list that fills, while the context is open, with how the trainer's parallelize left each model part it
+    returned: the set of its parameters' (mesh dims, placements), "plain" for a plain tensor; the number of FSDP
+    units; whether DDP (replicate) holds it. A run-level parity test asserts from it that its run was sharded:
+    a run whose parallelism was skipped gives the one-process losses too."""
+    from torch.distributed._composable.replicate import replicate
+    from torch.distributed.fsdp import FSDPModule
+
+    import launcher.trainer
+    from tests.distributed.sharding import placements
+
+    real_parallelize, layouts = launcher.trainer.parallelize, []
+
+    def parallelize(*args, **kwargs):
+        model = real_parallelize(*args, **kwargs)
+        layouts.append({"placements": sorted({"plain" if where is None else f"{where[0]} {where[1]}"
+                                              for where in placements(model).values()}),
+                        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+                        "ddp": replicate.state(model) is not None})
+        return model
+
+    launcher.trainer.parallelize = parallelize
+    try:
+        yield layouts
+    finally:
+        launcher.trainer.parallelize = real_parallelize
+
+
+def sharded_over(layouts: list[dict]) -> list[set[str]]:
+    """For each model part of recording_layouts' record, the mesh dims some parameter of it is sharded over
+    (a Shard or _StridedShard placement on that dim)."""
+    dims_of_parts = []
+    for layout in layouts:
+        dims = set()
+        for where in layout["placements"]:
+            if where != "plain":
+                names, placements = where.split(") (")
+                for name, placement in zip(ast.literal_eval(names + ")"), re.findall(r"\w+\([^()]*\)", placements)):
+                    if "Shard" in placement:
+                        dims.add(name)
+        dims_of_parts.append(dims)
+    return dims_of_parts
+
+
+def assert_sharded_over(layouts: list[dict], *mesh_dims: str) -> None:
+    """The run parallelized at least one model part, and every part has parameters sharded over each of
+    `mesh_dims`: a run whose parallelism was skipped would give the one-process losses too."""
+    assert layouts, "the run recorded no model part from parallelize"
+    for dims in sharded_over(layouts):
+        assert set(mesh_dims) <= dims, (mesh_dims, layouts)
 
 
 def pipeline_outputs_kept(run_dir: str, cache: str, overrides: list[str], keep: bool = False) -> dict:

@@ -13,7 +13,8 @@ from torch.distributed.tensor import Replicate, Shard
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import (SAMPLE, assert_losses_differ, assert_same_losses, assert_sharded_over, perturbed_lr,
+                                    train_check)
 from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_deltanet"
@@ -371,6 +372,10 @@ def test_hybrid_stack_on_the_wrong_layout_negative_control(four):
 @pytest.mark.parametrize("run", ["dp2", "tp2", "cp2", "pp2"])
 def test_tiny_run_matches_one_process(two, one, run):
     assert_same_losses(two["runs"][run]["losses"], one["tiny"]["losses"])
+
+
+def test_tp2_run_is_sharded_over_tp(two):
+    assert_sharded_over(two["runs"]["tp2"]["layout"], "tp")
 
 
 @pytest.mark.parametrize("run", ["cp2", "pp2"])

@@ -17,7 +17,8 @@ from torch.distributed.tensor import Shard
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
 from tests.distributed.hf_export import export_and_check
-from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import (SAMPLE, assert_losses_differ, assert_same_losses, assert_sharded_over, perturbed_lr,
+                                    train_check)
 
 THIS = "tests.distributed.test_expert_parallel"
 MOE_TINY = REPO / "configs" / "moe" / "tiny.yaml"
@@ -179,7 +180,7 @@ def world4(tmp_path_factory, data_cache, one_process):
     checks = {"round_trip": (f"{THIS}:round_trip", {}),
               **{f"layer_{name}": (f"{THIS}:layer_parity", kwargs) for name, kwargs in LAYER_CASES.items()},
               "layer_tp2_perturbed": (f"{THIS}:layer_parity", {"tp": 2, "perturb": True}),
-              "ep2tp2": train_check(workdir / "ep2tp2", data_cache, *EP2_TP2, config=MOE_TINY),
+              "ep2tp2": train_check(workdir / "ep2tp2", data_cache, *EP2_TP2, config=MOE_TINY, summary=True),
               "pp2ep2": train_check(workdir / "pp2ep2", data_cache, "parallel.pp=2", "parallel.ep=2",
                                     "parallel.dp_shard=2", "train.micro_batch_size=2", config=MOE_TINY),
               # The other two Hugging Face forms, trained under ep2 x tp2 to be exported (see HF_FORMS).
@@ -264,7 +265,8 @@ def test_perturbed_run_fails_the_comparison(world2, references):
 def test_tiny_moe_ep2_tp2_matches_one_process(world4, references):
     """Experts over ep and their hidden units over tp: the tiny config (softmax router) and the DeepSeek-style one
     (sigmoid router, a shared expert split over tp, bias updates)."""
-    assert_same_losses(world4["ep2tp2"].value(), references[0].value())
+    assert_same_losses(world4["ep2tp2"].value()["losses"], references[0].value())
+    assert_sharded_over(world4["ep2tp2"].value()["layout"], "ep", "tp")
     assert_same_losses(world4["ep2tp2_glm4"].value(), references[1].value())
 
 

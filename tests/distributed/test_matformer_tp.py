@@ -22,7 +22,7 @@ from launcher.errors import UserError
 from launcher.safe_dcp import load as safe_load
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_same_losses, train_check
+from tests.distributed.runs import assert_same_losses, assert_sharded_over, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
 
 THIS = "tests.distributed.test_matformer_tp"
@@ -142,8 +142,8 @@ def tp_checks() -> list:
     return [(f"{THIS}:tp_parity", kwargs) for kwargs in TP_CASES.values()]
 
 
-def run(runs_dir: Path, cache: Path, name: str, *overrides: str) -> tuple[str, dict]:
-    return train_check(runs_dir / name, cache, *SMALL, *overrides, config=TINY)
+def run(runs_dir: Path, cache: Path, name: str, *overrides: str, summary: bool = False) -> tuple[str, dict]:
+    return train_check(runs_dir / name, cache, *SMALL, *overrides, config=TINY, summary=summary)
 
 
 SAMPLED = "model.mode=sampled"
@@ -168,11 +168,13 @@ TP2 = ("parallel.tp=2", "parallel.dp_shard=1")
 RUNS2 = {"joint": [*TP2], "sampled": [*TP2, SAMPLED], "stop_for_tp1": [*TP2, STOP], "stop_for_tp4": [*TP2, STOP],
          "resumed_tp1": ["parallel.tp=1", "parallel.dp_shard=2", "train.micro_batch_size=4"]}
 RUN_DIRS = {"resumed_tp1": "stop_for_tp1"}  # a resume reruns the stopped run's directory
+SHARDING_RECORDED = ("joint", "sampled")  # their summaries: losses and how parallelize placed the model
 
 
 @pytest.fixture(scope="module")
 def two(runs_dir, data_cache, one) -> dict:
-    checks = tp_checks() + [run(runs_dir, data_cache, RUN_DIRS.get(name, name), *o) for name, o in RUNS2.items()]
+    checks = tp_checks() + [run(runs_dir, data_cache, RUN_DIRS.get(name, name), *o, summary=name in SHARDING_RECORDED)
+                            for name, o in RUNS2.items()]
     results = run_world(2, checks, runs_dir / "world2")
     runs = {name: r.value() for name, r in zip(RUNS2, results[len(TP_CASES):])}
     return {"tp": dict(zip(TP_CASES, results)), "runs": runs}
@@ -231,7 +233,8 @@ def test_contiguous_split_fails_the_comparison(two, four, tp):
 
 @pytest.mark.parametrize("mode", ["joint", "sampled"])
 def test_tiny_run_tp2_matches_one_process(two, one, mode):
-    assert_same_losses(two["runs"][mode], one[mode])
+    assert_same_losses(two["runs"][mode]["losses"], one[mode])
+    assert_sharded_over(two["runs"][mode]["layout"], "tp")
 
 
 def test_tiny_run_tp2_dp2_matches_one_process(four, one):

@@ -9,7 +9,6 @@ import pytest
 from tests.distributed.harness import run_world
 from tests.distributed.runs import assert_losses_differ, assert_same_losses, hf_directory, perturbed_lr, train_check
 from tests.distributed.sharding import assert_placed, llm_plan
-from tests.distributed.test_training import recorded_check
 
 THIS = "tests.distributed.test_tensor_parallel"
 RTOL = 1e-5  # module-level parity, fp32
@@ -115,11 +114,11 @@ def tp2_world(runs_dir, data_cache):
     def run(name, run_dir, *overrides):
         return train_check(runs_dir / run_dir, data_cache, *overrides), name
     runs = [
-        (recorded_check(runs_dir / "tp2", data_cache, "parallel.tp=2"), "tp2_recorded"),
+        (train_check(runs_dir / "tp2", data_cache, "parallel.tp=2", summary=True), "tp2_recorded"),
         run("tp2_lr_perturbed", "tp2_lr_perturbed", "parallel.tp=2", perturbed_lr()),
         run("tp2_ac_selective", "tp2_ac_selective", "parallel.tp=2", "train.activation_checkpoint=selective"),
-        (recorded_check(runs_dir / "tp2_no_sp", data_cache, "parallel.tp=2", "parallel.sequence_parallel=false",
-                        "parallel.loss_parallel=false"), "tp2_no_sp_recorded"),
+        (train_check(runs_dir / "tp2_no_sp", data_cache, "parallel.tp=2", "parallel.sequence_parallel=false",
+                     "parallel.loss_parallel=false", summary=True), "tp2_no_sp_recorded"),
         run("tp2_mqa", "tp2_mqa", "parallel.tp=2", MQA),
         run("tp2_stop", "tp2_to_tp1", "parallel.tp=2", STOP),
         run("tp2_stop_for_4", "tp2_to_tp2dp2", "parallel.tp=2", STOP),
@@ -207,7 +206,7 @@ def test_tp2_run_matches_one_process(tp2_world, reference_losses, run):
     assert_same_losses(tp2_world["runs"][run], reference_losses)
 
 
-# How the tiny LLM's parameters are placed after parallelize under tp=2 (test_training.train_recorded's record):
+# How the tiny LLM's parameters are placed after parallelize under tp=2 (runs.recording_layouts' record):
 # rows / columns over tp, the norms' gains replicated over the sequence shards under SP and plain without it.
 TP2_RUN_PLACEMENTS = {"tp2": ["('tp',) (Replicate(),)", "('tp',) (Shard(dim=0),)", "('tp',) (Shard(dim=1),)"],
                       "tp2_no_sp": ["('tp',) (Shard(dim=0),)", "('tp',) (Shard(dim=1),)", "plain"]}

@@ -11,7 +11,8 @@ from torch.distributed.tensor import Replicate, Shard
 
 from tests.conftest import REPO
 from tests.distributed.harness import run_world
-from tests.distributed.runs import SAMPLE, assert_losses_differ, assert_same_losses, perturbed_lr, train_check
+from tests.distributed.runs import (SAMPLE, assert_losses_differ, assert_same_losses, assert_sharded_over, perturbed_lr,
+                                    train_check)
 from tests.distributed.sharding import assert_placed
 
 THIS = "tests.distributed.test_tokenformer"
@@ -180,6 +181,10 @@ def test_rank_local_norm_negative_control(two, four, tp):
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "cp2"])
 def test_tiny_run_matches_one_process(two, one, layout):
     assert_same_losses(two["runs"][layout]["losses"], one["tied"]["losses"])
+
+
+def test_tp2_run_is_sharded_over_tp(two):
+    assert_sharded_over(two["runs"]["tp2"]["layout"], "tp")
 
 
 def test_tiny_run_tp2_dp2_with_activation_checkpointing_matches_one_process(four, one):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check, train_losses
+from tests.distributed.runs import (assert_losses_differ, assert_same_losses, perturbed_lr, recording_layouts, train_check,
+                                    train_losses)
 
 
 def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
@@ -48,41 +49,28 @@ def bf16_control_lr() -> str:
 
 def train_recorded(run_dir: str, cache: str, overrides: list[str], without_data_parallel: bool = False) -> dict:
     """Check body: train_losses; the dtypes of what F.linear (every nn.Linear) computed during the run; and how
-    data parallelism wrapped the model parallelize returned: each parameter's (mesh dims, placements) or "plain",
-    the number of FSDP units, and whether DDP (replicate) holds it. `without_data_parallel`: parallelize skips data
+    parallelize left the model (runs.recording_layouts). `without_data_parallel`: parallelize skips data
     parallelism (FSDP, DDP), a run whose layout the check must reject."""
     import torch.nn.functional as F
-    from torch.distributed._composable.replicate import replicate
-    from torch.distributed.fsdp import FSDPModule
 
-    import launcher.trainer
     import parallel.parallelize
-    from tests.distributed.sharding import placements
 
     real_data_parallel = parallel.parallelize.apply_data_parallel
     if without_data_parallel:
         parallel.parallelize.apply_data_parallel = lambda model, *args, **kwargs: model
-
-    real_linear, real_parallelize, dtypes, layouts = F.linear, launcher.trainer.parallelize, set(), []
+    real_linear, dtypes = F.linear, set()
 
     def linear(*args, **kwargs):
         out = real_linear(*args, **kwargs)
         dtypes.add(str(out.dtype))
         return out
 
-    def parallelize(*args, **kwargs):
-        model = real_parallelize(*args, **kwargs)
-        layouts.append({"placements": sorted({"plain" if where is None else f"{where[0]} {where[1]}"
-                                              for where in placements(model).values()}),
-                        "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
-                        "ddp": replicate.state(model) is not None})
-        return model
-
-    F.linear, launcher.trainer.parallelize = linear, parallelize
+    F.linear = linear
     try:
-        losses = train_losses(run_dir, cache, overrides)
+        with recording_layouts() as layouts:
+            losses = train_losses(run_dir, cache, overrides)
     finally:
-        F.linear, launcher.trainer.parallelize = real_linear, real_parallelize
+        F.linear = real_linear
         parallel.parallelize.apply_data_parallel = real_data_parallel
     return {"losses": losses, "linear_dtypes": sorted(dtypes), "layout": layouts}
 
