@@ -6,13 +6,18 @@ once context parallelism splits the sequence.
 import torch
 
 
+def inverse_frequencies(rotary_dim: int, theta: float, dtype: torch.dtype = torch.float32,
+                        device: torch.device | None = None) -> torch.Tensor:
+    """The rotation speed of each pair of rotated dims, [rotary_dim // 2]: theta ** (-2i / rotary_dim)."""
+    return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=dtype) / rotary_dim)
+
+
 def rope_angles(positions: torch.Tensor, rotary_dim: int, theta: float,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape [..., T, rotary_dim // 2] for integer positions [..., T], in `dtype`
     (at least fp32: angles of long positions lose their precision in bf16)."""
     dtype = torch.promote_types(dtype, torch.float32)
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=dtype) / rotary_dim)
-    angles = positions.to(dtype).unsqueeze(-1) * inv_freq
+    angles = positions.to(dtype).unsqueeze(-1) * inverse_frequencies(rotary_dim, theta, dtype, positions.device)
     return angles.cos(), angles.sin()
 
 

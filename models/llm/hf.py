@@ -10,6 +10,7 @@ import re
 
 import torch
 
+from models.common.rope import inverse_frequencies
 from models.llm.model import LLMConfig
 from models.spec import architecture
 
@@ -29,6 +30,9 @@ _TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight
               "output.weight": "lm_head.weight"}
 NATIVE_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Each attention layer's RoPE inverse frequencies, a buffer that exports of transformers < 4.31 saved (old Llama
+# checkpoints hold them); derived from config.json, so transformers ignores them on load.
+HF_INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _HF_LAYER_NAMES = {hf: native for native, hf in _LAYER_NAMES.items()}
 _HF_TOP_NAMES = {hf: native for native, hf in _TOP_NAMES.items()}
 
@@ -83,6 +87,31 @@ def rename(name: str, layer_pattern: re.Pattern, layer_format: str, layer_names:
     raise ValueError(f"tensor {name} has no counterpart in {target}")
 
 
+def check_inverse_frequencies(name: str, tensor: torch.Tensor, cfg: LLMConfig) -> None:
+    """ValueError naming `name` unless the saved RoPE buffer holds the inverse frequencies of the run's RoPE, which
+    config_problems has made config.json's (default RoPE, rope_theta = model.rope_theta, rotary_dim of each head's
+    dims). Values are compared as rounded to the buffer's dtype (old exports saved it in fp16 or bf16), within a few
+    of its ulps (computed elsewhere, e.g. on a GPU); a meta tensor (an import mapping shapes only) passes on its
+    shape, its values are checked when read. A checkpoint trained with another RoPE than its config.json says
+    (another theta, a scaling) differs by far more."""
+    ours = f"config.json's RoPE (rope_theta={cfg.rope_theta:g}, default, over {cfg.rotary_dim} dims of each head)"
+    expected = inverse_frequencies(cfg.rotary_dim, cfg.rope_theta)
+    if tuple(tensor.shape) != tuple(expected.shape) or not tensor.dtype.is_floating_point:
+        raise ValueError(f"tensor {name} is {tensor.dtype} of shape {list(tensor.shape)}, but {ours} has "
+                         f"{expected.numel()} inverse frequencies: the checkpoint does not match its config.json")
+    if tensor.is_meta:
+        return
+    finfo = torch.finfo(tensor.dtype)
+    saved, expected = tensor.float(), expected.to(tensor.dtype).float()
+    wrong = ((saved - expected).abs() > 4 * finfo.eps * expected.abs() + finfo.smallest_normal * finfo.eps).nonzero()
+    if len(wrong):
+        i = int(wrong[0, 0])
+        raise ValueError(f"tensor {name} holds other RoPE inverse frequencies than {ours}: element {i} is "
+                         f"{saved[i].item():.6g} where it gives {expected[i].item():.6g}, so the checkpoint was "
+                         f"trained with another RoPE than its config.json says; correct config.json's rope_theta / "
+                         f"rope_scaling to the RoPE it was trained with")
+
+
 def interleaved_to_half_rotation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of wq/wk for interleaved-pair RoPE -> rows for HF's rotate_half RoPE, within each head."""
     rows, cols = weight.shape
@@ -110,6 +139,9 @@ class LlamaAdapter:
     def to_native(self, state_dict: dict[str, torch.Tensor], model_cfg: LLMConfig) -> dict[str, torch.Tensor]:
         native = {}
         for name, tensor in state_dict.items():
+            if HF_INV_FREQ.fullmatch(name):
+                check_inverse_frequencies(name, tensor, model_cfg)
+                continue  # derived from config.json: no parameter of the model
             native_name = rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
             native[native_name] = rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:

@@ -5,6 +5,7 @@ line. Tiny models, fp32, one process (train() runs in the test process)."""
 import dataclasses
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from launcher.checkpoint import Checkpointer, ModelState
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config
 from launcher.convert import convert
+from launcher.errors import UserError
+from launcher.init_from import open_starting_weights
 from launcher.trainer import train
 from models import get_model_spec
 from models.llm.hf import LlamaAdapter
@@ -132,6 +135,55 @@ def test_hf_model_loads_natively_with_its_logits_and_round_trips_bit_identically
     back = adapter.from_native(native, model_cfg)
     assert back.keys() == hf_weights.keys()
     assert all(torch.equal(back[name], hf_weights[name]) for name in back)
+
+
+def imported(directory: Path, model_cfg) -> dict[str, torch.Tensor]:
+    """The parameters checkpoint.init_from's reader fills from `directory` (into a model of another seed)."""
+    weights = open_starting_weights(directory, get_model_spec("llm"), model_cfg)
+    with torch.device("meta"):
+        model = get_model_spec("llm").model_cls(model_cfg)
+    materialize(model, torch.device("cpu"), seed=1234)
+    weights.load([model])
+    return model.state_dict()
+
+
+def with_inv_freq(source: Path, directory: Path, inv_freq: torch.Tensor, n_layers: int) -> Path:
+    """A copy of the HF directory `source` whose weights also hold each layer's rotary_emb.inv_freq, as exports of
+    transformers < 4.31 saved them."""
+    tensors = load_file(source / "model.safetensors")
+    tensors |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for i in range(n_layers)}
+    shutil.copytree(source, directory)
+    safetensors.torch.save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_saved_rope_inverse_frequencies_are_checked_and_dropped(tmp_path, dtype):
+    """A checkpoint holding each layer's RoPE inv_freq buffer (saved by old exports, in fp16 by a model cast to it,
+    transformers' own values here) imports to the same model as without them; one that holds another RoPE's (a
+    checkpoint trained with another rope_theta than its config.json says) is refused naming the tensor, one of
+    another size before anything is read."""
+    model_cfg = dataclasses.replace(get_model_spec("llm").config_cls(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    vocab_size=TEST_VOCAB, norm_eps=1e-6, rope_theta=5e5)
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**LlamaAdapter().export_config(model_cfg, 64)), dtype=torch.float32)
+    hf_model.save_pretrained(tmp_path / "plain")
+    inv_freq = hf_model.model.rotary_emb.inv_freq.to(dtype)
+    expected = imported(tmp_path / "plain", model_cfg)
+    old = with_inv_freq(tmp_path / "plain", tmp_path / "old", inv_freq, model_cfg.n_layers)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in imported(old, model_cfg).items())
+
+    other_theta = transformers.AutoConfig.for_model(**LlamaAdapter().export_config(
+        dataclasses.replace(model_cfg, rope_theta=1e4), 64))
+    wrong = transformers.AutoModelForCausalLM.from_config(other_theta).model.rotary_emb.inv_freq.to(dtype)
+    wrong = with_inv_freq(tmp_path / "plain", tmp_path / "wrong", wrong, model_cfg.n_layers)
+    with pytest.raises(UserError, match=r"tensor model\.layers\.0\.self_attn\.rotary_emb\.inv_freq holds other RoPE "
+                                        r"inverse frequencies than config.json's RoPE \(rope_theta=500000, .*element 1 "):
+        imported(wrong, model_cfg)
+    shorter = with_inv_freq(tmp_path / "plain", tmp_path / "shorter", inv_freq[:-1], model_cfg.n_layers)
+    with pytest.raises(UserError, match=r"rotary_emb\.inv_freq is torch.float\d+ of shape \[7\], but .* has 8 "):
+        open_starting_weights(shorter, get_model_spec("llm"), model_cfg)
 
 
 def test_a_config_field_llama_cannot_express_is_named():

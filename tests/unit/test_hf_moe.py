@@ -211,3 +211,29 @@ def test_an_import_checks_values_the_shapes_cannot_show(tmp_path, tokenizer_mode
         weights.load([model])
     with pytest.raises(UserError, match="num_experts=8 but the run has 4: set model.n_experts"):
         open_starting_weights(directory, get_model_spec("moe"), dataclasses.replace(cfg, n_experts=4))
+
+
+def test_saved_rope_inverse_frequencies_import_as_without_them(tmp_path, tokenizer_model):
+    """Each layer's RoPE inv_freq buffer (old exports saved it; transformers' values here) goes the Llama import's
+    way (models/llm/hf.py): checked and dropped, the same parameters bit for bit; halved (a linear RoPE scaling the
+    config.json does not state) it is refused when read."""
+    cfg = moe_config()
+    source = random_model(cfg)
+    directory = export(source, cfg, tmp_path / "hf", tokenizer_model)
+    hf_config = transformers.AutoConfig.for_model(**MoEAdapter().export_config(cfg, 64))
+    inv_freq = transformers.AutoModelForCausalLM.from_config(hf_config).model.rotary_emb.inv_freq
+    tensors = load_file(directory / "model.safetensors")
+    for scale in (1, 0.5):
+        save_file(tensors | {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq * scale
+                             for i in range(cfg.n_layers)}, directory / "model.safetensors", metadata={"format": "pt"})
+        weights = open_starting_weights(directory, get_model_spec("moe"), cfg)
+        with torch.device("meta"):
+            model = get_model_spec("moe").model_cls(cfg)
+        materialize(model, torch.device("cpu"), seed=1234)
+        if scale == 1:
+            weights.load([model])
+            expected = source.state_dict()
+            assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+        else:
+            with pytest.raises(UserError, match=r"inv_freq holds other RoPE inverse frequencies .* element 0 is 0\.5 "):
+                weights.load([model])
