@@ -233,6 +233,14 @@ class BlendedSamples:
             samples[where] = Permutation(self.components[d].num_samples, (self.seed, d, epoch))(within[where])
         return [(self.components[d], int(i)) for d, i in zip(datasets.tolist(), samples.tolist())]
 
+    def distinct_prefix(self, limit: int) -> int:
+        """How many of the first `limit` global positions draw samples no earlier position draws: up to the first
+        draw past a dataset's first epoch (a dataset's draws come in the order of the positions)."""
+        positions = np.arange(min(limit, self.num_samples), dtype=np.int64)
+        datasets, draws = self.schedule.lookup(positions)
+        repeats = np.flatnonzero(draws >= np.array([c.num_samples for c in self.components], dtype=np.int64)[datasets])
+        return int(repeats[0]) if len(repeats) else len(positions)
+
     def dataset_of(self, positions: np.ndarray) -> np.ndarray:
         """Which component each global position draws from (for tests and statistics)."""
         return self.schedule.lookup(positions)[0]
@@ -244,6 +252,9 @@ class BlendedLoader(GlobalBatchLoader):
 
     def _locate(self, positions: np.ndarray) -> list[tuple]:
         return self.samples.locate(positions)
+
+    def distinct_samples(self, limit: int) -> int:
+        return self.samples.distinct_prefix(limit)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "data": self.samples.fingerprint}

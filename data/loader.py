@@ -141,6 +141,12 @@ class GlobalBatchLoader:
         first = step * self.global_batch_size + self.dp_rank * rows_per_rank
         return self._locate(np.arange(first, first + rows_per_rank, dtype=np.int64))
 
+    def distinct_samples(self, limit: int) -> int:
+        """How many of the first `limit` global positions (the rows of steps 0, 1, ... in order) hold a sample no
+        earlier position holds: an evaluation over them reads no sample twice. The first epoch visits every sample
+        once."""
+        return min(limit, self.samples.num_samples)
+
     def next(self) -> list[dict[str, torch.Tensor]]:
         batches = self.micro_batches(self.step)
         self.step += 1
@@ -186,6 +192,9 @@ class LoaderWrapper:
     @step.setter
     def step(self, value: int) -> None:
         self.loader.step = value
+
+    def distinct_samples(self, limit: int) -> int:
+        return self.loader.distinct_samples(limit)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()

@@ -37,7 +37,10 @@ class DataSpec:
     keys: dict[str, BatchKey]
     # build_loaders(data_cfg, seq_len, global_batch_size, micro_batch_size, dp_rank, dp_size, seed, log)
     #   -> (data, train_loader, valid_loader): `data.tokenizer` encodes and decodes text; a loader serves
-    #   `micro_batches(step) -> list[dict]` (keys as above), has a `step` counter and is Stateful.
+    #   `micro_batches(step) -> list[dict]` (keys as above), has a `step` counter and is Stateful; the valid
+    #   loader's `distinct_samples(limit)` says how many of its first `limit` rows (steps 0, 1, ... in order) hold
+    #   a sample no earlier row holds (the trainer evaluates on whole global batches of those). GlobalBatchLoader
+    #   (data/loader.py) and LoaderWrapper have all of it.
     build_loaders: Callable[..., tuple]
     # The model inputs for greedy sampling from token ids [1, T] (keys of `keys` minus the loss's); the
     # model's output must then be logits [1, T, vocab]. None: the family does not sample.

@@ -143,6 +143,20 @@ def test_each_epoch_of_a_dataset_visits_all_its_samples_once(root):
     assert first != second  # each epoch is shuffled anew
 
 
+@pytest.mark.parametrize("weights", [(0.6, 0.3, 0.1), (0.1, 0.1, 0.8)])
+def test_a_blends_distinct_samples_end_before_its_first_repeat(root, weights):
+    """distinct_samples (how many valid rows an eval may read): the valid blend's positions before it hold no
+    sample twice and the one at it repeats one of them, from whichever dataset its weights exhaust first; a limit
+    below it is kept, and every dp rank's loader says the same."""
+    valid = [build_loaders(blend_cfg(root, weights), SEQ_LEN, 8, 4, rank, 2, 7, log=lambda line: None)[2]
+             for rank in range(2)]
+    n = valid[0].distinct_samples(10**6)
+    located = [(id(component), i) for component, i in valid[0].samples.locate(np.arange(n + 1))]
+    assert len(set(located[:n])) == n and located[n] in located[:n]
+    assert 0 < n < valid[0].samples.num_samples  # a dataset runs out before the blend's samples do
+    assert valid[1].distinct_samples(10**6) == n and valid[0].distinct_samples(n - 3) == n - 3
+
+
 def global_batch(loaders, step):
     """Step's global batch gathered from all dp ranks in rank order, with its document info."""
     rows, positions, ids = [], [], []
