@@ -254,6 +254,7 @@ def train(cfg: Config) -> dict:
     data, train_loader, valid_loader = spec.data.build_loaders(
         cfg.data, t.seq_len, t.global_batch_size, t.micro_batch_size, meshes.dp.get_local_rank(), dims.dp, t.seed,
         log=lambda message: say(f"[shardwright] {message}"))
+    n_eval, eval_note = eval_batches(valid_loader, t.eval_batches, t.global_batch_size, t.seq_len)
 
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
     bf16, precision_note = choose_precision(t.mixed_precision, device)
@@ -331,6 +332,8 @@ def train(cfg: Config) -> dict:
     elif starting_weights is not None:
         metrics.info(f"initialized from {starting_weights.description}; optimizer, schedule and data start fresh at "
                      f"step 0")
+    if eval_note:
+        metrics.info(eval_note)
     # The schedule always spans train.steps; run.stop_at_step only ends this invocation early.
     last_step = min(t.steps, cfg.run.stop_at_step or t.steps)
     if rank == 0 and start_step < last_step:  # an invocation with nothing to train leaves the run's record alone
@@ -396,7 +399,7 @@ def train(cfg: Config) -> dict:
             metrics.info(f"{what}: optimizer step skipped ({nonfinite_in_a_row} of at most "
                          f"{t.max_nonfinite_steps - 1} in a row, train.nonfinite=skip)")
         if t.eval_every and step % t.eval_every == 0 and step != last_step:
-            eval_record = steps.evaluate(valid_loader, t.eval_batches)
+            eval_record = steps.evaluate(valid_loader, n_eval)
             metrics.log({"step": step, **eval_record}, show=True)
         if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != last_step:
             save(step)
@@ -422,7 +425,7 @@ def train(cfg: Config) -> dict:
     # only said: the run that goes on from here has no eval record at this step.
     recorded = last_step == t.steps or bool(t.eval_every and last_step % t.eval_every == 0)
     if start_step < last_step:
-        eval_record = steps.evaluate(valid_loader, t.eval_batches)
+        eval_record = steps.evaluate(valid_loader, n_eval)
         metrics.log({"step": last_step, **eval_record}, show=True, record_it=recorded)
         if cfg.checkpoint.enabled:
             save(last_step)
@@ -449,6 +452,24 @@ def train(cfg: Config) -> dict:
     metrics.close()
     dist.barrier()
     return summary
+
+
+def eval_batches(valid_loader, wanted: int, global_batch_size: int, seq_len: int) -> tuple[int, str | None]:
+    """(the global batches of the valid split each eval reads, a note for the log when that is fewer than the
+    `wanted` train.eval_batches): its first batches, as many whole ones as come before a sample repeats, so that an
+    eval loss is a mean over distinct samples and every data-parallel rank reads its equal share. The same batches
+    at every eval (the valid loader has no position to save). UserError when not even one fits."""
+    distinct = valid_loader.distinct_samples(wanted * global_batch_size)
+    n = distinct // global_batch_size
+    held = f"the valid split serves {distinct} samples of train.seq_len={seq_len} tokens before it repeats one"
+    if n == 0:
+        raise UserError(f"{held}, fewer than one global batch (train.global_batch_size={global_batch_size}), so an "
+                        f"eval would read samples twice: give the valid split more data (data.valid_fraction; "
+                        f"data.splits of prepared data) or lower train.global_batch_size or train.seq_len")
+    if n < wanted:
+        return n, (f"eval reads {n} global batch(es) of {global_batch_size} samples, not train.eval_batches={wanted}: "
+                   f"{held}, and no sample is evaluated twice")
+    return n, None
 
 
 def preflight(cfg: Config, world_size: int):

@@ -309,14 +309,14 @@ def test_a_prepared_image_text_dataset_trains_and_other_kinds_are_refused(tmp_pa
     assert len(dataset) == 96 and dataset[5].patches.shape == (4, PATCH_VALUES)
 
     solo_tiny = TINY.parents[1] / "solo" / "tiny.yaml"
-    run = tiny_overrides(tmp_path / "run", data_cache, f"data.prepared=[{tmp_path / 'ds'}]", "data.splits=[90,10,0]",
+    run = tiny_overrides(tmp_path / "run", data_cache, f"data.prepared=[{tmp_path / 'ds'}]", "data.splits=[75,25,0]",
                          "train.steps=6", "train.lr=3e-3", "model.dim=32", "model.n_layers=2")
     summary = train(load_config(solo_tiny, run))
     losses = summary["losses"]
     assert len(losses) == 6 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert not any(key.startswith("caption_") for key in summary["eval"])  # no attributes to score a corpus by
     out = capsys.readouterr().out  # the loaders speak before the run directory exists
-    assert f"prepared image-text dataset {tmp_path / 'ds'}: train 86 images" in out, out
+    assert f"prepared image-text dataset {tmp_path / 'ds'}: train 72 images" in out, out
 
     (tmp_path / "text.jsonl").write_text("".join(f'{{"text": "a small red circle number {i}"}}\n' for i in range(50)))
     assert main(["prepare", str(tmp_path / "text.jsonl"), "--tokenizer", str(cached_tokenizer(data_cache)),
