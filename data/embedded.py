@@ -34,8 +34,10 @@ class PreparedData:
 def prepare_embedded(
     source: str, vocab_size: int, cache_dir: Path, valid_fraction: float, log=print
 ) -> PreparedData:
-    """Build (or reuse) cache_dir/<source>-v<vocab_size>. Safe to call from every rank at once:
-    a file lock lets one process build while the others wait, then reuse its result."""
+    """Build (or reuse) cache_dir/<source>-v<vocab_size>-valid<valid_fraction>: a directory per setting that
+    shapes its contents, so that runs with another split never rebuild (or delete) a cache another run reads.
+    Safe to call from every rank at once: a file lock lets one process build while the others wait, then reuse
+    its result."""
     if not 0 < valid_fraction < 1:
         raise DataError(
             f"valid_fraction must be between 0 and 1 (exclusive), got {valid_fraction}: "
@@ -44,12 +46,13 @@ def prepare_embedded(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if source in SOURCES:
-        target, stamp = cache_dir / f"{source}-v{vocab_size}", None
+        name, stamp = source, None
     else:  # a path: keyed by where it is, rebuilt when any file changes
         files = text_files(source)
         resolved = str(Path(source).expanduser().resolve())
-        target = cache_dir / f"{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}-v{vocab_size}"
+        name = f"{Path(resolved).stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
         stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    target = cache_dir / f"{name}-v{vocab_size}-valid{valid_fraction:g}"
     settings = {
         "format_version": FORMAT_VERSION,
         "source": source,

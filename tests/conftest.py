@@ -8,6 +8,7 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "llm" / "tiny.yaml"
 TEST_VOCAB = 1024  # smaller than the tiny config's 4096: the tokenizer trains faster
+VALID_FRACTION = 0.05  # the config's default, which the runs of tiny_overrides keep
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,14 +30,14 @@ def data_cache(tmp_path_factory) -> Path:
     from data.embedded import prepare_embedded
 
     cache = tmp_path_factory.mktemp("data-cache")
-    prepare_embedded("pydoc", TEST_VOCAB, cache, 0.05, log=lambda _: None)
+    prepare_embedded("pydoc", TEST_VOCAB, cache, VALID_FRACTION, log=lambda _: None)
     return cache
 
 
 def cached_tokenizer(cache: Path) -> Path:
     """The tokenizer tiny_overrides' runs use. The cache holds others (tests prepare their own corpora in it),
     so never pick "the" tokenizer.model by searching."""
-    return cache / f"pydoc-v{TEST_VOCAB}" / "tokenizer.model"
+    return cache / f"pydoc-v{TEST_VOCAB}-valid{VALID_FRACTION:g}" / "tokenizer.model"
 
 
 def tiny_overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:

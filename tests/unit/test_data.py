@@ -113,7 +113,20 @@ def test_concurrent_prepares_build_once(tmp_path):
         thread.join()
     assert sum(line.startswith("training tokenizer") for line in lines) == 1
     assert sum(line.startswith("using cached data") for line in lines) == 2
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["pydoc-v512"]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [f"pydoc-v512-valid{VALID_FRACTION:g}"]
+
+
+def test_another_valid_fraction_is_a_cache_of_its_own(tmp_path):
+    """A run with another split builds beside the cache others read, rather than rebuilding it in place (which
+    deleted the files a concurrent run of the first split was reading): both stay, reused as they are."""
+    lines = []
+    first = prepare_embedded("pydoc", VOCAB, tmp_path, VALID_FRACTION, lines.append)
+    other = prepare_embedded("pydoc", VOCAB, tmp_path, 0.2, lines.append)
+    again = prepare_embedded("pydoc", VOCAB, tmp_path, VALID_FRACTION, lines.append)
+    assert first.train_prefix.parent != other.train_prefix.parent
+    assert again.train_prefix == first.train_prefix and other.num_valid_tokens > first.num_valid_tokens
+    assert not any(line.startswith("rebuilding") for line in lines)
+    assert sum(line.startswith("training tokenizer") for line in lines) == 2
 
 
 def test_train_and_valid_split_the_corpus(prepared, documents):
