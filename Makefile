@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TORCH := torch==2.13.0
 
-.PHONY: train test test-deepspeed gpu-wheels venv clean
+.PHONY: train test test-extras gpu-wheels venv clean
 
 # The stamp depends on pyproject.toml: a change there (a new package or dependency) reinstalls into the
 # existing .venv, where an editable install would otherwise not see a newly listed package.
@@ -22,27 +22,29 @@ train: $(VENV)
 	.venv/bin/shardwright train configs/llm/tiny.yaml --nproc-per-node 2 --set run.dir=runs/llm-tiny/$$(date +%Y%m%d-%H%M%S)
 
 # Two pytest workers, whole test files each (a file's multi-process world and its checks stay together). On the
-# 2-core CI machine the whole run took 16-20 min this way against 18.5-24.4 min serially. Then the DeepSpeed tests,
-# which skip in the main venv, in theirs (about a minute with its build): CI runs them too.
+# 2-core CI machine the whole run took 16-20 min this way against 18.5-24.4 min serially. Then the tests of the
+# optional packages, which skip in the main venv, in theirs (about a minute with its build): CI runs them too.
 test: $(VENV)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=20 tests
-	$(MAKE) --no-print-directory test-deepspeed
+	$(MAKE) --no-print-directory test-extras
 
-# DeepSpeed is an optional extra that builds from source (about a minute): its tests (real ZeRO engines on CPU: the
-# checkpoint import, parallel.engine=deepspeed's config checks and runs) skip in the main venv and run here, in a
-# venv of their own; `make test` ends with them.
-DS_PY := .venv-deepspeed/bin/python
-DS_VENV := .venv-deepspeed/.installed
-$(DS_VENV): pyproject.toml
-	test -x $(DS_PY) || python3 -m venv .venv-deepspeed
-	$(DS_PY) -m pip install -q --upgrade pip
-	$(DS_PY) -m pip install -q $(TORCH)
-	$(DS_PY) -m pip install -q -e '.[dev,deepspeed]'
+# The optional packages that install on CPU, in a venv of their own: DeepSpeed (it builds from source, about a
+# minute; real ZeRO engines on CPU: the checkpoint import, parallel.engine=deepspeed's config checks and runs) and
+# flash-linear-attention with Triton (a 1 GB wheel; its model classes build and load our DeltaNet exports on CPU,
+# where its Triton kernels do not run). Their tests skip in the main venv and run here; `make test` ends with them.
+EXTRAS_PY := .venv-extras/bin/python
+EXTRAS_VENV := .venv-extras/.installed
+FLA_CPU := flash-linear-attention[cpu]==0.6.0
+$(EXTRAS_VENV): pyproject.toml
+	test -x $(EXTRAS_PY) || python3 -m venv .venv-extras
+	$(EXTRAS_PY) -m pip install -q --upgrade pip
+	$(EXTRAS_PY) -m pip install -q $(TORCH)
+	$(EXTRAS_PY) -m pip install -q -e '.[dev,deepspeed]' '$(FLA_CPU)'
 	touch $@
 
-test-deepspeed: $(DS_VENV)
-	DS_ACCELERATOR=cpu $(DS_PY) -m pytest -q tests/unit/test_deepspeed_import.py tests/unit/test_deepspeed_config.py \
-		tests/distributed/test_deepspeed_engine.py
+test-extras: $(EXTRAS_VENV)
+	DS_ACCELERATOR=cpu $(EXTRAS_PY) -m pytest -q tests/unit/test_deepspeed_import.py tests/unit/test_deepspeed_config.py \
+		tests/distributed/test_deepspeed_engine.py tests/unit/test_hf_deltanet.py
 
 # The packages benchmarks/gpu_suite.py uses beyond torch, as wheels for a GPU machine without network (its own
 # Python: GPU_PYTHON), carried there as .whl (docs/performance.md has the commands on both sides).
@@ -53,4 +55,4 @@ gpu-wheels: $(VENV)
 		--platform manylinux_2_28_x86_64 --platform any -d .whl $(GPU_WHEELS)
 
 clean:
-	rm -rf .venv .venv-deepspeed runs .whl
+	rm -rf .venv .venv-extras runs .whl

@@ -15,7 +15,7 @@ On a CPU-only machine offload has no separate device memory to save: the JSON re
 they are all in CPU memory. fp32, the tiny LLM of the tests (vocab 1024, seq_len 64, global batch 8 sequences),
 one step's batch split over the dp ranks, torch's AdamW on both engines.
 
-    DS_ACCELERATOR=cpu .venv-deepspeed/bin/python benchmarks/zero_memory.py [--dp 1 2 4] [--out FILE]
+    DS_ACCELERATOR=cpu .venv-extras/bin/python benchmarks/zero_memory.py [--dp 1 2 4] [--out FILE]
 """
 import argparse
 import gc

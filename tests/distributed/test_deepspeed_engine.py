@@ -2,7 +2,7 @@
 torch engine's per-step losses (FSDP2 at dp=2, itself one process's: test_training.py) for ZeRO stages 1, 2 and 3,
 with gradient accumulation and with optimizer / parameter offload; a run stopped and resumed from its DeepSpeed
 checkpoint gives the uninterrupted run's losses; a torch run starts from that checkpoint (checkpoint.init_from) with
-its weights. Needs deepspeed: `make test-deepspeed` runs it, `make test` skips it."""
+its weights. Needs deepspeed: `make test-extras` runs it, `make test` skips it."""
 from pathlib import Path
 
 import pytest

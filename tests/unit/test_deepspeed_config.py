@@ -1,6 +1,6 @@
 """parallel.engine=deepspeed's bad input: one UserError line (exit 2 through the CLI) before any process group or run
 directory exists. The checks of DeepSpeed's own config need it installed (they skip without it: `make
-test-deepspeed` runs them); the others run in every environment."""
+test-extras` runs them); the others run in every environment."""
 import sys
 
 import pytest
