@@ -18,6 +18,7 @@ import yaml
 
 from launcher.errors import UserError
 from models import DEFAULT_FAMILY, FAMILIES, get_model_spec
+from models.spec import RunContext
 from parallel.activation_checkpoint import MODES as AC_MODES
 from parallel.context import KERNEL_NAMES, LAYOUT_KINDS, SequenceLayout, sequence_layout
 from parallel.context import MODES as CP_MODES
@@ -465,6 +466,8 @@ def validate(cfg: Config, world_size: int) -> ParallelDims:
         raise UserError(f"model.vocab_size={model_cfg.vocab_size} differs from data.vocab_size="
                         f"{cfg.data.vocab_size} (the tokenizer's); drop model.vocab_size or make them equal")
     problems += spec.check_layout(model_cfg, dims, cfg.parallelize_options())
+    if spec.check_run is not None:  # what the config alone decides; each worker checks its device (launcher/trainer.py)
+        problems += spec.check_run(model_cfg, RunContext(document_mask=cfg.data.document_mask))
     if problems:
         raise UserError("; ".join(problems))
     return dims

@@ -39,7 +39,7 @@ from launcher.optim import Optimizers, schedule_note
 from launcher.precision import choose_precision
 from launcher.run_lock import lock_for_world
 from models import configured_spec, get_model_spec
-from models.spec import BatchKey, ModelSpec, StepContext, architecture
+from models.spec import BatchKey, ModelSpec, RunContext, StepContext, architecture
 from parallel.context import SequenceLayout
 from parallel.context.apply import gather_sequence
 from parallel.data_parallel import uses_fsdp
@@ -233,6 +233,12 @@ def train(cfg: Config) -> dict:
     world = detect_world()
     dims = validated_layout(cfg, world.world_size)
     device = init_distributed(world, cfg.run.timeout_s)
+    model_cfg = cfg.model_config()
+    spec = configured_spec(cfg.model.family, model_cfg)
+    t, p = cfg.train, cfg.parallel
+    bf16, precision_note = choose_precision(t.mixed_precision, device)
+    check_run_everywhere(spec, model_cfg, RunContext(cfg.data.document_mask, device,
+                                                     torch.bfloat16 if bf16 else torch.float32))
     lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
     # A checkpoint (the run's own, or init_from's) is verified by all ranks together, each hashing its share of its
     # files: read once in all, not once per rank.
@@ -240,9 +246,6 @@ def train(cfg: Config) -> dict:
     cpu_notes = [keep_freed_memory(), describe_openmp(torch.get_num_threads())] if device.type == "cpu" else []
     rank = dist.get_rank()
     meshes = dims.build_mesh(device.type)
-    model_cfg = cfg.model_config()
-    spec = configured_spec(cfg.model.family, model_cfg)
-    t, p = cfg.train, cfg.parallel
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +260,6 @@ def train(cfg: Config) -> dict:
     n_eval, eval_note = eval_batches(valid_loader, t.eval_batches, t.global_batch_size, t.seq_len)
 
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
-    bf16, precision_note = choose_precision(t.mixed_precision, device)
     if p.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
     options = cfg.parallelize_options(torch.bfloat16 if bf16 else torch.float32)
@@ -478,6 +480,20 @@ def preflight(cfg: Config, world_size: int):
     layout (validated_layout), and the starting point (starting_point), its checkpoint hashed whole here."""
     dims = validated_layout(cfg, world_size)
     return (dims, *starting_point(cfg, dims))
+
+
+def check_run_everywhere(spec: ModelSpec, model_cfg, run: RunContext) -> None:
+    """The family's check of the config against what this worker computes with (spec.check_run, the device known): a
+    preflight on another machine (a Slurm login node) shares neither the nodes' packages nor their devices. Every rank
+    checks its own; the first problem in rank order is raised on all of them, so that they stop together."""
+    if spec.check_run is None:  # alike on every rank
+        return
+    problems = "; ".join(spec.check_run(model_cfg, run))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problems)
+    rank, first = next(((r, p) for r, p in enumerate(everyone) if p), (0, ""))
+    if first:
+        raise UserError(first if all(p == first for p in everyone) else f"{first} (rank {rank})")
 
 
 def validated_layout(cfg: Config, world_size: int) -> ParallelDims:

@@ -84,6 +84,16 @@ class StepContext:
 
 
 @dataclass(frozen=True)
+class RunContext:
+    """What a run computes with, for ModelSpec.check_run. A worker knows it all once its device is chosen; a preflight
+    (the launcher of a local world, `shardwright submit` on a login node, `plan`) knows only the config: it shares
+    neither the nodes' devices nor their packages."""
+    document_mask: bool  # data.document_mask: batches carry document ids
+    device: torch.device | None = None  # None: not known yet (a preflight)
+    compute_dtype: torch.dtype | None = None  # bf16 or fp32 (train.mixed_precision); None: not known yet
+
+
+@dataclass(frozen=True)
 class TrainingHooks:
     """A family's own parts of a step; each runs on every model part (pipeline stage) of a rank.
     Metrics are named sums over the parts of all pipeline stages."""
@@ -160,6 +170,11 @@ class ModelSpec:
     # check_layout(config, dims, options): problems (one line each) that make the layout and options
     # impossible for this model; run before any process group starts.
     check_layout: Callable[[Any, ParallelDims, ParallelizeOptions], list[str]]
+    # check_run(config, RunContext): problems (one line each, naming the config key to change) of the config with what
+    # the run computes on: its device, compute dtype and packages, and packed documents. Called by the preflight with
+    # the device unknown (RunContext.device None) and by every worker once its device is chosen, before the run
+    # directory is touched; all ranks refuse together (launcher/trainer.py). None: nothing to check.
+    check_run: Callable[[Any, RunContext], list[str]] | None = None
     # Pipeline parallelism: the number of layers that stages split, and
     # split_stage(model, layer_ids, is_first, is_last), which keeps one stage's part in place. None: no pp.
     n_layers: Callable[[Any], int] | None = None

@@ -3,7 +3,7 @@ and how to shard it (parallelize.py: TP by heads, CP by state passing, the LLM's
 from models.common.text import TEXT_DATA, TOKEN_LOSS
 from models.deltanet.hf import DeltaNetAdapter
 from models.deltanet.model import DeltaNet, DeltaNetConfig, flops_per_attention_pair, flops_per_token
-from models.deltanet.parallelize import PLAN, check_layout
+from models.deltanet.parallelize import PLAN, check_layout, check_run
 from models.llm.parallelize import n_layers, split_stage
 from models.spec import ModelSpec
 
@@ -17,6 +17,7 @@ model_spec = ModelSpec(
     flops_per_token=flops_per_token,
     flops_per_attention_pair=flops_per_attention_pair,
     check_layout=check_layout,
+    check_run=check_run,
     n_layers=n_layers,
     split_stage=split_stage,
     state_dict_adapters={"hf": DeltaNetAdapter()},

@@ -19,6 +19,7 @@ Pipeline parallelism reuses the LLM's split_stage.
 """
 from functools import partial
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -27,9 +28,10 @@ from torch.distributed.tensor.parallel import SequenceParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from models.deltanet.model import DeltaNetConfig, DeltaNetLayer, MixerRule
-from models.deltanet.ops import BACKENDS, LINEAR_BACKENDS, RULES, mixer_rule_state_map
+from models.deltanet.ops import BACKENDS, LINEAR_BACKENDS, RULES, fla_problem, mixer_rule_state_map
 from models.llm.parallelize import attention_plan, decoder_layers, swiglu_plan, tensor_parallel
 from models.llm.parallelize import check_layout as llm_check_layout
+from models.spec import RunContext
 from parallel.context.apply import apply_context_parallel
 from parallel.context.halo import previous_halo
 from parallel.context.mixer import StatePassingMixer, context_parallel_mix
@@ -146,3 +148,22 @@ def check_layout(cfg: DeltaNetConfig, dims: ParallelDims, options: ParallelizeOp
     if cfg.chunk_size < 1:
         problems.append(f"model.chunk_size={cfg.chunk_size} must be >= 1")
     return problems
+
+
+def check_run(cfg: DeltaNetConfig, run: RunContext) -> list[str]:
+    """model.backend=fla where fla's kernels cannot run: with packed documents (its varlen path is not wired), off
+    CUDA, without the `fla` package on the node, in fp32. Otherwise the first forward would fail, mid-run."""
+    if cfg.backend != "fla" or cfg.mixer_rule != "delta":  # check_layout refuses fla with the linear rule
+        return []
+    instead = "set model.backend=chunked (or auto: fla where it runs, else chunked)"
+    if run.document_mask:
+        return [f"model.backend=fla takes no document ids (fla's varlen path is not wired) and data.document_mask=true "
+                f"packs documents; {instead}, or data.document_mask=false"]
+    if run.device is None:  # a preflight: the workers' nodes decide the rest
+        return []
+    problem = fla_problem(run.device, run.compute_dtype)
+    if problem is None:
+        return []
+    if fla_problem(run.device, torch.bfloat16) is None:  # the dtype alone: train.mixed_precision=fp32 on CUDA
+        instead = "set train.mixed_precision=bf16 (or auto), or model.backend=chunked"
+    return [f"model.backend=fla: {problem}; {instead}"]

@@ -7,7 +7,9 @@ import torch.distributed as dist
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config, validate
 from launcher.errors import UserError
-from tests.conftest import TINY
+from launcher.trainer import train
+from tests.conftest import TINY, tiny_overrides
+from tests.e2e.test_cli import tree_digest
 
 FAULTS: collections.Counter = collections.Counter()
 
@@ -155,3 +157,37 @@ def test_bad_matformer_value_through_the_cli(tmp_path, capsys):
     assert main(["train", str(MATFORMER), "--set", "model.mode=both", "--set", f"run.dir={run_dir}"]) == USER_ERROR_EXIT
     assert capsys.readouterr().err == "error: model section: mode='both' is not one of joint, sampled\n"
     assert not dist.is_initialized() and not run_dir.exists()
+
+
+DELTANET = TINY.parents[1] / "deltanet" / "tiny.yaml"
+
+
+def test_fla_with_packed_documents_is_refused_before_any_process_starts(tmp_path):
+    """The one fla problem the config alone decides (the rest depend on the node: the worker checks them)."""
+    FAULTS["fla where it cannot run"] += 1
+    with pytest.raises(UserError, match="model.backend=fla takes no document ids .* data.document_mask=false") as error:
+        validate(load_config(DELTANET, ["model.backend=fla", "data.document_mask=true", f"run.dir={tmp_path / 'run'}"]),
+                 world_size=1)
+    assert "\n" not in str(error.value)
+    validate(load_config(DELTANET, ["model.backend=fla", f"run.dir={tmp_path / 'run'}"]), world_size=1)  # the node's
+
+
+@pytest.mark.usefixtures("in_process_runs")
+def test_fla_on_a_node_where_it_cannot_run_is_refused_by_the_worker_before_the_first_step(tmp_path, data_cache, capsys):
+    """model.backend=fla resumed on a CPU node (here: no CUDA, and no fla installed): whether fla's kernels run depends
+    on the node's device and packages, which a preflight elsewhere (a Slurm login node) does not share, so the worker
+    refuses once its device is known: one line, exit 2, before the first step (not a traceback from inside the op
+    mid-run), the run directory untouched."""
+    FAULTS["fla where it cannot run"] += 1
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, data_cache, "train.steps=1", "model.n_layers=1", "model.dim=32")
+    train(load_config(DELTANET, overrides))
+    before = tree_digest(run_dir)
+    resumed = [*overrides, "train.steps=2", "model.backend=fla"]
+    args = ["train", str(DELTANET), *(a for o in resumed for a in ("--set", o))]
+    capsys.readouterr()
+    assert main(args) == USER_ERROR_EXIT
+    err = capsys.readouterr().err
+    assert err == ("error: model.backend=fla: flash-linear-attention's Triton kernels run on CUDA only, not on cpu; "
+                   "set model.backend=chunked (or auto: fla where it runs, else chunked)\n"), err
+    assert tree_digest(run_dir) == before

@@ -7,10 +7,12 @@ import torch
 from models import FAMILIES, get_model_spec
 from models.deltanet.model import DeltaNet, DeltaNetConfig, DeltaNetLayer, ShortConvolution, l2_normalize
 from models.deltanet.ops import linear_attention_recurrent
-from models.deltanet.parallelize import check_layout, contiguous_problem
+import models.deltanet.ops as ops
+from models.deltanet.parallelize import check_layout, check_run, contiguous_problem
 from models.llm.model import Attention
 from parallel.options import ParallelizeOptions
 from parallel.init import init_parameters
+from models.spec import RunContext
 from parallel.mesh import ParallelDims
 
 
@@ -90,6 +92,31 @@ def test_check_layout_mixer_rule_problems():
     assert any("mixer_rule='gated'" in p for p in problems(mixer_rule="gated"))
     assert any("allow_neg_eigval" in p for p in problems(mixer_rule="linear", allow_neg_eigval=True))
     assert any("backend='fla'" in p for p in problems(mixer_rule="linear", backend="fla"))
+
+
+def test_check_run_refuses_fla_where_its_kernels_cannot_run(monkeypatch):
+    """model.backend=fla against what a worker computes with (a CUDA device is only named here, never used): one
+    line naming what to set instead, for each reason fla's kernels cannot run; nothing for other backends or where
+    it runs."""
+    cfg = DeltaNetConfig(dim=32, n_heads=2, vocab_size=50, backend="fla")
+    cuda, bf16, fp32 = torch.device("cuda", 0), torch.bfloat16, torch.float32
+
+    def problems(device, dtype, document_mask=False, config=cfg):
+        return check_run(config, RunContext(document_mask, device, dtype))
+
+    monkeypatch.setattr(ops, "_fla_chunk_delta_rule", lambda: None)  # fla not installed
+    assert problems(None, None) == []  # a preflight: the node decides
+    assert "takes no document ids" in problems(None, None, document_mask=True)[0]
+    assert "run on CUDA only, not on cpu" in problems(torch.device("cpu"), fp32)[0]
+    (missing,) = problems(cuda, bf16)
+    assert "not importable here" in missing and "model.backend=chunked" in missing
+    monkeypatch.setattr(ops, "_fla_chunk_delta_rule", lambda: object())  # fla installed
+    assert problems(cuda, bf16) == []
+    (fp32_problem,) = problems(cuda, fp32)
+    assert "takes fp16/bf16 inputs, not torch.float32; set train.mixed_precision=bf16" in fp32_problem
+    for backend in ("auto", "chunked"):
+        assert problems(torch.device("cpu"), fp32, True, DeltaNetConfig(dim=32, n_heads=2, vocab_size=50,
+                                                                         backend=backend)) == []
 
 
 def test_zigzag_refused_for_state_passing():

@@ -447,8 +447,9 @@ def test_backends_dispatch():
 
 def test_fla_backend_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ops, "_fla_chunk_delta_rule", lambda: None)
-    with pytest.raises(ValueError, match="flash-linear-attention"):
-        delta_rule(*make_inputs(4), backend="fla")
+    with pytest.raises(ValueError, match="backend='fla': flash-linear-attention's Triton kernels run on CUDA only"):
+        delta_rule(*make_inputs(4), backend="fla")  # off CUDA the device is the reason, fla or not
+    assert "not importable here" in ops.fla_problem(torch.device("cuda"), torch.bfloat16)  # a device named, not used
 
 
 def test_fla_is_never_used_for_cpu_tensors(monkeypatch):

@@ -56,7 +56,7 @@ from models.deltanet.ops.state_map import (apply_state_map, compose_state_maps, 
 
 __all__ = ["BACKENDS", "LINEAR_BACKENDS", "RULES", "apply_mixer_rule", "apply_state_map", "compose_state_maps",
            "delta_rule", "delta_rule_chunked", "delta_rule_recurrent", "delta_rule_state_map", "fla_available",
-           "fla_import_error", "fold_state_maps", "linear_attention", "linear_attention_chunked",
+           "fla_import_error", "fla_problem", "fold_state_maps", "linear_attention", "linear_attention_chunked",
            "linear_attention_recurrent", "linear_attention_state_map", "mixer_rule_state_map"]
 
 BACKENDS = ("auto", "chunked", "recurrent", "fla")
@@ -87,17 +87,16 @@ def fla_import_error() -> str | None:
     return _import_fla()[1]
 
 
-def _fla_problem(q: torch.Tensor) -> str | None:
-    """Why the fla backend cannot take these inputs, or None."""
+def fla_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the fla backend cannot compute in `dtype` on `device` here, or None; the caller says what to use instead.
+    The device first: off CUDA, installing fla would not help."""
+    if device.type != "cuda":
+        return f"flash-linear-attention's Triton kernels run on CUDA only, not on {device.type}"
     if not fla_available():
-        return (f"backend='fla' needs flash-linear-attention (package `fla`), which is not importable "
-                f"({fla_import_error()}): install the `gpu` extra (pip install 'shardwright[gpu]') or use "
-                f"backend='chunked'")
-    if not q.is_cuda:
-        return f"flash-linear-attention's kernels run on CUDA only, the inputs are on {q.device}; use backend='chunked'"
-    if q.dtype not in FLA_DTYPES:
-        return (f"flash-linear-attention's chunk_delta_rule takes fp16/bf16 inputs, not {q.dtype}; "
-                f"use backend='chunked' for fp32/fp64")
+        return (f"it needs flash-linear-attention (package `fla`: the `gpu` extra, pip install 'shardwright[gpu]'), "
+                f"which is not importable here ({fla_import_error()})")
+    if dtype not in FLA_DTYPES:
+        return f"flash-linear-attention's chunk_delta_rule takes fp16/bf16 inputs, not {dtype}"
     return None
 
 
@@ -131,10 +130,11 @@ def delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Te
         backend = "fla" if (q.is_cuda and q.dtype in FLA_DTYPES and fla_available()
                             and document_ids is None) else "chunked"
     if backend == "fla":
-        problem = _fla_problem(q) if document_ids is None else \
-            "the fla backend is not wired for document_ids (packed documents); use backend='chunked'"
-        if problem is not None:
-            raise ValueError(f"delta rule: {problem}")
+        if document_ids is not None:
+            raise ValueError("delta rule: the fla backend is not wired for document_ids (packed documents); use "
+                             "backend='chunked'")
+        if (problem := fla_problem(q.device, q.dtype)) is not None:
+            raise ValueError(f"delta rule: backend='fla': {problem}; use backend='chunked'")
         return _delta_rule_fla(q, k, v, beta, initial_state, scale)
     if backend == "recurrent":
         return delta_rule_recurrent(q, k, v, beta, initial_state, scale, document_ids)
