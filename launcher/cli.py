@@ -4,6 +4,7 @@ import gc
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from data.errors import DataError
@@ -14,6 +15,7 @@ from launcher.distributed import detect_world, launch_local_world
 from launcher.errors import PREEMPTED_EXIT, USER_ERROR_EXIT, UserError
 from launcher.processes import AGENT_PID_ENV, die_with_parent
 from launcher.run_lock import hold_run_lock
+from launcher.stop_signals import StartUp, StoppedBeforeFirstStep, stopped_before_first_step
 from launcher.submit import add_arguments as add_submit_arguments, submit
 from planner.cli import add_arguments as add_plan_arguments, plan_command
 
@@ -40,30 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
+def _train(args, start_up: StartUp) -> int:
     import torch.distributed as dist  # torch-heavy: only once the arguments are known good
 
-    from launcher.checkpoint import Checkpointer
-    from launcher.trainer import preflight, train
+    from launcher.trainer import train
 
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {args.nproc_per_node}: give a number of processes >= 1")
     cfg = load_config(args.config, args.overrides)
     world = detect_world()
     if world.launcher == "single" and args.nproc_per_node > 1:
-        preflight(cfg, args.nproc_per_node)  # fail here, once, rather than in every worker
-        lock_fd = hold_run_lock(cfg.run.dir) if cfg.run.lock else None  # for the world's life, restarts included
-        worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
-        checkpoints = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0)
-        started_from = checkpoints.last_complete()
-        code = launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd)
-        if code == PREEMPTED_EXIT and cfg.checkpoint.enabled and checkpoints.last_complete() == started_from:
-            # A signal before the workers could handle it (while they started): no rank saved or said anything.
-            print(f"[shardwright] stopped by a signal before the first step; nothing new was saved (last checkpoint: "
-                  f"{started_from}): run the same command to start again", file=sys.stderr, flush=True)
-        # torchrun exits 75 after any stop signal it forwarded; without checkpoints the workers saved nothing (and
-        # said so) and a requeue would start again from step 0.
-        return USER_ERROR_EXIT if code == PREEMPTED_EXIT and not cfg.checkpoint.enabled else code
+        return _launch(args, cfg, start_up)
     if world.launcher != "single" and args.nproc_per_node > 1:
         raise UserError(f"--nproc-per-node is for starting a local world, but this process is already rank "
                         f"{world.rank} of a {world.launcher} world of {world.world_size}; drop the flag")
@@ -80,7 +69,16 @@ def _train(args) -> int:
             dist.destroy_process_group()
 
     try:
-        train(cfg)
+        try:
+            start_up.arm(says_stops=world.rank == 0)  # a stop signal from here to the first step: one line
+            train(cfg)
+        except Exception:
+            if (stop := start_up.stop()) is not None:  # the stop's echo: a collective with a rank it ended first
+                raise stop from None
+            raise
+    except StoppedBeforeFirstStep as stop:
+        destroy_made_group()
+        return _stopped_before_first_step(f"{stop.signal_name} received", cfg, world.rank)
     except (UserError, DataError, SystemExit):  # refused, or stopped after a checkpoint: ends as cleanly as success
         destroy_made_group()
         raise
@@ -88,21 +86,70 @@ def _train(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    if AGENT_PID_ENV in os.environ:  # a worker of a local world: it must not outlive its torchrun
-        die_with_parent(signal.SIGKILL, int(os.environ[AGENT_PID_ENV]))
-    args = _parser().parse_args(argv)
+def _launch(args, cfg, start_up: StartUp) -> int:
+    """`train --nproc-per-node N` outside a world: check, then run the same command in a local torchrun world."""
+    from launcher.trainer import preflight
+
     try:
+        start_up.arm(says_stops=False)  # the preflight may hash a large checkpoint
+        preflight(cfg, args.nproc_per_node)  # fail here, once, rather than in every worker
+        lock_fd = hold_run_lock(cfg.run.dir) if cfg.run.lock else None  # for the world's life, restarts included
+        start_up.release()  # from here the world's launcher forwards them to the world
+    except StoppedBeforeFirstStep as stop:
+        return _stopped_before_first_step(f"{stop.signal_name} received", cfg, 0)
+    worker_args = ["train", args.config, *(a for o in args.overrides for a in ("--set", o))]
+    fd, stop_note = tempfile.mkstemp(prefix="shardwright-stop-note-")
+    os.close(fd)
+    try:
+        code = launch_local_world(args.nproc_per_node, worker_args, cfg.run.max_restarts, cfg.run.timeout_s, lock_fd,
+                                  stop_note=stop_note)
+        said = Path(stop_note).stat().st_size > 0
+    finally:
+        Path(stop_note).unlink(missing_ok=True)
+    if code == PREEMPTED_EXIT and not said:
+        # A signal that ended the workers while they started Python, before any could handle it: none said anything.
+        return _stopped_before_first_step("a stop signal arrived", cfg, 0)
+    # torchrun exits 75 after any stop signal it forwarded; without checkpoints the workers saved nothing (and
+    # said so) and a requeue would start again from step 0.
+    return USER_ERROR_EXIT if code == PREEMPTED_EXIT and not cfg.checkpoint.enabled else code
+
+
+def _stopped_before_first_step(what: str, cfg, rank: int) -> int:
+    """Say that a stop signal ended the run before its first step (rank 0; a refusal as say_refusal says it); the
+    exit code: 75 with checkpoints (the same command starts again where the run was), else 2."""
+    from launcher.checkpoint import Checkpointer
+
+    last = Checkpointer(Path(cfg.run.dir), cfg.checkpoint.keep_last, rank=0).last_complete() if rank == 0 else ""
+    code, line = stopped_before_first_step(what, cfg.checkpoint.enabled, last)
+    if code == USER_ERROR_EXIT:
+        say_refusal(UserError(line), rank)
+    elif rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None, start_up: StartUp | None = None) -> int:
+    """`start_up`: the stop signals' handler the entry point installed before this module's imports (None: one is
+    installed when `train` has read its config)."""
+    start_up = start_up or StartUp()
+    try:
+        if AGENT_PID_ENV in os.environ:  # a worker of a local world: it must not outlive its torchrun
+            die_with_parent(signal.SIGKILL, int(os.environ[AGENT_PID_ENV]))
+        args = _parser().parse_args(argv)
+        if args.command != "train":
+            start_up.release(redeliver=True)  # a stop signal has its usual effect
         if args.command in ("prepare", "tokenizer"):
             return prepare_command(args) if args.command == "prepare" else tokenizer_command(args)
         if args.command == "convert":
             return convert_command(args)
         if args.command == "plan":
             return plan_command(args)
-        return submit(args) if args.command == "submit" else _train(args)
+        return submit(args) if args.command == "submit" else _train(args, start_up)
     except (UserError, DataError) as e:
         say_refusal(e, detect_world().rank)
         return USER_ERROR_EXIT
+    finally:
+        start_up.release()
 
 
 def say_refusal(error: Exception, rank: int) -> None:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from launcher.processes import LAUNCHER_PID_ENV
 from launcher.run_lock import HOLDER_ENV
+from launcher.stop_signals import STOP_NOTE_ENV
 
 
 @dataclass(frozen=True)
@@ -75,20 +76,23 @@ def init_distributed(world: World, timeout_s: int) -> torch.device:
 
 
 def launch_local_world(nproc: int, launcher_args: list[str], max_restarts: int, shutdown_timeout_s: int,
-                       lock_fd: int | None) -> int:
+                       lock_fd: int | None, stop_note: str | None = None) -> int:
     """Re-run this command under torchrun (launcher/torchrun.py) with `nproc` local processes; return the
     world's exit code (0, 75 after a stop signal, 2 for bad input, 1 for a failure, each said in one line).
 
     SIGTERM, SIGINT and SIGUSR1 to this process are forwarded to torchrun (SIGINT as SIGTERM), which hands
     them to the workers: they checkpoint after their step and exit 75. torchrun runs in a session of its
     own, so a Ctrl-C reaches it once, through here. The run directory's lock (`lock_fd`) is inherited by
-    torchrun: it stays held while either process lives."""
+    torchrun: it stays held while either process lives. `stop_note`: a file the workers' rank 0 writes once it says
+    how a stop ends the world (launcher/stop_signals.py)."""
     env = dict(os.environ)
     # Split the cores between workers instead of letting each one oversubscribe all of them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     if lock_fd is not None:
         env[HOLDER_ENV] = str(os.getpid())
+    if stop_note is not None:
+        env[STOP_NOTE_ENV] = stop_note
     cmd = [sys.executable, "-m", "launcher.torchrun", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", f"--shutdown-timeout={shutdown_timeout_s}",
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "-m", "launcher", *launcher_args]

@@ -232,7 +232,7 @@ def _detect_device(partition: str | None, strict: bool) -> str:
 
 def torchrun_node(argv: list[str]) -> int:
     """One node's share of a job: torchrun with these changes. Its agent ignores SIGUSR1 (meant for the
-    workers, which inherit the disposition until the trainer installs its handler), and a worker
+    workers, which inherit the disposition until their entry point installs its handler), and a worker
     that exits with PREEMPTED_EXIT makes this exit with it too (torchrun itself would exit 1), one that refused
     with USER_ERROR_EXIT likewise, its line said once (launcher/torchrun.py: refused_line)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -249,7 +249,7 @@ def torchrun_node(argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
         if PREEMPTED_EXIT in codes:  # the others may have been stopped by torchrun meanwhile
-            print(f"[shardwright] workers stopped early after a checkpoint (exit code {PREEMPTED_EXIT})",
+            print(f"[shardwright] workers stopped early on a stop signal (exit code {PREEMPTED_EXIT})",
                   file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
         if USER_ERROR_EXIT not in codes:

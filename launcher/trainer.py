@@ -38,6 +38,7 @@ from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_rec
 from launcher.optim import Optimizers, schedule_note
 from launcher.precision import choose_precision
 from launcher.run_lock import lock_for_world
+from launcher.stop_signals import STOP_SIGNALS, taken_over
 from models import configured_spec, get_model_spec
 from models.spec import BatchKey, ModelSpec, RunContext, StepContext, architecture
 from parallel.context import SequenceLayout
@@ -572,14 +573,20 @@ def summarize(losses, throughput, eval_record, flops_per_token, peak_flops, worl
 
 def catch_stop_signals() -> tuple[list[int], dict]:
     """SIGUSR1 (Slurm's warning before a time limit) and SIGTERM (preemption) are only recorded here;
-    the training loop checks the record after each step (stop_signal). Until the loop starts they
-    keep their usual effect (SIGTERM ends the process), so a job cancelled while starting ends at once.
-    The record, and the handlers to put back when the loop ends (release_stop_signals)."""
+    the training loop checks the record after each step (stop_signal). Until the loop starts the CLI's
+    StartUp (launcher/stop_signals.py) ends the command at once on them, in one line, so a job cancelled
+    while starting ends at once. The record, and the handlers to put back when the loop ends (the ones
+    before the StartUp's: release_stop_signals)."""
     received: list[int] = []
     usual = {}
+    stops = []
     if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            usual[sig] = signal.signal(sig, lambda signum, _frame: received.append(signum))
+        for sig in STOP_SIGNALS:
+            usual[sig], stop = taken_over(sig, signal.signal(sig, lambda signum, _frame: received.append(signum)))
+            stops.append(stop)
+    stop = next((stop for stop in stops if stop is not None), None)
+    if stop is not None:  # one came before the loop, and its exception was lost on the way
+        raise stop
     return received, usual
 
 

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlan
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 import launcher.checkpoint
+import launcher.trainer
 from launcher.checkpoint import RNGState, check_complete
 from launcher.cli import USER_ERROR_EXIT, main
 from launcher.config import load_config
@@ -258,6 +259,45 @@ def test_a_stop_signal_exits_75_only_with_a_checkpoint_to_resume_from(tmp_path, 
     error_line(*shardwright(capsys, *args), "SIGUSR1 received: stopped after step 3 without a checkpoint",
                "checkpoint.enabled=true")
     assert not (run_dir / "checkpoints").exists() and max(losses_of(run_dir)) == 3
+
+
+@pytest.mark.parametrize("checkpoints", ["true", "false"])
+def test_a_stop_signal_before_the_first_step_is_one_line(tmp_path, data_cache, base_run, capsys, monkeypatch, request,
+                                                         checkpoints):
+    """SIGTERM while the run starts (here: while its model is initialized, resuming from step 4): it ends the run at
+    once, as SIGTERM's usual action would, but with one line saying so instead of none. With checkpoints exit 75
+    (nothing new was saved; running again starts where the run was), the run directory byte-identical; without,
+    one `error:` line and exit 2 (a requeue would start again from step 0), nothing trained."""
+    def usual_action(_signum, _frame):  # stands for SIGTERM's usual action, which would end pytest
+        raise AssertionError("SIGTERM had its usual effect: the process would have ended without a word")
+
+    previous = signal.signal(signal.SIGTERM, usual_action)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    real_materialize = launcher.trainer.materialize
+
+    def materialize(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_materialize(*args, **kwargs)
+
+    monkeypatch.setattr(launcher.trainer, "materialize", materialize)
+    FAULTS["SIGTERM in process before the first step"] += 1
+    run_dir = copy_of(base_run, tmp_path) if checkpoints == "true" else tmp_path / "run"
+    before = tree_digest(run_dir) if checkpoints == "true" else None
+    code, output = shardwright(capsys, "train", str(TINY), *sets(run_dir, data_cache,
+                                                                 f"checkpoint.enabled={checkpoints}"))
+    if checkpoints == "true":
+        assert code == 75, output[-3000:]
+        assert "error:" not in output and "Traceback" not in output, output[-3000:]
+        said = [line for line in output.splitlines() if "before the first step" in line]
+        assert said == ["[shardwright] SIGTERM received before the first step: stopped with nothing trained or saved, "
+                        "the last checkpoint is step-4 (checkpoints/latest); exit code 75: run the same command to "
+                        "start again"], output[-3000:]
+        assert tree_digest(run_dir) == before
+    else:
+        error_line(code, output, "SIGTERM received before the first step: stopped with nothing trained or saved "
+                                 "(checkpoint.enabled=false); run the same command to start again")
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert signal.getsignal(signal.SIGTERM) is usual_action  # the command put back what it found
 
 
 class _CreatesMarker:

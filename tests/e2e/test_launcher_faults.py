@@ -182,6 +182,65 @@ def test_a_stop_signal_without_checkpoints_does_not_ask_for_a_requeue(tmp_path, 
     assert_all_gone(pids, within=5)
 
 
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` runs `python -m launcher` (past its exec: a child forked but not yet exec'd shows its
+    parent's handlers) with a handler of its own for `sig` (/proc's SigCgt mask)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return b"launcher" in command and bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+def starting_workers(launch: Launch) -> list[int]:
+    """The workers of the launch's world that exist so far (none before its torchrun)."""
+    agents = children(launch.proc.pid)
+    return children(agents[0]) if len(agents) == 1 else []
+
+
+def wait_until(condition, what: str, launch: Launch, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert launch.proc.poll() is None, launch.err.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"not {what} within {timeout}s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("starting, checkpoints", [("launcher", "true"), ("workers", "false")])
+def test_a_stop_signal_while_the_run_starts_is_one_line(tmp_path, data_cache, starting, checkpoints):
+    """SIGTERM to the launcher while it starts (its imports, before any world), or while its workers start (once
+    they can handle it, seconds before their first step): it ends the run at once, and one line says so, from the
+    launcher or from rank 0, with exit 75 (nothing new saved: the same command starts again) or, with
+    checkpoint.enabled=false, exit 2 (a requeue would start again from step 0). Before, the launcher died of it
+    without a word, and a world of starting workers ended with exit 2 and no line at all."""
+    launch = Launch(tmp_path, tmp_path / "run", data_cache, "train.steps=1000", f"checkpoint.enabled={checkpoints}")
+    if starting == "launcher":
+        wait_until(lambda: catches(launch.proc.pid, signal.SIGTERM), "handling SIGTERM", launch)
+        pids = [launch.proc.pid]
+    else:
+        wait_until(lambda: len(workers := starting_workers(launch)) == 2
+                   and all(catches(pid, signal.SIGTERM) for pid in workers), "two workers handling SIGTERM", launch)
+        pids = [launch.proc.pid, launch.torchrun(), *launch.workers().values()]
+    launch.proc.send_signal(signal.SIGTERM)
+    FAULTS[f"SIGTERM to the launcher while the {starting} start"] += 1
+    code = launch.finish()
+    stderr = launch.err.read_text()
+    said = [line for line in stderr.splitlines() if "before the first step" in line]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(said) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "SIGTERM received before the first step: stopped with nothing trained or saved" in said[0], said
+    if checkpoints == "true":
+        assert code == 75 and not errors, stderr[-3000:]
+        assert "the last checkpoint is none (none saved yet); exit code 75" in said[0]
+    else:
+        assert code == 2 and errors == said, stderr[-3000:]
+        assert said[0].startswith("error: ") and "(checkpoint.enabled=false)" in said[0]
+    assert not (launch.run_dir / "checkpoints").exists() and not (launch.run_dir / "metrics.jsonl").exists()
+    assert_all_gone(pids, within=5)
+
+
 @pytest.mark.parametrize("victim", ["launcher", "torchrun"])
 def test_sigkill_leaves_no_orphan(tmp_path, data_cache, victim):
     """SIGKILL of the launcher: its torchrun stops the world as a stop signal would. SIGKILL of torchrun:
