@@ -8,6 +8,11 @@ Packed documents: with `document_ids` [B, T] (0, 1, 2, ... along each row, nonde
 attends only to earlier tokens of its own document. Each document is one contiguous segment, so
 this runs causal attention per segment (varlen by a loop over segments) rather than building a
 dense [T, T] mask: the mask would make CPU SDPA take its slow masked path and hold T^2 elements.
+
+Under torch.compile that loop runs outside the graph (`torch.compiler.disable`), as it runs without compile: its
+trip count is the number of documents in the micro-batch, which changes from batch to batch, and dynamo would
+otherwise guard on it (and on every segment length) and recompile the block for each new count, past its
+recompile limit within a few steps. The rest of the block still compiles, once.
 """
 import torch
 import torch.nn.functional as F
@@ -42,7 +47,15 @@ class CoreAttention(nn.Module):
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if document_ids is None:
             return causal_attention(q, k, v)
-        lengths = document_segment_lengths(document_ids)
-        segments = zip(*(t.flatten(0, 1).split(lengths) for t in (q, k, v)))
-        out = torch.cat([causal_attention(*(t.unsqueeze(0) for t in segment)).squeeze(0) for segment in segments])
-        return out.view_as(q)
+        return document_causal_attention(q, k, v, document_ids)
+
+
+@torch.compiler.disable(reason="a loop over the micro-batch's documents: their number and lengths vary per batch")
+def document_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              document_ids: torch.Tensor) -> torch.Tensor:
+    """causal_attention within each document of document_ids [B, T] (varlen: one SDPA per document segment).
+    Never traced by torch.compile (see the module's docstring): its Python loop runs once per document."""
+    lengths = document_segment_lengths(document_ids)
+    segments = zip(*(t.flatten(0, 1).split(lengths) for t in (q, k, v)))
+    out = torch.cat([causal_attention(*(t.unsqueeze(0) for t in segment)).squeeze(0) for segment in segments])
+    return out.view_as(q)

@@ -153,9 +153,9 @@ def test_activation_checkpointing_matches_plain_run(two_processes, run):
 
 def test_compiled_blocks_match_plain_run(two_processes):
     """Inductor's kernels reorder float ops: measured 1.6e-7 relative at most, well inside RTOL.
-    The one compiled run of the suite: building its C++ kernels (for the training graph, and again
-    for eval's no-grad forward) makes it ~35 s on a cold inductor cache with both cores free, vs
-    ~4 s for the plain run (~6 s warm)."""
+    One of the suite's two compiled runs (the other: SOLO's, tests/distributed/test_solo_runs.py): building its C++
+    kernels (for the training graph, and again for eval's no-grad forward) makes it ~35 s on a cold inductor cache
+    with both cores free, vs ~4 s for the plain run (~6 s warm)."""
     assert_same_losses(two_processes["fsdp2_compile"]["losses"], two_processes["fsdp2"]["losses"])
 
 

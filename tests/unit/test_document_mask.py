@@ -86,6 +86,28 @@ def test_hybrid_attention_layers_keep_to_their_document():
         assert check(worst), (with_documents, worst)
 
 
+def test_compiled_block_does_not_recompile_for_other_documents():
+    """A block compiled as train.compile compiles it (parallel/parallelize.py) serves micro-batches of other numbers
+    and lengths of documents without recompiling (dynamo's error_on_recompile raises otherwise), with eager's
+    outputs: the loop over the documents runs outside the graph. Traced, it made dynamo guard on the number and the
+    lengths of the segments and recompile for each new one (SOLO's packed samples hit the recompile limit within a
+    few steps). The eager backend: recompiles are dynamo's guards, whatever the backend."""
+    model = Transformer(LLM)
+    init_parameters(model, 0)
+    block = model.layers["0"]
+    x = torch.randn(len(LENGTHS), SEQ, LLM.dim, generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(block, backend="eager")
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for lengths in (LENGTHS, [[4, 4, 4, 4], [10, 6]], [[16], [1] * 16]):
+                ids = _document_ids(lengths)
+                torch.testing.assert_close(compiled(x, _positions(ids), document_ids=ids),
+                                           block(x, _positions(ids), document_ids=ids), rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_decreasing_document_ids_are_refused():
     model = Transformer(LLM)
     with pytest.raises(ValueError, match="nondecreasing"):
