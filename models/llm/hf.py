@@ -142,7 +142,7 @@ class LlamaAdapter:
             if HF_INV_FREQ.fullmatch(name):
                 check_inverse_frequencies(name, tensor, model_cfg)
                 continue  # derived from config.json: no parameter of the model
-            native_name = rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "the llm model")
+            native_name = rename(name, HF_LAYER, "layers.{}.{}", _HF_LAYER_NAMES, _HF_TOP_NAMES, "shardwright's model")
             native[native_name] = rope_rows(native_name, tensor, model_cfg, half_to_interleaved_rotation)
         if model_cfg.tie_embeddings and "tok_embeddings.weight" in native:
             native["output.weight"] = native["tok_embeddings.weight"]

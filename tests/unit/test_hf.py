@@ -186,6 +186,21 @@ def test_saved_rope_inverse_frequencies_are_checked_and_dropped(tmp_path, dtype)
         open_starting_weights(shorter, get_model_spec("llm"), model_cfg)
 
 
+def test_a_tensor_without_counterpart_is_named(tmp_path):
+    """A tensor the Llama mapping does not know (a Qwen3-style q_norm here) is refused naming it, and naming no
+    family: the MoE import, SOLO's start and DeepSpeed's import of a Hugging Face model share this mapping."""
+    model_cfg = dataclasses.replace(get_model_spec("llm").config_cls(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    vocab_size=TEST_VOCAB)
+    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(
+        **LlamaAdapter().export_config(model_cfg, 64)), dtype=torch.float32).save_pretrained(tmp_path / "plain")
+    tensors = load_file(tmp_path / "plain" / "model.safetensors") | {
+        "model.layers.1.self_attn.q_norm.weight": torch.ones(16)}
+    safetensors.torch.save_file(tensors, tmp_path / "plain" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"tensor model\.layers\.1\.self_attn\.q_norm\.weight has no counterpart in "
+                                        r"shardwright's model"):
+        imported(tmp_path / "plain", model_cfg)
+
+
 def test_a_config_field_llama_cannot_express_is_named():
     @dataclasses.dataclass
     class WithQKNorm(get_model_spec("llm").config_cls):
