@@ -80,6 +80,10 @@ def submit(args) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')}={value} must be >= 1")
     cfg = load_config(args.config, args.overrides)
+    if args.chain > 1 and not cfg.checkpoint.enabled:
+        raise UserError(f"--chain {args.chain} continues the run in each next job from its checkpoint, but "
+                        f"checkpoint.enabled=false: every job would train again from step 0; enable checkpoints or "
+                        f"submit one job; nothing was submitted")
     world_size = args.nodes * args.gpus_per_node
     try:
         dims = validated_layout(cfg, world_size)
@@ -111,7 +115,10 @@ def submit(args) -> int:
                  f"{args.launcher}{', chain of ' + str(args.chain) if args.chain > 1 else ''}, "
                  f"written {datetime.now():%Y-%m-%d %H:%M:%S}"),
         values={"run_dir": str(run_dir), "config": str(config_path), "python": sys.executable,
-                "procs_per_node": str(args.gpus_per_node), "requeue": "no" if args.chain > 1 else "yes",
+                "procs_per_node": str(args.gpus_per_node),
+                # a stopped job requeues itself to resume from its checkpoint: not with none (it would start over)
+                # nor in a chain (the next job resumes)
+                "requeue": "yes" if args.chain == 1 and cfg.checkpoint.enabled else "no",
                 "stopped_early": str(PREEMPTED_EXIT), "omp_threads": str(max(1, cpus_per_task // procs_per_task))},
         env=env, launch=_LAUNCH[args.launcher])
     if args.dry_run:

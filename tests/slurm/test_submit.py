@@ -139,6 +139,22 @@ def test_impossible_layout_fails_before_sbatch(tmp_path, data_cache, layout, mes
     assert not (tmp_path / "sbatch-called").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("overrides, requeue", [((), "yes"), (("checkpoint.enabled=false",), "no")])
+def test_a_stopped_job_requeues_only_with_checkpoints(tmp_path, data_cache, overrides, requeue):
+    """A job stopped by a signal requeues itself to resume from its checkpoint; without checkpoints it would start
+    over at step 0, again at every stop: the script leaves it ended."""
+    result = cli("submit", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--dry-run",
+                 *sets(tmp_path / "run", data_cache, *overrides))
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("REQUEUE=")] == [f"REQUEUE={requeue}"]
+
+
+def test_a_chain_without_checkpoints_is_refused(tmp_path, data_cache):
+    result = cli("submit", str(TINY), "--nodes", "1", "--gpus-per-node", "2", "--device", "cpu", "--dry-run",
+                 "--chain", "2", *sets(tmp_path / "run", data_cache, "checkpoint.enabled=false"))
+    assert_one_error_line(result, "--chain 2", "checkpoint.enabled=false", "nothing was submitted")
+
+
 def test_missing_sbatch_is_one_clear_line(tmp_path, data_cache):
     result = cli("submit", str(TINY), "--nodes", "1", "--gpus-per-node", "2", *sets(tmp_path / "run", data_cache),
                  env=dict(os.environ, PATH="/nonexistent"))
