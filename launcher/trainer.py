@@ -238,8 +238,8 @@ def train(cfg: Config) -> dict:
     spec = configured_spec(cfg.model.family, model_cfg)
     t, p = cfg.train, cfg.parallel
     bf16, precision_note = choose_precision(t.mixed_precision, device)
-    check_run_everywhere(spec, model_cfg, RunContext(cfg.data.document_mask, device,
-                                                     torch.bfloat16 if bf16 else torch.float32))
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    check_run_everywhere(spec, model_cfg, RunContext(cfg.data.document_mask, device, compute_dtype))
     lock_for_world(cfg.run.dir, cfg.run.lock)  # refused while another run writes run.dir
     # A checkpoint (the run's own, or init_from's) is verified by all ranks together, each hashing its share of its
     # files: read once in all, not once per rank.
@@ -263,7 +263,7 @@ def train(cfg: Config) -> dict:
     # Model: built without memory on the meta device, sharded, then materialized and initialized.
     if p.async_tp and device.type != "cuda":
         raise UserError("parallel.async_tp needs CUDA (symmetric memory); set parallel.async_tp=false")
-    options = cfg.parallelize_options(torch.bfloat16 if bf16 else torch.float32)
+    options = cfg.parallelize_options(compute_dtype)
     with torch.device("meta"):
         model = spec.model_cls(model_cfg)
     n_micro = t.global_batch_size // (t.micro_batch_size * dims.dp)
@@ -343,7 +343,7 @@ def train(cfg: Config) -> dict:
         cfg.dump(run_dir / "config.yaml")
 
     flops_per_token = spec.flops_per_token(model_cfg, t.seq_len)
-    peak = PeakFlops(device, torch.bfloat16 if bf16 else torch.float32, cfg.run.peak_flops, log=metrics.info)
+    peak = PeakFlops(device, compute_dtype, cfg.run.peak_flops, log=metrics.info)
     engine = "" if p.engine == "torch" else f" under {engine_name(cfg)}"
     metrics.info(f"{cfg.model.family}: {n_params / 1e6:.2f}M parameters, layout {dims.describe()}{engine} "
                  f"on {dims.world_size} {device.type} process(es), "
