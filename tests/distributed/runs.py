@@ -4,6 +4,7 @@ import ast
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from unittest.mock import patch
 
 from tests.conftest import TINY, cached_tokenizer, tiny_overrides
 
@@ -52,11 +53,8 @@ def recording_layouts():
                         "ddp": replicate.state(model) is not None})
         return model
 
-    launcher.trainer.parallelize = parallelize
-    try:
+    with patch.object(launcher.trainer, "parallelize", parallelize):
         yield layouts
-    finally:
-        launcher.trainer.parallelize = real_parallelize
 
 
 def sharded_over(layouts: list[dict]) -> list[set[str]]:
@@ -102,11 +100,8 @@ def pipeline_outputs_kept(run_dir: str, cache: str, overrides: list[str], keep: 
                 del self.schedule.step
         kept.append(sum(len(stage.output_chunks) for stage in self.stages))
 
-    Pipeline.run = run
-    try:
+    with patch.object(Pipeline, "run", run):
         losses = train_losses(run_dir, cache, overrides)
-    finally:
-        Pipeline.run = real_run
     return {"most_kept": max(kept), "losses": losses}
 
 
@@ -121,11 +116,8 @@ def pipeline_summary(run_dir: str, cache: str, overrides: list[str]) -> dict:
         schedules.add(type(self.schedule).__name__)
         return real_run(self, *args, **kwargs)
 
-    Pipeline.run = run
-    try:
+    with patch.object(Pipeline, "run", run):
         summary = train_summary(run_dir, cache, overrides)
-    finally:
-        Pipeline.run = real_run
     return {**summary, "schedules": sorted(schedules)}
 
 

@@ -4,13 +4,14 @@ per-step losses as one process (fp32, relative difference <= 1e-5), and its mode
 layout says; with activation checkpointing (full, selective) or compiled blocks, FSDP2 gives the plain FSDP2 run's
 losses. bf16 on CPU (autocast on one process, FSDP2's parameter dtype on two) computes its matmuls in bf16 and stays
 close to fp32."""
+from contextlib import ExitStack
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
 from tests.distributed.harness import run_world
-from tests.distributed.runs import (assert_losses_differ, assert_same_losses, perturbed_lr, recording_layouts, train_check,
-                                    train_losses)
+from tests.distributed.runs import assert_losses_differ, assert_same_losses, perturbed_lr, train_check, train_summary
 
 
 def _world(nproc: int, tmp: Path, cache: Path, runs: dict[str, tuple[str, list[str]]]) -> dict[str, dict]:
@@ -48,16 +49,13 @@ def bf16_control_lr() -> str:
 
 
 def train_recorded(run_dir: str, cache: str, overrides: list[str], without_data_parallel: bool = False) -> dict:
-    """Check body: train_losses; the dtypes of what F.linear (every nn.Linear) computed during the run; and how
-    parallelize left the model (runs.recording_layouts). `without_data_parallel`: parallelize skips data
-    parallelism (FSDP, DDP), a run whose layout the check must reject."""
+    """Check body: train_summary's losses and layout (how parallelize left the model); and the dtypes of what
+    F.linear (every nn.Linear) computed during the run. `without_data_parallel`: parallelize skips data parallelism
+    (FSDP, DDP), a run whose layout the check must reject."""
     import torch.nn.functional as F
 
     import parallel.parallelize
 
-    real_data_parallel = parallel.parallelize.apply_data_parallel
-    if without_data_parallel:
-        parallel.parallelize.apply_data_parallel = lambda model, *args, **kwargs: model
     real_linear, dtypes = F.linear, set()
 
     def linear(*args, **kwargs):
@@ -65,14 +63,13 @@ def train_recorded(run_dir: str, cache: str, overrides: list[str], without_data_
         dtypes.add(str(out.dtype))
         return out
 
-    F.linear = linear
-    try:
-        with recording_layouts() as layouts:
-            losses = train_losses(run_dir, cache, overrides)
-    finally:
-        F.linear = real_linear
-        parallel.parallelize.apply_data_parallel = real_data_parallel
-    return {"losses": losses, "linear_dtypes": sorted(dtypes), "layout": layouts}
+    with ExitStack() as patches:
+        patches.enter_context(patch.object(F, "linear", linear))
+        if without_data_parallel:
+            patches.enter_context(patch.object(parallel.parallelize, "apply_data_parallel",
+                                               lambda model, *args, **kwargs: model))
+        summary = train_summary(run_dir, cache, overrides)
+    return {"losses": summary["losses"], "linear_dtypes": sorted(dtypes), "layout": summary["layout"]}
 
 
 def recorded_check(run_dir: Path, cache: Path, *overrides: str, without_data_parallel: bool = False
