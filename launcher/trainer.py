@@ -122,11 +122,13 @@ class TrainStep:
         batches = [self.prepare(batch) for batch in micro_batches]
         # Summed as counted (int64 for token counts: exact beyond fp32's 2^24 of a large global batch).
         n_terms = torch.stack([torch.as_tensor(self.spec.loss.count(batch)) for batch in batches]).sum()
-        # One collective for both, in fp64: exact for integer counts below 2^53 whatever the count's dtype.
-        counts = torch.stack([n_terms.to(torch.float64), torch.tensor(float(pairs), device=n_terms.device,
-                                                                      dtype=torch.float64)])
-        all_reduce(counts, group=self.batch_group)
-        n_terms, self.attention_pairs = counts[0].to(n_terms.dtype), int(counts[1]) // self.dims.cp
+        if dist.get_world_size(self.batch_group) > 1:  # one rank's counts are global already: no packing (~30 us)
+            # One collective for both, in fp64: exact for integer counts below 2^53 whatever the count's dtype.
+            counts = torch.stack([n_terms.to(torch.float64), torch.tensor(float(pairs), device=n_terms.device,
+                                                                          dtype=torch.float64)])
+            dist.all_reduce(counts, group=self.batch_group)
+            n_terms, pairs = counts[0].to(n_terms.dtype), int(counts[1])
+        self.attention_pairs = pairs // self.dims.cp
         # Gradient reductions average over the dp x cp ranks; the loss is already global, so undo that.
         self.loss_scale.copy_(self.dims.dp * self.dims.cp / n_terms)
         self.loss_sums = []
