@@ -76,6 +76,7 @@ class TrainStep:
         self.loss_scale = torch.ones((), device=device)  # dp x cp / the step's global count of loss terms
         self.keys = spec.data.keys
         self.batch_group = meshes.batch.get_group()  # dp x cp: the ranks that hold different tokens of a step
+        self.cp_rank = meshes.cp.get_local_rank()  # which part of each sequence this rank takes
         self.pp_group = meshes.pp.get_group()
         self.loss_sums: list[torch.Tensor] = []  # [loss, *metrics] of each micro-batch, filled by `loss_terms`
         self.metric_names = spec.loss.metrics  # those of the current forward_backward (evaluation adds its own)
@@ -93,7 +94,6 @@ class TrainStep:
 
     def prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's part of a micro-batch on the device: sequence keys cut by context parallelism."""
-        cp_rank = self.meshes.cp.get_local_rank()
         out = {}
         for name, value in batch.items():
             key = self.keys.get(name)
@@ -101,7 +101,7 @@ class TrainStep:
                 raise KeyError(f"the loader served batch key {name!r}, which the family's DataSpec.keys does not "
                                f"declare ({', '.join(self.keys)})")
             if self.dims.cp > 1 and key.sequence_dim is not None:
-                value = self.layout.shard(value, cp_rank, dim=key.sequence_dim)
+                value = self.layout.shard(value, self.cp_rank, dim=key.sequence_dim)
             out[name] = value.to(self.device)
         return out
 
