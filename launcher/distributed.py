@@ -43,6 +43,16 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None, op=
         dist.all_reduce(tensor, op=op, group=group)
 
 
+def all_reduce_number(value: float, op=dist.ReduceOp.SUM, group: dist.ProcessGroup | None = None) -> float:
+    """A Python number combined over `group` through a one-element tensor; in a group of one rank the number itself,
+    where building that tensor and reading it back would be all the work."""
+    if dist.get_world_size(group) == 1:
+        return value
+    tensor = torch.tensor(value)
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor.item()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

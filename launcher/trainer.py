@@ -31,7 +31,7 @@ from launcher.config import Config, cp_layout, validate
 from launcher.cpu_memory import keep_freed_memory
 from launcher.cpu_threads import describe_openmp
 from launcher.deepspeed_engine import ZeroOptimizers, check_deepspeed_config, deepspeed_config
-from launcher.distributed import all_reduce, detect_world, init_distributed
+from launcher.distributed import all_reduce, all_reduce_number, detect_world, init_distributed
 from launcher.errors import PREEMPTED_EXIT, UserError
 from launcher.init_from import open_starting_weights
 from launcher.metrics import MetricsWriter, PeakFlops, peak_memory_gib, read_records, training_flops
@@ -599,14 +599,10 @@ def release_stop_signals(usual: dict) -> None:
 
 def all_finite(*values: float) -> bool:
     """Whether every rank has only finite values: one tiny all-reduce, so that all ranks skip a step alike."""
-    bad = torch.tensor(float(not all(math.isfinite(v) for v in values)))
-    all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not bad.item()
+    return not all_reduce_number(float(not all(math.isfinite(v) for v in values)), op=dist.ReduceOp.MAX)
 
 
 def stop_signal(received: list[int]) -> int:
     """The stop signal any rank has received, 0 if none: one tiny all-reduce, so that every rank
     stops after the same step and none is left waiting in a collective."""
-    flag = torch.tensor(max(received, default=0))
-    all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
+    return int(all_reduce_number(max(received, default=0), op=dist.ReduceOp.MAX))
