@@ -117,7 +117,7 @@ class TrainStep:
         """Forward (+ backward) of this rank's micro-batches of a step; the step's global loss and loss
         metrics, each divided by the global count of loss terms."""
         # Whole rows, before the cp split: every cp rank of a dp rank counts the same micro-batches.
-        pairs = sum(int(self.spec.data.attention_pairs(batch)) for batch in micro_batches) \
+        pairs = sum(self.spec.data.attention_pairs(batch) for batch in micro_batches) \
             if self.spec.data.attention_pairs is not None else 0
         batches = [self.prepare(batch) for batch in micro_batches]
         # Summed as counted (int64 for token counts: exact beyond fp32's 2^24 of a large global batch).

@@ -47,7 +47,7 @@ class DataSpec:
     prompt_batch: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
     # The (query, key) pairs a micro-batch's causal attention computes per layer and head (whole rows,
     # before any cp split), for FLOPs; None: T (T + 1) / 2 per row.
-    attention_pairs: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    attention_pairs: Callable[[dict[str, torch.Tensor]], int] | None = None
     # final_evaluation(data, greedy_tokens) -> named metrics of the trained model, measured once at the end of a
     # run (logged to metrics.jsonl and shown in the summary; e.g. SOLO's caption accuracy). greedy_tokens(batch)
     # runs the model, on every rank, on a batch of whole rows (model inputs as in `keys`, rows of the training

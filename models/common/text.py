@@ -28,15 +28,15 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (batch["targets"] != IGNORE_INDEX).sum()
 
 
-def attention_pairs(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def attention_pairs(batch: dict[str, torch.Tensor]) -> int:
     """Causal (query, key) pairs of a micro-batch's whole rows: L (L + 1) / 2 per document of L tokens
     (a row is one document without document_ids)."""
     tokens = batch["tokens"]
     if "document_ids" not in batch:
-        return torch.tensor(tokens.shape[0] * tokens.shape[1] * (tokens.shape[1] + 1) // 2)
+        return tokens.shape[0] * tokens.shape[1] * (tokens.shape[1] + 1) // 2
     offsets = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1) * tokens.shape[1]
     _, lengths = torch.unique_consecutive((batch["document_ids"] + offsets).flatten(), return_counts=True)
-    return (lengths * (lengths + 1) // 2).sum()
+    return int((lengths * (lengths + 1) // 2).sum())
 
 
 TEXT_DATA = DataSpec(keys=TEXT_KEYS, build_loaders=build_loaders, prompt_batch=prompt_batch,
