@@ -221,9 +221,10 @@ def train_mqar(kind: str, task: dict, model_shape: dict, steps: int, batch: int,
             print(f"  mqar {kind:8s} step {step + 1:5d}  loss {loss.item():.3f}  accuracy {accuracy:.3f}", flush=True)
     with torch.no_grad():
         held_logits = model(held_out[0])
-        held_loss, n = cross_entropy_sum(held_logits[held_out[2]], held_out[1][held_out[2]])
+        held_targets = held_out[1][held_out[2]]
+        held_loss = cross_entropy_sum(held_logits[held_out[2]], held_targets) / held_targets.numel()
     return {"model": kind, "parameters": sum(p.numel() for p in model.parameters()),
-            "held_out_accuracy": curve[-1]["held_out_accuracy"], "held_out_loss": (held_loss / n).item(),
+            "held_out_accuracy": curve[-1]["held_out_accuracy"], "held_out_loss": held_loss.item(),
             "train_seconds": time.perf_counter() - start, "curve": curve}
 
 

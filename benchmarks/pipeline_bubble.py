@@ -184,7 +184,7 @@ class Case:
         self.loss_values: list[torch.Tensor] = []
 
         def loss_fn(logits, targets):  # mean token loss of the whole batch, as the trainer normalizes it
-            loss = cross_entropy_sum(logits, targets)[0] / tokens
+            loss = cross_entropy_sum(logits, targets) / tokens
             self.loss_values.append(loss.detach())
             return loss
 

@@ -130,7 +130,7 @@ def sharded_model(cfg, tp: int, sp: bool, dtype: torch.dtype, family: str = "llm
 def forward_backward(model, tokens: torch.Tensor, targets: torch.Tensor) -> None:
     """One micro-step as the trainer runs it: forward, loss sum times the loss scale, backward."""
     with loss_parallel():
-        (cross_entropy_sum(model(tokens), targets)[0] * torch.ones(())).backward()
+        (cross_entropy_sum(model(tokens), targets) * torch.ones(())).backward()
 
 
 def random_batch(cfg, batch: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

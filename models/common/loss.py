@@ -12,13 +12,13 @@ def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction:
                            targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross entropy (at least fp32) and the number of target tokens it covers.
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed token cross entropy (at least fp32) over the targets that are not IGNORE_INDEX.
 
-    The trainer divides by the *global* target count, so the loss does not depend on how a
-    global batch is split over data-parallel ranks or micro-batches.
+    The trainer divides by the *global* target count (the family's LossSpec.count), so the loss does not
+    depend on how a global batch is split over data-parallel ranks or micro-batches.
     """
-    return _token_cross_entropy(logits, targets, "sum"), (targets != IGNORE_INDEX).sum()
+    return _token_cross_entropy(logits, targets, "sum")
 
 
 def cross_entropy_per_row(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

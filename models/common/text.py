@@ -21,7 +21,7 @@ def prompt_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def token_cross_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> LossTerms:
-    return LossTerms(cross_entropy_sum(logits, batch["targets"])[0], {})
+    return LossTerms(cross_entropy_sum(logits, batch["targets"]), {})
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:

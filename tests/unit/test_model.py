@@ -317,8 +317,7 @@ def _wrapped(mode: str, seed: int) -> Transformer:
 def _loss_and_grads(model: Transformer, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
     logits = model(x[:, :-1])
-    loss_sum, count = cross_entropy_sum(logits, x[:, 1:])
-    loss = loss_sum / count
+    loss = cross_entropy_sum(logits, x[:, 1:]) / x[:, 1:].numel()
     loss.backward()
     return loss.detach(), {canonical_name(n): p.grad.clone() for n, p in model.named_parameters()}
 
