@@ -193,7 +193,7 @@ def steps(tp: int, cases: list, train) -> list:
         with CollectiveCounter("reduce_partial_grads") as step:
             reduce_partial_grads(model.parameters())
             step.phase = "clip_grad_norm"
-            clip_grad_norm([model], train.grad_clip, meshes.pp.get_group())
+            clip_grad_norm(model.parameters(), train.grad_clip, meshes.pp.get_group())
             step.phase = "optimizer"
             optimizers.step()
         results.append((calls, partial, step.calls))

@@ -119,7 +119,7 @@ def measure(name: str, overrides: list[str], world: int) -> dict:
             held = {ptr: v for ptr, v in live_storages().items() if ptr not in before}
             grads = storages(grad_tensors)
             del grad_tensors
-        optimizers.clip_grad_norm([part], 1.0, meshes.pp.get_group())
+        optimizers.clip_grad_norm(part.parameters(), 1.0, meshes.pp.get_group())
         optimizers.step()
     params = storages(getattr(p, "ds_tensor", p) for p in model.parameters())
     optimizer = storages([p for group in client.param_groups for p in group["params"]]

@@ -164,7 +164,7 @@ class ZeroOptimizers:
         self.engine.set_gradient_accumulation_boundary(self.backwards % self.accumulation == 0)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def clip_grad_norm(self, parts, max_norm: float, pp_group) -> float:
+    def clip_grad_norm(self, params, max_norm: float, pp_group) -> float:
         """DeepSpeed's step: reduce, clip to gradient_clipping (= max_norm) and update, or skip the update and
         drop the gradients when one is not finite; the norm before clipping (inf when skipped)."""
         self.engine.step()

@@ -1,5 +1,6 @@
 """AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
 import math
+from collections.abc import Iterable
 from functools import partial
 
 import torch
@@ -94,8 +95,8 @@ class Optimizers:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def clip_grad_norm(self, parts: list[nn.Module], max_norm: float, pp_group) -> float:
-        return clip_grad_norm(parts, max_norm, pp_group)
+    def clip_grad_norm(self, params: Iterable[nn.Parameter], max_norm: float, pp_group) -> float:
+        return clip_grad_norm(params, max_norm, pp_group)
 
     def skip(self) -> None:
         """Drop this step's gradients without an update; the schedule counts only the steps taken."""
@@ -103,15 +104,15 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
 
-def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
-    """Global L2 norm of all gradients over every shard, mesh dim and pipeline stage, clipped to
-    max_norm when > 0.
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, pp_group) -> float:
+    """Global L2 norm of the gradients of `params` (this rank's, in module order) over every shard, mesh dim and
+    pipeline stage, clipped to max_norm when > 0.
 
     Gradients live on different meshes (FSDP x TP, TP only, or plain tensors), so the norm is
     taken per mesh and made whole there; the squares are summed, then over the pipeline stages.
     """
     by_mesh: dict = {}
-    for p in (p for part in parts for p in part.parameters()):
+    for p in params:
         if p.grad is not None:
             by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
     squares = sum(full_tensor(torch.nn.utils.get_total_norm(grads)) ** 2 for grads in by_mesh.values())
