@@ -25,7 +25,7 @@ the issue's goal, steps during an async save within 5% of steps without one, is 
 On a CUDA machine the runs train on the GPU (as `train` does wherever CUDA is), so the same script measures
 an async save where its copy is a device-to-host copy (benchmarks/gpu_suite.py runs it so).
 
-On a 2-core machine the background write and hashing compete with training for the same cores and the GIL.
+On a 2-core machine the writer process and the hashing thread compete with training for the same cores.
 """
 import argparse
 import json

@@ -6,7 +6,7 @@
 Every rank writes into checkpoints/.staging-step-<N>/; only after all ranks are done does rank 0
 rename it to step-<N> and then repoint `latest`. A crash at any moment leaves `latest` at the
 previous complete checkpoint; staging leftovers are never read and are cleared on the next save.
-With async_save the staging directory is written by background threads from an in-memory copy, and
+With async_save the staging directory is written by DCP's writer process from a copy in shared memory, and
 the same publish happens on the main thread once every rank's write is done (Checkpointer.poll, wait).
 
 meta.json, written last, records the SHA-256 of every other file of the checkpoint (and its own
@@ -17,10 +17,15 @@ and plain values (launcher/safe_dcp.py): RNG states are tensors.
 import errno
 import hashlib
 import json
+import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import random
 import shutil
+import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,9 +38,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
@@ -310,7 +317,8 @@ def _mount_point(path: Path) -> Path:
 
 
 def _write_error(error: BaseException) -> OSError | None:
-    """The OSError behind a failed save (DCP wraps each rank's error in a CheckpointException), if any."""
+    """The OSError behind a failed save (DCP wraps each rank's error in a CheckpointException), if any: the file
+    system's, or a ConnectionError from the pipe to an async save's writer process, which ended."""
     pending = [error]
     while pending:
         e = pending.pop()
@@ -338,11 +346,11 @@ class _ErrnoKeepingWriter(dcp.FileSystemWriter):
 
 def lower_this_thread_priority() -> None:
     """Give the calling thread the lowest CPU priority (nice 19), so that where training keeps every core busy
-    (a CPU run) a background save's write and hashing take only the cycles training leaves. Linux sets nice per
-    thread; elsewhere it would apply to the whole process, so there it does nothing, as it does on the main
-    thread (training's: an unprivileged process could not raise it again). Best effort: a refusal leaves the
-    priority as it was."""
-    if sys.platform == "linux" and threading.current_thread() is not threading.main_thread():
+    (a CPU run) a background save's write and hashing take only the cycles training leaves: for the hasher thread
+    and the writer process, never training's thread (an unprivileged process could not raise it again). Linux
+    sets nice per thread; elsewhere it would apply to the whole process, so there it does nothing. Best effort:
+    a refusal leaves the priority as it was."""
+    if sys.platform == "linux":
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except OSError:
@@ -350,12 +358,32 @@ def lower_this_thread_priority() -> None:
 
 
 class _BackgroundWriter(_ErrnoKeepingWriter):
-    """The writer of an async save: DCP runs the save, write included, on a thread of its own, which the first
-    call of the save (set_up_storage_writer) gives the lowest priority."""
+    """The writer of an async save. DCP runs it in a process of its own (AsyncCheckpointerType.PROCESS): its
+    Python work, a pickler per tensor, then holds that process's GIL rather than the one training needs between
+    operators. Its first call of each save (set_up_storage_writer, in that process) gives the writing thread the
+    lowest priority, keeps DCP's per-save log lines (INFO, on stderr) out of the run's output, and ignores the
+    signals that stop a run (SIGINT, SIGTERM, SIGUSR1: a terminal, Slurm or torchrun send them to every process
+    of the run), so that a save in flight when training is told to stop is still written for it to publish;
+    the training process ends the writer process as it exits (_end_at_exit)."""
 
     def set_up_storage_writer(self, *args, **kwargs):
         lower_this_thread_priority()
+        logging.getLogger().setLevel(logging.WARNING)  # the writer process's root logger, which DCP set to INFO
+        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(stop, signal.SIG_IGN)
         return super().set_up_storage_writer(*args, **kwargs)
+
+
+def _end_at_exit(writers: list[multiprocessing.Process]) -> None:
+    """Kill DCP's writer process as this process exits. multiprocessing's exit handler (atexit in a main process,
+    the end of a multiprocessing child's run) would send it the SIGTERM it ignores and wait for it forever; it
+    runs the finalizers of priority >= 0 first. Every save has been waited for by then, or the run failed and
+    its unpublished one is never read."""
+    def end():
+        for writer in writers:
+            writer.kill()
+            writer.join()
+    multiprocessing.util.Finalize(None, end, exitpriority=0)
 
 
 def on_rank0(rank: int, action: Callable[[], None]) -> OSError | None:
@@ -382,7 +410,34 @@ class Checkpointer:
         # rank constructs its Checkpointer at start-up, rather than in the step that first saves
         self._group = dist.new_group(backend="gloo") if async_save else None
         self._hasher = ThreadPoolExecutor(max_workers=1, initializer=lower_this_thread_priority) if async_save else None
+        # async: the copy of the state, in shared memory (pinned where CUDA is), kept for every later save; the
+        # writer process maps it by file name (torch's file_system sharing: passing a descriptor per tensor took
+        # one round trip each through this process's GIL, ~0.5 s a save here)
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=True,
+                                                    use_async_staging=False, use_non_blocking_copy=False)
+                                     ) if async_save else None
+        if async_save:
+            torch.multiprocessing.set_sharing_strategy("file_system")
+        self._writer_started = self._start_writer() if async_save else None
         self._pending = None  # async: (step, meta, staging directory, future of this rank's checksums share)
+
+    def _start_writer(self) -> Future:
+        """Start DCP's writer process now, at start-up, rather than in the first save's step: it imports torch,
+        seconds of CPU that would otherwise stall training's next steps. DCP starts it with its first async save,
+        so this one saves an empty state into a directory of this rank's own, removed once written. A process
+        that started it before (an earlier run in the same process) keeps it."""
+        scratch = Path(tempfile.mkdtemp(prefix="shardwright-writer-start-"))
+        children = {child.pid for child in multiprocessing.active_children()}
+        started = dcp.async_save({}, checkpoint_id=scratch, storage_writer=_BackgroundWriter(scratch),
+                                 process_group=self._group, async_stager=self._stager,
+                                 async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+
+        def started_or_failed(_):
+            shutil.rmtree(scratch, ignore_errors=True)
+            _end_at_exit([child for child in multiprocessing.active_children() if child.pid not in children])
+
+        started.add_done_callback(started_or_failed)
+        return started
 
     def latest_dir(self) -> Path | None:
         """The checkpoint directory `latest` points at (not yet verified: check_complete); None for a fresh run."""
@@ -475,9 +530,17 @@ class Checkpointer:
         if self.async_save:
             if write_more is not None:
                 raise ValueError("async_save writes DCP state only: an engine's own files are written synchronously")
-            # Copies every tensor (CPU too: FileSystemWriter stages without a cache), then writes on a thread.
+            if self._writer_started is not None:  # the first save: the writer process must be up
+                started, self._writer_started = self._writer_started, None
+                try:
+                    started.result()
+                except Exception as e:
+                    raise UserError(f"checkpoint.async_save=true: DCP's writer process did not start ({e}); set "
+                                    f"checkpoint.async_save=false to save synchronously") from None
+            # Copies every tensor into the staged copy (CPU too), then the writer process writes it.
             written = dcp.async_save(state, checkpoint_id=staging, storage_writer=_BackgroundWriter(staging),
-                                     process_group=self._group)
+                                     process_group=self._group, async_stager=self._stager,
+                                     async_checkpointer_type=AsyncCheckpointerType.PROCESS)
             self._pending = (step, meta, staging, self._hasher.submit(self._hash_share, staging, written, self._group))
             return None
         try:
@@ -565,6 +628,10 @@ class Checkpointer:
             raise error
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(cause, ConnectionError):
+            raise UserError(f"DCP's writer process ended while writing the async save of step {step} (killed from "
+                            f"outside? {type(cause).__name__}: {cause}); the last complete checkpoint is "
+                            f"{self.last_complete()}, and the partial one was removed: rerun to resume from it") from None
         space = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
                  errno.EFBIG: "file size limit reached"}.get(cause.errno)
         fix = "free space" if space else f"fix what {cause.filename or 'the file system'} refused"

@@ -3,8 +3,9 @@
     python -m tests.e2e.crash_during_save POINT KILL_STEP train CONFIG --set ...
 
 POINT: mid-write (a shard half written), before-publish (all shards written, not renamed),
-before-latest (renamed to step-N, `latest` not yet moved). With checkpoint.async_save=true the first happens
-on the background thread while training goes on, the others when the main thread publishes.
+before-latest (renamed to step-N, `latest` not yet moved). With checkpoint.async_save=true the training process
+is killed for the first as soon as the save call returns, while DCP's writer process writes (a patch of the
+writer would not reach that process); the others happen when the main thread publishes.
 """
 import os
 import signal
@@ -22,6 +23,7 @@ def die():
 def patch(point: str, kill_step: int) -> None:
     staging_name = f".staging-step-{kill_step}"
     real_write_data, real_publish = checkpoint._ErrnoKeepingWriter.write_data, checkpoint.Checkpointer._publish
+    real_save = checkpoint.Checkpointer.save
     real_write = checkpoint._write_atomically
 
     def write_data(writer, plan, planner):
@@ -29,6 +31,12 @@ def patch(point: str, kill_step: int) -> None:
             (Path(writer.path) / "__0_0.distcp").write_bytes(b"\0" * 1000)
             die()
         return real_write_data(writer, plan, planner)
+
+    def save(checkpointer, step, *args):
+        published = real_save(checkpointer, step, *args)
+        if point == "mid-write" and checkpointer.async_save and step == kill_step:
+            die()
+        return published
 
     def publish(checkpointer, step, meta, staging, share):
         if point == "before-publish" and staging.name == staging_name:
@@ -41,6 +49,7 @@ def patch(point: str, kill_step: int) -> None:
         real_write(path, text)
 
     checkpoint._ErrnoKeepingWriter.write_data = write_data
+    checkpoint.Checkpointer.save = save
     checkpoint.Checkpointer._publish = publish
     checkpoint._write_atomically = write_atomically
 

@@ -8,10 +8,10 @@ import copy
 import errno
 import hashlib
 import json
+import multiprocessing
 import os
 import pickle
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -34,6 +34,7 @@ from launcher.config import load_config
 from launcher.safe_dcp import load as safe_load
 from launcher.trainer import TrainStep, train
 from tests.conftest import TINY, tiny_overrides
+from tests.e2e.full_disk_writer import FullDiskBackgroundWriter, FullDiskWriter
 from tests.e2e.test_cli import losses_of, tree_digest
 
 pytestmark = pytest.mark.usefixtures("in_process_runs")  # train() runs in this process
@@ -261,6 +262,37 @@ def test_a_stop_signal_exits_75_only_with_a_checkpoint_to_resume_from(tmp_path, 
     assert not (run_dir / "checkpoints").exists() and max(losses_of(run_dir)) == 3
 
 
+def test_a_stop_signal_to_every_process_of_an_async_run_still_publishes_its_saves(tmp_path, data_cache, capsys,
+                                                                                  monkeypatch):
+    """SIGTERM to the training process and to DCP's writer process alike (a terminal's Ctrl-C, Slurm's signal to a
+    job step's processes) while an async save is in flight: the writer process ignores it and writes that save,
+    the run stops after the step with every save published and exits 75."""
+    run_dir = tmp_path / "run"
+    real_step, calls = TrainStep.train_step, []
+
+    def train_step(self, micro_batches):
+        calls.append(len(calls) + 1)
+        if len(calls) == 3:  # step 2's save is in flight (checkpoint.every=1)
+            for process in [os.getpid(), *(child.pid for child in multiprocessing.active_children())]:
+                os.kill(process, signal.SIGTERM)
+        return real_step(self, micro_batches)
+
+    monkeypatch.setattr(TrainStep, "train_step", train_step)
+    FAULTS["SIGTERM to the training and writer processes"] += 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", str(TINY), *sets(run_dir, data_cache, "checkpoint.async_save=true", "checkpoint.every=1",
+                                        "checkpoint.keep_last=5")])
+    assert stopped.value.code == 75, capsys.readouterr().err[-3000:]
+    assert "SIGTERM received: stopped after step 3; exit code 75" in capsys.readouterr().out
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-3"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-1", "step-2", "step-3"]
+    for step in (1, 2, 3):
+        assert check_complete(checkpoints / f"step-{step}")["verified"]
+    assert all(child.is_alive() for child in multiprocessing.active_children())
+
+
 @pytest.mark.parametrize("checkpoints", ["true", "false"])
 def test_a_stop_signal_before_the_first_step_is_one_line(tmp_path, data_cache, base_run, capsys, monkeypatch, request,
                                                          checkpoints):
@@ -434,27 +466,13 @@ def test_skip_drops_nonfinite_steps_then_stops_after_too_many(tmp_path, data_cac
 
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_full_disk_during_a_save_is_one_line_and_resumes(tmp_path, data_cache, base_run, reference_losses,
-                                                            capsys, monkeypatch, request, async_save):
-    """The final save (step 6) hits a file size limit (RLIMIT_FSIZE: the kernel fails the write with EFBIG, as a
-    full disk does with ENOSPC, through the real DCP writer, on the background thread with async_save); the rerun
-    resumes from step 4."""
+                                                            capsys, monkeypatch, async_save):
+    """The final save (step 6) hits a file size limit (tests/e2e/full_disk_writer.py: EFBIG, as a full disk gives
+    ENOSPC, through the real DCP writer, in DCP's writer process with async_save); the rerun resumes from step 4."""
     run_dir = copy_of(base_run, tmp_path)
-    real_write = launcher.checkpoint._ErrnoKeepingWriter.write_data
-
-    def write_into_a_full_disk(writer, plan, planner):
-        if Path(writer.path).name != ".staging-step-6":
-            return real_write(writer, plan, planner)
-        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))
-        try:
-            return real_write(writer, plan, planner)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-
-    monkeypatch.setattr(launcher.checkpoint._ErrnoKeepingWriter, "write_data", write_into_a_full_disk)
-    # EFBIG instead of the signal (set here: only the main thread may, and the write may run on another)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    request.addfinalizer(lambda: signal.signal(signal.SIGXFSZ, previous))
+    # both writers: the synchronous save's (this process) and the async one's (DCP's writer process)
+    monkeypatch.setattr(launcher.checkpoint, "_ErrnoKeepingWriter", FullDiskWriter)
+    monkeypatch.setattr(launcher.checkpoint, "_BackgroundWriter", FullDiskBackgroundWriter)
     FAULTS["full disk during a save"] += 1
     settings = sets(run_dir, data_cache, f"checkpoint.async_save={async_save}")
     error_line(*shardwright(capsys, "train", str(TINY), *settings), "while saving step 6",
@@ -543,24 +561,22 @@ def test_an_async_save_writes_the_state_of_when_it_was_called(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
 def test_an_async_save_writes_and_hashes_at_the_lowest_priority_leaving_training_s_own(tmp_path, monkeypatch):
-    """The threads that write and hash an async save run at nice 19, so that training keeps the cores it has
-    busy; the thread that called save (training's) keeps its priority."""
+    """An async save is written by DCP's writer process, whose writing thread runs at nice 19, and hashed by a
+    thread at nice 19, so that training keeps the cores it has busy; the thread that called save (training's)
+    keeps its priority."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    priorities = {}
+    hashed_at = []
 
-    def priority():
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def priority(thread_id=None):
+        return os.getpriority(os.PRIO_PROCESS, thread_id or threading.get_native_id())
 
-    def recording(name, function):
-        def call(*args, **kwargs):
-            priorities[name] = priority()
-            return function(*args, **kwargs)
-        return call
+    def recording(path):
+        hashed_at.append(priority())
+        return real_hash(path)
 
-    monkeypatch.setattr(launcher.checkpoint._BackgroundWriter, "write_data",
-                        recording("write", launcher.checkpoint._BackgroundWriter.write_data))
-    monkeypatch.setattr(launcher.checkpoint, "file_sha256", recording("hash", launcher.checkpoint.file_sha256))
+    real_hash = launcher.checkpoint.file_sha256
+    monkeypatch.setattr(launcher.checkpoint, "file_sha256", recording)
     training = priority()
     if training == 19:
         pytest.skip("the tests run at nice 19 already: a lowered thread would not differ from training's")
@@ -568,4 +584,7 @@ def test_an_async_save_writes_and_hashes_at_the_lowest_priority_leaving_training
     checkpointer.save(1, {"w": torch.ones(8)}, {})
     assert checkpointer.wait() == tmp_path / "checkpoints" / "step-1"
     assert priority() == training
-    assert priorities == {"write": 19, "hash": 19}
+    assert hashed_at and set(hashed_at) == {19}
+    # DCP's writer process: one per training process, started by the first Checkpointer that saves asynchronously
+    (writer,) = multiprocessing.active_children()
+    assert priority(writer.pid) == 19  # its main thread, which writes
