@@ -88,8 +88,8 @@ def main():
     torch.set_num_threads(args.threads)
 
     data = prepare_embedded("pydoc", TINY.vocab_size, Path(args.cache_dir).expanduser(), 0.05, log=lambda _: None)
-    loader = GlobalBatchLoader(PackedTokens(open_indexed(data.train_prefix), args.seq_len), args.rows, args.rows,
-                               0, 1, seed=0, documents=True)
+    tokens = PackedTokens(open_indexed(data.train_prefix, TINY.vocab_size), args.seq_len)
+    loader = GlobalBatchLoader(tokens, args.rows, args.rows, 0, 1, seed=0, documents=True)
     batch = loader.micro_batches(0)[0]
     lengths = segment_lengths(batch["document_ids"])
     survey = GlobalBatchLoader(loader.samples, args.survey_rows, args.survey_rows, 0, 1, seed=0, documents=True)
