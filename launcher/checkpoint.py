@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from launcher.config import Config
 from launcher.deepspeed_engine import SUBDIR
-from launcher.distributed import all_reduce
+from launcher.distributed import all_reduce_number
 from launcher.errors import UserError
 from launcher.optim import Optimizers
 from launcher.safe_dcp import load as safe_load
@@ -557,9 +557,8 @@ class Checkpointer:
         pending, so that all ranks publish after the same step); its path, else None. Every rank calls it."""
         if self._pending is None:
             return None
-        done = torch.tensor(float(self._pending[3].done()))
-        all_reduce(done, op=dist.ReduceOp.MIN)
-        return self.wait() if done.item() else None
+        done = all_reduce_number(float(self._pending[3].done()), op=dist.ReduceOp.MIN)
+        return self.wait() if done else None
 
     def wait(self) -> Path | None:
         """Wait for the pending async save's write and publish it; its path, None if none is pending. Every rank

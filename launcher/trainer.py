@@ -294,9 +294,8 @@ def train(cfg: Config) -> dict:
     for part in parts:
         if spec.hooks.setup is not None:
             spec.hooks.setup(part, StepContext(gradient_average=dims.dp * dims.cp, micro_batches=n_micro))
-    n_params = torch.tensor(float(sum(w.numel() for part in parts for w in part.parameters())))
-    dist.all_reduce(n_params, group=meshes.pp.get_group())  # each stage counts its own
-    n_params = n_params.item()
+    n_params = all_reduce_number(float(sum(w.numel() for part in parts for w in part.parameters())),
+                                 group=meshes.pp.get_group())  # each stage counts its own
     # FSDP casts parameters itself; without it, bf16 runs under autocast.
     precision = torch.autocast(device.type, torch.bfloat16) if bf16 and not uses_fsdp(dims) else nullcontext()
     zero = None  # parallel.engine=deepspeed: the ZeRO engine wraps the plain model and owns gradients and AdamW
