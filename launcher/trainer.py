@@ -11,13 +11,14 @@ global number of its terms, so it does not depend on how the batch is split over
 ranks, context-parallel ranks or micro-batches: the same config under any layout gives the same
 loss curve.
 """
+import gc
 import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -375,67 +376,69 @@ def train(cfg: Config) -> dict:
         metrics.info(f"nothing to train: {run_dir} is already at step {start_step}; raise train.steps "
                      f"(or run.stop_at_step) to continue, or use a new run.dir")
     stop_signals, usual_handlers = catch_stop_signals()  # from here SIGUSR1/SIGTERM stop the run after a step
-    for step in range(start_step + 1, last_step + 1):
-        started = time.perf_counter()
-        record = steps.train_step(train_loader.micro_batches(train_loader.step))
-        train_loader.step += 1
-        elapsed = time.perf_counter() - started
-        tokens_per_s = tokens_per_step / elapsed
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if record.get("skipped_nonfinite") else 0
-        if not nonfinite_in_a_row:
-            losses.append(record["loss"])
-        throughput.append(tokens_per_s)
-        step_flops_per_token.append(training_flops(
-            flops_per_token, pair_flops, t.seq_len, t.global_batch_size,
-            steps.attention_pairs if spec.data.attention_pairs is not None else whole_row_pairs) / tokens_per_step)
-        tflops = step_flops_per_token[-1] * tokens_per_s / dims.world_size / 1e12
-        record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
-                  "mfu": peak.mfu(tflops * 1e12), "mem_peak_gib": peak_memory_gib(device)}
-        metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
-        published(checkpointer.poll())  # an async save whose write is done, on every rank
-        if nonfinite_in_a_row:
-            what = f"step {step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite"
-            if t.nonfinite == "stop" or nonfinite_in_a_row >= t.max_nonfinite_steps:
-                published(checkpointer.wait())
-                metrics.close()
-                raise UserError(f"{what} ({nonfinite_in_a_row} step(s) in a row, train.nonfinite={t.nonfinite}, "
-                                f"max_nonfinite_steps={t.max_nonfinite_steps}); no update of it was applied or saved: "
-                                f"the last checkpoint is {checkpointer.last_complete()}; lower train.lr or raise "
-                                f"train.warmup_steps and rerun, or set train.nonfinite=skip")
-            metrics.info(f"{what}: optimizer step skipped ({nonfinite_in_a_row} of at most "
-                         f"{t.max_nonfinite_steps - 1} in a row, train.nonfinite=skip)")
-        if t.eval_every and step % t.eval_every == 0 and step != last_step:
-            eval_record = steps.evaluate(valid_loader, n_eval)
-            metrics.log({"step": step, **eval_record}, show=True)
-        if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != last_step:
-            save(step)
-        stop = stop_signal(stop_signals)  # every rank, every step: all stop after the same step
-        if stop and step != last_step:
-            if not cfg.checkpoint.enabled:  # nothing to resume from: exit 75 would requeue a job from step 0 forever
-                metrics.close()
-                raise UserError(f"{signal.Signals(stop).name} received: stopped after step {step} without a "
-                                f"checkpoint (checkpoint.enabled=false), so running again starts from step 0; set "
-                                f"checkpoint.enabled=true for a run that resumes after a stop signal")
-            if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+    with set_up_objects_frozen():
+        for step in range(start_step + 1, last_step + 1):
+            started = time.perf_counter()
+            record = steps.train_step(train_loader.micro_batches(train_loader.step))
+            train_loader.step += 1
+            elapsed = time.perf_counter() - started
+            tokens_per_s = tokens_per_step / elapsed
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if record.get("skipped_nonfinite") else 0
+            if not nonfinite_in_a_row:
+                losses.append(record["loss"])
+            throughput.append(tokens_per_s)
+            step_flops_per_token.append(training_flops(
+                flops_per_token, pair_flops, t.seq_len, t.global_batch_size,
+                steps.attention_pairs if spec.data.attention_pairs is not None else whole_row_pairs) / tokens_per_step)
+            tflops = step_flops_per_token[-1] * tokens_per_s / dims.world_size / 1e12
+            record = {"step": step, **record, "tokens_per_s": tokens_per_s, "tflops": tflops,
+                      "mfu": peak.mfu(tflops * 1e12), "mem_peak_gib": peak_memory_gib(device)}
+            metrics.log(record, show=step % cfg.run.log_every == 0 or step == last_step)
+            published(checkpointer.poll())  # an async save whose write is done, on every rank
+            if nonfinite_in_a_row:
+                what = f"step {step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite"
+                if t.nonfinite == "stop" or nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    published(checkpointer.wait())
+                    metrics.close()
+                    raise UserError(f"{what} ({nonfinite_in_a_row} step(s) in a row, train.nonfinite={t.nonfinite}, "
+                                    f"max_nonfinite_steps={t.max_nonfinite_steps}); no update of it was applied or "
+                                    f"saved: the last checkpoint is {checkpointer.last_complete()}; lower train.lr or "
+                                    f"raise train.warmup_steps and rerun, or set train.nonfinite=skip")
+                metrics.info(f"{what}: optimizer step skipped ({nonfinite_in_a_row} of at most "
+                             f"{t.max_nonfinite_steps - 1} in a row, train.nonfinite=skip)")
+            if t.eval_every and step % t.eval_every == 0 and step != last_step:
+                eval_record = steps.evaluate(valid_loader, n_eval)
+                metrics.log({"step": step, **eval_record}, show=True)
+            every = cfg.checkpoint.every
+            if cfg.checkpoint.enabled and every and step % every == 0 and step != last_step:
                 save(step)
-            published(checkpointer.wait())
-            metrics.info(f"{signal.Signals(stop).name} received: stopped after step {step}; exit code "
-                         f"{PREEMPTED_EXIT} (requeue to resume from the checkpoint)")
-            metrics.close()
-            dist.barrier()
-            sys.exit(PREEMPTED_EXIT)
-    # After the loop a signal ends the process as usual: a stop request during the final eval, save or sample was
-    # recorded and ignored, and the process ran on to the end.
-    release_stop_signals(usual_handlers)
-    # Recorded at the run's end, or where the loop left the eval to this one; at an early end (run.stop_at_step)
-    # only said: the run that goes on from here has no eval record at this step.
-    recorded = last_step == t.steps or bool(t.eval_every and last_step % t.eval_every == 0)
-    if start_step < last_step:
-        eval_record = steps.evaluate(valid_loader, n_eval)
-        metrics.log({"step": last_step, **eval_record}, show=True, record_it=recorded)
-        if cfg.checkpoint.enabled:
-            save(last_step)
-    published(checkpointer.wait())
+            stop = stop_signal(stop_signals)  # every rank, every step: all stop after the same step
+            if stop and step != last_step:
+                if not cfg.checkpoint.enabled:  # nothing to resume from: exit 75 would requeue from step 0 forever
+                    metrics.close()
+                    raise UserError(f"{signal.Signals(stop).name} received: stopped after step {step} without a "
+                                    f"checkpoint (checkpoint.enabled=false), so running again starts from step 0; set "
+                                    f"checkpoint.enabled=true for a run that resumes after a stop signal")
+                if not (every and step % every == 0):
+                    save(step)
+                published(checkpointer.wait())
+                metrics.info(f"{signal.Signals(stop).name} received: stopped after step {step}; exit code "
+                             f"{PREEMPTED_EXIT} (requeue to resume from the checkpoint)")
+                metrics.close()
+                dist.barrier()
+                sys.exit(PREEMPTED_EXIT)
+        # After the loop a signal ends the process as usual: a stop request during the final eval, save or sample was
+        # recorded and ignored, and the process ran on to the end.
+        release_stop_signals(usual_handlers)
+        # Recorded at the run's end, or where the loop left the eval to this one; at an early end (run.stop_at_step)
+        # only said: the run that goes on from here has no eval record at this step.
+        recorded = last_step == t.steps or bool(t.eval_every and last_step % t.eval_every == 0)
+        if start_step < last_step:
+            eval_record = steps.evaluate(valid_loader, n_eval)
+            metrics.log({"step": last_step, **eval_record}, show=True, record_it=recorded)
+            if cfg.checkpoint.enabled:
+                save(last_step)
+        published(checkpointer.wait())
     sample = None
     if t.sample_prompt and spec.data.prompt_batch is None:
         metrics.info(f"no sample: model family {cfg.model.family} does not sample text")
@@ -458,6 +461,20 @@ def train(cfg: Config) -> dict:
     metrics.close()
     dist.barrier()
     return summary
+
+
+@contextmanager
+def set_up_objects_frozen():
+    """Keep the Python objects made before the training loop out of the full garbage collections that run during it.
+    They live as long as the run (torch's, the model's, the data's: a few hundred thousand), and a full collection
+    walks them all: 0.24 s of one step, once every few checkpoint saves (whose objects trigger it), in a run with
+    async saves (docs/performance.md). Unfrozen after, so that what the run leaves in reference cycles can be
+    collected (launcher/cli.py does, before it ends the process group)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def eval_batches(valid_loader, wanted: int, global_batch_size: int, seq_len: int) -> tuple[int, str | None]:
