@@ -17,7 +17,12 @@ save adds to the run (sum of the walls of steps during saves minus as many `none
 wall of the save call itself (the blocking part). Because a shared VM's speed drifts by tens of percent over
 tens of seconds, each save's steps are also compared with the steps just before it in the same run
 (`during_save_vs_steps_before_it`: the median over saves of their mean over the preceding steps' median):
-the issue's goal, steps during an async save within 5% of steps without one, is read from that.
+the issue's goal, steps during an async save within 5% of steps without one, is read from that. A run's first
+async save also allocates the copy in shared memory that later saves reuse (a one-time ~0.25 s in its step), so
+first saves and later saves are also given apart; a later save has steps before it only where the previous save
+was published before it was called: with a write that takes the whole interval (`--every` short for this
+machine), only first saves are compared. Per async save, the CPU seconds DCP's writer process used between
+the save call and the publication (Linux: /proc) tell what the save took from training on a busy CPU.
 
     .venv/bin/python benchmarks/async_checkpoint.py [--dim 256] [--layers 10] [--steps 36] [--every 6]
         [--warmup 3] [--repeats 2] [--threads N] [--set section.key=value ...] [--out FILE]
@@ -29,6 +34,7 @@ On a 2-core machine the writer process and the hashing thread compete with train
 """
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -75,6 +81,7 @@ def run_mode(args) -> dict:
     """One run: {"walls": {step: seconds}, "saves": [(save step, step after which it was published)], ...}."""
     torch.set_num_threads(args.threads)
     stamps, saves, published, in_flight_at_next_save = {}, [], [], []
+    writer_cpu_at_call, writer_cpu = {}, {}
     real_log, real_save, real_publish, real_wait = (
         launcher.metrics.MetricsWriter.log, launcher.checkpoint.Checkpointer.save,
         launcher.checkpoint.Checkpointer._publish, launcher.checkpoint.Checkpointer.wait)
@@ -85,6 +92,7 @@ def run_mode(args) -> dict:
             stamps[record["step"]] = time.perf_counter()
 
     def save(checkpointer, step, *rest):
+        writer_cpu_at_call[step] = writer_cpu_s()
         started = time.perf_counter()
         try:
             return real_save(checkpointer, step, *rest)
@@ -93,6 +101,8 @@ def run_mode(args) -> dict:
 
     def publish(checkpointer, step, *rest):
         published.append((step, max(stamps)))
+        if writer_cpu_at_call.get(step) is not None:
+            writer_cpu[step] = writer_cpu_s() - writer_cpu_at_call[step]
         return real_publish(checkpointer, step, *rest)
 
     def wait(checkpointer):
@@ -124,17 +134,31 @@ def run_mode(args) -> dict:
     in_loop = dict(saves)
     return {"walls": walls, "saves": [(s, p) for s, p in published if s in in_loop and p < args.steps],
             "save_call_s": [in_loop[s] for s, p in published if s in in_loop and p < args.steps],
+            "writer_cpu_s": [writer_cpu.get(s) for s, p in published if s in in_loop and p < args.steps],
             "in_flight_at_next_save": in_flight_at_next_save, "run_s": total, "checkpoint_bytes": size}
+
+
+def writer_cpu_s() -> float | None:
+    """CPU seconds (user + system) used so far by this process's multiprocessing children (DCP's writer process of
+    an async save), or None where /proc cannot tell (not Linux) or there is none."""
+    children = multiprocessing.active_children()
+    if not children or not Path("/proc/self/stat").exists():
+        return None
+    total = 0.0
+    for child in children:
+        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def summarize(args, runs: dict[str, list[dict]]) -> dict:
     baseline = statistics.median(w for run in runs["none"] for k, w in run["walls"].items() if k > args.warmup)
     out = {"none": {"median_step_s": baseline}}
     for mode in ("sync", "async"):
-        during, without, added, in_flight, local = [], [], [], [], []
+        during, without, added, in_flight, local, first, later = [], [], [], [], [], [], []
         for run in runs[mode]:
             touched, free_since = set(), args.warmup + 1
-            for saved, published_after in run["saves"]:
+            for i, (saved, published_after) in enumerate(run["saves"]):
                 steps = range(saved + 1, published_after + 2)
                 touched.update(steps)
                 in_flight.append(len(steps))
@@ -143,6 +167,7 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
                 before = [run["walls"][k] for k in range(free_since, saved + 1)]
                 if before:
                     local.append(statistics.mean(run["walls"][k] for k in steps) / statistics.median(before))
+                    (later if i else first).append(local[-1])
                 free_since = published_after + 2
             during += [run["walls"][k] for k in sorted(touched)]
             without += [w for k, w in run["walls"].items() if k > args.warmup and k not in touched]
@@ -155,10 +180,15 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
                      "during_save_vs_none_median": statistics.median(during) / baseline,
                      "during_save_vs_steps_before_it": statistics.median(local),
                      "during_save_vs_steps_before_it_each": local,
+                     "first_save_vs_steps_before_it": first,  # with the one-time allocation of an async copy
+                     "later_save_vs_steps_before_it": later,
                      "steps_per_save": statistics.mean(in_flight),
                      "saves_in_flight_at_next_save": sum(len(run["in_flight_at_next_save"]) for run in runs[mode]),
                      "save_call_s": statistics.median(save_calls),
                      "added_s_per_save": statistics.mean(added)}
+        cpu = [c for run in runs[mode] for c in run["writer_cpu_s"] if c is not None]
+        if cpu:
+            out[mode]["writer_process_cpu_s_per_save"] = statistics.median(cpu)
     out["async"]["within_goal"] = out["async"]["during_save_vs_steps_before_it"] <= GOAL
     return out
 

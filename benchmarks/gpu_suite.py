@@ -213,12 +213,13 @@ def checkpoint(args, device) -> dict:
             return {"error": f"exit {run.returncode}: {run.stderr[-3000:]}"}
         result = json.loads(out.read_text())
     keep = ("save_call_s", "during_save_vs_steps_before_it", "during_save_vs_steps_before_it_each",
-            "steps_per_save", "saves_in_flight_at_next_save", "added_s_per_save", "median_step_s_without_save",
+            "first_save_vs_steps_before_it", "later_save_vs_steps_before_it", "steps_per_save", "saves_in_flight_at_next_save", "added_s_per_save", "median_step_s_without_save",
             "without_save_vs_none_median")
     return {"arguments": sizes, "checkpoint_mb": result["checkpoint_mb"], "goal": result["goal_during_save_vs_none"],
             "none_median_step_s": result["none"]["median_step_s"],
             **{mode: {k: result[mode][k] for k in keep} for mode in ("sync", "async")},
-            "async_within_goal": result["async"]["within_goal"]}
+            "async_within_goal": result["async"]["within_goal"],
+            "async_writer_process_cpu_s_per_save": result["async"].get("writer_process_cpu_s_per_save")}
 
 
 def tests(args, device) -> dict:
