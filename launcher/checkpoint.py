@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -365,18 +366,37 @@ class _BackgroundWriter(_ErrnoKeepingWriter):
     lowest priority, keeps DCP's per-save log lines (INFO, on stderr) out of the run's output, and ignores the
     signals that stop a run (SIGINT, SIGTERM, SIGUSR1: a terminal, Slurm or torchrun send them to every process
     of the run), so that a save in flight when training is told to stop is still written for it to publish;
-    the training process ends the writer process as it exits (_end_at_exit). Its first call (the start-up save)
-    also freezes the objects the process holds then, torch's, which a full garbage collection walked in 0.12-0.18 s
-    of a save every few saves (seen in a profile of the writer: docs/checkpoints.md)."""
+    the training process ends the writer process as it exits (_end_at_exit). Its first call in the process (the
+    start-up save) also freezes the objects the process holds then, torch's, which a full garbage collection walked
+    in 0.12-0.18 s of a save every few saves (seen in a profile of the writer: docs/checkpoints.md), and has the
+    process end with the training process (_exit_with_parent)."""
 
     def set_up_storage_writer(self, *args, **kwargs):
-        if not gc.get_freeze_count():
+        global _writer_process_set_up
+        if not _writer_process_set_up:
+            _writer_process_set_up = True
             gc.freeze()
+            _exit_with_parent(os.getppid())
         lower_this_thread_priority()
         logging.getLogger().setLevel(logging.WARNING)  # the writer process's root logger, which DCP set to INFO
         for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(stop, signal.SIG_IGN)
         return super().set_up_storage_writer(*args, **kwargs)
+
+
+_writer_process_set_up = False  # in DCP's writer process: whether its first save has set it up
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process (DCP's writer process) within half a second of `parent`, the training process, ending
+    without ending it (SIGKILLed, or killed by the OOM killer, mid-save): an orphaned writer would go on writing a
+    staging directory that a rerun of the run removes as a leftover, or writes again when it saves the same step."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-training-process", daemon=True).start()
 
 
 def _end_at_exit(writers: list[multiprocessing.Process]) -> None:

@@ -4,16 +4,22 @@
 
 POINT: mid-write (a shard half written), before-publish (all shards written, not renamed),
 before-latest (renamed to step-N, `latest` not yet moved). With checkpoint.async_save=true the training process
-is killed for the first as soon as the save call returns, while DCP's writer process writes (a patch of the
-writer would not reach that process); the others happen when the main thread publishes.
+is killed for the first as soon as the save call returns, while DCP's writer process holds the write of step 3
+(tests/e2e/held_writer.py: a patch of the writer would not reach that process), after writing the writer
+process's pid and the time into killed-mid-write.json beside the run directory; the others happen when the main
+thread publishes.
 """
+import json
+import multiprocessing
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import launcher.checkpoint as checkpoint
 from launcher.cli import main
+from tests.e2e.held_writer import HeldBackgroundWriter
 
 
 def die():
@@ -35,6 +41,8 @@ def patch(point: str, kill_step: int) -> None:
     def save(checkpointer, step, *args):
         published = real_save(checkpointer, step, *args)
         if point == "mid-write" and checkpointer.async_save and step == kill_step:
+            killed = {"writer_pids": [child.pid for child in multiprocessing.active_children()], "at": time.time()}
+            (checkpointer.root.parent.parent / "killed-mid-write.json").write_text(json.dumps(killed))
             die()
         return published
 
@@ -49,6 +57,8 @@ def patch(point: str, kill_step: int) -> None:
         real_write(path, text)
 
     checkpoint._ErrnoKeepingWriter.write_data = write_data
+    if point == "mid-write":
+        checkpoint._BackgroundWriter = HeldBackgroundWriter
     checkpoint.Checkpointer.save = save
     checkpoint.Checkpointer._publish = publish
     checkpoint._write_atomically = write_atomically

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,14 @@ def test_local_world_saves_asynchronously(two_process_run, tmp_path, data_cache)
     assert result.stdout.count("saved checkpoint") == 2
 
 
+def ended(pid: int) -> bool:
+    """Whether process `pid` has ended (exited, or a zombie nobody reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_losses(tmp_path_factory, data_cache) -> dict[int, float]:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
@@ -103,6 +112,13 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, data_cache, uninte
                                       f"checkpoint.async_save={async_save}")]
     killed = shardwright(point, "3", *args, module="tests.e2e.crash_during_save")
     assert killed.returncode == -9, killed.stderr[-3000:]
+    if point == "mid-write" and async_save == "true":
+        # DCP's writer process, held mid-write for a minute, ends with the training process rather than write on
+        # into the run directory the rerun below uses. It holds the pipes of the killed run's output, so the run
+        # returns only once it has ended.
+        killed = json.loads((tmp_path / "killed-mid-write.json").read_text())
+        assert len(killed["writer_pids"]) == 1 and ended(killed["writer_pids"][0]), killed
+        assert time.time() - killed["at"] < 10, f"the writer process ran on {time.time() - killed['at']:.0f} s"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-2"
     resumed = shardwright(*args)  # picks up step-2, redoes steps 3-4
     assert resumed.returncode == 0, resumed.stderr[-3000:]
