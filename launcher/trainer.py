@@ -465,11 +465,16 @@ def train(cfg: Config) -> dict:
 
 @contextmanager
 def set_up_objects_frozen():
-    """Keep the Python objects made before the training loop out of the full garbage collections that run during it.
+    """Keep the Python objects made before the training loop out of the garbage collections that run during it.
     They live as long as the run (torch's, the model's, the data's: a few hundred thousand), and a full collection
     walks them all: 0.24 s of one step, once every few checkpoint saves (whose objects trigger it), in a run with
-    async saves (docs/performance.md). Unfrozen after, so that what the run leaves in reference cycles can be
-    collected (launcher/cli.py does, before it ends the process group)."""
+    async saves (docs/checkpoints.md). Collected first, so that no reference cycle set-up left behind (a tensor
+    among them) is held for the whole run; unfrozen after, so that what the run leaves in cycles can be collected
+    (launcher/cli.py does, before it ends the process group). A caller that froze objects itself keeps them so."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
     gc.freeze()
     try:
         yield
