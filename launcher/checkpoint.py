@@ -366,17 +366,21 @@ class _BackgroundWriter(_ErrnoKeepingWriter):
     lowest priority, keeps DCP's per-save log lines (INFO, on stderr) out of the run's output, and ignores the
     signals that stop a run (SIGINT, SIGTERM, SIGUSR1: a terminal, Slurm or torchrun send them to every process
     of the run), so that a save in flight when training is told to stop is still written for it to publish;
-    the training process ends the writer process as it exits (_end_at_exit). Its first call in the process (the
-    start-up save) also freezes the objects the process holds then, torch's, which a full garbage collection walked
-    in 0.12-0.18 s of a save every few saves (seen in a profile of the writer: docs/checkpoints.md), and has the
-    process end with the training process (_exit_with_parent)."""
+    the training process ends the writer process as it exits (_end_at_exit). Its first call in the writer process
+    (the start-up save) also freezes the objects the process holds then, torch's, which a full garbage collection
+    walked in 0.12-0.18 s of a save every few saves (seen in a profile of the writer: docs/checkpoints.md), and has
+    the process end with the training process that made this writer (_exit_with_parent)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.training_pid = os.getpid()  # made in the training process, pickled to the writer process
 
     def set_up_storage_writer(self, *args, **kwargs):
         global _writer_process_set_up
-        if not _writer_process_set_up:
+        if os.getpid() != self.training_pid and not _writer_process_set_up:
             _writer_process_set_up = True
             gc.freeze()
-            _exit_with_parent(os.getppid())
+            _exit_with_parent(self.training_pid)
         lower_this_thread_priority()
         logging.getLogger().setLevel(logging.WARNING)  # the writer process's root logger, which DCP set to INFO
         for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
@@ -388,9 +392,11 @@ _writer_process_set_up = False  # in DCP's writer process: whether its first sav
 
 
 def _exit_with_parent(parent: int) -> None:
-    """End this process (DCP's writer process) within half a second of `parent`, the training process, ending
+    """End this process (DCP's writer process) once `parent`, the training process that started it, has ended
     without ending it (SIGKILLed, or killed by the OOM killer, mid-save): an orphaned writer would go on writing a
-    staging directory that a rerun of the run removes as a leftover, or writes again when it saves the same step."""
+    staging directory that a rerun of the run removes as a leftover, or writes again when it saves the same step.
+    Polled every half second: the kernel's parent-death signal follows the thread that started a process, here a
+    thread of DCP's that ends after the first save. At once if `parent` has ended already."""
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
