@@ -146,7 +146,10 @@ def writer_cpu_s() -> float | None:
         return None
     total = 0.0
     for child in children:
-        fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended since active_children() listed it
+            continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return total
 
@@ -180,7 +183,7 @@ def summarize(args, runs: dict[str, list[dict]]) -> dict:
                      "during_save_vs_none_median": statistics.median(during) / baseline,
                      "during_save_vs_steps_before_it": statistics.median(local),
                      "during_save_vs_steps_before_it_each": local,
-                     "first_save_vs_steps_before_it": first,  # with the one-time allocation of an async copy
+                     "first_save_vs_steps_before_it": first,  # async: with the one-time copy allocation
                      "later_save_vs_steps_before_it": later,
                      "steps_per_save": statistics.mean(in_flight),
                      "saves_in_flight_at_next_save": sum(len(run["in_flight_at_next_save"]) for run in runs[mode]),
