@@ -362,14 +362,14 @@ def lower_this_thread_priority() -> None:
 class _BackgroundWriter(_ErrnoKeepingWriter):
     """The writer of an async save. DCP runs it in a process of its own (AsyncCheckpointerType.PROCESS): its
     Python work, a pickler per tensor, then holds that process's GIL rather than the one training needs between
-    operators. Its first call of each save (set_up_storage_writer, in that process) gives the writing thread the
-    lowest priority, keeps DCP's per-save log lines (INFO, on stderr) out of the run's output, and ignores the
-    signals that stop a run (SIGINT, SIGTERM, SIGUSR1: a terminal, Slurm or torchrun send them to every process
-    of the run), so that a save in flight when training is told to stop is still written for it to publish;
-    the training process ends the writer process as it exits (_end_at_exit). Its first call in the writer process
-    (the start-up save) also freezes the objects the process holds then, torch's, which a full garbage collection
-    walked in 0.12-0.18 s of a save every few saves (seen in a profile of the writer: docs/checkpoints.md), and has
-    the process end with the training process that made this writer (_exit_with_parent)."""
+    operators. Its first call in that process (set_up_storage_writer of the start-up save; every save runs on the
+    process's main thread) sets the process up for good: the writing thread at the lowest priority, DCP's
+    per-save log lines (INFO, on stderr) kept out of the run's output, the signals that stop a run ignored
+    (SIGINT, SIGTERM, SIGUSR1: a terminal, Slurm or torchrun send them to every process of the run) so that a save
+    in flight when training is told to stop is still written for it to publish, the objects the process holds then
+    (torch's, which a full garbage collection walked in 0.12-0.18 s of a save every few saves: docs/checkpoints.md)
+    frozen, and the process ending with the training process that made this writer (_exit_with_parent). The
+    training process ends the writer process as it exits (_end_at_exit)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -379,12 +379,12 @@ class _BackgroundWriter(_ErrnoKeepingWriter):
         global _writer_process_set_up
         if os.getpid() != self.training_pid and not _writer_process_set_up:
             _writer_process_set_up = True
+            lower_this_thread_priority()
+            logging.getLogger().setLevel(logging.WARNING)  # the process's root logger, which DCP set to INFO
+            for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(stop, signal.SIG_IGN)
             gc.freeze()
             _exit_with_parent(self.training_pid)
-        lower_this_thread_priority()
-        logging.getLogger().setLevel(logging.WARNING)  # the writer process's root logger, which DCP set to INFO
-        for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(stop, signal.SIG_IGN)
         return super().set_up_storage_writer(*args, **kwargs)
 
 

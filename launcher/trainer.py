@@ -375,6 +375,7 @@ def train(cfg: Config) -> dict:
     if start_step >= last_step:
         metrics.info(f"nothing to train: {run_dir} is already at step {start_step}; raise train.steps "
                      f"(or run.stop_at_step) to continue, or use a new run.dir")
+    every = cfg.checkpoint.every if cfg.checkpoint.enabled else 0  # a checkpoint after every `every` steps
     stop_signals, usual_handlers = catch_stop_signals()  # from here SIGUSR1/SIGTERM stop the run after a step
     with set_up_objects_frozen():
         for step in range(start_step + 1, last_step + 1):
@@ -409,8 +410,7 @@ def train(cfg: Config) -> dict:
             if t.eval_every and step % t.eval_every == 0 and step != last_step:
                 eval_record = steps.evaluate(valid_loader, n_eval)
                 metrics.log({"step": step, **eval_record}, show=True)
-            every = cfg.checkpoint.every
-            if cfg.checkpoint.enabled and every and step % every == 0 and step != last_step:
+            if every and step % every == 0 and step != last_step:
                 save(step)
             stop = stop_signal(stop_signals)  # every rank, every step: all stop after the same step
             if stop and step != last_step:
