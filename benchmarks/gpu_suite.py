@@ -213,7 +213,8 @@ def checkpoint(args, device) -> dict:
             return {"error": f"exit {run.returncode}: {run.stderr[-3000:]}"}
         result = json.loads(out.read_text())
     keep = ("save_call_s", "during_save_vs_steps_before_it", "during_save_vs_steps_before_it_each",
-            "first_save_vs_steps_before_it", "later_save_vs_steps_before_it", "steps_per_save", "saves_in_flight_at_next_save", "added_s_per_save", "median_step_s_without_save",
+            "first_save_vs_steps_before_it", "later_save_vs_steps_before_it", "steps_per_save",
+            "saves_in_flight_at_next_save", "added_s_per_save", "median_step_s_without_save",
             "without_save_vs_none_median")
     return {"arguments": sizes, "checkpoint_mb": result["checkpoint_mb"], "goal": result["goal_during_save_vs_none"],
             "none_median_step_s": result["none"]["median_step_s"],
